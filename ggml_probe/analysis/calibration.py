@@ -1,0 +1,539 @@
+"""Output-level calibration metrics: accuracy, confidence, ACE (the reference study's), ECE, Brier, NLL.
+
+Everything here is a pure function of NumPy arrays (one entry per example), so it is tested on arrays
+with known answers. Every metric's exact definition is in `DEFINITIONS`; outputs embed those strings so
+that a reader of a table knows which "ACE" it is (the name is used for three different things in the
+literature: the reference study's equal-count ACE, netcal's *average* CE over equal-width bins, and
+Nixon et al.'s per-class *adaptive* CE).
+
+Conventions shared by all functions:
+- `confidence` is the probability the model gave to its own prediction (top-label), in [0, 1].
+- `correct` is 1/True where the prediction was right.
+- `prob_matrix` is (n_examples, n_classes) of probabilities (rows are softmax outputs: over the label
+  set, or over the full vocabulary in paper mode); `gold_index` is the column of the right answer.
+- Computation is in float64 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+# Values a softmax in float32 can give just outside [0, 1]; anything further out is a caller bug.
+_PROB_TOLERANCE = 1e-6
+# NLL clips p(gold) below at this value so one zero probability gives a large finite loss, not inf.
+NLL_EPS = 1e-12
+# Bootstrap resamples are drawn in chunks of at most this many (resample x example) entries,
+# which bounds the memory of the vectorised path (~ 8 bytes x 4M x a few temporaries).
+_BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000
+# Rows of a probability matrix processed at once (bounds float64 temporaries for vocab-sized rows).
+_ROW_CHUNK_ELEMENTS = 8_000_000
+
+DEFINITIONS: dict[str, str] = {
+    "accuracy": "accuracy: fraction of examples whose prediction is correct",
+    "mean_confidence": "mean confidence: mean over examples of the probability of the predicted answer",
+    "ace_paper": (
+        "ACE (paper): sort by top-label confidence (stable, ties in example order), 10 equal-count bins "
+        "(first N mod 10 bins one larger), unweighted mean over the 10 bins of |accuracy - mean confidence| "
+        "(Singh & Sajjad 2025 code)"
+    ),
+    "ece": (
+        "ECE: 15 equal-width confidence bins on [0,1], right-inclusive (lo,hi] with 0 in the first bin, "
+        "top-label, mean of |accuracy - mean confidence| weighted by bin count (Guo et al. 2017)"
+    ),
+    "brier": "Brier: mean over examples of sum over classes of (p_k - y_k)^2, y one-hot gold (range 0..2)",
+    "nll": f"NLL: mean over examples of -ln p(gold), p clipped below at {NLL_EPS:g} (nats)",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+
+
+def _as_1d(name: str, values, dtype=np.float64) -> np.ndarray:
+    arr = np.asarray(values, dtype=dtype)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one value per example), got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty: calibration needs at least one example")
+    return arr
+
+
+def _as_confidence(values) -> np.ndarray:
+    conf = _as_1d("confidence", values)
+    if not np.all(np.isfinite(conf)):
+        raise ValueError("confidence contains NaN or inf")
+    if conf.min() < -_PROB_TOLERANCE or conf.max() > 1 + _PROB_TOLERANCE:
+        raise ValueError(f"confidence must lie in [0, 1], got values in [{conf.min()}, {conf.max()}]")
+    return np.clip(conf, 0.0, 1.0)
+
+
+def _as_correct(values) -> np.ndarray:
+    raw = np.asarray(values)
+    if raw.dtype != bool and not np.all(np.isin(raw, (0, 1))):
+        raise ValueError("correct must hold only 0/1 or True/False")
+    return _as_1d("correct", raw, dtype=np.float64)
+
+
+def _pair(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
+    conf = _as_confidence(confidence)
+    corr = _as_correct(correct)
+    if conf.shape != corr.shape:
+        raise ValueError(f"confidence and correct differ in length ({conf.size} vs {corr.size})")
+    return conf, corr
+
+
+def _check_probs_and_gold(prob_matrix, gold_index) -> tuple[np.ndarray, np.ndarray]:
+    probs = np.asarray(prob_matrix)
+    if probs.ndim != 2:
+        raise ValueError(f"prob_matrix must be (n_examples, n_classes), got shape {probs.shape}")
+    gold = np.asarray(gold_index)
+    if gold.ndim != 1 or gold.shape[0] != probs.shape[0]:
+        raise ValueError(f"gold_index must be 1-D with one entry per row of prob_matrix ({probs.shape[0]})")
+    if probs.shape[0] == 0:
+        raise ValueError("prob_matrix is empty: calibration needs at least one example")
+    if not np.issubdtype(gold.dtype, np.integer):
+        raise ValueError("gold_index must be integer class indices")
+    if gold.min() < 0 or gold.max() >= probs.shape[1]:
+        raise ValueError(f"gold_index out of range [0, {probs.shape[1]})")
+    return probs, gold.astype(np.int64)
+
+
+def _row_chunks(n_rows: int, row_len: int):
+    step = max(1, _ROW_CHUNK_ELEMENTS // max(1, row_len))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+# ---------------------------------------------------------------------------------------------
+# simple means
+
+
+def accuracy(correct) -> float:
+    """Fraction of examples that are correct."""
+    return float(_as_correct(correct).mean())
+
+
+def mean_confidence(conf) -> float:
+    """Mean over examples of the probability the model gave to its own answer."""
+    return float(_as_confidence(conf).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# ACE (paper) and ECE; each has a row-batched core so the bootstrap runs without a Python loop
+
+
+def equal_count_bin_sizes(n: int, n_bins: int) -> np.ndarray:
+    """Sizes of `n_bins` equal-count bins over `n` sorted examples: the first n mod n_bins are one larger.
+
+    This is the reference code's rule (`samples_per_bin + (1 if i < total % num_bins else 0)`), and
+    the same as `np.array_split`. With n < n_bins the last bins are empty (size 0).
+    """
+    if n_bins < 1:
+        raise ValueError("n_bins must be at least 1")
+    base, extra = divmod(n, n_bins)
+    return np.array([base + 1] * extra + [base] * (n_bins - extra), dtype=np.int64)
+
+
+def _ace_paper_rows(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> np.ndarray:
+    """ACE (paper) of each row of (B, n) arrays."""
+    order = np.argsort(conf, axis=1, kind="stable")
+    conf_sorted = np.take_along_axis(conf, order, axis=1)
+    corr_sorted = np.take_along_axis(correct, order, axis=1)
+    sizes = equal_count_bin_sizes(conf.shape[1], n_bins)
+    sizes = sizes[sizes > 0]
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    bin_conf = np.add.reduceat(conf_sorted, starts, axis=1) / sizes
+    bin_acc = np.add.reduceat(corr_sorted, starts, axis=1) / sizes
+    # Divided by n_bins, not by the number of non-empty bins: the reference code does so (it differs
+    # only when there are fewer examples than bins).
+    return np.abs(bin_acc - bin_conf).sum(axis=1) / n_bins
+
+
+def ace_paper(confidence, correct, n_bins: int = 10) -> float:
+    """The reference study's ACE (Singh & Sajjad 2025, `analysis_and_viz/ace.py`), reproduced exactly.
+
+    Definition: sort the examples by top-label confidence; cut the sorted list into `n_bins`
+    equal-count bins, the first N mod n_bins bins holding one example more (`np.array_split`
+    sizes); in each bin take |accuracy - mean confidence|; ACE = sum of those over bins / n_bins
+    (unweighted mean; empty bins, which occur only when N < n_bins, add 0 but still count in the
+    divisor, as in the reference code).
+
+    Ties: examples with equal confidence keep their input order (stable sort). The reference used
+    pandas' default quicksort, whose order among ties is unspecified; ties matter only when a run of
+    equal confidences with mixed correctness straddles a bin boundary.
+    """
+    conf, corr = _pair(confidence, correct)
+    return float(_ace_paper_rows(conf[None, :], corr[None, :], n_bins)[0])
+
+
+def _ece_bin_index(conf: np.ndarray, n_bins: int) -> np.ndarray:
+    # Bin b covers (b/n, (b+1)/n]; 0 falls in bin 0. Counting interior edges strictly below x does it.
+    # Edges are b/n correctly rounded (not linspace's b*(1/n)), so a confidence of exactly 3/5 is an edge.
+    interior = np.arange(1, n_bins) / n_bins
+    return np.searchsorted(interior, conf, side="left")
+
+
+def _ece_rows(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> np.ndarray:
+    """ECE of each row of (B, n) arrays."""
+    n_rows, n = conf.shape
+    flat_bin = (_ece_bin_index(conf, n_bins) + n_bins * np.arange(n_rows)[:, None]).ravel()
+    conf_sum = np.bincount(flat_bin, weights=conf.ravel(), minlength=n_rows * n_bins)
+    corr_sum = np.bincount(flat_bin, weights=correct.ravel(), minlength=n_rows * n_bins)
+    # (n_b / N) * |acc_b - conf_b| = |sum correct - sum conf over the bin| / N: no division by n_b.
+    return np.abs(corr_sum - conf_sum).reshape(n_rows, n_bins).sum(axis=1) / n
+
+
+def ece(confidence, correct, n_bins: int = 15) -> float:
+    """Expected calibration error (Guo et al. 2017), top-label.
+
+    Bins: `n_bins` equal-width bins on [0, 1], right-inclusive: bin b is (b/n_bins, (b+1)/n_bins],
+    and confidence 0 belongs to the first bin. ECE = sum over bins of (count_b / N) *
+    |accuracy_b - mean confidence_b|. (torchmetrics puts edge values in the bin above, [lo, hi);
+    the two agree unless a confidence lies exactly on an interior edge.)
+    """
+    conf, corr = _pair(confidence, correct)
+    return float(_ece_rows(conf[None, :], corr[None, :], n_bins)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# proper scoring rules
+
+
+def brier_per_example(prob_matrix, gold_index) -> np.ndarray:
+    """Per-example multi-class Brier score sum_k (p_k - y_k)^2, y one-hot at `gold_index` (float64).
+
+    Computed as sum_k p_k^2 - 2 p_gold + 1, in row chunks so vocabulary-sized rows fit in memory.
+    """
+    probs, gold = _check_probs_and_gold(prob_matrix, gold_index)
+    out = np.empty(probs.shape[0], dtype=np.float64)
+    for rows in _row_chunks(probs.shape[0], probs.shape[1]):
+        chunk = probs[rows].astype(np.float64)
+        p_gold = chunk[np.arange(chunk.shape[0]), gold[rows]]
+        out[rows] = np.einsum("ij,ij->i", chunk, chunk) - 2.0 * p_gold + 1.0
+    return out
+
+
+def brier(prob_matrix, gold_index) -> float:
+    """Multi-class Brier score: mean over examples of sum_k (p_k - y_k)^2 (range 0..2).
+
+    Equals sklearn's `brier_score_loss(..., scale_by_half=False)`; for two classes it is twice the
+    binary Brier score of the positive class.
+    """
+    return float(brier_per_example(prob_matrix, gold_index).mean())
+
+
+def brier_binary(prob_positive, label) -> float:
+    """Binary Brier score: mean over examples of (p - y)^2, y in {0, 1}.
+
+    `brier_binary(confidence, correct)` is the top-label Brier score.
+    """
+    p = _as_confidence(prob_positive)
+    y = _as_correct(label)
+    if p.shape != y.shape:
+        raise ValueError(f"prob_positive and label differ in length ({p.size} vs {y.size})")
+    return float(np.mean((p - y) ** 2))
+
+
+def nll_per_example(prob_matrix, gold_index, eps: float = NLL_EPS) -> np.ndarray:
+    """Per-example -ln p(gold) in nats, with p(gold) clipped below at `eps` (so p = 0 gives -ln eps)."""
+    probs, gold = _check_probs_and_gold(prob_matrix, gold_index)
+    p_gold = probs[np.arange(probs.shape[0]), gold].astype(np.float64)
+    return -np.log(np.clip(p_gold, eps, 1.0))
+
+
+def nll(prob_matrix, gold_index, eps: float = NLL_EPS) -> float:
+    """Mean negative log-likelihood of the gold class, nats; p(gold) clipped below at `eps`.
+
+    The clip keeps one zero probability (possible after float32 softmax over a vocabulary) from
+    making the mean infinite; it caps each example's loss at -ln(eps) (27.6 nats for 1e-12).
+    """
+    return float(nll_per_example(prob_matrix, gold_index, eps).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# reliability diagrams
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Per-bin statistics for a reliability diagram or table.
+
+    For scheme "width", lo/hi are the bin edges ((lo, hi], 0 in the first bin). For scheme "count",
+    they are the smallest and largest confidence inside the bin (the bins of `ace_paper` when
+    n_bins=10). Empty bins have count 0 and NaN accuracy / mean_confidence (and NaN lo/hi for "count").
+    """
+
+    scheme: str
+    lo: np.ndarray
+    hi: np.ndarray
+    count: np.ndarray
+    accuracy: np.ndarray
+    mean_confidence: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.count.sum())
+
+    @property
+    def gap(self) -> np.ndarray:
+        """|accuracy - mean confidence| per bin (NaN for empty bins)."""
+        return np.abs(self.accuracy - self.mean_confidence)
+
+    def weighted_gap(self) -> float:
+        """Count-weighted mean gap: the ECE for scheme "width"."""
+        filled = self.count > 0
+        return float(np.sum(self.count[filled] * self.gap[filled]) / self.n)
+
+    def rows(self) -> list[dict]:
+        """One plain dict per bin (JSON-ready; NaN becomes None)."""
+
+        def clean(x: float):
+            return None if np.isnan(x) else float(x)
+
+        return [
+            {
+                "lo": clean(self.lo[i]),
+                "hi": clean(self.hi[i]),
+                "count": int(self.count[i]),
+                "accuracy": clean(self.accuracy[i]),
+                "mean_confidence": clean(self.mean_confidence[i]),
+            }
+            for i in range(self.count.size)
+        ]
+
+
+def reliability_bins(confidence, correct, n_bins: int = 15, scheme: str = "width") -> ReliabilityBins:
+    """Bin examples by confidence: scheme "width" (the ECE bins) or "count" (the ACE-paper bins)."""
+    conf, corr = _pair(confidence, correct)
+    if n_bins < 1:
+        raise ValueError("n_bins must be at least 1")
+    if scheme == "width":
+        edges = np.arange(n_bins + 1) / n_bins
+        idx = _ece_bin_index(conf, n_bins)
+        count = np.bincount(idx, minlength=n_bins)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            acc = np.bincount(idx, weights=corr, minlength=n_bins) / count
+            mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / count
+        return ReliabilityBins("width", edges[:-1].copy(), edges[1:].copy(), count.astype(np.int64), acc, mean_conf)
+    if scheme == "count":
+        order = np.argsort(conf, kind="stable")
+        sizes = equal_count_bin_sizes(conf.size, n_bins)
+        lo, hi, acc, mean_conf = (np.full(n_bins, np.nan) for _ in range(4))
+        start = 0
+        for b, size in enumerate(sizes):
+            if size:
+                members = order[start : start + size]
+                lo[b], hi[b] = conf[members].min(), conf[members].max()
+                acc[b], mean_conf[b] = corr[members].mean(), conf[members].mean()
+            start += size
+        return ReliabilityBins("count", lo, hi, sizes, acc, mean_conf)
+    raise ValueError(f"scheme must be 'width' or 'count', got {scheme!r}")
+
+
+def plot_reliability(
+    bins_by_label: Mapping[str, ReliabilityBins],
+    path: str | Path,
+    title: str | None = None,
+    *,
+    overlay: bool = False,
+) -> Path:
+    """Write a PNG reliability diagram for one or more labels (e.g. quant levels) and return its path.
+
+    Side by side (default): one panel per label with the diagonal, accuracy bars spanning each bin,
+    a dot at (mean confidence, accuracy) per bin, and a count histogram underneath. `overlay=True`
+    draws every label as a line in one panel instead. The file appears only once fully written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..fsutil import atomic_output
+
+    if not bins_by_label:
+        raise ValueError("bins_by_label is empty: nothing to plot")
+    labels = list(bins_by_label)
+    n_panels = 1 if overlay else len(labels)
+    fig, axes = plt.subplots(
+        2, n_panels, figsize=(4.2 * n_panels, 5.4), squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1]}, sharex=True,
+    )
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, label in enumerate(labels):
+        bins = bins_by_label[label]
+        col = 0 if overlay else i
+        top, bottom = axes[0, col], axes[1, col]
+        color = colors[i % len(colors)]
+        filled = bins.count > 0
+        lo, hi = bins.lo[filled], bins.hi[filled]
+        # Count bins can be zero-wide (all confidences equal); give them a visible minimum width.
+        width = np.maximum(hi - lo, 0.01)
+        if overlay:
+            top.plot(bins.mean_confidence[filled], bins.accuracy[filled], "o-", color=color,
+                     label=f"{label} (n={bins.n}, wgap={bins.weighted_gap():.3f})")
+            bottom.bar(lo, bins.count[filled], width=width, align="edge", color=color, alpha=0.35)
+        else:
+            top.bar(lo, bins.accuracy[filled], width=width, align="edge", color=color, alpha=0.45,
+                    edgecolor="black", linewidth=0.5, label="accuracy")
+            top.plot(bins.mean_confidence[filled], bins.accuracy[filled], "o", color="black",
+                     markersize=3, label="(mean conf, acc)")
+            top.set_title(f"{label}\nn={bins.n}, weighted |acc-conf|={bins.weighted_gap():.3f}", fontsize=9)
+            bottom.bar(lo, bins.count[filled], width=width, align="edge", color=color, alpha=0.6)
+        top.plot([0, 1], [0, 1], "--", color="grey", linewidth=1)
+        top.set_xlim(0, 1)
+        top.set_ylim(0, 1)
+        top.set_ylabel("accuracy")
+        bottom.set_xlabel(f"confidence ({bins.scheme} bins)")
+        bottom.set_ylabel("count")
+        top.legend(fontsize=7, loc="upper left")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap
+
+
+def _f64(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def _rows_mean(x: np.ndarray) -> np.ndarray:
+    return _f64(x).mean(axis=1)
+
+
+# Vectorised versions of metrics over (n_boot, n) resample matrices, used by bootstrap_ci. Inputs
+# were validated by one plain call of the metric; here they only need casting (bool/float32 -> f64).
+_BATCHED: dict[Callable, Callable] = {
+    accuracy: _rows_mean,
+    mean_confidence: _rows_mean,
+    np.mean: _rows_mean,
+    ace_paper: lambda conf, corr: _ace_paper_rows(_f64(conf), _f64(corr), 10),
+    ece: lambda conf, corr: _ece_rows(_f64(conf), _f64(corr), 15),
+}
+
+
+def bootstrap_ci(
+    metric_fn: Callable[..., float],
+    *arrays,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    batched_fn: Callable[..., np.ndarray] | None = None,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval (alpha/2, 1 - alpha/2) of `metric_fn(*arrays)`.
+
+    Each resample draws N example indices with replacement from `np.random.default_rng(seed)` and
+    applies them to every array's first axis together (examples stay paired). The metric is
+    evaluated without a Python loop when a vectorised form is known: `batched_fn`, given arrays with
+    a leading resample axis, must return one value per resample; `accuracy`, `mean_confidence`,
+    `np.mean`, `ace_paper` and `ece` (default bin counts) have built-in vectorised forms. Any other
+    metric is called once per resample. Note that a percentile interval need not contain the point
+    estimate for biased statistics such as ACE/ECE, which resampling inflates.
+    """
+    if not arrays:
+        raise ValueError("bootstrap_ci needs at least one array")
+    data = [np.asarray(a) for a in arrays]
+    n = data[0].shape[0]
+    if n == 0 or any(a.shape[0] != n for a in data):
+        raise ValueError("arrays must be non-empty and share their first dimension")
+    if n_boot < 1 or not 0 < alpha < 1:
+        raise ValueError("need n_boot >= 1 and 0 < alpha < 1")
+    vectorised = batched_fn if batched_fn is not None else _BATCHED.get(metric_fn)
+    if vectorised is not None:
+        metric_fn(*data)  # once on the data as given: its input checks raise here, not mid-bootstrap
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_boot, dtype=np.float64)
+    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        if vectorised is not None:
+            stats[start:stop] = vectorised(*(a[idx] for a in data))
+        else:
+            for row in range(stop - start):
+                stats[start + row] = metric_fn(*(a[idx[row]] for a in data))
+    low, high = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(low), float(high)
+
+
+# ---------------------------------------------------------------------------------------------
+# the summary eval uses
+
+
+def calibration_summary(
+    prob_matrix,
+    gold_index,
+    pred_index=None,
+    confidence=None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    *,
+    correct=None,
+    alpha: float = 0.05,
+) -> dict:
+    """All calibration metrics of one run, each with a bootstrap interval.
+
+    prob_matrix (n, k) and gold_index (n,) feed Brier and NLL. The prediction defaults to the
+    argmax of each row and its confidence to that row's probability; pass `pred_index` /
+    `confidence` when they come from elsewhere (paper mode: argmax over the full vocabulary), and
+    `correct` when correctness is not `pred_index == gold_index` (paper mode: substring match).
+
+    Returns {"n", "n_boot", "alpha", "seed", "definitions", and for each of accuracy,
+    mean_confidence, ace_paper, ece, brier, nll: {"value", "ci_low", "ci_high"}}. All intervals use
+    the same resamples (same seed). With n_boot=0 the intervals are None.
+    """
+    probs, gold = _check_probs_and_gold(prob_matrix, gold_index)
+    n = probs.shape[0]
+    if pred_index is None:
+        pred = np.argmax(probs, axis=1)
+    else:
+        pred = np.asarray(pred_index, dtype=np.int64)
+        if pred.shape != (n,):
+            raise ValueError(f"pred_index must have one entry per example ({n})")
+    if confidence is None:
+        if pred.min() < 0 or pred.max() >= probs.shape[1]:
+            raise ValueError("pred_index out of range of prob_matrix columns; pass confidence explicitly")
+        confidence = probs[np.arange(n), pred]
+    conf = _as_confidence(confidence)
+    corr = _as_correct(pred == gold if correct is None else correct)
+    if conf.shape != (n,) or corr.shape != (n,):
+        raise ValueError(f"confidence and correct must have one entry per example ({n})")
+
+    per_example_brier = brier_per_example(probs, gold)
+    per_example_nll = nll_per_example(probs, gold)
+    plan = {
+        "accuracy": (accuracy, (corr,)),
+        "mean_confidence": (mean_confidence, (conf,)),
+        "ace_paper": (ace_paper, (conf, corr)),
+        "ece": (ece, (conf, corr)),
+        "brier": (np.mean, (per_example_brier,)),
+        "nll": (np.mean, (per_example_nll,)),
+    }
+    summary: dict = {
+        "n": int(n),
+        "n_boot": int(n_boot),
+        "alpha": float(alpha),
+        "seed": int(seed),
+        "definitions": {name: DEFINITIONS[name] for name in plan},
+    }
+    for name, (fn, arrays) in plan.items():
+        value = float(fn(*arrays))
+        if n_boot > 0:
+            low, high = bootstrap_ci(fn, *arrays, n_boot=n_boot, alpha=alpha, seed=seed)
+        else:
+            low = high = None
+        summary[name] = {"value": value, "ci_low": low, "ci_high": high}
+    return summary

@@ -1,0 +1,372 @@
+"""The ggml-probe command line: parse, call the library, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import ProbeError
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    # Created per call so click's CliRunner (which swaps sys.stdout) captures the output.
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+class ProbeGroup(click.Group):
+    """Turns ProbeError into one line on stderr and exit code 2, Ctrl-C into exit 130."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ProbeError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: finished work is kept; nothing half-written was left.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=ProbeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ggml-probe")
+def cli() -> None:
+    """What did quantization do to my model?
+
+    ggml-probe builds GGUF quantization ladders and measures, through llama.cpp, what each level
+    changes: answers, confidence and calibration, hidden states, and FFN neurons.
+
+    Anywhere a model is expected you can pass a GGUF path, a file name in the model store
+    (./models or $GGML_PROBE_MODELS), or `demo` (SmolLM2-135M-Instruct, from `ggml-probe[demo]`).
+    """
+
+
+# --------------------------------------------------------------------------- models
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@click.option("--no-hub-cache", is_flag=True, help="Do not scan the Hugging Face cache.")
+def models_cmd(as_json: bool, no_hub_cache: bool) -> None:
+    """List local models: the demo model, the model store and the Hugging Face cache."""
+    from .fsutil import human_size
+    from .models.store import list_local_models, models_dir
+
+    found = list_local_models(include_hub_cache=not no_hub_cache)
+    if as_json:
+        click.echo(json.dumps([{"name": m.name, "path": str(m.path), "source": m.source, "size_bytes": m.size} for m in found], indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Local models (store: {models_dir()})")
+    for col in ("name", "source", "size", "path"):
+        table.add_column(col)
+    for m in found:
+        table.add_row(m.name, m.source, human_size(m.size), str(m.path))
+    console = _console()
+    if found:
+        console.print(table)
+    else:
+        console.print(f"No local models. Try `pip install 'ggml-probe[demo]'` or `ggml-probe fetch REPO_ID`.")
+
+
+# --------------------------------------------------------------------------- inspect
+
+@cli.command("inspect")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor (name, type, shape, size).")
+def inspect_cmd(model: str, as_json: bool, show_tensors: bool) -> None:
+    """Show what a GGUF file holds, read with gguf-py (no weights are loaded into llama.cpp)."""
+    from .models.ggufinfo import inspect_gguf
+    from .models.store import resolve_model
+
+    info = inspect_gguf(resolve_model(model))
+    if as_json:
+        click.echo(json.dumps(info.to_dict(with_tensors=show_tensors), indent=2, default=str))
+        return
+    from .report.terminal import print_gguf_info
+
+    print_gguf_info(_console(), info, show_tensors=show_tensors)
+
+
+# --------------------------------------------------------------------------- quantize
+
+@cli.command("quantize")
+@click.argument("model")
+@click.option("--to", "targets", multiple=True, required=True, metavar="QUANT",
+              help="Target type, repeatable: F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_NL, Q3_K_M, Q2_K, ...")
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to write <stem>-<QUANT>.gguf files (default: the model store, ./models).")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Importance matrix (llama.cpp imatrix .gguf or legacy .dat).")
+@click.option("--allow-requantize", is_flag=True,
+              help="Allow an already-quantized source (errors compound; the output's metadata records it).")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--skip-existing", is_flag=True, help="Keep outputs that already exist instead of refusing.")
+@click.option("--threads", type=int, default=0, show_default=True, help="Quantizer threads (0 = all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def quantize_cmd(model, targets, out_dir, imatrix, allow_requantize, force, skip_existing, threads, as_json) -> None:
+    """Build a quantization ladder with llama.cpp's own quantizer.
+
+    \b
+    Example:
+      ggml-probe quantize demo --allow-requantize --to F16 --to Q8_0 --to Q4_0 --to Q4_K_M
+    """
+    from .models.quantize import quantize_ladder
+
+    imatrix_data = None
+    if imatrix is not None:
+        from .models.imatrix import read_imatrix
+
+        imatrix_data = read_imatrix(imatrix).mean_squares()
+    console = _console(stderr=True)
+    status = console.status("quantizing ...") if not as_json else None
+
+    def on_start(quant: str, path: Path) -> None:
+        if status is not None:
+            status.update(f"quantizing to {quant} → {path}")
+
+    if status is not None:
+        status.start()
+    try:
+        results = quantize_ladder(model, targets, out_dir=out_dir, allow_requantize=allow_requantize,
+                                  imatrix=imatrix_data, force=force, skip_existing=skip_existing,
+                                  nthread=threads, on_start=on_start)
+    finally:
+        if status is not None:
+            status.stop()
+    if as_json:
+        click.echo(json.dumps([
+            {"quant": r.quant, "path": str(r.path), "seconds": round(r.seconds, 3), "size_bytes": r.info.size_bytes,
+             "bits_per_weight": r.info.bits_per_weight, "tensor_types": r.info.tensor_types,
+             "requantized_from": r.requantized_from, "skipped": r.skipped}
+            for r in results], indent=2))
+        return
+    from .report.terminal import print_ladder
+
+    print_ladder(_console(), results)
+
+
+# --------------------------------------------------------------------------- convert
+
+@cli.command("convert")
+@click.argument("hf_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--outtype", type=click.Choice(["f16", "bf16", "f32"]), default="f16", show_default=True,
+              help="Type of the 2-D weights (1-D tensors stay f32).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output GGUF path (default: the model store, <folder>-<OUTTYPE>.gguf).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+def convert_cmd(hf_dir: Path, outtype: str, out: Path | None, force: bool) -> None:
+    """Convert a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json) to GGUF."""
+    from .models.convert import convert_hf_to_gguf
+
+    with _console(stderr=True).status(f"converting {hf_dir} ..."):
+        path = convert_hf_to_gguf(hf_dir, out, outtype=outtype, force=force)
+    from .fsutil import human_size
+
+    _console().print(f"wrote {path} ({human_size(path.stat().st_size)})")
+
+
+# --------------------------------------------------------------------------- fetch
+
+@cli.command("fetch")
+@click.argument("repo_id")
+@click.option("--quant", "quants", multiple=True, metavar="QUANT", help="Quant level to download, repeatable.")
+@click.option("--file", "filename", default=None, help="A file name in the repo (split files: the first shard).")
+@click.option("--revision", default=None, help="Branch, tag or commit.")
+def fetch_cmd(repo_id: str, quants: tuple[str, ...], filename: str | None, revision: str | None) -> None:
+    """Download GGUF files from a Hugging Face model repo (into the Hugging Face cache).
+
+    With no --quant or --file, lists the quant levels the repo offers. Honours HF_HOME,
+    HF_HUB_CACHE and HF_HUB_OFFLINE.
+    """
+    from .models import fetch as hub
+
+    console = _console()
+    if not quants and not filename:
+        listing = hub.list_repo_gguf(repo_id, revision=revision)
+        files = listing.quants
+        if listing.offline:
+            console.print("[yellow]offline: showing the files in the local Hugging Face cache[/]")
+        from rich.table import Table
+
+        table = Table(title=f"GGUF files in {repo_id}")
+        table.add_column("quant")
+        table.add_column("files")
+        from .fsutil import human_size
+
+        table.add_column("size", justify="right")
+        for quant, names in files.items():
+            size = listing.total_size(quant)
+            table.add_row(quant, "\n".join(names), human_size(size) if size else "")
+        console.print(table)
+        console.print(f"Download one with: ggml-probe fetch {repo_id} --quant QUANT")
+        return
+    paths = hub.fetch_gguf(repo_id, quants=list(quants), filename=filename, revision=revision)
+    for p in paths:
+        console.print(str(p))
+
+
+# --------------------------------------------------------------------------- eval
+
+def _engine_options(f):
+    for opt in reversed([
+        click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True,
+                     help="Context size; longer prompts are truncated from the left (counted in the results)."),
+        click.option("--threads", type=int, default=None, help="CPU threads (default: all cores)."),
+        click.option("--gpu-layers", default="auto", show_default=True,
+                     help="Layers to offload to CUDA/Metal: 'auto' (all, where a GPU backend exists), -1 (all) or N."),
+        click.option("--batch", "batch_prompts", type=int, default=1, show_default=True,
+                     help="Prompts decoded together in one llama_decode (each in its own sequence). Faster on "
+                          "unquantized models, but llama.cpp's CPU kernels make logits depend slightly on the "
+                          "batch layout; 1 gives each prompt the same result as decoding it alone."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _task_options(f):
+    for opt in reversed([
+        click.option("--task", default="boolq", show_default=True,
+                     help="Task name (boolq, boolq-passage, jigsaw, yesno-mini) or a task .toml file."),
+        click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Local data file (.jsonl, .json, .csv, .parquet) for the task."),
+        click.option("--template", default=None, help="Generic task: prompt template over the data's columns, e.g. '{text}\\nAnswer:'."),
+        click.option("--labels", default=None, help="Generic task: comma-separated label words, e.g. True,False."),
+        click.option("--gold-column", default=None, help="Generic task: the column holding the gold label."),
+        click.option("--id-column", default=None, help="Generic task: the column holding example ids."),
+        click.option("--limit", type=int, default=None, help="Use the first N valid examples."),
+        click.option("--seed", type=int, default=None, help="With --limit: a seeded random sample instead of the first N."),
+        click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+                     help="What to do with malformed data rows (they are reported with their row numbers)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _eval_config(task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
+                 n_ctx, threads, gpu_layers, batch_prompts):
+    from .evaluation import EvalConfig
+
+    return EvalConfig(task=task, data_path=data_path, template=template,
+                      labels=tuple(w.strip() for w in labels.split(",")) if labels else None,
+                      gold_column=gold_column, id_column=id_column, limit=limit, seed=seed, on_bad_row=on_bad_row,
+                      n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts)
+
+
+class _Progress:
+    """One rich progress bar per run (examples/s and ETA); silent when quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress = None
+
+    def __enter__(self):
+        if not self.quiet:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                     TimeRemainingColumn(), console=_console(stderr=True), transient=False)
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.stop()
+
+    def tracker(self, label: str):
+        import time
+
+        if self.progress is None:
+            return None
+        task_id = self.progress.add_task(label, total=None, rate="")
+        state = {"t0": time.perf_counter(), "first": None}
+
+        def update(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if state["first"] is None:
+                state["first"] = (done, now)
+            d0, t0 = state["first"]
+            rate = (done - d0) / (now - t0) if now > t0 and done > d0 else 0.0
+            self.progress.update(task_id, completed=done, total=total, rate=f"{rate:.1f} ex/s" if rate else "")
+
+        return update
+
+
+@cli.command("eval")
+@click.argument("model")
+@_task_options
+@click.option("--quants", default=None,
+              help="Comma-separated levels to run (e.g. F16,Q8_0,Q4_0); missing ladder files are built first.")
+@click.option("--ref", "reference", default=None, help="Reference level for comparisons (default: highest precision).")
+@click.option("--allow-requantize", is_flag=True, help="Allow building the ladder from an already-quantized source.")
+@click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory (default: runs/<model>-<task>, with one subfolder per level for --quants).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (finished examples are kept).")
+@click.option("--force", is_flag=True, help="Discard an existing run in the output directory and start over.")
+@_engine_options
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def eval_cmd(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
+             reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet):
+    """Evaluate a model on a task: accuracy, confidence, calibration (ACE, ECE, Brier, NLL).
+
+    Writes a run directory (manifest.json, predictions.parquet, metrics.json, reliability.png,
+    logits and hidden states). With --quants, runs every level of the ladder and compares each to
+    the reference level (agreement, flips, KL, top-1 agreement, hidden-state similarity).
+
+    \b
+    Examples:
+      ggml-probe eval demo --task boolq --data ../shared/data/boolq_validation.jsonl --limit 100
+      ggml-probe eval demo --quants F16,Q8_0,Q4_0 --task yesno-mini
+    """
+    from .evaluation import evaluate, ladder_files, run_dir_name
+    from .models.store import DEMO_NAME, resolve_model
+
+    config = _eval_config(task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
+                          n_ctx, threads, gpu_layers, batch_prompts)
+    src = resolve_model(model)
+    root = out or Path("runs") / run_dir_name(src, task)
+    if quants:
+        if model == DEMO_NAME and not allow_requantize:
+            allow_requantize = True  # the demo model exists only as Q4_1; its ladder is requantized by design
+            if not quiet and not as_json:
+                _console(stderr=True).print("[yellow]demo: the ladder is requantized from Q4_1 (the only precision shipped)[/]")
+        files = ladder_files(src, [q for q in quants.split(",") if q.strip()], allow_requantize=allow_requantize)
+    else:
+        files = {None: src}
+    summaries = {}
+    with _Progress(quiet or as_json) as bars:
+        for level, path in files.items():
+            run_dir = root / level if level else root
+            summaries[level] = evaluate(path, config, run_dir, resume=resume, force=force,
+                                        progress=bars.tracker(f"{level or path.name} · {task}"), quant_label=level)
+    comparison = None
+    if len(files) > 1:
+        from .compare import compare_levels
+        from .rundir import write_json
+
+        comparison = compare_levels({lvl: s.run_dir for lvl, s in summaries.items()}, reference=reference)
+        write_json(root / "comparison.json", comparison)
+    if as_json:
+        click.echo(json.dumps({"runs": {str(k or s.quant): {"run_dir": str(s.run_dir), "metrics": s.metrics}
+                                        for k, s in summaries.items()}, "comparison": comparison}, indent=2, default=str))
+        return
+    from .report.terminal import print_eval_summary
+
+    print_eval_summary(_console(), summaries, comparison)
+
+
+def main() -> None:
+    cli(prog_name="ggml-probe")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Comparing finished runs of the same task across quantization levels against a reference level."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import ProbeError
+from .rundir import read_json
+
+# Nominal precision order for choosing the default reference level (highest first).
+_PRECISION = ["F32", "BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
+              "IQ4_XS", "IQ4_NL", "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "IQ3_M", "IQ3_S", "IQ3_XS",
+              "IQ3_XXS", "Q2_K", "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"]
+
+
+def reference_level(run_dirs: dict[str, Path]) -> str:
+    """The highest-precision level: by measured bits per weight, the nominal order breaking ties."""
+    def key(level: str) -> tuple[float, int]:
+        bpw = read_json(run_dirs[level] / "manifest.json")["model"]["bits_per_weight"]
+        rank = _PRECISION.index(level) if level in _PRECISION else len(_PRECISION)
+        return (-bpw, rank)
+
+    return min(run_dirs, key=key)
+
+
+def _load(run_dir: Path) -> dict[str, Any]:
+    import pandas as pd
+
+    manifest = read_json(run_dir / "manifest.json")
+    if manifest.get("status") != "complete":
+        raise ProbeError(f"{run_dir} is not a finished run")
+    out = {"manifest": manifest, "pred": pd.read_parquet(run_dir / "predictions.parquet")}
+    for name in ("logits", "hidden"):
+        p = run_dir / f"{name}.npy"
+        out[name] = np.load(p, mmap_mode="r") if p.exists() else None
+    return out
+
+
+def paired_delta_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05):
+    """Bootstrap interval of mean(b) − mean(a) over the same examples resampled together."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(n_boot, len(a)))
+    deltas = b[idx].mean(axis=1) - a[idx].mean(axis=1)
+    lo, hi = np.percentile(deltas, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(b.mean() - a.mean()), float(lo), float(hi)
+
+
+def compare_runs(ref_dir: Path, run_dir: Path, n_boot: int = 1000) -> dict[str, Any]:
+    """Agreement, flips, KL (label set and full vocabulary), top-1 agreement, hidden-state similarity."""
+    from .analysis import agreement as ag
+
+    ref, q = _load(Path(ref_dir)), _load(Path(run_dir))
+    pr, pq = ref["pred"], q["pred"]
+    if len(pr) != len(pq) or not (pr["id"].astype(str).values == pq["id"].astype(str).values).all():
+        raise ProbeError(f"{ref_dir} and {run_dir} did not run the same examples; compare runs of the same task and data")
+    if ref["manifest"]["identity"]["data_sha256"] != q["manifest"]["identity"]["data_sha256"]:
+        raise ProbeError(f"{ref_dir} and {run_dir} used different data")
+    labels = [c for c in pr.columns if c.startswith("p_")]
+    p_ref, p_q = pr[labels].to_numpy(), pq[labels].to_numpy()
+    gold = pr["gold_index"].to_numpy()
+    fl = ag.flips(pr["pred_index"].to_numpy(), pq["pred_index"].to_numpy(), gold)
+    kl_label = ag.kl_divergence(p_ref, p_q)
+    out: dict[str, Any] = {
+        "reference": ref["manifest"]["quant"],
+        "level": q["manifest"]["quant"],
+        "n": int(len(pr)),
+        "agreement": ag.prediction_agreement(pr["pred_index"], pq["pred_index"]),
+        "paper_agreement": ag.prediction_agreement(pr["paper_token"], pq["paper_token"]),
+        "flips": fl.counts(),
+        "flipped_ids": [str(pr["id"].iloc[i]) for i in fl.changed],
+        "kl_label_mean": float(kl_label.mean()),
+        "kl_label_max": float(kl_label.max()),
+    }
+    acc = paired_delta_ci(pr["correct"].to_numpy(), pq["correct"].to_numpy(), n_boot=n_boot)
+    conf = paired_delta_ci(pr["confidence"].to_numpy(), pq["confidence"].to_numpy(), n_boot=n_boot)
+    out["accuracy_delta"] = {"value": acc[0], "ci_low": acc[1], "ci_high": acc[2]}
+    out["confidence_delta"] = {"value": conf[0], "ci_low": conf[1], "ci_high": conf[2]}
+    if ref["logits"] is not None and q["logits"] is not None:
+        kl_full = ag.kl_divergence_from_logits(ref["logits"], q["logits"])
+        out["kl_full_mean"] = float(kl_full.mean())
+        out["kl_full_p99"] = float(np.percentile(kl_full, 99))
+        out["top1_agreement"] = ag.top1_agreement(ref["logits"], q["logits"])
+    if ref["hidden"] is not None and q["hidden"] is not None:
+        cos = ag.cosine_similarity_rows(ref["hidden"], q["hidden"])
+        out["hidden_cosine_mean"] = float(np.nanmean(cos))
+        out["hidden_cosine_min"] = float(np.nanmin(cos))
+        out["hidden_cka"] = float(ag.linear_cka(ref["hidden"], q["hidden"])) if len(pr) > 1 else None
+    out["definitions"] = {
+        "agreement": "fraction of examples with the same label-set prediction as the reference",
+        "kl_label": "KL(P_ref || P_level) of the label-set distribution, per example, mean and max",
+        "kl_full": "KL(P_ref || P_level) of the full next-token distribution at the answer position (float16 logits)",
+        "top1_agreement": "fraction of examples whose full-vocabulary argmax token equals the reference's (llama-perplexity 'same top p')",
+        "hidden_cosine": "cosine of the final hidden states (result_norm) at the answer position, per example",
+        "hidden_cka": "linear CKA of the final hidden states over the dataset (Kornblith et al. 2019)",
+        "accuracy_delta": "accuracy(level) − accuracy(reference), 95% paired bootstrap interval",
+    }
+    return out
+
+
+def compare_levels(run_dirs: dict[str, Path], reference: str | None = None, n_boot: int = 1000) -> dict[str, Any]:
+    """Every level against the reference (default: the highest-precision level)."""
+    if not run_dirs:
+        raise ProbeError("no runs to compare")
+    ref = reference or reference_level(run_dirs)
+    if ref not in run_dirs:
+        raise ProbeError(f"reference level {ref} is not among the runs ({', '.join(run_dirs)})")
+    return {"reference": ref, "levels": {lvl: compare_runs(run_dirs[ref], d, n_boot) for lvl, d in run_dirs.items() if lvl != ref}}

@@ -1,0 +1,62 @@
+"""The few libggml functions the engine needs, declared with ctypes.
+
+llama-cpp-python loads libggml but binds none of these (design.md): tensor access for the eval
+callback, and backend device enumeration for the run manifest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+from typing import Any
+
+
+@lru_cache(maxsize=1)
+def libggml() -> Any:
+    from llama_cpp._ggml import libggml as lib
+
+    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    signatures = {
+        "ggml_get_name": ([vp], ctypes.c_char_p),
+        "ggml_nelements": ([vp], ctypes.c_int64),
+        "ggml_nrows": ([vp], ctypes.c_int64),
+        "ggml_nbytes": ([vp], sz),
+        "ggml_is_contiguous": ([vp], ctypes.c_bool),
+        "ggml_backend_tensor_get": ([vp, vp, sz, sz], None),
+        "ggml_backend_tensor_set": ([vp, vp, sz, sz], None),
+        "ggml_backend_dev_count": ([], sz),
+        "ggml_backend_dev_get": ([sz], vp),
+        "ggml_backend_dev_name": ([vp], ctypes.c_char_p),
+        "ggml_backend_dev_description": ([vp], ctypes.c_char_p),
+        "ggml_backend_dev_type": ([vp], ctypes.c_int),
+    }
+    for name, (args, res) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = res
+    return lib
+
+
+# enum ggml_backend_dev_type
+_DEV_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
+
+# The first field of struct ggml_tensor is `enum ggml_type type`.
+GGML_TYPE_F32 = 0
+
+
+def tensor_type(t: int) -> int:
+    return ctypes.cast(t, ctypes.POINTER(ctypes.c_int32))[0]
+
+
+def devices() -> list[dict[str, str]]:
+    """Every backend device llama.cpp's ggml was built with (CPU, CUDA, Metal, ...)."""
+    lib = libggml()
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        out.append({
+            "name": (lib.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
+            "description": (lib.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
+            "type": _DEV_TYPES.get(lib.ggml_backend_dev_type(dev), "?"),
+        })
+    return out

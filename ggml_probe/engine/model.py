@@ -1,0 +1,314 @@
+"""Loading a GGUF into llama.cpp and running prompts: logits and final hidden states as NumPy.
+
+Everything that touches llama.cpp contexts, batches, offload and the eval callback lives here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..errors import BadModelFile, ProbeError
+from .llama_lib import clear_log, last_error, llama, log_errors
+
+# An eval-callback probe: called with (tensor pointer, ask) exactly as llama.cpp calls cb_eval.
+EvalCallback = Callable[[int, bool], bool]
+
+
+@dataclass
+class PromptResult:
+    """What one prompt produced at its last position."""
+
+    n_tokens: int  # tokens actually decoded (after truncation)
+    truncated: int  # tokens dropped from the left to fit the context
+    logits: np.ndarray  # float32 (n_vocab,) at the last prompt position
+    hidden: np.ndarray | None  # float32 (n_embd,): result_norm at the last position
+
+
+@dataclass
+class EngineInfo:
+    model_path: str
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    n_ctx: int
+    n_ctx_train: int
+    n_threads: int
+    gpu_layers_requested: int
+    gpu_offload_supported: bool
+    offloaded_layers: str | None  # llama.cpp's own "offloaded N/M layers" figure when it logs one
+    devices: list[dict[str, str]] = field(default_factory=list)
+    model_desc: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def parse_gpu_layers(value: str | int | None) -> int | None:
+    """'auto' → None (all layers where a GPU backend exists, else 0); an int → that many."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise ProbeError(f"--gpu-layers must be 'auto' or a number, not {value!r}") from None
+    if n < -1:
+        raise ProbeError("--gpu-layers must be 'auto', -1 (all) or ≥ 0")
+    return n
+
+
+class Engine:
+    """One llama.cpp model and context.
+
+    Use as a context manager, or call close(). `eval_callback` receives every graph tensor the
+    scheduler offers (ask=True: return whether you want it; ask=False: read it, return True).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        gpu_layers: str | int | None = "auto",
+        n_seq_max: int = 1,
+        n_batch: int | None = None,
+        hidden_states: bool = True,
+        eval_callback: EvalCallback | None = None,
+        validate: bool = True,
+        flash_attn: bool = False,
+    ) -> None:
+        from ..models.validate import validate_gguf
+
+        self.path = Path(model_path)
+        if validate:
+            validate_gguf(self.path, for_llama=True)
+        lib = llama()
+        self._lib = lib
+        self._model = None
+        self._ctx = None
+        self._callback_ref = None
+
+        offload = bool(lib.llama_supports_gpu_offload())
+        requested = parse_gpu_layers(gpu_layers)
+        n_gpu = (999 if offload else 0) if requested is None else (999 if requested == -1 else requested)
+
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu
+        clear_log()
+        model = lib.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not model:
+            raise BadModelFile(f"{self.path}: llama.cpp could not load it: {last_error('failed to load model')}")
+        self._model = model
+        self.offloaded_layers = _offload_from_log()
+        self._vocab = lib.llama_model_get_vocab(model)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        self.n_embd = int(lib.llama_model_n_embd(model))
+        self.n_layer = int(lib.llama_model_n_layer(model))
+        self.n_ctx_train = int(lib.llama_model_n_ctx_train(model))
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
+
+        self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self.n_seq_max = max(1, n_seq_max)
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch or n_ctx
+        cparams.n_ubatch = n_batch or n_ctx  # one graph per batch: the callback sees whole prompts
+        cparams.n_seq_max = self.n_seq_max
+        cparams.kv_unified = True  # sequences share the cache, so a batch may be any mix of lengths
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads
+        cparams.embeddings = hidden_states
+        cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
+        cparams.no_perf = True
+        # Off by default: on CPU, flash attention accumulates in F16 and moved SmolLM2's logits by ~1.0
+        # against the plain path (its residual stream carries values in the thousands).
+        cparams.flash_attn_type = 1 if flash_attn else 0
+        if eval_callback is not None:
+            self._callback_ref = lib.ggml_backend_sched_eval_callback(
+                lambda t, ask, _ud: bool(eval_callback(t, ask))
+            )
+            cparams.cb_eval = self._callback_ref
+            cparams.cb_eval_user_data = None
+        clear_log()
+        ctx = lib.llama_init_from_model(model, cparams)
+        if not ctx:
+            self.close()
+            raise ProbeError(f"llama.cpp could not create a context: {last_error('unknown error')}")
+        self._ctx = ctx
+        self.n_ctx = int(lib.llama_n_ctx(ctx))
+        self.n_batch = int(lib.llama_n_batch(ctx))
+        self.hidden_states = hidden_states
+        self._mem = lib.llama_get_memory(ctx)
+        self.gpu_layers_requested = n_gpu
+        self.gpu_offload_supported = offload
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        if self._ctx:
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def info(self) -> EngineInfo:
+        from .ggml_lib import devices
+
+        buf = ctypes.create_string_buffer(256)
+        self._lib.llama_model_desc(self._model, buf, 256)
+        return EngineInfo(
+            model_path=str(self.path),
+            n_layer=self.n_layer,
+            n_embd=self.n_embd,
+            n_vocab=self.n_vocab,
+            n_ctx=self.n_ctx,
+            n_ctx_train=self.n_ctx_train,
+            n_threads=self.n_threads,
+            gpu_layers_requested=self.gpu_layers_requested,
+            gpu_offload_supported=self.gpu_offload_supported,
+            offloaded_layers=self.offloaded_layers,
+            devices=devices(),
+            model_desc=buf.value.decode(errors="replace"),
+        )
+
+    # ------------------------------------------------------------------ tokens
+    def tokenize(self, text: str, add_special: bool = True) -> np.ndarray:
+        """Token ids as llama.cpp's tokenizer gives them (BOS added when the model asks for it)."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (self._lib.llama_token * n_max)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
+        if n < 0:  # buffer too small: -n is the size needed
+            n_max = -n
+            buf = (self._lib.llama_token * n_max)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
+        return np.frombuffer(buf, dtype=np.int32, count=n).copy()
+
+    def token_to_piece(self, token: int) -> str:
+        buf = ctypes.create_string_buffer(128)
+        n = self._lib.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, True)
+        return buf.raw[:n].decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------------ decoding
+    def fit(self, tokens: np.ndarray) -> tuple[np.ndarray, int]:
+        """Truncate from the left so the prompt fits one sequence's context; returns (tokens, dropped)."""
+        limit = min(self.n_ctx, self.n_batch)
+        if len(tokens) <= limit:
+            return tokens, 0
+        return tokens[-limit:], len(tokens) - limit
+
+    def run(
+        self,
+        prompts: Sequence[np.ndarray],
+        *,
+        all_outputs: bool = False,
+        on_batch: Callable[[list[int], list[np.ndarray]], None] | None = None,
+    ) -> list[PromptResult]:
+        """Decode each prompt (token arrays) and return its last-position logits and hidden state.
+
+        Prompts are packed several to a llama_decode, each in its own sequence, as long as their
+        tokens fit the batch; the cache is cleared between batches. With `all_outputs`, every token
+        is marked as an output (the last layer's FFN then covers all tokens, for neuron probes).
+        `on_batch(indices, token_arrays)` is called before each decode, so an eval-callback probe
+        knows which rows of the batch belong to which prompt.
+        """
+        fitted = [self.fit(np.asarray(p, dtype=np.int32)) for p in prompts]
+        for i, (toks, _) in enumerate(fitted):
+            if len(toks) == 0:
+                raise ProbeError(f"prompt {i} has no tokens")
+        results: list[PromptResult | None] = [None] * len(fitted)
+        for group in self._pack([len(t) for t, _ in fitted]):
+            toks = [fitted[i][0] for i in group]
+            if on_batch is not None:
+                on_batch(group, toks)
+            outs = self._decode_group(toks, all_outputs)
+            for i, (logits, hidden) in zip(group, outs):
+                results[i] = PromptResult(len(fitted[i][0]), fitted[i][1], logits, hidden)
+        return results  # type: ignore[return-value]
+
+    def _pack(self, lengths: list[int]) -> Iterable[list[int]]:
+        """Groups of prompt indices, in order, whose total tokens fit one batch."""
+        limit = min(self.n_batch, self.n_ctx)
+        group: list[int] = []
+        used = 0
+        for i, n in enumerate(lengths):
+            if group and (used + n > limit or len(group) >= self.n_seq_max):
+                yield group
+                group, used = [], 0
+            group.append(i)
+            used += n
+        if group:
+            yield group
+
+    def _decode_group(self, token_arrays: list[np.ndarray], all_outputs: bool):
+        lib = self._lib
+        total = sum(len(t) for t in token_arrays)
+        batch = lib.llama_batch_init(total, 0, 1)
+        try:
+            last_rows = []
+            row = 0
+            for seq, toks in enumerate(token_arrays):
+                for pos, tok in enumerate(toks):
+                    batch.token[row] = int(tok)
+                    batch.pos[row] = pos
+                    batch.n_seq_id[row] = 1
+                    batch.seq_id[row][0] = seq
+                    batch.logits[row] = 1 if (all_outputs or pos == len(toks) - 1) else 0
+                    row += 1
+                last_rows.append(row - 1)
+            batch.n_tokens = total
+            lib.llama_memory_clear(self._mem, True)
+            clear_log()
+            rc = lib.llama_decode(self._ctx, batch)
+            if rc != 0:
+                raise ProbeError(f"llama_decode failed (code {rc}): {last_error('no message')}")
+            out = []
+            for r in last_rows:
+                lp = lib.llama_get_logits_ith(self._ctx, r)
+                logits = np.ctypeslib.as_array(lp, shape=(self.n_vocab,)).copy()
+                hidden = None
+                if self.hidden_states:
+                    hp = lib.llama_get_embeddings_ith(self._ctx, r)
+                    if hp:
+                        hidden = np.ctypeslib.as_array(hp, shape=(self.n_embd,)).copy()
+                out.append((logits, hidden))
+            return out
+        finally:
+            lib.llama_batch_free(batch)
+
+
+_OFFLOAD_RE = re.compile(r"offloaded (\d+/\d+) layers to GPU")
+
+
+def _offload_from_log() -> str | None:
+    from .llama_lib import _log_lines
+
+    for _level, text in reversed(_log_lines):
+        m = _OFFLOAD_RE.search(text)
+        if m:
+            return m.group(1)
+    return None

@@ -1,0 +1,141 @@
+"""llama.cpp importance-matrix files: read (GGUF format and legacy .dat) and write (GGUF format).
+
+An imatrix holds, for each matmul weight, the sum over tokens of the squared input activations
+per input channel (`<tensor>.in_sum2`) and how many tokens were counted (`<tensor>.counts`).
+The quantizer weights each channel's rounding error by the mean square (in_sum2 / counts).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ProbeError
+from ..fsutil import atomic_output
+
+
+@dataclass
+class ImatrixEntry:
+    sums: np.ndarray  # float64, shape (n_mat, n_per_row): sum of squares per input channel
+    counts: np.ndarray  # float64, shape (n_mat,): tokens (GGUF format) or calls (legacy) per matrix
+
+
+@dataclass
+class Imatrix:
+    entries: dict[str, ImatrixEntry]
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+    legacy: bool = False
+
+    def mean_squares(self) -> dict[str, np.ndarray]:
+        """What llama-quantize hands the quantizer: per-channel mean of squares, flattened."""
+        out = {}
+        for name, e in self.entries.items():
+            counts = np.where(e.counts > 0, e.counts, 1.0)[:, None]
+            # Legacy files store sums already scaled to (sum/count)*ncall; dividing by ncall matches.
+            out[name] = (e.sums / counts).astype(np.float32).reshape(-1)
+        return out
+
+
+def read_imatrix(path: str | Path) -> Imatrix:
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return _read_gguf_imatrix(path)
+    return _read_legacy_imatrix(path)
+
+
+def _read_gguf_imatrix(path: Path) -> Imatrix:
+    from .validate import read_gguf
+
+    reader = read_gguf(path, for_llama=False)
+    tensors = {t.name: t for t in reader.tensors}
+    entries = {}
+    for name, t in tensors.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name.removesuffix(".in_sum2")
+        counts = tensors.get(f"{base}.counts")
+        if counts is None:
+            raise ProbeError(f"{path}: imatrix entry {base} has in_sum2 but no counts")
+        n_mat = int(counts.n_elements)
+        sums = np.asarray(t.data, dtype=np.float64).reshape(n_mat, -1)
+        entries[base] = ImatrixEntry(sums, np.asarray(counts.data, dtype=np.float64).reshape(-1))
+    if not entries:
+        raise ProbeError(f"{path}: no imatrix entries (*.in_sum2 tensors) in this GGUF file")
+
+    def field_value(key: str, default):
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else default
+
+    return Imatrix(
+        entries,
+        datasets=list(field_value("imatrix.datasets", [])),
+        chunk_count=int(field_value("imatrix.chunk_count", 0)),
+        chunk_size=int(field_value("imatrix.chunk_size", 0)),
+    )
+
+
+def _read_legacy_imatrix(path: Path) -> Imatrix:
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        size = struct.calcsize(fmt)
+        if pos + size > len(data):
+            raise ProbeError(f"{path}: not an imatrix file (truncated legacy .dat at byte {pos})")
+        values = struct.unpack_from(fmt, data, pos)
+        pos += size
+        return values
+
+    (n_entries,) = take("<i")
+    if n_entries < 1 or n_entries > 1_000_000:
+        raise ProbeError(f"{path}: not an imatrix file (neither GGUF nor a legacy .dat)")
+    entries = {}
+    for _ in range(n_entries):
+        (name_len,) = take("<i")
+        if not 0 < name_len < 4096:
+            raise ProbeError(f"{path}: not an imatrix file (bad entry name length {name_len})")
+        name = data[pos : pos + name_len].decode("utf-8", errors="replace")
+        pos += name_len
+        ncall, nval = take("<ii")
+        if nval < 1 or pos + 4 * nval > len(data):
+            raise ProbeError(f"{path}: not an imatrix file (bad value count for {name})")
+        sums = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float64)
+        pos += 4 * nval
+        entries[name] = ImatrixEntry(sums.reshape(1, -1), np.array([float(ncall)]))
+    chunk_count, datasets = 0, []
+    if pos + 4 <= len(data):
+        (chunk_count,) = take("<i")
+        if pos + 4 <= len(data):
+            (ds_len,) = take("<i")
+            if 0 < ds_len <= len(data) - pos:
+                datasets.append(data[pos : pos + ds_len].decode("utf-8", errors="replace"))
+    return Imatrix(entries, datasets=datasets, chunk_count=chunk_count, legacy=True)
+
+
+def write_imatrix(path: str | Path, imatrix: Imatrix) -> Path:
+    """Write the GGUF imatrix format llama-imatrix writes (llama-quantize reads it)."""
+    import gguf
+
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch="imatrix", add_architecture=False)
+        writer.add_type(gguf.GGUFType.IMATRIX)
+        writer.add_array(gguf.Keys.IMatrix.DATASETS, imatrix.datasets or ["ggml-probe"])
+        writer.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, int(imatrix.chunk_count))
+        writer.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, int(imatrix.chunk_size))
+        for name, e in imatrix.entries.items():
+            writer.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(e.sums, dtype=np.float32))
+            writer.add_tensor(f"{name}.counts", np.ascontiguousarray(e.counts, dtype=np.float32).reshape(-1, 1))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return path

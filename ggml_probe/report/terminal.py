@@ -1,0 +1,134 @@
+"""Rich tables for the terminal."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from rich.table import Table
+
+from ..fsutil import human_size
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..models.ggufinfo import GGUFInfo
+    from ..models.quantize import QuantResult
+
+
+def _types_text(types: dict[str, int]) -> str:
+    return ", ".join(f"{t}×{n}" for t, n in types.items())
+
+
+def print_gguf_info(console: "Console", info: "GGUFInfo", show_tensors: bool = False) -> None:
+    table = Table(title=info.path, show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [
+        ("name", info.name),
+        ("architecture", info.architecture),
+        ("layers", info.n_layers),
+        ("hidden size", info.hidden_size),
+        ("FFN size", info.ffn_size),
+        ("heads / KV heads", f"{info.n_heads} / {info.n_kv_heads}"),
+        ("context length", info.context_length),
+        ("vocab size", info.vocab_size),
+        ("tokenizer", info.tokenizer),
+        ("file type", info.file_type),
+        ("parameters", f"{info.n_params:,}"),
+        ("bits per weight", f"{info.bits_per_weight:.2f}"),
+        ("size", human_size(info.size_bytes)),
+        ("tensors", f"{info.n_tensors}: {_types_text(info.tensor_types)}"),
+    ]
+    requant = info.metadata.get("ggml_probe.requantized_from")
+    if requant:
+        rows.append(("requantized from", requant))
+    for key, value in rows:
+        table.add_row(key, "—" if value is None else str(value))
+    console.print(table)
+    if show_tensors:
+        tt = Table(title="tensors")
+        for col in ("name", "type", "shape", "size"):
+            tt.add_column(col, justify="right" if col == "size" else "left")
+        for t in info.tensors:
+            tt.add_row(t.name, t.type, "×".join(map(str, t.shape)), human_size(t.n_bytes))
+        console.print(tt)
+
+
+def print_ladder(console: "Console", results: Sequence["QuantResult"]) -> None:
+    table = Table(title="Quantization ladder")
+    for col in ("quant", "file", "size", "bits/weight", "tensor types (as written)", "time"):
+        table.add_column(col, justify="right" if col in ("size", "bits/weight", "time") else "left")
+    for r in results:
+        table.add_row(
+            r.quant,
+            r.path.name,
+            human_size(r.info.size_bytes),
+            f"{r.info.bits_per_weight:.2f}",
+            _types_text(r.info.tensor_types),
+            "kept" if r.skipped else f"{r.seconds:.1f} s",
+        )
+    console.print(table)
+    folders = sorted({str(r.path.parent) for r in results})
+    console.print(f"[dim]written to {', '.join(folders)}[/]")
+    for r in results:
+        if r.fallback_types and not r.skipped:
+            console.print(
+                f"[yellow]{r.quant}: some tensors use other types ({_types_text(r.fallback_types)}): "
+                "llama.cpp falls back where row sizes do not fit the block size or by its mix rules[/]"
+            )
+    if results and results[0].requantized_from:
+        console.print(
+            f"[yellow]Requantized from {results[0].requantized_from}: every level carries that level's error "
+            "(recorded in the files' metadata as ggml_probe.requantized_from).[/]"
+        )
+
+
+def _fmt_ci(m: dict | None, pct: bool = False) -> str:
+    if not m:
+        return "—"
+    scale = 100 if pct else 1
+    fmt = "{:.1f}" if pct else "{:.3f}"
+    text = fmt.format(m["value"] * scale)
+    if m.get("ci_low") is not None:
+        text += f" [{fmt.format(m['ci_low'] * scale)}, {fmt.format(m['ci_high'] * scale)}]"
+    return text
+
+
+def print_eval_summary(console: "Console", summaries: dict, comparison: dict | None) -> None:
+    """Side-by-side metrics per level (label-set scoring, with the paper's beside it)."""
+    first = next(iter(summaries.values()))
+    task = first.manifest.get("task", {}) if first.manifest else {}
+    table = Table(title=f"{task.get('task', 'task')} · n={first.n_examples} · source: {task.get('source', '?')}")
+    cols = ["level", "accuracy %", "confidence", "ACE (paper)", "ECE", "Brier", "NLL", "paper acc %", "paper conf"]
+    ref = comparison["reference"] if comparison else None
+    if comparison:
+        cols += ["agree %", "flips", "KL label", "KL full", "top-1 %", "cos hidden"]
+    for c in cols:
+        table.add_column(c, justify="left" if c == "level" else "right")
+    for level, s in summaries.items():
+        ls, pp = s.metrics["label_set"], s.metrics["paper"]
+        row = [str(level or s.quant), _fmt_ci(ls["accuracy"], pct=True), _fmt_ci(ls["mean_confidence"]),
+               _fmt_ci(ls["ace_paper"]), _fmt_ci(ls["ece"]), _fmt_ci(ls["brier"]), _fmt_ci(ls["nll"]),
+               f"{pp['accuracy']['value'] * 100:.1f}", f"{pp['mean_confidence']['value']:.3f}"]
+        if comparison:
+            c = comparison["levels"].get(level)
+            if level == ref or c is None:
+                row += ["ref", "", "", "", "", ""]
+            else:
+                row += [f"{c['agreement'] * 100:.1f}", str(c["flips"]["changed"]), f"{c['kl_label_mean']:.4f}",
+                        f"{c.get('kl_full_mean', float('nan')):.4f}", f"{c.get('top1_agreement', float('nan')) * 100:.1f}",
+                        f"{c.get('hidden_cosine_mean', float('nan')):.4f}"]
+        table.add_row(*row)
+    console.print(table)
+    console.print("[dim]label-set scoring (softmax over the label words); [95% bootstrap CI]. "
+                  "ACE (paper): 10 equal-count bins, top-label, unweighted. ECE: 15 equal-width bins, weighted. "
+                  "paper: full-vocabulary argmax with substring match.[/]")
+    for level, s in summaries.items():
+        notes = []
+        if s.truncated_examples:
+            notes.append(f"{s.truncated_examples} prompts truncated from the left")
+        if s.bad_rows:
+            notes.append(f"{s.bad_rows} bad rows skipped")
+        if s.resumed_examples:
+            notes.append(f"{s.resumed_examples} examples reused from an earlier run")
+        console.print(f"[dim]{level or s.quant}: {s.run_dir}" + (f" ({'; '.join(notes)})" if notes else "") + "[/]")

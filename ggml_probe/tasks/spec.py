@@ -1,0 +1,368 @@
+"""Task definitions: what a task is (prompt template, label words, gold mapping, columns, data source).
+
+A task is data, not code. Each file in `defs/` is one task, written in TOML::
+
+    name = "boolq"                       # must equal the file name without .toml
+    description = "..."
+    template = "Respond with True or False only.\\n{question}\\nAnswer:"   # str.format fields
+    prompt_origin = "paper"              # paper | ggml-probe | user: whose prompt this is
+    labels = ["True", "False"]           # label words; gold indices point into this list
+    id_column = "idx"                    # optional; without it (or if absent) ids are row numbers
+    citation = "..."
+    notes = "..."
+
+    [gold]
+    column = "label"
+    values = { "1" = "True", "0" = "False" }   # optional extra spellings -> label word
+
+    [columns]                             # logical name -> columns to look for, first match wins
+    comment = ["comment", "comment_text", "text"]
+
+    [source]                              # where the data comes from when no --data is given
+    hub = "google/boolq"                  # a Hugging Face dataset repo ...
+    file = "data/validation-00000-of-00001.parquet"
+    revision = "main"                     # optional: pin a commit for reproducible runs
+    # builtin = "yesno_mini.jsonl"        # ... or a file shipped in ggml_probe/tasks/data/
+
+Gold values are compared after normalisation: booleans become "true"/"false", integral numbers
+their decimal digits, strings are stripped and lower-cased. Every label word matches itself
+case-insensitively, so bool gold values need no mapping when the labels are True/False.
+Template fields are plain names; write a literal brace as `{{` or `}}`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import string
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: same parser under its PyPI name
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from ..errors import ProbeError
+
+PROMPT_ORIGINS = ("paper", "ggml-probe", "user")
+_TOP_KEYS = {
+    "name", "description", "template", "prompt_origin", "labels", "id_column",
+    "citation", "notes", "license", "gold", "columns", "source",
+}
+_GOLD_KEYS = {"column", "values"}
+_SOURCE_KEYS = {"hub", "file", "revision", "split", "builtin"}
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """One data file of a Hugging Face dataset repository."""
+
+    repo: str
+    file: str
+    revision: str | None = None
+    split: str | None = None
+
+    def describe(self) -> str:
+        at = f"@{self.revision}" if self.revision else ""
+        return f"hf://datasets/{self.repo}{at}/{self.file}"
+
+
+@dataclass(frozen=True)
+class BuiltinSource:
+    """A data file shipped inside the package (ggml_probe/tasks/data/)."""
+
+    file: str
+
+    def describe(self) -> str:
+        return f"builtin:{self.file}"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A validated task definition. Build one with `get_task` or `make_task`, not directly."""
+
+    name: str
+    template: str
+    labels: tuple[str, ...]
+    gold_column: str
+    # normalised gold value -> index into labels
+    gold_values: Mapping[str, int]
+    # logical name (template field, gold column, id column) -> candidate columns, first match wins
+    columns: Mapping[str, tuple[str, ...]]
+    id_column: str | None = None
+    source: HubSource | BuiltinSource | None = None
+    description: str = ""
+    prompt_origin: str = "user"
+    citation: str = ""
+    notes: str = ""
+    license: str = ""
+    definition: str | None = None  # the TOML file it came from, if any
+    template_fields: tuple[str, ...] = field(default=())
+
+    def candidates(self, logical: str) -> tuple[str, ...]:
+        """The data columns that may hold `logical`, in the order they are tried."""
+        return self.columns.get(logical, (logical,))
+
+    def gold_index(self, value: Any) -> int | None:
+        """Index into `labels` for a raw gold value from the data, or None if it maps to no label."""
+        key = normalize_gold_value(value)
+        return None if key is None else self.gold_values.get(key)
+
+    def render(self, fields: Mapping[str, str]) -> str:
+        """The prompt for one example: the template with its fields filled in, nothing added."""
+        return self.template.format_map({name: fields[name] for name in self.template_fields})
+
+
+def normalize_gold_value(value: Any) -> str | None:
+    """The comparison key for a gold value; None for missing values (None, NaN, blank text)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, str):
+        return value.strip().lower() or None
+    return repr(value).lower()
+
+
+def parse_template(template: str, where: str) -> tuple[str, ...]:
+    """The template's field names, in order of first use; rejects anything but plain names."""
+    names: list[str] = []
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ProbeError(f"{where}: bad prompt template ({exc}); write literal braces as {{{{ and }}}}") from exc
+    for _literal, name, format_spec, conversion in parts:
+        if name is None:
+            continue
+        if not name.isidentifier() or format_spec or conversion:
+            raise ProbeError(
+                f"{where}: template field {{{name}{'!' + conversion if conversion else ''}"
+                f"{':' + format_spec if format_spec else ''}}} is not a plain column name"
+            )
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ProbeError(f"{where}: the prompt template has no {{field}}, so every prompt would be the same")
+    return tuple(names)
+
+
+def _need_str(raw: Mapping[str, Any], key: str, where: str, required: bool = True) -> str | None:
+    value = raw.get(key)
+    if value is None:
+        if required:
+            raise ProbeError(f"{where}: missing required key '{key}'")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ProbeError(f"{where}: '{key}' must be a non-empty string")
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ProbeError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
+
+
+def spec_from_mapping(raw: Mapping[str, Any], where: str, definition: str | None = None) -> TaskSpec:
+    """Validate a task definition (the parsed TOML, or what make_task builds) into a TaskSpec."""
+    _check_keys(raw, _TOP_KEYS, where)
+    name = _need_str(raw, "name", where)
+    template = _need_str(raw, "template", where)
+    fields = parse_template(template, where)
+
+    labels = raw.get("labels")
+    if (
+        not isinstance(labels, (list, tuple))
+        or len(labels) < 2
+        or not all(isinstance(w, str) and w.strip() for w in labels)
+    ):
+        raise ProbeError(f"{where}: 'labels' must list at least two non-empty label words")
+    folded = [w.strip().lower() for w in labels]
+    if len(set(folded)) != len(folded):
+        raise ProbeError(f"{where}: label words must differ ignoring case: {labels}")
+    labels = tuple(labels)
+
+    gold = raw.get("gold")
+    if not isinstance(gold, Mapping):
+        raise ProbeError(f"{where}: missing [gold] table with the gold 'column'")
+    _check_keys(gold, _GOLD_KEYS, f"{where} [gold]")
+    gold_column = _need_str(gold, "column", f"{where} [gold]")
+    gold_values = {w: i for i, w in enumerate(folded)}
+    extra = gold.get("values") or {}
+    if not isinstance(extra, Mapping):
+        raise ProbeError(f"{where} [gold]: 'values' must be a table of value = \"label word\"")
+    for value, word in extra.items():
+        key = normalize_gold_value(value)
+        if not isinstance(word, str) or word.strip().lower() not in gold_values:
+            raise ProbeError(
+                f"{where} [gold]: value {value!r} maps to {word!r}, which is not one of the labels {list(labels)}"
+            )
+        index = folded.index(word.strip().lower())
+        if key is None:
+            raise ProbeError(f"{where} [gold]: empty gold value key")
+        if gold_values.get(key, index) != index:
+            other = labels[gold_values[key]]
+            raise ProbeError(f"{where} [gold]: value {value!r} maps to {word!r} but is also the label word {other!r}")
+        gold_values[key] = index
+
+    id_column = _need_str(raw, "id_column", where, required=False)
+
+    columns_raw = raw.get("columns") or {}
+    if not isinstance(columns_raw, Mapping):
+        raise ProbeError(f"{where}: [columns] must map names to lists of column names")
+    columns: dict[str, tuple[str, ...]] = {}
+    for logical, cands in columns_raw.items():
+        if isinstance(cands, str):
+            cands = [cands]
+        if not isinstance(cands, (list, tuple)) or not cands or not all(isinstance(c, str) and c for c in cands):
+            raise ProbeError(f"{where} [columns]: '{logical}' must be a column name or a non-empty list of them")
+        columns[logical] = tuple(cands)
+    used = set(fields) | {gold_column} | ({id_column} if id_column else set())
+    stray = sorted(set(columns) - used)
+    if stray:
+        raise ProbeError(f"{where} [columns]: {', '.join(stray)} is not a template field, the gold column or the id column")
+    for logical in used:
+        columns.setdefault(logical, (logical,))
+
+    source = _parse_source(raw.get("source"), where)
+
+    origin = raw.get("prompt_origin", "user")
+    if origin not in PROMPT_ORIGINS:
+        raise ProbeError(f"{where}: prompt_origin must be one of {', '.join(PROMPT_ORIGINS)}, not {origin!r}")
+    texts = {}
+    for key in ("description", "citation", "notes", "license"):
+        value = raw.get(key, "")
+        if not isinstance(value, str):
+            raise ProbeError(f"{where}: '{key}' must be a string")
+        texts[key] = value.strip()
+
+    return TaskSpec(
+        name=name,
+        template=template,
+        labels=labels,
+        gold_column=gold_column,
+        gold_values=gold_values,
+        columns=columns,
+        id_column=id_column,
+        source=source,
+        prompt_origin=origin,
+        definition=definition,
+        template_fields=fields,
+        **texts,
+    )
+
+
+def _parse_source(source: Any, where: str) -> HubSource | BuiltinSource | None:
+    if source is None:
+        return None
+    if not isinstance(source, Mapping):
+        raise ProbeError(f"{where}: [source] must be a table")
+    _check_keys(source, _SOURCE_KEYS, f"{where} [source]")
+    if "builtin" in source:
+        if set(source) - {"builtin", "split"}:
+            raise ProbeError(f"{where} [source]: 'builtin' cannot be combined with hub keys")
+        return BuiltinSource(_need_str(source, "builtin", f"{where} [source]"))
+    return HubSource(
+        repo=_need_str(source, "hub", f"{where} [source]"),
+        file=_need_str(source, "file", f"{where} [source]"),
+        revision=_need_str(source, "revision", f"{where} [source]", required=False),
+        split=_need_str(source, "split", f"{where} [source]", required=False),
+    )
+
+
+def load_task_file(path: str | Path) -> TaskSpec:
+    """Read one task definition from a TOML file (a user's own task, outside the package)."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProbeError(f"cannot read task definition {path}: {exc.strerror or exc}") from exc
+    return _spec_from_toml(text, str(path))
+
+
+def _spec_from_toml(text: str, where: str) -> TaskSpec:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProbeError(f"{where}: not valid TOML ({exc})") from exc
+    return spec_from_mapping(raw, where, definition=where)
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_specs() -> dict[str, TaskSpec]:
+    specs: dict[str, TaskSpec] = {}
+    for entry in sorted(resources.files(__package__).joinpath("defs").iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".toml"):
+            continue
+        where = f"ggml_probe/tasks/defs/{entry.name}"
+        spec = _spec_from_toml(entry.read_text(encoding="utf-8"), where)
+        if spec.name != entry.name[: -len(".toml")]:
+            raise ProbeError(f"{where}: name {spec.name!r} must match the file name")
+        specs[spec.name] = spec
+    return specs
+
+
+def list_tasks() -> list[TaskSpec]:
+    """Every task defined in ggml_probe/tasks/defs/, sorted by name."""
+    return [spec for _, spec in sorted(_shipped_specs().items())]
+
+
+def get_task(name: str) -> TaskSpec:
+    """A shipped task by name, or a task definition read from a .toml file path.
+
+    An unknown name raises ProbeError listing the known tasks, closest matches first.
+    """
+    specs = _shipped_specs()
+    if name in specs:
+        return specs[name]
+    if name.endswith(".toml") or Path(name).expanduser().is_file():
+        return load_task_file(name)
+    lowered = {n.lower(): n for n in specs}
+    if name.lower() in lowered:
+        return specs[lowered[name.lower()]]
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(lowered[c] for c in close)}? " if close else ""
+    raise ProbeError(f"unknown task {name!r}; {hint}known tasks: {', '.join(sorted(specs))} (or give a task .toml file)")
+
+
+def make_task(
+    template: str,
+    labels: list[str] | tuple[str, ...],
+    gold_column: str,
+    id_column: str | None = None,
+    *,
+    name: str = "custom",
+    gold_values: Mapping[str, str] | None = None,
+    columns: Mapping[str, list[str] | str] | None = None,
+    description: str = "",
+) -> TaskSpec:
+    """A task built from arguments, for a local data file (load it with `load_examples(spec, data_path)`).
+
+    template: str.format template whose fields name columns, e.g. "Q: {question}\\nA:".
+    labels: the label words; gold values match them case-insensitively.
+    gold_values: extra gold spellings, e.g. {"1": "True", "0": "False"}.
+    columns: aliases, e.g. {"question": ["question", "query"]}.
+    """
+    raw: dict[str, Any] = {
+        "name": name,
+        "template": template,
+        "labels": list(labels),
+        "gold": {"column": gold_column, **({"values": dict(gold_values)} if gold_values else {})},
+        "prompt_origin": "user",
+        "description": description,
+    }
+    if id_column is not None:
+        raw["id_column"] = id_column
+    if columns:
+        raw["columns"] = dict(columns)
+    return spec_from_mapping(raw, f"task {name!r}")

@@ -16,7 +16,10 @@ def _console(stderr: bool = False):
     from rich.console import Console
 
     # Created per call so click's CliRunner (which swaps sys.stdout) captures the output.
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    # Piped or captured output gets a wide page instead of rich's 80 columns, so tables stay whole.
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 160
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 class ProbeGroup(click.Group):

@@ -22,6 +22,7 @@ def libggml() -> Any:
         "ggml_nrows": ([vp], ctypes.c_int64),
         "ggml_nbytes": ([vp], sz),
         "ggml_is_contiguous": ([vp], ctypes.c_bool),
+        "ggml_op_desc": ([vp], ctypes.c_char_p),
         "ggml_backend_tensor_get": ([vp, vp, sz, sz], None),
         "ggml_backend_tensor_set": ([vp, vp, sz, sz], None),
         "ggml_backend_dev_count": ([], sz),
@@ -46,6 +47,31 @@ GGML_TYPE_F32 = 0
 
 def tensor_type(t: int) -> int:
     return ctypes.cast(t, ctypes.POINTER(ctypes.c_int32))[0]
+
+
+class TensorHead(ctypes.Structure):
+    """The leading fields of struct ggml_tensor (ggml.h), up to its sources, in declaration order."""
+
+    _fields_ = [
+        ("type", ctypes.c_int32),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int32),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+    ]
+
+
+def tensor_head(t: int) -> TensorHead:
+    """A view of tensor t's type, shape (ne, innermost first), strides and source pointers."""
+    return TensorHead.from_address(t)
+
+
+def tensor_shape(t: int) -> tuple[int, int, int, int]:
+    """ggml's ne[0..3]: ne[0] is the innermost (contiguous) dimension."""
+    return tuple(TensorHead.from_address(t).ne)  # type: ignore[return-value]
 
 
 def devices() -> list[dict[str, str]]:

@@ -23,7 +23,7 @@ _LEVELS = {0: "none", 1: "info", 2: "warn", 3: "error", 4: "debug", 5: "cont"}
 
 _lock = threading.Lock()
 _llama: Any = None
-_log_lines: collections.deque[tuple[str, str]] = collections.deque(maxlen=400)
+_log_lines: collections.deque[tuple[str, str]] = collections.deque(maxlen=5000)
 _log_callback_ref: Any = None  # keeps the CFUNCTYPE alive as long as llama.cpp may call it
 _last_level = "info"
 

@@ -44,6 +44,7 @@ class EngineInfo:
     gpu_offload_supported: bool
     offloaded_layers: str | None  # llama.cpp's own "offloaded N/M layers" figure when it logs one
     devices: list[dict[str, str]] = field(default_factory=list)
+    loaded_tensor_types: dict[str, int] = field(default_factory=dict)  # as llama.cpp's loader reports them
     model_desc: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +86,7 @@ class Engine:
         eval_callback: EvalCallback | None = None,
         validate: bool = True,
         flash_attn: bool = False,
+        kv_type: int | None = None,
     ) -> None:
         from ..models.validate import validate_gguf
 
@@ -109,6 +111,7 @@ class Engine:
             raise BadModelFile(f"{self.path}: llama.cpp could not load it: {last_error('failed to load model')}")
         self._model = model
         self.offloaded_layers = _offload_from_log()
+        self.loaded_tensor_types = _loaded_types_from_log()
         self._vocab = lib.llama_model_get_vocab(model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         self.n_embd = int(lib.llama_model_n_embd(model))
@@ -132,6 +135,9 @@ class Engine:
         # Off by default: on CPU, flash attention accumulates in F16 and moved SmolLM2's logits by ~1.0
         # against the plain path (its residual stream carries values in the thousands).
         cparams.flash_attn_type = 1 if flash_attn else 0
+        if kv_type is not None:  # a ggml type id for the K and V cache (0 = F32; llama.cpp's default is F16)
+            cparams.type_k = kv_type
+            cparams.type_v = kv_type
         if eval_callback is not None:
             self._callback_ref = lib.ggml_backend_sched_eval_callback(
                 lambda t, ask, _ud: bool(eval_callback(t, ask))
@@ -189,6 +195,7 @@ class Engine:
             gpu_offload_supported=self.gpu_offload_supported,
             offloaded_layers=self.offloaded_layers,
             devices=devices(),
+            loaded_tensor_types=self.loaded_tensor_types,
             model_desc=buf.value.decode(errors="replace"),
         )
 
@@ -299,6 +306,21 @@ class Engine:
             return out
         finally:
             lib.llama_batch_free(batch)
+
+
+_LOADED_TYPE_RE = re.compile(r"- type\s+(\w+):\s+(\d+) tensors")
+
+
+def _loaded_types_from_log() -> dict[str, int]:
+    """The tensor types llama.cpp's loader reports for the model it just loaded."""
+    from .llama_lib import _log_lines
+
+    types: dict[str, int] = {}
+    for _level, text in _log_lines:
+        m = _LOADED_TYPE_RE.search(text)
+        if m:
+            types[m.group(1).upper()] = int(m.group(2))
+    return types
 
 
 _OFFLOAD_RE = re.compile(r"offloaded (\d+/\d+) layers to GPU")

@@ -91,7 +91,8 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     data_bytes = sum(t.n_bytes for t in tensors)
 
     tokens = value("tokenizer.ggml.tokens")
-    vocab = hp("vocab_size") or (len(tokens) if tokens is not None else None)
+    # The token list is what llama.cpp uses; {arch}.vocab_size is advisory and may disagree.
+    vocab = len(tokens) if tokens is not None else hp("vocab_size")
     tok_model = value("tokenizer.ggml.model")
     tok_pre = value("tokenizer.ggml.pre")
     tokenizer = None if tok_model is None else (f"{tok_model} ({tok_pre})" if tok_pre else tok_model)

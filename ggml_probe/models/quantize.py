@@ -83,8 +83,10 @@ def quantize_ladder(
 
     validate_gguf(src, for_llama=True)
 
-    requantized_from = src_info.file_type if source_is_quantized(src_info) else None
-    if requantized_from and not allow_requantize:
+    quantized_source = source_is_quantized(src_info)
+    # Provenance carries through: an F16 file dequantized from Q4_1 still holds Q4_1's error.
+    requantized_from = src_info.file_type if quantized_source else src_info.metadata.get("ggml_probe.requantized_from")
+    if quantized_source and not allow_requantize:
         raise ProbeError(
             f"{src.name} is already quantized ({requantized_from}); requantizing compounds the error "
             "of both levels — pass --allow-requantize to do it anyway"
@@ -118,7 +120,7 @@ def quantize_ladder(
                 src,
                 tmp,
                 QUANT_TYPES[quant],
-                allow_requantize=bool(requantized_from),
+                allow_requantize=quantized_source,
                 nthread=nthread,
                 imatrix=imatrix,
                 metadata=metadata,

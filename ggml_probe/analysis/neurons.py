@@ -1,0 +1,471 @@
+"""Streaming neuron statistics: moments, dead neurons, redundancy (correlation) and top activations.
+
+Pure NumPy; memory is independent of the number of tokens. Every accumulator takes batches of
+activations shaped (n_tokens, n_ff), merges with another of its kind (Chan et al.'s parallel update
+in float64), and round-trips through plain arrays for .npz files.
+
+Definitions (study-protocol.md):
+- dead: every value of the neuron lies in (−τ, τ), i.e. max |a| < τ (τ = 0.1 in the paper);
+- redundancy: Pearson correlation of neurons within a layer over tokens; the histogram of |corr|
+  over pairs i < j in 0.1-wide bins [0, 0.1), …, [0.9, 1.0] (1.0 falls in the last bin); pairs with
+  |corr| ≥ threshold; groups after average-linkage clustering on 1 − |corr| (NeuroX style).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import ProbeError
+
+# ------------------------------------------------------------------ per-neuron moments
+
+
+class NeuronStats:
+    """count, mean, variance (Welford/Chan), min, max, max |a|, fraction positive, sum of squares."""
+
+    FIELDS = ("count", "mean", "m2", "min", "max", "maxabs", "n_pos", "sumsq")
+
+    def __init__(self, n_ff: int) -> None:
+        self.n_ff = int(n_ff)
+        self.count = 0
+        self.mean = np.zeros(n_ff)
+        self.m2 = np.zeros(n_ff)  # sum of squared deviations from the mean
+        self.min = np.full(n_ff, np.inf)
+        self.max = np.full(n_ff, -np.inf)
+        self.maxabs = np.zeros(n_ff)
+        self.n_pos = np.zeros(n_ff, dtype=np.int64)
+        self.sumsq = np.zeros(n_ff)
+
+    def update(self, x: np.ndarray) -> None:
+        x = _as_batch(x, self.n_ff)
+        n = x.shape[0]
+        if n == 0:
+            return
+        batch = NeuronStats(self.n_ff)
+        batch.count = n
+        batch.mean = x.mean(axis=0)
+        batch.m2 = ((x - batch.mean) ** 2).sum(axis=0)
+        batch.min = x.min(axis=0)
+        batch.max = x.max(axis=0)
+        batch.maxabs = np.abs(x).max(axis=0)
+        batch.n_pos = (x > 0).sum(axis=0).astype(np.int64)
+        batch.sumsq = np.einsum("ij,ij->j", x, x)
+        self.merge(batch)
+
+    def merge(self, other: "NeuronStats") -> None:
+        if other.n_ff != self.n_ff:
+            raise ProbeError(f"cannot merge statistics of {other.n_ff} neurons into {self.n_ff}")
+        if other.count == 0:
+            return
+        n_a, n_b = self.count, other.count
+        n = n_a + n_b
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + other.m2 + delta**2 * (n_a * n_b / n)
+        self.count = n
+        self.min = np.minimum(self.min, other.min)
+        self.max = np.maximum(self.max, other.max)
+        self.maxabs = np.maximum(self.maxabs, other.maxabs)
+        self.n_pos = self.n_pos + other.n_pos
+        self.sumsq = self.sumsq + other.sumsq
+
+    @property
+    def variance(self) -> np.ndarray:
+        """Population variance (ddof=0) over all tokens seen."""
+        return self.m2 / self.count if self.count else np.full(self.n_ff, np.nan)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.variance)
+
+    @property
+    def fraction_positive(self) -> np.ndarray:
+        return self.n_pos / self.count if self.count else np.full(self.n_ff, np.nan)
+
+    def dead(self, tau: float = 0.1) -> np.ndarray:
+        """Ids of neurons whose every value lies in (−tau, tau)."""
+        if self.count == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(self.maxabs < tau)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f: np.asarray(getattr(self, f)) for f in self.FIELDS}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "NeuronStats":
+        out = cls(len(arrays["mean"]))
+        for f in cls.FIELDS:
+            value = arrays[f]
+            setattr(out, f, int(value) if f == "count" else np.array(value))
+        return out
+
+
+# ------------------------------------------------------------------ correlation (redundancy)
+
+
+class CoMoment:
+    """Streaming co-moment matrix C = Σ (x − mean)(x − mean)ᵀ over tokens, float64, n_ff × n_ff."""
+
+    def __init__(self, n_ff: int) -> None:
+        self.n_ff = int(n_ff)
+        self.count = 0
+        self.mean = np.zeros(n_ff)
+        self.c = np.zeros((n_ff, n_ff))
+
+    @staticmethod
+    def bytes_needed(n_ff: int) -> int:
+        """Memory of one accumulator plus the correlation matrix built from it."""
+        return 2 * 8 * int(n_ff) ** 2
+
+    def update(self, x: np.ndarray) -> None:
+        x = _as_batch(x, self.n_ff)
+        n = x.shape[0]
+        if n == 0:
+            return
+        batch_mean = x.mean(axis=0)
+        centred = x - batch_mean
+        self._merge(n, batch_mean, centred.T @ centred)
+
+    def merge(self, other: "CoMoment") -> None:
+        if other.n_ff != self.n_ff:
+            raise ProbeError(f"cannot merge co-moments of {other.n_ff} neurons into {self.n_ff}")
+        if other.count:
+            self._merge(other.count, other.mean, other.c)
+
+    def _merge(self, n_b: int, mean_b: np.ndarray, c_b: np.ndarray) -> None:
+        n_a = self.count
+        n = n_a + n_b
+        delta = mean_b - self.mean
+        self.c += c_b
+        if n_a:
+            self.c += np.outer(delta, delta) * (n_a * n_b / n)
+        self.mean = self.mean + delta * (n_b / n)
+        self.count = n
+
+    def correlation(self) -> np.ndarray:
+        """Pearson correlation; rows/columns of constant neurons are NaN."""
+        d = np.sqrt(np.diag(self.c))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = self.c / np.outer(d, d)
+        np.clip(r, -1.0, 1.0, out=r)
+        constant = d == 0
+        r[constant, :] = np.nan
+        r[:, constant] = np.nan
+        return r
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"count": np.asarray(self.count), "mean": self.mean, "c": self.c}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "CoMoment":
+        out = cls(len(arrays["mean"]))
+        out.count = int(arrays["count"])
+        out.mean = np.array(arrays["mean"])
+        out.c = np.array(arrays["c"])
+        return out
+
+
+CORR_BIN_EDGES = np.round(np.linspace(0.0, 1.0, 11), 10)
+
+
+def corr_histogram(corr: np.ndarray) -> np.ndarray:
+    """Counts of neuron pairs i < j by |corr| in 10 bins [0, 0.1), …, [0.9, 1.0]; NaN pairs skipped."""
+    values = np.abs(corr[np.triu_indices(corr.shape[0], k=1)])
+    values = values[~np.isnan(values)]
+    # values * 10 can land a hair below an edge (0.3 * 10 = 2.9999…): compare against the edges
+    bins = np.searchsorted(CORR_BIN_EDGES[1:-1], values, side="right")
+    return np.bincount(bins, minlength=10).astype(np.int64)
+
+
+def pairs_above(corr: np.ndarray, threshold: float = 0.9) -> int:
+    """Number of pairs i < j with |corr| ≥ threshold."""
+    values = np.abs(corr[np.triu_indices(corr.shape[0], k=1)])
+    return int(np.count_nonzero(values >= threshold))
+
+
+def correlation_groups(corr: np.ndarray, threshold: float = 0.3, method: str = "average") -> np.ndarray:
+    """Cluster label (1-based) per neuron: hierarchical clustering on distance 1 − |corr|, cut at
+    `threshold`. Constant neurons (NaN correlation) are at distance 1 from every other neuron."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    n = corr.shape[0]
+    if n == 1:
+        return np.ones(1, dtype=np.int64)
+    dist = 1.0 - np.abs(corr)
+    dist = np.where(np.isnan(dist), 1.0, dist)
+    dist = (dist + dist.T) / 2
+    np.fill_diagonal(dist, 0.0)
+    np.clip(dist, 0.0, 1.0, out=dist)
+    tree = linkage(squareform(dist, checks=False), method=method)
+    return fcluster(tree, t=threshold, criterion="distance").astype(np.int64)
+
+
+# ------------------------------------------------------------------ top activations
+
+
+class TopActivations:
+    """The k highest activations of every neuron, with where they occurred (prompt, position).
+
+    Order: by score (the value, or |value| with by="abs") descending, ties broken by the earlier
+    (prompt, position), so streaming in prompt order and one batch give the same answer.
+    Unfilled slots hold score −inf and prompt −1.
+    """
+
+    def __init__(self, n_ff: int, k: int = 10, by: str = "value") -> None:
+        if by not in ("value", "abs"):
+            raise ProbeError("top activations are ranked by 'value' or 'abs'")
+        self.n_ff, self.k, self.by = int(n_ff), int(k), by
+        self.score = np.full((k, n_ff), -np.inf)
+        self.value = np.zeros((k, n_ff))
+        self.prompt = np.full((k, n_ff), -1, dtype=np.int64)
+        self.pos = np.full((k, n_ff), -1, dtype=np.int64)
+
+    def update(self, x: np.ndarray, row_prompt: np.ndarray, row_pos: np.ndarray) -> None:
+        x = _as_batch(x, self.n_ff)
+        if x.shape[0] == 0 or self.k == 0:
+            return
+        n = x.shape[0]
+        rp = np.broadcast_to(np.asarray(row_prompt, dtype=np.int64)[:, None], (n, self.n_ff))
+        ps = np.broadcast_to(np.asarray(row_pos, dtype=np.int64)[:, None], (n, self.n_ff))
+        score = np.abs(x) if self.by == "abs" else x
+        if n > self.k:  # pre-select the batch's best k per neuron (same order as the final merge)
+            order = np.lexsort((ps, rp, -score), axis=0)[: self.k]
+            score, x = np.take_along_axis(score, order, 0), np.take_along_axis(x, order, 0)
+            rp, ps = np.take_along_axis(rp, order, 0), np.take_along_axis(ps, order, 0)
+        self._merge(score, x, rp, ps)
+
+    def merge(self, other: "TopActivations") -> None:
+        if (other.n_ff, other.by) != (self.n_ff, self.by):
+            raise ProbeError("cannot merge top activations of different widths or rankings")
+        self._merge(other.score, other.value, other.prompt, other.pos)
+
+    def _merge(self, score, value, prompt, pos) -> None:
+        s = np.concatenate([self.score, score])
+        v = np.concatenate([self.value, value])
+        p = np.concatenate([self.prompt, prompt])
+        q = np.concatenate([self.pos, pos])
+        # empty slots (prompt −1) sort last among equal −inf scores via a large prompt key
+        p_key = np.where(p < 0, np.iinfo(np.int64).max, p)
+        order = np.lexsort((q, p_key, -s), axis=0)[: self.k]
+        self.score = np.take_along_axis(s, order, 0)
+        self.value = np.take_along_axis(v, order, 0)
+        self.prompt = np.take_along_axis(p, order, 0)
+        self.pos = np.take_along_axis(q, order, 0)
+
+    def for_neuron(self, j: int) -> list[tuple[float, int, int]]:
+        """(value, prompt, position) best first, filled slots only."""
+        keep = self.prompt[:, j] >= 0
+        return [(float(v), int(p), int(q)) for v, p, q in
+                zip(self.value[keep, j], self.prompt[keep, j], self.pos[keep, j])]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"score": self.score, "value": self.value, "prompt": self.prompt, "pos": self.pos,
+                "k": np.asarray(self.k), "by": np.asarray(self.by)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "TopActivations":
+        out = cls(arrays["score"].shape[1], int(arrays["k"]), str(arrays["by"]))
+        for f in ("score", "value", "prompt", "pos"):
+            setattr(out, f, np.array(arrays[f]))
+        return out
+
+
+def top_token_contexts(
+    top: TopActivations,
+    neuron: int,
+    prompt_tokens: Sequence[Sequence[int]],
+    piece,
+    window: int = 5,
+) -> list[dict[str, Any]]:
+    """Resolve a neuron's top activations to text: `piece(token_id) -> str`, `window` tokens of left
+    context; prompt_tokens are the token arrays the run decoded (global prompt index → tokens)."""
+    rows = []
+    for value, prompt, pos in top.for_neuron(neuron):
+        toks = prompt_tokens[prompt]
+        left = "".join(piece(int(t)) for t in toks[max(0, pos - window):pos])
+        rows.append({"value": value, "prompt": prompt, "position": pos, "token": piece(int(toks[pos])),
+                     "context": left})
+    return rows
+
+
+# ------------------------------------------------------------------ all layers, both definitions
+
+
+@dataclass
+class RedundancySummary:
+    histogram: np.ndarray  # int64 (10,): pairs per |corr| bin
+    pairs_above: int
+    threshold: float
+    n_groups: int
+    cluster_threshold: float
+    n_constant: int  # neurons with zero variance (left out of the histogram)
+
+
+class NeuronAccumulator:
+    """Streaming statistics for several layers and neuron definitions; the state of a neuron run.
+
+    update(layer, definition, values, layout) is FFNCapture's consumer (layout: anything with
+    row_prompt and row_pos arrays). Memory: 3 vectors per neuron, n_ff² floats per (layer,
+    definition) with redundancy, and k slots per neuron for the top activations.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        definitions: Sequence[str],
+        n_ff: int,
+        *,
+        redundancy: bool = True,
+        top_k: int = 10,
+        top_by: str = "value",
+        memory_budget_bytes: int = 2 << 30,
+        allow_large: bool = False,
+    ) -> None:
+        self.layers = [int(x) for x in layers]
+        self.definitions = list(dict.fromkeys(definitions))
+        self.n_ff = int(n_ff)
+        self.redundancy = bool(redundancy)
+        self.top_k = int(top_k)
+        self.top_by = top_by
+        keys = [(d, layer) for d in self.definitions for layer in self.layers]
+        if self.redundancy:
+            need = CoMoment.bytes_needed(self.n_ff) * len(keys)
+            if need > memory_budget_bytes and not allow_large:
+                raise ProbeError(
+                    f"correlation matrices for {len(keys)} layer/definition pairs of {self.n_ff} neurons need "
+                    f"{need / 2**30:.1f} GiB (budget {memory_budget_bytes / 2**30:.1f} GiB): choose fewer layers, "
+                    "turn redundancy off, or allow large"
+                )
+        self.stats = {k: NeuronStats(self.n_ff) for k in keys}
+        self.comoment = {k: CoMoment(self.n_ff) for k in keys} if self.redundancy else {}
+        self.top = {k: TopActivations(self.n_ff, self.top_k, top_by) for k in keys} if self.top_k else {}
+        self.n_prompts = 0  # 1 + the largest prompt index seen
+
+    def update(self, layer: int, definition: str, values: np.ndarray, layout) -> None:
+        key = (definition, int(layer))
+        if key not in self.stats:
+            raise ProbeError(f"no accumulator for {definition} at layer {layer}")
+        self.stats[key].update(values)
+        if self.redundancy:
+            self.comoment[key].update(values)
+        if self.top_k:
+            self.top[key].update(values, layout.row_prompt, layout.row_pos)
+        if len(layout.row_prompt):
+            self.n_prompts = max(self.n_prompts, int(np.max(layout.row_prompt)) + 1)
+
+    def merge(self, other: "NeuronAccumulator") -> None:
+        if (other.layers, other.definitions, other.n_ff, other.redundancy, other.top_k) != (
+                self.layers, self.definitions, self.n_ff, self.redundancy, self.top_k):
+            raise ProbeError("cannot merge neuron accumulators with different settings")
+        for k in self.stats:
+            self.stats[k].merge(other.stats[k])
+            if self.redundancy:
+                self.comoment[k].merge(other.comoment[k])
+            if self.top_k:
+                self.top[k].merge(other.top[k])
+        self.n_prompts = max(self.n_prompts, other.n_prompts)
+
+    # -------------------------------------------------------------- results
+    def dead(self, tau: float = 0.1) -> dict[tuple[str, int], np.ndarray]:
+        """Dead neuron ids per (definition, layer)."""
+        return {k: s.dead(tau) for k, s in self.stats.items()}
+
+    def correlation(self, definition: str, layer: int) -> np.ndarray:
+        if not self.redundancy:
+            raise ProbeError("redundancy was not accumulated in this run")
+        return self.comoment[(definition, int(layer))].correlation()
+
+    def redundancy_summary(self, definition: str, layer: int, threshold: float = 0.9,
+                           cluster_threshold: float = 0.3) -> RedundancySummary:
+        corr = self.correlation(definition, layer)
+        constant = int(np.isnan(np.diag(corr)).sum())
+        return RedundancySummary(corr_histogram(corr), pairs_above(corr, threshold), threshold,
+                                 int(correlation_groups(corr, cluster_threshold).max()), cluster_threshold, constant)
+
+    def summary(self, tau: float = 0.1, threshold: float = 0.9, cluster_threshold: float = 0.3,
+                clusters: bool = True) -> list[dict[str, Any]]:
+        """One row per (definition, layer): tokens, dead count, max|a| quantiles, redundancy figures."""
+        rows = []
+        for (d, layer), s in self.stats.items():
+            row: dict[str, Any] = {
+                "definition": d, "layer": layer, "tokens": s.count, "tau": tau, "dead": int(len(s.dead(tau))),
+                "maxabs_min": float(s.maxabs.min()) if s.count else float("nan"),
+                "maxabs_median": float(np.median(s.maxabs)) if s.count else float("nan"),
+            }
+            if self.redundancy and s.count > 1:
+                corr = self.correlation(d, layer)
+                row["corr_histogram"] = corr_histogram(corr).tolist()
+                row[f"pairs_ge_{threshold}"] = pairs_above(corr, threshold)
+                if clusters:
+                    row["groups"] = int(correlation_groups(corr, cluster_threshold).max())
+                    row["cluster_threshold"] = cluster_threshold
+            rows.append(row)
+        return rows
+
+    # -------------------------------------------------------------- persistence
+    def state(self) -> dict[str, np.ndarray]:
+        meta = {"layers": self.layers, "definitions": self.definitions, "n_ff": self.n_ff,
+                "redundancy": self.redundancy, "top_k": self.top_k, "top_by": self.top_by,
+                "n_prompts": self.n_prompts, "format": 1}
+        out: dict[str, np.ndarray] = {"meta": np.asarray(json.dumps(meta))}
+        for (d, layer), s in self.stats.items():
+            prefix = f"{d}/{layer}/"
+            out.update({prefix + "stats." + k: v for k, v in s.arrays().items()})
+            if self.redundancy:
+                out.update({prefix + "comoment." + k: v for k, v in self.comoment[(d, layer)].arrays().items()})
+            if self.top_k:
+                out.update({prefix + "top." + k: v for k, v in self.top[(d, layer)].arrays().items()})
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> "NeuronAccumulator":
+        meta = json.loads(str(state["meta"]))
+        out = cls(meta["layers"], meta["definitions"], meta["n_ff"], redundancy=False, top_k=0,
+                  top_by=meta["top_by"])
+        out.redundancy, out.top_k = meta["redundancy"], meta["top_k"]
+        out.n_prompts = meta["n_prompts"]
+
+        def part(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+        for d in out.definitions:
+            for layer in out.layers:
+                key, prefix = (d, layer), f"{d}/{layer}/"
+                out.stats[key] = NeuronStats.from_arrays(part(prefix + "stats."))
+                if out.redundancy:
+                    out.comoment[key] = CoMoment.from_arrays(part(prefix + "comoment."))
+                if out.top_k:
+                    out.top[key] = TopActivations.from_arrays(part(prefix + "top."))
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the state to an .npz file atomically (nothing half-written under its name)."""
+        from ..fsutil import atomic_output
+
+        final = Path(path)
+        with atomic_output(final) as tmp:
+            with open(tmp, "wb") as f:  # a file object: np.savez must not append ".npz" to the temp name
+                np.savez(f, **self.state())
+        return final
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "NeuronAccumulator":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return cls.from_state({k: data[k] for k in data.files})
+        except (OSError, ValueError, KeyError) as exc:
+            raise ProbeError(f"{path}: not a neuron-state file ({exc})") from None
+
+
+def _as_batch(x: np.ndarray, n_ff: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != n_ff:
+        raise ProbeError(f"expected activations shaped (tokens, {n_ff}), got {x.shape}")
+    return x

@@ -1,0 +1,13 @@
+"""Weight-level analysis of GGUF files: dequantization, quantization error against a reference, dumps.
+
+Submodules import NumPy only; llama.cpp's libggml is loaded on the first dequantization.
+"""
+
+from .dequant import GGUFTensors, can_dequantize, dequantize_bytes, quantize_rows
+from .dump import DumpResult, dump_tensors
+from .error import WeightReport, compare_weights, parse_layers, parse_patterns, select_tensors
+
+__all__ = [
+    "GGUFTensors", "can_dequantize", "dequantize_bytes", "quantize_rows", "DumpResult", "dump_tensors",
+    "WeightReport", "compare_weights", "parse_layers", "parse_patterns", "select_tensors",
+]

@@ -1,0 +1,70 @@
+"""A tiny random Llama (f32) for the neuron tests: HF checkpoint, its GGUF, and a transformers reference.
+
+Built offline with the tokenizer helpers of test_convert.py; one variant can have chosen columns of
+one layer's ffn_down zeroed (the ablation check).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+HIDDEN, N_FF, N_LAYER = 64, 96, 3
+
+
+def build_hf(folder: Path, seed: int = 7):
+    """Save a tiny LlamaForCausalLM (f32, random weights) and its tokenizer to `folder`."""
+    import torch
+    import transformers
+    from test_convert import byte_level_tokenizer, randomise, set_rope
+
+    tokenizer = byte_level_tokenizer("smollm")
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=N_FF, num_hidden_layers=N_LAYER,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    set_rope(config, {"rope_theta": 10000.0, "rope_type": "default"})
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    randomise(model, seed=seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
+def zero_down_columns(src: Path, dst: Path, layer: int, columns: list[int]) -> Path:
+    """Copy the HF checkpoint with columns (input channels) of layer's down_proj set to zero."""
+    import shutil
+
+    import torch
+    import transformers
+
+    shutil.copytree(src, dst)
+    model = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[layer].mlp.down_proj.weight[:, columns] = 0.0
+    model.save_pretrained(dst)
+    return dst
+
+
+def transformers_ffn(folder: Path, token_ids: list[int]) -> dict[str, dict[int, np.ndarray]]:
+    """act = act_fn(gate_proj(x)) and down_in = the input of down_proj, per layer, float32 (tokens, n_ff)."""
+    import torch
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out: dict[str, dict[int, np.ndarray]] = {"act": {}, "down_in": {}}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        hooks.append(mlp.act_fn.register_forward_hook(
+            lambda _m, _inp, res, i=i: out["act"].__setitem__(i, res[0].detach().numpy().copy())))
+        hooks.append(mlp.down_proj.register_forward_pre_hook(
+            lambda _m, inp, i=i: out["down_in"].__setitem__(i, inp[0][0].detach().numpy().copy())))
+    with torch.no_grad():
+        model(torch.tensor([token_ids]))
+    for h in hooks:
+        h.remove()
+    return out

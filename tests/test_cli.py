@@ -1,0 +1,102 @@
+"""Every command through click's CliRunner: what a user sees, and exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from ggml_probe.cli import cli
+
+
+@pytest.fixture()
+def runner(monkeypatch, tmp_path):
+    monkeypatch.setenv("GGML_PROBE_MODELS", str(tmp_path / "store"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    return CliRunner()
+
+
+def test_help_lists_every_command(runner):
+    res = runner.invoke(cli, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("fetch", "convert", "quantize", "inspect", "models", "eval"):
+        assert cmd in res.output
+
+
+def test_inspect_demo_json(runner, demo_path):
+    res = runner.invoke(cli, ["inspect", "demo", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["architecture"] == "llama" and info["n_layers"] == 30 and info["hidden_size"] == 576
+    assert info["ffn_size"] == 1536 and info["vocab_size"] == 49152 and info["file_type"] == "Q4_1"
+    assert info["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert info["tokenizer"] == "gpt2 (smollm)" and info["context_length"] == 8192
+
+
+def test_inspect_tensors_table(runner, demo_path):
+    res = runner.invoke(cli, ["inspect", "demo", "--tensors"])
+    assert res.exit_code == 0
+    assert "blk.29.ffn_down.weight" in res.output and "bits per weight" in res.output
+
+
+def test_quantize_then_models_lists_the_store(runner, demo_path, tmp_path):
+    res = runner.invoke(cli, ["quantize", "demo", "--to", "Q8_0", "--json"])
+    assert res.exit_code == 2 and "--allow-requantize" in res.output
+    res = runner.invoke(cli, ["quantize", "demo", "--allow-requantize", "--to", "Q8_0", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out[0]["quant"] == "Q8_0" and out[0]["requantized_from"] == "Q4_1"
+    assert out[0]["tensor_types"] == {"Q8_0": 211, "F32": 61}
+    res = runner.invoke(cli, ["quantize", "demo", "--allow-requantize", "--to", "Q8_0"])
+    assert res.exit_code == 2 and "already exists" in res.output and "--force" in res.output
+    res = runner.invoke(cli, ["models", "--json"])
+    names = {m["name"]: m["source"] for m in json.loads(res.output)}
+    assert names["demo"] == "demo" and names["SmolLM2-135M-Instruct-Q8_0.gguf"] == "store"
+    res = runner.invoke(cli, ["inspect", "SmolLM2-135M-Instruct-Q8_0"])  # a store name resolves too
+    assert res.exit_code == 0 and "Q8_0" in res.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["quantize", "demo", "--to", "Q4_Z"], "unknown quant type 'Q4_Z'"),
+        (["inspect", "no-such-model.gguf"], "no such model"),
+        (["eval", "demo", "--task", "boolk"], "boolq"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(runner, demo_path, args, message):
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 2
+    assert message in res.output
+    assert "Traceback" not in res.output
+    assert len([line for line in res.output.splitlines() if line.startswith("Error:")]) == 1
+
+
+def test_not_a_gguf_file(runner, tmp_path):
+    bad = tmp_path / "notes.gguf"
+    bad.write_text("hello, I am text")
+    res = runner.invoke(cli, ["inspect", str(bad)])
+    assert res.exit_code == 2 and "not a GGUF file" in res.output
+
+
+def test_eval_json_on_the_builtin_task(runner, demo_path, tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(cli, ["eval", "demo", "--task", "yesno-mini", "--limit", "6", "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    run = next(iter(data["runs"].values()))
+    assert run["metrics"]["n"] == 6 and (out / "predictions.parquet").exists()
+    res = runner.invoke(cli, ["eval", "demo", "--task", "yesno-mini", "--limit", "6", "-o", str(out), "--resume", "-q"])
+    assert res.exit_code == 0 and "accuracy" in res.output
+
+
+def test_eval_generic_task_from_a_csv(runner, demo_path, tmp_path):
+    data = tmp_path / "sent.csv"
+    data.write_text("text,label\nI love this,positive\nI hate this,negative\nWhat a lovely day,positive\n")
+    res = runner.invoke(cli, ["eval", "demo", "--data", str(data), "--template", "Review: {text}\nSentiment:",
+                              "--labels", "positive,negative", "--gold-column", "label", "--task", "sentiment",
+                              "-o", str(tmp_path / "run"), "--json"])
+    assert res.exit_code == 0, res.output
+    metrics = next(iter(json.loads(res.stdout)["runs"].values()))["metrics"]
+    assert metrics["n"] == 3

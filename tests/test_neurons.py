@@ -1,0 +1,410 @@
+"""Neuron statistics: streaming accumulators on arrays with known answers, and the llama.cpp capture
+and patching against independent computations (transformers, a zeroed-weight GGUF, imatrix's rule)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ggml_probe.analysis.neurons import (
+    CoMoment,
+    NeuronAccumulator,
+    NeuronStats,
+    TopActivations,
+    corr_histogram,
+    correlation_groups,
+    pairs_above,
+    top_token_contexts,
+)
+from ggml_probe.errors import ProbeError, UnsupportedArchitecture
+
+# ------------------------------------------------------------------ accumulators: known answers
+
+
+def test_stats_known_values():
+    x = np.array([[1.0, -2.0, 0.0], [3.0, 0.05, 0.0], [-1.0, 0.01, 0.0], [5.0, -0.09, 0.0]])
+    s = NeuronStats(3)
+    s.update(x)
+    assert s.count == 4
+    np.testing.assert_allclose(s.mean, [2.0, -0.5075, 0.0])
+    np.testing.assert_allclose(s.variance[0], ((1 - 2) ** 2 + 1 + 9 + 9) / 4)  # 5.0
+    np.testing.assert_array_equal(s.min, [-1.0, -2.0, 0.0])
+    np.testing.assert_array_equal(s.max, [5.0, 0.05, 0.0])
+    np.testing.assert_array_equal(s.maxabs, [5.0, 2.0, 0.0])
+    np.testing.assert_allclose(s.fraction_positive, [0.75, 0.5, 0.0])
+    np.testing.assert_allclose(s.sumsq, [36.0, 4 + 0.0025 + 0.0001 + 0.0081, 0.0])
+
+
+def test_dead_is_open_interval_on_max_abs():
+    x = np.zeros((5, 4))
+    x[:, 0] = [0.0999, -0.0999, 0, 0, 0]  # dead
+    x[:, 1] = [0.0, 0.1, 0, 0, 0]  # 0.1 itself is outside (−0.1, 0.1): alive
+    x[:, 2] = [0.0, 0.0, -0.1, 0, 0]  # alive
+    x[:, 3] = 0.0  # dead
+    s = NeuronStats(4)
+    s.update(x[:2])
+    s.update(x[2:])
+    np.testing.assert_array_equal(s.dead(0.1), [0, 3])
+    np.testing.assert_array_equal(s.dead(0.5), [0, 1, 2, 3])
+
+
+def test_streaming_equals_batch_with_large_offsets():
+    rng = np.random.default_rng(0)
+    # residual-like scales: means in the thousands, small spread, so naive sums would lose digits
+    x = rng.normal(size=(1000, 16)) * rng.uniform(0.01, 3, 16) + rng.uniform(-5000, 5000, 16)
+    x[:, 5] = 2.0 * x[:, 3] + 1.0  # exactly correlated pair
+    x[:, 7] = -x[:, 2]  # anti-correlated
+    s, c = NeuronStats(16), CoMoment(16)
+    for chunk in np.array_split(x, [1, 7, 300, 301, 650]):
+        s.update(chunk)
+        c.update(chunk)
+    np.testing.assert_allclose(s.mean, x.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(s.variance, x.var(0), rtol=1e-9)
+    np.testing.assert_array_equal(s.min, x.min(0))
+    np.testing.assert_array_equal(s.max, x.max(0))
+    np.testing.assert_allclose(s.sumsq, (x**2).sum(0), rtol=1e-12)
+    r = c.correlation()
+    np.testing.assert_allclose(r, np.corrcoef(x, rowvar=False), atol=1e-9)
+    assert r[3, 5] == pytest.approx(1.0, abs=1e-9) and r[2, 7] == pytest.approx(-1.0, abs=1e-9)
+
+    # merging two halves accumulated separately gives the same as one stream
+    a, b = NeuronStats(16), NeuronStats(16)
+    a.update(x[:400])
+    b.update(x[400:])
+    a.merge(b)
+    np.testing.assert_allclose(a.variance, s.variance, rtol=1e-10)
+    ca, cb = CoMoment(16), CoMoment(16)
+    ca.update(x[:400])
+    cb.update(x[400:])
+    ca.merge(cb)
+    np.testing.assert_allclose(ca.correlation(), r, atol=1e-10)
+
+
+def test_constant_neuron_gets_nan_correlation_and_is_left_out():
+    x = np.random.default_rng(1).normal(size=(50, 3))
+    x[:, 1] = 4.0
+    c = CoMoment(3)
+    c.update(x)
+    r = c.correlation()
+    assert np.isnan(r[1]).all() and np.isnan(r[:, 1]).all()
+    assert corr_histogram(r).sum() == 1  # only the pair (0, 2) remains
+
+
+def test_histogram_bins_threshold_and_groups_known():
+    r = np.eye(5)
+    pairs = {(0, 1): 0.95, (0, 2): -0.3, (0, 3): 0.05, (0, 4): 1.0, (1, 2): 0.1,
+             (1, 3): 0.2999, (1, 4): 0.9, (2, 3): -0.55, (2, 4): 0.0, (3, 4): 0.89999}
+    for (i, j), v in pairs.items():
+        r[i, j] = r[j, i] = v
+    hist = corr_histogram(r)
+    # bins: 0.95→9, 0.3→3, 0.05→0, 1.0→9, 0.1→1, 0.2999→2, 0.9→9, 0.55→5, 0.0→0, 0.89999→8
+    np.testing.assert_array_equal(hist, [2, 1, 1, 1, 0, 1, 0, 0, 1, 3])
+    assert pairs_above(r, 0.9) == 3
+
+    # two blocks of strongly (anti)correlated neurons and one loner
+    rng = np.random.default_rng(2)
+    u, v, w = rng.normal(size=(3, 400))
+    x = np.stack([u, 2 * u + 0.01 * rng.normal(size=400), -u, v, v + 0.01 * rng.normal(size=400), w], axis=1)
+    labels = correlation_groups(np.corrcoef(x, rowvar=False), threshold=0.3)
+    assert labels.max() == 3
+    assert len({labels[0], labels[1], labels[2]}) == 1 and labels[3] == labels[4] != labels[0]
+    assert labels[5] not in (labels[0], labels[3])
+
+
+def test_top_activations_streaming_equals_sort_with_ties():
+    rng = np.random.default_rng(3)
+    x = np.round(rng.normal(size=(120, 6)), 1)  # rounding makes many exact ties
+    row_prompt = np.repeat(np.arange(12), 10)
+    row_pos = np.tile(np.arange(10), 12)
+    top = TopActivations(6, k=5)
+    for rows in np.array_split(np.arange(120), [3, 40, 41, 90]):
+        top.update(x[rows], row_prompt[rows], row_pos[rows])
+    for j in range(6):
+        order = sorted(range(120), key=lambda i: (-x[i, j], row_prompt[i], row_pos[i]))[:5]
+        assert top.for_neuron(j) == [(x[i, j], int(row_prompt[i]), int(row_pos[i])) for i in order]
+    by_abs = TopActivations(6, k=2, by="abs")
+    by_abs.update(x, row_prompt, row_pos)
+    j = 0
+    best = sorted(range(120), key=lambda i: (-abs(x[i, j]), row_prompt[i], row_pos[i]))[:2]
+    assert [v for v, _, _ in by_abs.for_neuron(j)] == [x[i, j] for i in best]  # the signed values are kept
+
+
+def test_top_token_contexts_resolves_text():
+    top = TopActivations(2, k=1)
+    top.update(np.array([[0.0, 1.0], [5.0, 0.5], [1.0, 0.1]]), np.array([0, 0, 1]), np.array([0, 1, 0]))
+    prompts = [[10, 11], [12]]
+    rows = top_token_contexts(top, 0, prompts, lambda t: f"<{t}>", window=3)
+    assert rows == [{"value": 5.0, "prompt": 0, "position": 1, "token": "<11>", "context": "<10>"}]
+
+
+class _Layout:
+    def __init__(self, prompts, positions):
+        self.row_prompt, self.row_pos = np.asarray(prompts), np.asarray(positions)
+
+
+def test_accumulator_resume_from_npz_is_exact(tmp_path):
+    rng = np.random.default_rng(4)
+    batches = [(rng.normal(size=(n, 8)) * 3, _Layout([i] * n, range(n))) for i, n in enumerate([5, 9, 4, 7])]
+
+    def feed(acc, part):
+        for values, layout in part:
+            for layer in (0, 2):
+                acc.update(layer, "act", values + layer, layout)
+
+    full = NeuronAccumulator([0, 2], ["act"], 8, top_k=3)
+    feed(full, batches)
+    first = NeuronAccumulator([0, 2], ["act"], 8, top_k=3)
+    feed(first, batches[:2])
+    path = first.save(tmp_path / "state.npz")
+    resumed = NeuronAccumulator.load(path)
+    feed(resumed, batches[2:])
+    a, b = full.state(), resumed.state()
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert json.loads(str(b["meta"]))["n_prompts"] == 4
+    with pytest.raises(ProbeError, match="not a neuron-state file"):
+        NeuronAccumulator.load(tmp_path / "missing.npz")
+
+
+def test_redundancy_memory_budget_is_enforced():
+    with pytest.raises(ProbeError, match="GiB"):
+        NeuronAccumulator(list(range(30)), ["act", "down_in"], 8192, memory_budget_bytes=2 << 30)
+    NeuronAccumulator([0], ["act"], 64, memory_budget_bytes=1, allow_large=True)
+    NeuronAccumulator(list(range(30)), ["act"], 8192, redundancy=False)
+
+
+# ------------------------------------------------------------------ architecture names
+
+
+def test_ffn_names_per_architecture():
+    from ggml_probe.engine.capture import ffn_names
+
+    llama = ffn_names("llama", ["blk.0.ffn_gate.weight"])
+    assert (llama.act_source, llama.act_fn, llama.down_in, llama.up) == ("ffn_gate", "silu", "ffn_swiglu", "ffn_up")
+    biased = ffn_names("qwen2", ["blk.0.ffn_gate.bias", "blk.0.ffn_up.bias"])
+    assert (biased.act_source, biased.up) == ("ffn_gate_b", "ffn_up_b")
+    gemma = ffn_names("gemma2")
+    assert (gemma.act_fn, gemma.down_in) == ("gelu_tanh", "ffn_geglu")
+    phi2 = ffn_names("phi2")
+    assert (phi2.act_source, phi2.act_fn, phi2.down_in) == ("ffn_gelu", None, "ffn_gelu")
+    with pytest.raises(UnsupportedArchitecture, match="mixture-of-experts.*supported: .*llama"):
+        ffn_names("llama", ["blk.0.ffn_gate_exps.weight"])
+    with pytest.raises(UnsupportedArchitecture, match="bert.*supported: gemma, gemma2, gemma3, llama, phi2"):
+        ffn_names("bert")
+
+
+def test_resolve_layers():
+    from ggml_probe.engine.capture import resolve_layers
+
+    assert resolve_layers((0, 14, -1), 30) == [0, 14, 29]
+    assert resolve_layers("0,14,-1", 30) == [0, 14, 29]
+    assert resolve_layers("all", 3) == [0, 1, 2]
+    with pytest.raises(ProbeError, match="out of range"):
+        resolve_layers([30], 30)
+
+
+def test_activation_functions():
+    from ggml_probe.engine.capture import gelu_tanh, silu
+
+    x = np.array([-800.0, -2.0, 0.0, 1.5, 800.0])
+    np.testing.assert_allclose(silu(x), x / (1 + np.exp(-np.clip(x, -700, 700))), rtol=1e-15, atol=1e-290)
+    assert np.isfinite(silu(x)).all()
+    assert gelu_tanh(np.array([1.0]))[0] == pytest.approx(0.8411919906082768, rel=1e-12)
+
+
+# ------------------------------------------------------------------ llama.cpp: tiny f32 model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    import neurons_tiny
+
+    from ggml_probe.models.convert import convert_hf_to_gguf
+
+    root = tmp_path_factory.mktemp("neurons-tiny")
+    neurons_tiny.build_hf(root / "hf")
+    gguf_path = convert_hf_to_gguf(root / "hf", root / "tiny-f32.gguf", outtype="f32")
+    return {"root": root, "hf": root / "hf", "gguf": gguf_path}
+
+
+TINY_TEXTS = ["the quick brown fox jumps over 12345 lazy dogs", "hello world it's a model",
+              "quantization of the attention head neuron probe"]
+
+
+def _capture_all(gguf_path, texts, layers="all", n_seq_max=1):
+    from ggml_probe.engine.capture import FFNCapture, run_checked
+    from ggml_probe.engine.model import Engine
+
+    got: dict = {}
+
+    def keep(layer, definition, values, layout):
+        for p, start, n in zip(layout.prompt_indices, np.cumsum([0] + layout.lengths[:-1]), layout.lengths):
+            got[(definition, layer, p)] = values[start:start + n].copy()
+            assert (layout.row_prompt[start:start + n] == p).all()
+            np.testing.assert_array_equal(layout.row_pos[start:start + n], np.arange(n))
+
+    capture = FFNCapture(gguf_path, keep, layers=layers)
+    with Engine(gguf_path, n_ctx=256, n_threads=1, n_seq_max=n_seq_max, kv_type=0, hidden_states=False,
+                eval_callback=capture.eval_callback) as engine:
+        tokens = [engine.tokenize(t) for t in texts]
+        results = run_checked(engine, capture, tokens)
+    return capture, tokens, got, results
+
+
+@pytest.mark.slow
+def test_tiny_capture_matches_transformers(tiny):
+    import neurons_tiny
+
+    # three prompts in one llama_decode: rows must be assigned to the right prompt
+    capture, tokens, got, _ = _capture_all(tiny["gguf"], TINY_TEXTS, n_seq_max=3)
+    assert capture.tensor_names == [f"ffn_gate-{i}" for i in range(3)] + [f"ffn_swiglu-{i}" for i in range(3)]
+    worst = 0.0
+    for p, toks in enumerate(tokens):
+        ref = neurons_tiny.transformers_ffn(tiny["hf"], [int(t) for t in toks])
+        for definition in ("act", "down_in"):
+            for layer in range(neurons_tiny.N_LAYER):
+                ours, theirs = got[(definition, layer, p)], ref[definition][layer]
+                assert ours.shape == theirs.shape == (len(toks), neurons_tiny.N_FF)
+                assert np.abs(theirs).max() > 1.0  # values large enough for the comparison to mean something
+                worst = max(worst, float(np.abs(ours - theirs).max() / np.abs(theirs).max()))
+                np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max(), rtol=0)
+    print(f"tiny f32: max |llama.cpp − transformers| / max|a| = {worst:.2e}")
+    # the two definitions are different things (act excludes the up projection)
+    assert np.abs(got[("act", 1, 0)] - got[("down_in", 1, 0)]).max() > 0.1
+
+
+@pytest.mark.slow
+def test_last_layer_without_all_outputs_is_refused(tiny):
+    from ggml_probe.engine.capture import FFNCapture, run_checked
+    from ggml_probe.engine.model import Engine
+
+    capture = FFNCapture(tiny["gguf"], lambda *a: None, layers=[-1])
+    # hidden_states=False: with embeddings on, llama.cpp outputs every token anyway
+    with Engine(tiny["gguf"], n_ctx=128, n_threads=1, hidden_states=False,
+                eval_callback=capture.eval_callback) as engine:
+        with pytest.raises(ProbeError, match="all_outputs=True"):
+            run_checked(engine, capture, [engine.tokenize(TINY_TEXTS[0])], all_outputs=False)
+
+
+@pytest.mark.slow
+def test_ablation_equals_zeroed_down_column(tiny, tmp_path):
+    import neurons_tiny
+
+    from ggml_probe.engine.capture import NeuronPatch, ablation_effect, run_checked
+    from ggml_probe.engine.model import Engine
+    from ggml_probe.models.convert import convert_hf_to_gguf
+
+    layer, neurons = 1, [3, 40, 77]
+    zeroed_hf = neurons_tiny.zero_down_columns(tiny["hf"], tmp_path / "hf-zeroed", layer, neurons)
+    zeroed = convert_hf_to_gguf(zeroed_hf, tmp_path / "zeroed.gguf", outtype="f32")
+
+    def logits(path, probe=None):
+        kwargs = {"eval_callback": probe.eval_callback} if probe else {}
+        with Engine(path, n_ctx=128, n_threads=1, kv_type=0, hidden_states=False, **kwargs) as engine:
+            tokens = [engine.tokenize(t) for t in TINY_TEXTS]
+            res = run_checked(engine, probe, tokens) if probe else engine.run(tokens)
+        return np.stack([r.logits for r in res])
+
+    clean = logits(tiny["gguf"])
+    patch = NeuronPatch(tiny["gguf"], layer, neurons)
+    patched = logits(tiny["gguf"], patch)
+    reference = logits(zeroed)
+    assert patch.patched == len(TINY_TEXTS)
+    moved = float(np.abs(patched - clean).max())
+    diff = float(np.abs(patched - reference).max())
+    print(f"ablation: logits moved by {moved:.3g}; patched vs zeroed-column GGUF differ by {diff:.2e}")
+    assert moved > 1e-2
+    assert diff < 1e-4
+
+    effect = ablation_effect(tiny["gguf"], TINY_TEXTS, layer, neurons, n_threads=1, n_ctx=128, kv_type=0)
+    assert effect.patched_tensors == len(TINY_TEXTS)
+    np.testing.assert_array_equal(effect.target_tokens, clean.argmax(axis=1))
+    ref_lp = [r[t] - np.log(np.exp(r.astype(np.float64) - r.max()).sum()) - r.max()
+              for r, t in zip(reference, effect.target_tokens)]
+    np.testing.assert_allclose(effect.logprob_patched, ref_lp, atol=1e-4)
+    assert np.abs(effect.delta).max() > 1e-3
+
+
+# ------------------------------------------------------------------ llama.cpp: the demo model
+
+
+def _boolq_prompts(path: Path, n: int) -> list[str]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
+    return [f"Respond with True or False only.\n{r['question']}\nAnswer:" for r in rows]
+
+
+@pytest.mark.slow
+def test_demo_capture_statistics_imatrix_and_unchanged_logits(demo_path, boolq_path):
+    """One pass on the demo model checks: stored arrays → batch statistics equal the streaming
+    accumulators; down_in's sum of squares equals what imatrix's rule (x² of ffn_down's input, read
+    from the MUL_MAT node whose weight is blk.N.ffn_down.weight) accumulates; logits with the
+    callback equal logits without it."""
+    from ggml_probe.analysis.neurons import NeuronAccumulator
+    from ggml_probe.engine.capture import FFNCapture, _TensorReader, run_checked
+    from ggml_probe.engine.ggml_lib import libggml, tensor_head
+    from ggml_probe.engine.model import Engine
+
+    layers = [0, 14, 29]
+    acc = NeuronAccumulator(layers, ["act", "down_in"], 1536, top_k=4)
+    stored: dict = {}
+
+    def consume(layer, definition, values, layout):
+        acc.update(layer, definition, values, layout)
+        stored.setdefault((definition, layer), []).append(values.copy())
+
+    capture = FFNCapture(demo_path, consume, layers=layers)
+    lib = libggml()
+    reader = _TensorReader()
+    down_weights = {f"blk.{i}.ffn_down.weight": i for i in layers}
+    imatrix = {i: np.zeros(1536, dtype=np.float32) for i in layers}
+    imatrix_counts = dict.fromkeys(layers, 0)
+
+    def callback(t, ask):
+        # imatrix's own rule, next to the capture: the MUL_MAT whose src0 is ffn_down's weight, its src1 squared
+        head = tensor_head(t)
+        is_down = (lib.ggml_op_desc(t) == b"MUL_MAT" and head.src[0]
+                   and reader.name(head.src[0]) in down_weights)
+        if ask:
+            return bool(capture.eval_callback(t, True) or is_down)
+        if is_down:
+            layer = down_weights[reader.name(head.src[0])]
+            x = reader.read(head.src[1], "imatrix")
+            for row in x:  # float32 accumulation, row by row, as imatrix.cpp does
+                imatrix[layer] += row * row
+            imatrix_counts[layer] += x.shape[0]
+            return True
+        return capture.eval_callback(t, False)
+
+    with Engine(demo_path, n_ctx=512, n_threads=1, hidden_states=False) as engine:
+        tokens = [engine.tokenize(p) for p in _boolq_prompts(boolq_path, 4)]
+        plain = [r.logits for r in engine.run(tokens, all_outputs=True)]
+    with Engine(demo_path, n_ctx=512, n_threads=1, hidden_states=False, eval_callback=callback) as engine:
+        probed = [r.logits for r in run_checked(engine, capture, tokens)]
+    for a, b in zip(plain, probed):
+        np.testing.assert_array_equal(a, b)
+
+    n_tokens = sum(len(t) for t in tokens)
+    for (definition, layer), parts in stored.items():
+        x = np.concatenate(parts)
+        assert x.shape == (n_tokens, 1536)
+        s = acc.stats[(definition, layer)]
+        np.testing.assert_allclose(s.mean, x.mean(0), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(s.variance, x.var(0), rtol=1e-9, atol=1e-15)
+        np.testing.assert_array_equal(s.maxabs, np.abs(x).max(0))
+        np.testing.assert_array_equal(s.dead(0.1), np.flatnonzero(np.abs(x).max(0) < 0.1))
+        np.testing.assert_allclose(s.sumsq, (x**2).sum(0), rtol=1e-12)
+        np.testing.assert_allclose(acc.correlation(definition, layer), np.corrcoef(x, rowvar=False), atol=1e-8)
+        if definition == "down_in":
+            assert imatrix_counts[layer] == n_tokens
+            rel = np.abs(s.sumsq - imatrix[layer]) / np.maximum(s.sumsq, 1e-30)
+            print(f"layer {layer}: down_in Σx² vs imatrix rule, max rel diff {rel.max():.2e}")
+            np.testing.assert_allclose(s.sumsq, imatrix[layer], rtol=1e-5)
+    # act is SiLU of the gate: bounded below by SiLU's minimum
+    assert min(acc.stats[("act", i)].min.min() for i in layers) >= -0.2785

@@ -172,6 +172,8 @@ def evaluate(
                     p.unlink()
         elif old.get("status") == "complete":
             metrics = read_json(run_dir / "metrics.json")
+            if progress:
+                progress(len(data.examples), len(data.examples))
             return RunSummary(run_dir, str(path), model_id["file_type"], len(data.examples), metrics, 0.0,
                               resumed_examples=len(data.examples), manifest=old)
 

@@ -28,6 +28,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+METHODS = {
+    "stream-ggml": "ggml_probe.weights.GGUFTensors: rows in blocks from an mmap, ggml's own to_float, pages released",
+    "stream-numpy": "the same streaming reader with gguf-py's NumPy dequantizer per block",
+    "gguf-py": "gguf.GGUFReader + gguf.quants.dequantize, one whole tensor at a time (the plain way)",
+    "compare": "ggml_probe.weights.compare_weights(model, ref): the whole `weights` analysis, both files",
+}
 
 
 def _maxrss_mib() -> float:
@@ -154,7 +160,7 @@ def main() -> None:
         lines.append(f"| {r['file']} | {r['method']} | {r['size_mb']:.0f} | {r['seconds_median']:.2f} | "
                      f"{r['seconds_per_gb']:.2f} | {r['peak_rss_mib']:.0f} | {r['peak_over_baseline_mib']:.0f} | "
                      f"{r['peak_over_baseline_mib_per_gb']:.0f} |")
-    lines += ["", "Methods: " + " ".join(__doc__.split("Methods:")[1].split("The file is read")[0].split()), ""]
+    lines += ["", "Methods:", "", *[f"- `{m}`: {text}" for m, text in METHODS.items()], ""]
     args.out.with_suffix(".md").write_text("\n".join(lines))
     print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
 

@@ -68,3 +68,35 @@ def transformers_ffn(folder: Path, token_ids: list[int]) -> dict[str, dict[int, 
     for h in hooks:
         h.remove()
     return out
+
+
+def torch_last_layer_ig(folder: Path, token_ids: list[int], target: int, n_points: int = 80) -> np.ndarray:
+    """Integrated gradients of log p(target) w.r.t. the last layer's act_fn output at the last position,
+    by autograd in float64 (token-0 baseline, Gauss–Legendre in α): an independent reference."""
+    import torch
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    act_fn = model.model.layers[-1].mlp.act_fn
+    seen = {}
+    handle = act_fn.register_forward_hook(lambda _m, _i, out: seen.__setitem__("act", out[:, -1].detach().clone()))
+    with torch.no_grad():
+        model(torch.tensor([token_ids]))
+        a = seen["act"][0]
+        model(torch.zeros((1, len(token_ids)), dtype=torch.long))
+        b = seen["act"][0]
+    handle.remove()
+
+    x, w = np.polynomial.legendre.leggauss(n_points)
+    alphas = torch.tensor((x + 1) / 2, dtype=torch.float64)
+    points = (b[None, :] + alphas[:, None] * (a - b)[None, :]).requires_grad_(True)
+
+    def replace_last(_m, _i, out):
+        return torch.cat([out[:, :-1], points[:, None, :]], dim=1)
+
+    handle = act_fn.register_forward_hook(replace_last)
+    logits = model(torch.tensor([token_ids] * n_points)).logits[:, -1]
+    handle.remove()
+    torch.log_softmax(logits, dim=-1)[:, target].sum().backward()
+    mean_grad = (torch.tensor(w / 2, dtype=torch.float64)[:, None] * points.grad).sum(0)
+    return ((a - b) * mean_grad).numpy()

@@ -88,7 +88,7 @@ def test_eval_json_on_the_builtin_task(runner, demo_path, tmp_path):
     run = next(iter(data["runs"].values()))
     assert run["metrics"]["n"] == 6 and (out / "predictions.parquet").exists()
     res = runner.invoke(cli, ["eval", "demo", "--task", "yesno-mini", "--limit", "6", "-o", str(out), "--resume", "-q"])
-    assert res.exit_code == 0 and "accuracy" in res.output
+    assert res.exit_code == 0 and "acc %" in res.output
 
 
 def test_eval_generic_task_from_a_csv(runner, demo_path, tmp_path):

@@ -25,7 +25,7 @@ from ggml_probe.weights.dequant import (  # noqa: E402
     QUANTIZABLE, GGUFTensors, backends_for, can_dequantize, dequantize_bytes, quantize_rows, type_facts,
 )
 from ggml_probe.weights.dump import dump_tensors  # noqa: E402
-from ggml_probe.weights.error import compare_weights, parse_layers, select_tensors  # noqa: E402
+from ggml_probe.weights.error import compare_weights, format_report, parse_layers, select_tensors  # noqa: E402
 
 # Every type llama.cpp can quantize to that gguf-py can also dequantize: the bit-exact set.
 BOTH = sorted(
@@ -235,6 +235,10 @@ def test_per_tensor_and_per_neuron_figures_match_numpy(small_pair, block_element
         assert s.rel_rmse == pytest.approx(math.sqrt(dd / rr), rel=1e-9)
         assert s.n_tensors == 4
 
+    text = format_report(report, top_k=3)
+    top = report.top_neurons[0]
+    assert f"  {top.layer}:{top.index}  {top.rel_rmse:.4f}" in text and "most hurt layers: " in text
+
     doc = json.loads(report.to_json())
     assert doc["tensors"][0]["units"]["rel_rmse"][3] == pytest.approx(report.tensors[0].units["rel_rmse"][3])
     assert len(doc["top_neurons"]) == 10 and doc["architecture"] == "llama"
@@ -254,6 +258,7 @@ def test_selection_by_layers_and_patterns(small_pair):
         assert select_tensors(g, "0", "attn_*,ffn_up") == ["blk.0.ffn_up.weight", "blk.0.attn_q.weight"]
         assert select_tensors(g, "all", "ffn_norm") == ["blk.0.ffn_norm.weight", "blk.1.ffn_norm.weight"]
         assert len(select_tensors(g)) == 8  # matrices only by default
+        assert len(select_tensors(g, None, "ffn_*")) == 6  # wildcards too: no ffn_norm
     assert parse_layers("0,2-4,-1") == [0, 2, 3, 4, -1]
 
 
@@ -375,7 +380,8 @@ def test_dump_round_trips_npy_and_safetensors(small_pair):
         meta = f.metadata()
     assert meta[f"{name}.ggml_type"] == "Q4_0" and json.loads(meta[f"{name}.ggml_shape"]) == [N_FF, N_EMBD]
     # Decoding the exported raw blocks gives the dequantized export.
-    assert np.array_equal(dequantize_bytes(st.load_file(str(raw_st.path))[name], QT.Q4_0, back.size).reshape(back.shape), back)
+    blocks_back = st.load_file(str(raw_st.path))[name]
+    assert np.array_equal(dequantize_bytes(blocks_back, QT.Q4_0, back.size).reshape(back.shape), back)
 
     with pytest.raises(OutputExists):
         dump_tensors(src, name, d / "down.npy")

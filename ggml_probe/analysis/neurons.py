@@ -110,13 +110,20 @@ class NeuronStats:
 
 
 class CoMoment:
-    """Streaming co-moment matrix C = Σ (x − mean)(x − mean)ᵀ over tokens, float64, n_ff × n_ff."""
+    """Streaming co-moment matrix C = Σ (x − mean)(x − mean)ᵀ over tokens, float64, n_ff × n_ff.
 
-    def __init__(self, n_ff: int) -> None:
+    Rows are buffered up to `block_rows` and folded in one matrix product per block (the n_ff² work
+    per fold would otherwise dominate for short prompts); reading results folds the buffer first.
+    """
+
+    def __init__(self, n_ff: int, block_rows: int = 512) -> None:
         self.n_ff = int(n_ff)
+        self.block_rows = int(block_rows)
         self.count = 0
         self.mean = np.zeros(n_ff)
         self.c = np.zeros((n_ff, n_ff))
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
 
     @staticmethod
     def bytes_needed(n_ff: int) -> int:
@@ -125,16 +132,28 @@ class CoMoment:
 
     def update(self, x: np.ndarray) -> None:
         x = _as_batch(x, self.n_ff)
-        n = x.shape[0]
-        if n == 0:
+        if x.shape[0] == 0:
             return
+        self._pending.append(np.array(x, dtype=np.float64))  # a copy: callers reuse their buffers
+        self._pending_rows += x.shape[0]
+        if self._pending_rows >= self.block_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold the buffered rows into the co-moment."""
+        if not self._pending:
+            return
+        x = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._pending_rows = [], 0
         batch_mean = x.mean(axis=0)
         centred = x - batch_mean
-        self._merge(n, batch_mean, centred.T @ centred)
+        self._merge(x.shape[0], batch_mean, centred.T @ centred)
 
     def merge(self, other: "CoMoment") -> None:
         if other.n_ff != self.n_ff:
             raise ProbeError(f"cannot merge co-moments of {other.n_ff} neurons into {self.n_ff}")
+        self.flush()
+        other.flush()
         if other.count:
             self._merge(other.count, other.mean, other.c)
 
@@ -150,6 +169,7 @@ class CoMoment:
 
     def correlation(self) -> np.ndarray:
         """Pearson correlation; rows/columns of constant neurons are NaN."""
+        self.flush()
         d = np.sqrt(np.diag(self.c))
         with np.errstate(invalid="ignore", divide="ignore"):
             r = self.c / np.outer(d, d)
@@ -160,6 +180,7 @@ class CoMoment:
         return r
 
     def arrays(self) -> dict[str, np.ndarray]:
+        self.flush()
         return {"count": np.asarray(self.count), "mean": self.mean, "c": self.c}
 
     @classmethod

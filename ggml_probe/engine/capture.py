@@ -595,3 +595,164 @@ def ablation_effect(
     lp_clean = np.array([_answer_logprob(r.logits, tok) for r, tok in zip(clean, target_tokens)])
     lp_patched = np.array([_answer_logprob(r.logits, tok) for r, tok in zip(patched, target_tokens)])
     return AblationResult(target_tokens, lp_clean, lp_patched, patch.patched)
+
+
+# ------------------------------------------------------------------ last-layer integrated gradients
+
+# Architectures whose last layer is `l_out = ffn_inp + W_down(act ⊙ up)` followed by one RMSNorm and the
+# output matrix, with no logit scaling or soft-capping: the closed form of analysis/salient.py holds.
+EXACT_IG_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+class _LastPositionTap:
+    """Eval-callback probe keeping the last position's row of chosen graph tensors, per prompt."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = set(names)
+        self.rows: dict[tuple[str, int], np.ndarray] = {}
+        self.layout: BatchLayout | None = None
+        self.error: BaseException | None = None
+        self._reader: _TensorReader | None = None
+
+    def on_batch(self, indices, token_arrays) -> None:
+        self.layout = BatchLayout.build(indices, token_arrays)
+
+    def eval_callback(self, t: int, ask: bool) -> bool:
+        if self._reader is None:
+            self._reader = _TensorReader()
+        name = self._reader.name(t)
+        if ask:
+            return name in self.names
+        try:
+            data = self._reader.read(t, name)
+            layout = self.layout
+            if layout is None:
+                raise ProbeError("_LastPositionTap.on_batch was not called")
+            if data.shape[0] == layout.n_rows:
+                data = data[layout.last_rows]
+            elif data.shape[0] != len(layout.lengths):  # the last layer holds one output row per prompt
+                raise ProbeError(f"{name}: {data.shape[0]} rows for {len(layout.lengths)} prompts")
+            for p, row in zip(layout.prompt_indices, data):
+                self.rows[(name, p)] = row.astype(np.float64)
+            return True
+        except BaseException as exc:
+            self.error = exc
+            return False
+
+    def check(self) -> None:
+        if self.error is not None:
+            exc, self.error = self.error, None
+            raise exc
+
+
+def read_last_layer_head(model_path: str | os.PathLike, layer: int):
+    """The GGUF's own (dequantized) ffn_down of `layer`, final norm and output matrix, as LastLayerHead."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from ..analysis.salient import LastLayerHead
+
+    info = model_ffn(model_path)
+    reader = gguf.GGUFReader(str(model_path))
+    tensors = {t.name: t for t in reader.tensors}
+
+    def weight(name: str) -> np.ndarray:
+        t = tensors[name]
+        return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64)
+
+    out_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"  # tied embeddings
+    eps_field = reader.fields.get(f"{info.arch}.attention.layer_norm_rms_epsilon")
+    if eps_field is None:
+        raise ProbeError(f"{model_path}: no RMSNorm epsilon in the metadata")
+    return LastLayerHead(weight(f"blk.{layer}.ffn_down.weight"), weight("output_norm.weight"),
+                         float(eps_field.contents()), weight(out_name))
+
+
+@dataclass
+class LastLayerAttribution:
+    layer: int
+    target_tokens: np.ndarray  # (n_prompts,)
+    attributions: np.ndarray  # (n_prompts, n_ff)
+    completeness_error: np.ndarray  # Σ attr − (f(a) − f(b)) in the closed form
+    real_change: np.ndarray | None  # llama.cpp: log p(target) − log p(target | last-layer act := baseline's)
+    closed_form_logprob: np.ndarray  # f(a) from the GGUF weights
+    llama_logprob: np.ndarray  # log p(target) from llama.cpp's logits
+    n_points: int
+
+    def salient(self, threshold: float = 0.7):
+        from ..analysis.salient import summarise_salient
+
+        return summarise_salient(self.attributions, threshold)
+
+
+def last_layer_attribution(
+    model_path: str | os.PathLike,
+    prompts: Sequence[str | np.ndarray],
+    *,
+    targets: Sequence[int] | None = None,
+    n_points: int = 50,
+    check_real_change: bool = True,
+    n_ctx: int = 2048,
+    n_threads: int | None = None,
+    gpu_layers: str | int = "auto",
+    kv_type: int | None = None,
+) -> LastLayerAttribution:
+    """The paper's integrated gradients for the last layer's act neurons, exact, from llama.cpp passes.
+
+    Baseline: every token replaced by id 0 (the paper's). Target per prompt: `targets`, or the model's
+    own answer (argmax at the last position). With check_real_change, a third pass per prompt swaps the
+    last position's act for the baseline's inside llama.cpp (down_in := b ⊙ up) and records the real
+    change of the target log-probability, the completeness check against llama.cpp itself.
+    """
+    from ..analysis.salient import integrated_gradients
+    from .model import Engine
+
+    info = model_ffn(model_path)
+    if info.arch not in EXACT_IG_ARCHITECTURES or info.names.act_fn != "silu":
+        raise UnsupportedArchitecture(
+            f"{info.arch}: the exact last-layer attribution supports {', '.join(EXACT_IG_ARCHITECTURES)}"
+        )
+    layer = info.n_layer - 1
+    names = info.names
+    gate, up, resid = f"{names.act_source}-{layer}", f"{names.up}-{layer}", f"ffn_inp-{layer}"
+    tap_input, tap_base = _LastPositionTap([gate, up, resid]), _LastPositionTap([gate])
+    current: list = [tap_input]
+
+    def dispatch(t: int, ask: bool) -> bool:  # one context, several probes in turn
+        return current[0].eval_callback(t, ask)
+
+    head = read_last_layer_head(model_path, layer)
+    with Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, hidden_states=False,
+                eval_callback=dispatch, kv_type=kv_type) as engine:
+        tokens = [engine.tokenize(p) if isinstance(p, str) else np.asarray(p, dtype=np.int32) for p in prompts]
+        clean = run_checked(engine, tap_input, tokens)
+        current[0] = tap_base
+        run_checked(engine, tap_base, [np.zeros_like(t) for t in tokens])
+        if targets is None:
+            target_tokens = np.array([int(np.argmax(r.logits)) for r in clean], dtype=np.int64)
+        else:
+            target_tokens = np.asarray(list(targets), dtype=np.int64)
+        llama_lp = np.array([_answer_logprob(r.logits, t) for r, t in zip(clean, target_tokens)])
+
+        attributions, completeness, closed = [], [], []
+        for p in range(len(tokens)):
+            a = silu(tap_input.rows[(gate, p)])
+            b = silu(tap_base.rows[(gate, p)])
+            res = integrated_gradients(head, a, b, tap_input.rows[(up, p)], tap_input.rows[(resid, p)],
+                                       int(target_tokens[p]), n_points)
+            attributions.append(res.attributions)
+            completeness.append(res.completeness_error)
+            closed.append(res.logprob_input)
+
+        real = None
+        if check_real_change:
+            patch = NeuronPatch(model_path, layer, range(info.n_ff), 1.0, definition="act", positions="last")
+            current[0] = patch
+            swapped = []
+            for p, toks in enumerate(tokens):
+                patch.values = silu(tap_base.rows[(gate, p)])
+                (r,) = run_checked(engine, patch, [toks])
+                swapped.append(_answer_logprob(r.logits, int(target_tokens[p])))
+            real = llama_lp - np.array(swapped)
+    return LastLayerAttribution(layer, target_tokens, np.array(attributions), np.array(completeness), real,
+                                np.array(closed), llama_lp, n_points)

@@ -126,7 +126,8 @@ def write_imatrix(path: str | Path, imatrix: Imatrix) -> Path:
 
     path = Path(path)
     with atomic_output(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch="imatrix", add_architecture=False)
+        writer = gguf.GGUFWriter(str(tmp), arch="imatrix")
+        writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix files carry none
         writer.add_type(gguf.GGUFType.IMATRIX)
         writer.add_array(gguf.Keys.IMatrix.DATASETS, imatrix.datasets or ["ggml-probe"])
         writer.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, int(imatrix.chunk_count))

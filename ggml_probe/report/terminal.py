@@ -90,39 +90,44 @@ def _fmt_ci(m: dict | None, pct: bool = False) -> str:
     fmt = "{:.1f}" if pct else "{:.3f}"
     text = fmt.format(m["value"] * scale)
     if m.get("ci_low") is not None:
-        text += f" [{fmt.format(m['ci_low'] * scale)}, {fmt.format(m['ci_high'] * scale)}]"
+        # The wider side of the (possibly asymmetric) interval keeps the table one line per level.
+        half = max(m["value"] - m["ci_low"], m["ci_high"] - m["value"]) * scale
+        text += " ±" + fmt.format(half)
     return text
 
 
 def print_eval_summary(console: "Console", summaries: dict, comparison: dict | None) -> None:
-    """Side-by-side metrics per level (label-set scoring, with the paper's beside it)."""
+    """Metrics per level (label-set scoring, the paper's beside it), then each level against the reference."""
     first = next(iter(summaries.values()))
     task = first.manifest.get("task", {}) if first.manifest else {}
-    table = Table(title=f"{task.get('task', 'task')} · n={first.n_examples} · source: {task.get('source', '?')}")
-    cols = ["level", "accuracy %", "confidence", "ACE (paper)", "ECE", "Brier", "NLL", "paper acc %", "paper conf"]
-    ref = comparison["reference"] if comparison else None
-    if comparison:
-        cols += ["agree %", "flips", "KL label", "KL full", "top-1 %", "cos hidden"]
-    for c in cols:
-        table.add_column(c, justify="left" if c == "level" else "right")
+    table = Table(title=f"{task.get('task', 'task')} · n={first.n_examples} · data: {task.get('source', '?')}")
+    for c in ("level", "accuracy %", "confidence", "ACE (paper)", "ECE", "Brier", "NLL", "paper acc %", "paper conf"):
+        table.add_column(c, justify="left" if c == "level" else "right", no_wrap=True)
     for level, s in summaries.items():
         ls, pp = s.metrics["label_set"], s.metrics["paper"]
-        row = [str(level or s.quant), _fmt_ci(ls["accuracy"], pct=True), _fmt_ci(ls["mean_confidence"]),
-               _fmt_ci(ls["ace_paper"]), _fmt_ci(ls["ece"]), _fmt_ci(ls["brier"]), _fmt_ci(ls["nll"]),
-               f"{pp['accuracy']['value'] * 100:.1f}", f"{pp['mean_confidence']['value']:.3f}"]
-        if comparison:
-            c = comparison["levels"].get(level)
-            if level == ref or c is None:
-                row += ["ref", "", "", "", "", ""]
-            else:
-                row += [f"{c['agreement'] * 100:.1f}", str(c["flips"]["changed"]), f"{c['kl_label_mean']:.4f}",
-                        f"{c.get('kl_full_mean', float('nan')):.4f}", f"{c.get('top1_agreement', float('nan')) * 100:.1f}",
-                        f"{c.get('hidden_cosine_mean', float('nan')):.4f}"]
-        table.add_row(*row)
+        table.add_row(str(level or s.quant), _fmt_ci(ls["accuracy"], pct=True), _fmt_ci(ls["mean_confidence"]),
+                      _fmt_ci(ls["ace_paper"]), _fmt_ci(ls["ece"]), _fmt_ci(ls["brier"]), _fmt_ci(ls["nll"]),
+                      f"{pp['accuracy']['value'] * 100:.1f}", f"{pp['mean_confidence']['value']:.3f}")
     console.print(table)
-    console.print("[dim]label-set scoring (softmax over the label words); [95% bootstrap CI]. "
-                  "ACE (paper): 10 equal-count bins, top-label, unweighted. ECE: 15 equal-width bins, weighted. "
-                  "paper: full-vocabulary argmax with substring match.[/]")
+    console.print("[dim]label-set scoring (softmax over the label words); ± the wider side of the 95% bootstrap "
+                  "interval (exact bounds in metrics.json). ACE (paper): 10 equal-count bins, top-label, unweighted. "
+                  "ECE: 15 equal-width bins, weighted. paper: full-vocabulary argmax, substring match.[/]")
+    if comparison:
+        ref = comparison["reference"]
+        cmp_table = Table(title=f"against the reference level {ref}")
+        for c in ("level", "Δ accuracy (pts)", "agreement %", "flips (→wrong/→right)", "KL label", "KL full",
+                  "top-1 agree %", "hidden cos", "hidden CKA"):
+            cmp_table.add_column(c, justify="left" if c == "level" else "right", no_wrap=True)
+        for level, c in comparison["levels"].items():
+            f = c["flips"]
+            cmp_table.add_row(
+                str(level), _fmt_ci(c["accuracy_delta"], pct=True), f"{c['agreement'] * 100:.1f}",
+                f"{f['changed']} ({f['correct_to_wrong']}/{f['wrong_to_correct']})", f"{c['kl_label_mean']:.4f}",
+                f"{c.get('kl_full_mean', float('nan')):.4f}", f"{c.get('top1_agreement', float('nan')) * 100:.1f}",
+                f"{c.get('hidden_cosine_mean', float('nan')):.4f}", f"{c.get('hidden_cka') or float('nan'):.4f}")
+        console.print(cmp_table)
+        console.print("[dim]KL(P_ref‖P_level) per example, mean; KL full = the whole next-token distribution at the "
+                      "answer position; top-1 = same full-vocabulary argmax as the reference.[/]")
     for level, s in summaries.items():
         notes = []
         if s.truncated_examples:

@@ -5,9 +5,9 @@ Submodules import NumPy only; llama.cpp's libggml is loaded on the first dequant
 
 from .dequant import GGUFTensors, can_dequantize, dequantize_bytes, quantize_rows
 from .dump import DumpResult, dump_tensors
-from .error import WeightReport, compare_weights, parse_layers, parse_patterns, select_tensors
+from .error import WeightReport, compare_weights, format_report, parse_layers, parse_patterns, select_tensors
 
 __all__ = [
     "GGUFTensors", "can_dequantize", "dequantize_bytes", "quantize_rows", "DumpResult", "dump_tensors",
-    "WeightReport", "compare_weights", "parse_layers", "parse_patterns", "select_tensors",
+    "WeightReport", "compare_weights", "format_report", "parse_layers", "parse_patterns", "select_tensors",
 ]

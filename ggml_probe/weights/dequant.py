@@ -170,7 +170,8 @@ def dequantize_bytes(raw: np.ndarray, ggml_type: int, n_elements: int, *, backen
         raise ValueError("out must be a contiguous float32 array of n_elements")
     flat = out.reshape(-1)
 
-    if backend in ("auto", "plain") and ggml_type in _PLAIN_DTYPES and ggml_type != 1:
+    # F32 needs no conversion whatever the backend (ggml computes with it as stored).
+    if ggml_type == _F32 or (backend in ("auto", "plain") and ggml_type in _PLAIN_DTYPES and ggml_type != 1):
         flat[:] = raw.view(_PLAIN_DTYPES[ggml_type])
         return out
     if backend in ("auto", "ggml"):

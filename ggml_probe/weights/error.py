@@ -246,6 +246,7 @@ def select_tensors(tensors: GGUFTensors, layers: str | Sequence[int] | None = No
 
     layers: None/'all' = every block plus the tensors outside blocks; otherwise only those blocks.
     patterns: glob patterns over short names (ffn_down, attn_*); None = every matrix (≥ 2-D).
+    Wildcards select matrices only; a 1-D tensor (ffn_norm) is taken when named exactly.
     A pattern without wildcards that names nothing is refused with close matches.
     """
     wanted_layers = parse_layers(layers)
@@ -282,8 +283,10 @@ def select_tensors(tensors: GGUFTensors, layers: str | Sequence[int] | None = No
         if pats is None:
             if len(ref.ggml_shape) < 2:
                 continue  # norms and biases: unquantized F32 in every llama.cpp ladder
-        elif not any(fnmatch.fnmatchcase(kind, p) for p in pats):
-            continue
+        elif kind in pats:
+            pass  # named exactly: taken even if 1-D
+        elif len(ref.ggml_shape) < 2 or not any(fnmatch.fnmatchcase(kind, p) for p in pats):
+            continue  # wildcards select matrices only (ffn_* is not meant to pull in ffn_norm)
         out.append(name)
     return out
 
@@ -471,3 +474,39 @@ def _top_neurons(by_layer: dict[int, list[TensorError]], top_k: int) -> list[Neu
                                           {kind: float(v[idx]) for kind, v in per_kind.items()}))
     candidates.sort(key=lambda n: _sort_key(n.rel_rmse), reverse=True)
     return candidates[:top_k]
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+def _fmt(x: float, spec: str) -> str:
+    return "inf" if x == math.inf else "nan" if math.isnan(x) else format(x, spec)
+
+
+def format_report(report: WeightReport, top_k: int = 10) -> str:
+    """A plain-text summary: totals, per-layer table, the most hurt layers, tensors and neurons."""
+    lines = [f"{Path(report.model).name} vs reference {Path(report.ref).name} ({report.architecture}), "
+             f"{len(report.tensors)} tensors",
+             f"total: rel RMSE {_fmt(report.total['rel_rmse'], '.4f')}, "
+             f"SQNR {_fmt(report.total['sqnr_db'], '.2f')} dB, cosine {_fmt(report.total['cosine'], '.6f')}, "
+             f"max |err| {_fmt(report.total['max_abs'], '.4g')}", ""]
+    if report.layers:
+        lines.append(f"{'layer':>5}  {'tensors':>7}  {'rel RMSE':>9}  {'SQNR dB':>8}  {'cosine':>9}  "
+                     f"{'max|err|':>9}  worst tensor")
+        for s in report.layers:
+            lines.append(f"{s.layer:>5}  {s.n_tensors:>7}  {_fmt(s.rel_rmse, '.5f'):>9}  {_fmt(s.sqnr_db, '.2f'):>8}  "
+                         f"{_fmt(s.cosine, '.6f'):>9}  {_fmt(s.max_abs, '.4g'):>9}  {split_name(s.worst_tensor)[1]}")
+        lines.append("")
+        lines.append("most hurt layers: " + ", ".join(f"{s.layer} ({_fmt(s.rel_rmse, '.4f')})"
+                                                      for s in report.top_layers[:top_k]))
+    worst = sorted(report.tensors, key=lambda t: _sort_key(t.rel_rmse), reverse=True)[:top_k]
+    lines.append("most hurt tensors: " + ", ".join(f"{t.name} {t.type} ({_fmt(t.rel_rmse, '.4f')})" for t in worst))
+    if report.top_neurons:
+        lines.append("most hurt neurons (layer:index, rel RMSE pooled over the selected ffn_gate row, "
+                     "ffn_up row, ffn_down column):")
+        for n in report.top_neurons[:top_k]:
+            parts = ", ".join(f"{k} {_fmt(v, '.4f')}" for k, v in sorted(n.by_tensor.items()))
+            lines.append(f"  {n.layer}:{n.index}  {_fmt(n.rel_rmse, '.4f')}  "
+                         f"SQNR {_fmt(n.sqnr_db, '.2f')} dB  ({parts})")
+    return "\n".join(lines)

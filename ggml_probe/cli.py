@@ -367,6 +367,53 @@ def eval_cmd(model, task, data_path, template, labels, gold_column, id_column, l
     print_eval_summary(_console(), summaries, comparison)
 
 
+# --------------------------------------------------------------------------- weights / dump
+
+@cli.command("weights")
+@click.argument("model")
+@click.option("--ref", "ref", required=True, help="The reference GGUF (e.g. the F16 rung of the ladder).")
+@click.option("--layers", default=None, help="Layers: all, 0,14,-1 or 3-7 (default: all).")
+@click.option("--tensors", default=None, help="Tensor patterns over short names: ffn_down,ffn_gate,attn_* (default: every matrix).")
+@click.option("--top", "top_k", type=int, default=10, show_default=True, help="How many most-hurt layers/tensors/neurons to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON (per tensor, per neuron, per layer).")
+def weights_cmd(model, ref, layers, tensors, top_k, as_json) -> None:
+    """Quantization error of MODEL's weights against --ref, per tensor, per layer and per FFN neuron.
+
+    Reads tensors one at a time from the memory-mapped files (ggml's own dequantizers): relative
+    RMSE, max abs error, cosine and SQNR. A neuron is a row of ffn_gate/ffn_up and a column of ffn_down.
+    """
+    from .weights import compare_weights, format_report
+
+    status = None if as_json else _console(stderr=True).status("reading tensors ...")
+    if status:
+        status.start()
+    try:
+        report = compare_weights(model, ref, layers=layers, tensors=tensors, top_k=top_k)
+    finally:
+        if status:
+            status.stop()
+    if as_json:
+        click.echo(report.to_json(with_units=True))
+    else:
+        click.echo(format_report(report, top_k=top_k))
+
+
+@cli.command("dump")
+@click.argument("model")
+@click.option("--tensor", "names", multiple=True, required=True, help="Tensor name, repeatable (e.g. blk.14.ffn_down.weight).")
+@click.option("--dequantize", is_flag=True, help="Write float32 values instead of the raw quantized blocks.")
+@click.option("-o", "--out", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file: .npy (one tensor) or .safetensors.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+def dump_cmd(model, names, dequantize, output, force) -> None:
+    """Export tensors of a GGUF file (raw blocks or dequantized) for other tools."""
+    from .fsutil import human_size
+    from .weights import dump_tensors
+
+    res = dump_tensors(model, list(names), output, dequantize=dequantize, force=force)
+    _console().print(f"wrote {res.path} ({human_size(res.n_bytes)})" + (f", metadata in {res.sidecar}" if res.sidecar else ""))
+
+
 def main() -> None:
     cli(prog_name="ggml-probe")
 

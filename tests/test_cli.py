@@ -100,3 +100,24 @@ def test_eval_generic_task_from_a_csv(runner, demo_path, tmp_path):
     assert res.exit_code == 0, res.output
     metrics = next(iter(json.loads(res.stdout)["runs"].values()))["metrics"]
     assert metrics["n"] == 3
+
+
+def test_weights_and_dump_commands(runner, demo_ladder, tmp_path):
+    import numpy as np
+
+    res = runner.invoke(cli, ["weights", str(demo_ladder["Q4_0"]), "--ref", str(demo_ladder["F16"]),
+                              "--layers", "0,-1", "--tensors", "ffn_down", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    names = {t["name"] for t in report["tensors"]}
+    assert names == {"blk.0.ffn_down.weight", "blk.29.ffn_down.weight"}
+    res = runner.invoke(cli, ["weights", str(demo_ladder["Q4_0"]), "--ref", str(demo_ladder["F16"]),
+                              "--tensors", "ffn_dwn"])
+    assert res.exit_code == 2 and "ffn_down" in res.output  # close matches are suggested
+    out = tmp_path / "w.npy"
+    res = runner.invoke(cli, ["dump", str(demo_ladder["F16"]), "--tensor", "blk.14.ffn_down.weight",
+                              "--dequantize", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert np.load(out).shape == (576, 1536)
+    res = runner.invoke(cli, ["dump", str(demo_ladder["F16"]), "--tensor", "blk.14.ffn_down.weight", "-o", str(out)])
+    assert res.exit_code == 2 and "--force" in res.output

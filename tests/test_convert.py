@@ -502,3 +502,21 @@ def test_force_overwrites_and_failure_keeps_old_file(tiny, tmp_path):
         convert_hf_to_gguf(model.path, out, outtype="f16", force=True, progress=interrupt)
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.gguf"]
+
+
+@pytest.mark.slow
+def test_cli_convert_then_inspect(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from ggml_probe.cli import cli
+
+    model = tiny("qwen2")
+    out = tmp_path / "q.gguf"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["convert", str(model.path), "--outtype", "f32", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["inspect", str(out), "--json"])
+    info = json.loads(res.stdout)
+    assert info["architecture"] == "qwen2" and info["file_type"] == "F32"
+    res = runner.invoke(cli, ["convert", str(model.path), "-o", str(out)])
+    assert res.exit_code == 2 and "--force" in res.output

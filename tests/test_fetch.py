@@ -636,3 +636,20 @@ def test_unreachable_hub_falls_back_to_the_cache(hub_cache, monkeypatch):
     missing_shard = r"^offline and .*/Tiny-Q3_K_M-00002-of-00002\.gguf is not in the Hugging Face cache \(the Hub"
     with pytest.raises(HubError, match=missing_shard):
         fetch_gguf(REPO, quants=["Q3_K_M"])
+
+
+def test_cli_fetch_lists_and_resolves_offline(offline, hub_cache):
+    from click.testing import CliRunner
+
+    from ggml_probe.cli import cli
+
+    runner = CliRunner()
+    res = runner.invoke(cli, ["fetch", REPO])
+    assert res.exit_code == 0, res.output
+    assert "offline" in res.output and "Q4_K_M" in res.output and "Tiny-Q4_K_M-00002-of-00002.gguf" in res.output
+    res = runner.invoke(cli, ["fetch", REPO, "--quant", "q8_0"])
+    assert res.exit_code == 0, res.output
+    path = Path(res.stdout.strip().splitlines()[-1])
+    assert label_of(path) == "Tiny-Q8_0.gguf"
+    res = runner.invoke(cli, ["fetch", REPO, "--quant", "Q2_K"])
+    assert res.exit_code == 2 and "Q8_0" in res.output and "Traceback" not in res.output

@@ -756,3 +756,42 @@ def last_layer_attribution(
             real = llama_lp - np.array(swapped)
     return LastLayerAttribution(layer, target_tokens, np.array(attributions), np.array(completeness), real,
                                 np.array(closed), llama_lp, n_points)
+
+
+# ------------------------------------------------------------------ one-call neuron run
+
+
+def collect_neuron_stats(
+    model_path: str | os.PathLike,
+    prompts: Sequence[str | np.ndarray],
+    layers: str | Sequence[int] = (0, 14, -1),
+    definitions: Sequence[str] = DEFINITIONS,
+    *,
+    redundancy: bool = True,
+    top_k: int = 10,
+    allow_large: bool = False,
+    memory_budget_bytes: int = 2 << 30,
+    chunk_size: int = 32,
+    n_ctx: int = 2048,
+    n_threads: int | None = None,
+    gpu_layers: str | int = "auto",
+    progress: Callable[[int, int], None] | None = None,
+):
+    """Decode every prompt once with a NeuronProbe attached; returns (accumulator, token arrays).
+
+    The token arrays resolve top activations to text (analysis.neurons.top_token_contexts).
+    `progress(done, total)` is called after each chunk of prompts.
+    """
+    from .model import Engine
+
+    probe = NeuronProbe(model_path, layers, definitions, redundancy=redundancy, top_k=top_k,
+                        memory_budget_bytes=memory_budget_bytes, allow_large=allow_large)
+    with Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, hidden_states=False,
+                eval_callback=probe.eval_callback) as engine:
+        tokens = [engine.tokenize(p) if isinstance(p, str) else np.asarray(p, dtype=np.int32) for p in prompts]
+        for start in range(0, len(tokens), chunk_size):
+            probe.prompt_offset = start
+            run_checked(engine, probe, tokens[start:start + chunk_size])
+            if progress is not None:
+                progress(min(start + chunk_size, len(tokens)), len(tokens))
+    return probe.finish(), tokens

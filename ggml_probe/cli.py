@@ -414,6 +414,106 @@ def dump_cmd(model, names, dequantize, output, force) -> None:
     _console().print(f"wrote {res.path} ({human_size(res.n_bytes)})" + (f", metadata in {res.sidecar}" if res.sidecar else ""))
 
 
+# --------------------------------------------------------------------------- study
+
+class _StudyProgress(_Progress):
+    """Rich progress for a study: a line per step and a bar per (level, task) run."""
+
+    def step(self, label: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(f"[dim]· {label}[/]")
+
+    def run(self, label: str):
+        return self.tracker(label)
+
+
+@cli.command("study")
+@click.argument("model")
+@click.option("--quants", default="F16,Q8_0,Q4_K_M,Q4_0", show_default=True, help="Comma-separated ladder levels.")
+@click.option("--task", "tasks", multiple=True, help="Task, repeatable (default: boolq; offline without data: the built-in yesno-mini).")
+@click.option("--data", "data", multiple=True, metavar="[TASK=]PATH",
+              help="Local data for a task, repeatable: TASK=PATH, or PATH alone for the only/first task.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="A folder searched for each task's data (<task>*.jsonl|parquet|csv), e.g. ../shared/data.")
+@click.option("--limit", type=int, default=100, show_default=True, help="Examples per task.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the --limit sample (data files are often sorted by label); -1 takes the first N.")
+@click.option("--layers", default="0,14,-1", show_default=True, help="Layers for the neuron analyses: 0,14,-1 / all / a list.")
+@click.option("--paper", is_flag=True, help="The reference study's exact protocol (Singh & Sajjad 2025).")
+@click.option("--ref", "reference", default=None, help="Reference level (default: highest precision).")
+@click.option("--no-neurons", is_flag=True, help="Skip the neuron analyses.")
+@click.option("--no-weights", is_flag=True, help="Skip the weight-error analysis.")
+@click.option("--allow-requantize", is_flag=True, help="Allow a ladder from an already-quantized source (implied for demo).")
+@click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Study directory (default: studies/<model>).")
+@click.option("--force", is_flag=True, help="Recompute finished levels instead of reusing them.")
+@_engine_options
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display (for scripts).")
+def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, reference, no_neurons, no_weights,
+              allow_requantize, out, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet) -> None:
+    """The whole study: ladder, one pass per level and task, comparisons, weights, and a report.
+
+    Resumable: rerun the same command after an interruption and finished levels are reused.
+    Writes STUDY_DIR/report.html (self-contained) and report.md.
+
+    \b
+    Example:
+      ggml-probe study demo --quants F16,Q8_0,Q4_K_M,Q4_0 --task boolq --task jigsaw --data-dir ../shared/data --limit 50
+    """
+    from .models.quantize import ladder_stem
+    from .models.store import resolve_model
+    from .study import StudyConfig, run_study
+
+    tasks = list(tasks) or ["boolq"]
+    data_map: dict[str, str] = {}
+    for i, item in enumerate(data):
+        task, sep, path = item.partition("=")
+        if not sep:
+            if i >= len(tasks):
+                raise ProbeError(f"--data {item}: more data files than tasks; use TASK=PATH")
+            task, path = tasks[i], item
+        if task not in tasks:
+            raise ProbeError(f"--data {item}: {task} is not one of the tasks ({', '.join(tasks)})")
+        if not Path(path).is_file():
+            raise ProbeError(f"--data {item}: {path} does not exist")
+        data_map[task] = path
+    config = StudyConfig(quants=[q.strip() for q in quants.split(",") if q.strip()], tasks=tasks, data=data_map,
+                         data_dir=data_dir, limit=limit, seed=None if seed == -1 else seed, layers=layers, paper=paper, reference=reference,
+                         neurons=not no_neurons, weights=not no_weights, allow_requantize=allow_requantize,
+                         n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
+    out = out or Path("studies") / ladder_stem(resolve_model(model))
+    command = "ggml-probe " + " ".join(sys.argv[1:]) if sys.argv else ""
+    with _StudyProgress(quiet or as_json) as bars:
+        study = run_study(model, config, out, force=force, progress=bars, command=command)
+    from .report.terminal import print_study_summary
+
+    if as_json:
+        click.echo(json.dumps(study_summary_json(study), indent=2, default=str))
+        return
+    print_study_summary(_console(), study, out)
+
+
+def study_summary_json(study: dict) -> dict:
+    """The headline figures per task and level (the whole thing is in study.json)."""
+    out = {"study": {k: study["study"][k] for k in ("model", "quants", "reference", "tasks", "mode", "seconds")},
+           "what_changed": study.get("what_changed", []), "tasks": {}}
+    for task, t in study["tasks"].items():
+        rows = {}
+        for level, run in t["runs"].items():
+            ls = run["metrics"]["label_set"]
+            rows[level] = {k: ls[k]["value"] for k in ("accuracy", "mean_confidence", "ace_paper", "ece", "brier", "nll")}
+            rows[level]["paper_accuracy"] = run["metrics"]["paper"]["accuracy"]["value"]
+            c = (t.get("comparison") or {}).get("levels", {}).get(level)
+            if c:
+                rows[level].update(agreement=c["agreement"], kl_full=c.get("kl_full_mean"), flips=c["flips"]["changed"])
+            n = (t.get("neurons") or {}).get(level)
+            if n:
+                rows[level].update(dead=n.get("dead"), salient=n.get("salient"), redundant_pairs=n.get("redundant_pairs"))
+        out["tasks"][task] = {"data": t["data"].get("source"), "fallback_from": t["data"].get("fallback_from"), "levels": rows}
+    return out
+
+
 def main() -> None:
     cli(prog_name="ggml-probe")
 

@@ -121,12 +121,17 @@ def test_top_activations_streaming_equals_sort_with_ties():
     x = np.round(rng.normal(size=(120, 6)), 1)  # rounding makes many exact ties
     row_prompt = np.repeat(np.arange(12), 10)
     row_pos = np.tile(np.arange(10), 12)
-    top = TopActivations(6, k=5)
-    for rows in np.array_split(np.arange(120), [3, 40, 41, 90]):
+    top, backwards = TopActivations(6, k=5), TopActivations(6, k=5)
+    chunks = np.array_split(np.arange(120), [3, 40, 41, 90])
+    for rows in chunks:
         top.update(x[rows], row_prompt[rows], row_pos[rows])
+    for rows in reversed(chunks):  # later prompts first: the general (three-key) path
+        backwards.update(x[rows], row_prompt[rows], row_pos[rows])
     for j in range(6):
         order = sorted(range(120), key=lambda i: (-x[i, j], row_prompt[i], row_pos[i]))[:5]
-        assert top.for_neuron(j) == [(x[i, j], int(row_prompt[i]), int(row_pos[i])) for i in order]
+        expected = [(x[i, j], int(row_prompt[i]), int(row_pos[i])) for i in order]
+        assert top.for_neuron(j) == expected
+        assert backwards.for_neuron(j) == expected
     by_abs = TopActivations(6, k=2, by="abs")
     by_abs.update(x, row_prompt, row_pos)
     j = 0

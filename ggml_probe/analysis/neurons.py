@@ -252,33 +252,55 @@ class TopActivations:
         x = _as_batch(x, self.n_ff)
         if x.shape[0] == 0 or self.k == 0:
             return
-        n = x.shape[0]
-        rp = np.broadcast_to(np.asarray(row_prompt, dtype=np.int64)[:, None], (n, self.n_ff))
-        ps = np.broadcast_to(np.asarray(row_pos, dtype=np.int64)[:, None], (n, self.n_ff))
         score = np.abs(x) if self.by == "abs" else x
+        # only neurons whose best value in this batch reaches their current k-th best can change
+        cols = np.flatnonzero(score.max(axis=0) >= self.score[-1])
+        if cols.size == 0:
+            return
+        if cols.size < self.n_ff:
+            score, x = score[:, cols], x[:, cols]
+        n, m = score.shape
+        row_prompt = np.asarray(row_prompt, dtype=np.int64)
+        row_pos = np.asarray(row_pos, dtype=np.int64)
+        # Fast path: rows arrive in (prompt, position) order after everything kept so far, so a stable
+        # sort on the score alone breaks ties by that order; otherwise sort on all three keys.
+        in_order = (row_prompt[0] > self.prompt.max()
+                    and bool(np.all((np.diff(row_prompt) > 0) | ((np.diff(row_prompt) == 0) & (np.diff(row_pos) > 0)))))
         if n > self.k:  # pre-select the batch's best k per neuron (same order as the final merge)
-            order = np.lexsort((ps, rp, -score), axis=0)[: self.k]
+            if in_order:
+                order = np.argsort(-score, axis=0, kind="stable")[: self.k]
+            else:
+                rp, ps = np.broadcast_to(row_prompt[:, None], (n, m)), np.broadcast_to(row_pos[:, None], (n, m))
+                order = np.lexsort((ps, rp, -score), axis=0)[: self.k]
             score, x = np.take_along_axis(score, order, 0), np.take_along_axis(x, order, 0)
-            rp, ps = np.take_along_axis(rp, order, 0), np.take_along_axis(ps, order, 0)
-        self._merge(score, x, rp, ps)
+            rp, ps = row_prompt[order], row_pos[order]
+        else:
+            rp, ps = np.broadcast_to(row_prompt[:, None], (n, m)), np.broadcast_to(row_pos[:, None], (n, m))
+        self._merge(score, x, rp, ps, cols if cols.size < self.n_ff else None, in_order)
 
     def merge(self, other: "TopActivations") -> None:
-        if (other.n_ff, other.by) != (self.n_ff, self.by):
-            raise ProbeError("cannot merge top activations of different widths or rankings")
+        if (other.n_ff, other.by, other.k) != (self.n_ff, self.by, self.k):
+            raise ProbeError("cannot merge top activations of different widths, k or rankings")
         self._merge(other.score, other.value, other.prompt, other.pos)
 
-    def _merge(self, score, value, prompt, pos) -> None:
-        s = np.concatenate([self.score, score])
-        v = np.concatenate([self.value, value])
-        p = np.concatenate([self.prompt, prompt])
-        q = np.concatenate([self.pos, pos])
-        # empty slots (prompt −1) sort last among equal −inf scores via a large prompt key
-        p_key = np.where(p < 0, np.iinfo(np.int64).max, p)
-        order = np.lexsort((q, p_key, -s), axis=0)[: self.k]
-        self.score = np.take_along_axis(s, order, 0)
-        self.value = np.take_along_axis(v, order, 0)
-        self.prompt = np.take_along_axis(p, order, 0)
-        self.pos = np.take_along_axis(q, order, 0)
+    def _merge(self, score, value, prompt, pos, cols: np.ndarray | None = None, after: bool = False) -> None:
+        """Keep the best k of the kept entries and the new ones; `after`: every new entry comes
+        after every kept one in (prompt, position) order (a stable sort on the score suffices)."""
+        sel = slice(None) if cols is None else cols
+        s = np.concatenate([self.score[:, sel], score])
+        v = np.concatenate([self.value[:, sel], value])
+        p = np.concatenate([self.prompt[:, sel], prompt])
+        q = np.concatenate([self.pos[:, sel], pos])
+        if after:  # empty slots (−inf) stay behind real entries; among themselves order is irrelevant
+            order = np.argsort(-s, axis=0, kind="stable")[: self.k]
+        else:
+            # empty slots (prompt −1) sort last among equal −inf scores via a large prompt key
+            p_key = np.where(p < 0, np.iinfo(np.int64).max, p)
+            order = np.lexsort((q, p_key, -s), axis=0)[: self.k]
+        self.score[:, sel] = np.take_along_axis(s, order, 0)
+        self.value[:, sel] = np.take_along_axis(v, order, 0)
+        self.prompt[:, sel] = np.take_along_axis(p, order, 0)
+        self.pos[:, sel] = np.take_along_axis(q, order, 0)
 
     def for_neuron(self, j: int) -> list[tuple[float, int, int]]:
         """(value, prompt, position) best first, filled slots only."""

@@ -158,12 +158,8 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    out = np.empty_like(x)
-    pos = x >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
-    e = np.exp(x[~pos])
-    out[~pos] = e / (1.0 + e)
-    return out
+    e = np.exp(-np.abs(x))  # ≤ 1: no overflow on either side
+    return np.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:

@@ -137,3 +137,46 @@ def print_eval_summary(console: "Console", summaries: dict, comparison: dict | N
         if s.resumed_examples:
             notes.append(f"{s.resumed_examples} examples reused from an earlier run")
         console.print(f"[dim]{level or s.quant}: {s.run_dir}" + (f" ({'; '.join(notes)})" if notes else "") + "[/]")
+
+
+def print_study_summary(console: "Console", study: dict, out_dir) -> None:
+    """The paper's table side by side per level, for every task, then what changed."""
+    s = study["study"]
+    console.print(f"[bold]{s['model']}[/] · levels {', '.join(s['quants'])} · reference {s['reference']} · "
+                  f"mode {s['mode']} · {s['seconds']:.0f} s")
+    for task, t in study["tasks"].items():
+        data = t["data"]
+        note = f" (stands in for {data['fallback_from']}: its data could not be reached)" if data.get("fallback_from") else ""
+        table = Table(title=f"{task} · n={data.get('examples')} · data: {data.get('source')}{note}")
+        cols = ["level", "accuracy %", "conf", "ACE", "ECE", "Brier", "paper acc %", "agree %", "KL full", "flips"]
+        has_neurons = bool(t.get("neurons"))
+        if has_neurons:
+            cols += ["dead", "salient", "redundant"]
+        for c in cols:
+            table.add_column(c, justify="left" if c == "level" else "right", no_wrap=True)
+        comp = (t.get("comparison") or {}).get("levels", {})
+        for level, run in t["runs"].items():
+            ls = run["metrics"]["label_set"]
+            c = comp.get(level)
+            row = [level, _fmt_ci(ls["accuracy"], pct=True), f"{ls['mean_confidence']['value']:.3f}",
+                   f"{ls['ace_paper']['value']:.3f}", f"{ls['ece']['value']:.3f}", f"{ls['brier']['value']:.3f}",
+                   f"{run['metrics']['paper']['accuracy']['value'] * 100:.1f}",
+                   "ref" if c is None else f"{c['agreement'] * 100:.1f}",
+                   "" if c is None else f"{c.get('kl_full_mean', float('nan')):.4f}",
+                   "" if c is None else str(c["flips"]["changed"])]
+            if has_neurons:
+                n = t["neurons"].get(level, {})
+                row += [_per_layer(n.get("dead")), _per_layer(n.get("salient")), _per_layer(n.get("redundant_pairs"))]
+            table.add_row(*row)
+        console.print(table)
+    if study.get("what_changed"):
+        console.print("[bold]What changed[/]")
+        for item in study["what_changed"]:
+            console.print(f" • {item['text']}")
+    console.print(f"[dim]report: {out_dir}/report.html · {out_dir}/report.md · every figure: {out_dir}/study.json[/]")
+
+
+def _per_layer(values: dict | None) -> str:
+    if not values:
+        return "—"
+    return "/".join(str(v) for v in values.values())

@@ -1,0 +1,215 @@
+"""The whole study in one call: ladder → one eval pass per level and task → comparisons → weights → report.
+
+    from ggml_probe.study import StudyConfig, run_study
+    study = run_study("demo", StudyConfig(quants=["F16", "Q8_0", "Q4_0"], tasks=["boolq"], limit=50), "studies/demo")
+
+Layout of a study directory:
+
+    study.json            every figure the report shows, with definitions and provenance
+    report.html/.md       the report (plots/ beside the markdown)
+    runs/<task>/<LEVEL>/  one eval run directory per task and level (resumable)
+    weights/<LEVEL>.json  weight error of each level against the reference
+"""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from . import __version__
+from .errors import HubError, ProbeError
+from .rundir import directory_lock, read_json, write_json
+
+DEFAULT_QUANTS = ["F16", "Q8_0", "Q4_K_M", "Q4_0"]
+
+
+class StudyProgress(Protocol):
+    def run(self, label: str) -> Callable[[int, int], None] | None: ...
+    def step(self, label: str) -> None: ...
+
+
+@dataclass
+class StudyConfig:
+    quants: list[str] = field(default_factory=lambda: list(DEFAULT_QUANTS))
+    tasks: list[str] = field(default_factory=lambda: ["boolq"])
+    data: dict[str, str] = field(default_factory=dict)  # task → local file
+    data_dir: str | None = None  # a folder searched for <task>*.jsonl|csv|parquet
+    limit: int | None = 100
+    seed: int | None = 0  # a seeded sample: data files are often sorted by label
+    layers: str = "0,14,-1"
+    neuron: str = "act"
+    tau: float = 0.1
+    saliency: float = 0.7
+    paper: bool = False
+    neurons: bool = True
+    weights: bool = True
+    reference: str | None = None
+    allow_requantize: bool = False
+    n_ctx: int = 2048
+    threads: int | None = None
+    gpu_layers: str | int = "auto"
+    n_boot: int = 1000
+
+    def apply_paper(self) -> None:
+        """The reference study's exact protocol (study-protocol.md)."""
+        self.layers, self.neuron, self.tau, self.saliency = "0,14,-1", "act", 0.1, 0.7
+
+
+def _local_data_for(task: str, config: StudyConfig) -> str | None:
+    if task in config.data:
+        return config.data[task]
+    if not config.data_dir:
+        return None
+    folder = Path(config.data_dir)
+    if not folder.is_dir():
+        return None
+    stem = task.split("-")[0]
+    for suffix in (".jsonl", ".parquet", ".csv", ".json"):
+        hits = sorted(folder.glob(f"{stem}*{suffix}"))
+        if hits:
+            return str(hits[0])
+    return None
+
+
+def resolve_task_data(task: str, config: StudyConfig) -> tuple[str, str | None, str | None]:
+    """(task actually run, local data path or None, the task it stands in for when it is a fallback).
+
+    Order: --data for the task, a matching file in --data-dir, the task's own source (the hub);
+    when that cannot be reached, the built-in yes/no task, and the report says so.
+    """
+    from .tasks import OFFLINE_TASK, get_task, load_examples
+
+    local = _local_data_for(task, config)
+    if local:
+        return task, local, None
+    spec = get_task(task)
+    try:
+        load_examples(spec, limit=1)
+        return task, None, None
+    except HubError:
+        return OFFLINE_TASK, None, task
+
+
+def _level_entry(run_manifest: dict) -> dict[str, Any]:
+    m = run_manifest["model"]
+    return {"file_type": m["file_type"], "path": m["path"], "sha256": m["sha256"], "size_bytes": m["size_bytes"],
+            "bits_per_weight": m["bits_per_weight"], "tensor_types": m["tensor_types"],
+            "loaded_tensor_types": run_manifest["engine"].get("loaded_tensor_types"),
+            "requantized_from": m.get("requantized_from"), "engine": run_manifest["engine"]}
+
+
+def _reliability(run_dir: Path) -> dict[str, list]:
+    import pandas as pd
+
+    from .analysis.calibration import reliability_bins
+
+    df = pd.read_parquet(run_dir / "predictions.parquet")
+    return {"label_set": reliability_bins(df["confidence"], df["correct"]).rows(),
+            "paper": reliability_bins(df["paper_confidence"], df["paper_correct"]).rows()}
+
+
+def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, force: bool = False,
+              progress: StudyProgress | None = None, command: str | None = None) -> dict[str, Any]:
+    """Run (or resume) a study and write study.json and the report. Returns the study dict."""
+    from .compare import compare_levels, reference_level
+    from .evaluation import EvalConfig, evaluate, ladder_files
+    from .models.store import DEMO_NAME, resolve_model
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    if config.paper:
+        config.apply_paper()
+    src = resolve_model(model)
+    allow = config.allow_requantize or str(model) == DEMO_NAME
+    with directory_lock(out):
+        if progress:
+            progress.step("building the quantization ladder")
+        files = ladder_files(src, config.quants, allow_requantize=allow)
+        study: dict[str, Any] = {"tasks": {}, "levels": {}, "weights": {}}
+        for task in config.tasks:
+            task_run, data_path, fallback_from = resolve_task_data(task, config)
+            eval_config = EvalConfig(task=task_run, data_path=data_path, limit=config.limit, seed=config.seed,
+                                     n_ctx=config.n_ctx, threads=config.threads, gpu_layers=config.gpu_layers,
+                                     n_boot=config.n_boot)
+            run_dirs: dict[str, Path] = {}
+            runs: dict[str, Any] = {}
+            for level, path in files.items():
+                run_dir = out / "runs" / task_run / level
+                update = progress.run(f"{level} · {task_run}") if progress else None
+                summary = evaluate(path, eval_config, run_dir, resume=not force, force=force, progress=update,
+                                   quant_label=level)
+                run_dirs[level] = run_dir
+                runs[level] = {"run_dir": str(run_dir), "metrics": summary.metrics}
+                manifest = read_json(run_dir / "manifest.json")
+                study["levels"].setdefault(level, _level_entry(manifest))
+                data_desc = manifest["task"]
+            ref = config.reference or reference_level(run_dirs)
+            comparison = compare_levels(run_dirs, reference=ref, n_boot=config.n_boot) if len(run_dirs) > 1 else None
+            study["tasks"][task_run] = {
+                "data": {**data_desc, "fallback_from": fallback_from},
+                "runs": runs,
+                "comparison": comparison,
+                "reliability": {lvl: _reliability(d) for lvl, d in run_dirs.items()},
+            }
+        reference = config.reference or reference_level(
+            {lvl: Path(r["run_dir"]) for lvl, r in next(iter(study["tasks"].values()))["runs"].items()})
+        if config.weights:
+            shas = {lvl: entry["sha256"] for lvl, entry in study["levels"].items()}
+            study["weights"] = _weights_section(files, reference, out, force, progress, shas)
+        study["study"] = {
+            "model": str(model), "model_path": str(src), "quants": list(files), "reference": reference,
+            "tasks": list(study["tasks"]), "mode": "paper" if config.paper else "default",
+            "config": asdict(config), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "tool": {"ggml_probe": __version__, "python": platform.python_version(), "platform": platform.platform()},
+            "command": command or "", "seconds": time.perf_counter() - t0,
+            "definitions": _definitions(config),
+        }
+        write_json(out / "study.json", study)
+        return study
+
+
+def _weights_section(files: dict[str, Path], reference: str, out: Path, force: bool,
+                     progress: StudyProgress | None, shas: dict[str, str]) -> dict[str, Any]:
+    from .weights import compare_weights
+
+    section = {}
+    for level, path in files.items():
+        if level == reference:
+            continue
+        cache = out / "weights" / f"{level}.json"
+        pair = [shas[level], shas[reference]]
+        if cache.exists() and not force:
+            cached = read_json(cache)
+            if cached.get("sha256_pair") == pair:
+                section[level] = cached["summary"]
+                continue
+        if progress:
+            progress.step(f"weight error {level} vs {reference}")
+        report = compare_weights(path, files[reference], tensors="ffn_*,attn_*")
+        summary = {"total": report.to_dict(with_units=False)["total"],
+                   "layers": [s.to_dict() for s in report.layers],
+                   "top_neurons": [n.to_dict() for n in report.top_neurons[:20]]}
+        write_json(cache, {"sha256_pair": pair, "summary": summary})
+        section[level] = summary
+    return section
+
+
+def _definitions(config: StudyConfig) -> dict[str, str]:
+    from .analysis.calibration import DEFINITIONS as CAL
+    from .analysis.scoring import DEFINITIONS as SCORING
+
+    return {
+        "mode": ("paper: the reference study's protocol (question-only BoolQ prompts, full-vocabulary confidence, "
+                 "layers 0/14/last, act neurons, tau 0.1, saliency 0.7)") if config.paper else
+                ("default: label-set scoring as the headline (paper scoring recorded beside it), ECE/Brier/NLL "
+                 "added, bootstrap intervals, IG convergence flagged"),
+        "scoring_label_set": SCORING["label_set"], "scoring_paper": SCORING["paper"],
+        **{f"metric_{k}": v for k, v in CAL.items()},
+        "reference_level": "the highest-precision level of the ladder (bits per weight), unless --ref",
+        "weights": "per tensor: relative RMSE ‖W−W_ref‖/‖W_ref‖, SQNR 10·log10(‖W_ref‖²/‖W−W_ref‖²), cosine, max |ΔW|",
+    }

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 # Colour-blind-safe palette (Okabe & Ito), in level order: reference first.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 DPI = 110
+FIGSIZE = (5.6, 2.9)  # every single-panel figure: equal sizes render at equal scale side by side
 
 
 def level_colors(levels: Sequence[str]) -> dict[str, str]:
@@ -58,6 +59,10 @@ def _get(d: Mapping[Any, Any], layer: int):
     if layer in d:
         return d[layer]
     return d.get(str(layer))
+
+
+def _legend_outside(ax) -> None:
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def _grouped_bars(ax, layers: list[int], series: Mapping[str, list], colors: Mapping[str, str],
@@ -178,7 +183,7 @@ def layer_counts_png(counts_by_level: Mapping[str, Mapping[Any, Any]], ylabel: s
     colors = colors or level_colors(levels)
     layers = _layers_of({lvl: counts_by_level[lvl] for lvl in levels})
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(3.6, 1.1 * len(layers) * max(1, len(levels)) + 1.5), 2.8))
+    fig, ax = plt.subplots(figsize=FIGSIZE)
     series = {lvl: [_get(counts_by_level[lvl], layer) for layer in layers] for lvl in levels}
     _grouped_bars(ax, layers, series, colors)
     for lvl_i, (lvl, values) in enumerate(series.items()):
@@ -189,8 +194,9 @@ def layer_counts_png(counts_by_level: Mapping[str, Mapping[Any, Any]], ylabel: s
                 ax.annotate(f"{v:g}", (x, v), ha="center", va="bottom", fontsize=7)
     ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8, ncol=len(levels))
-    ax.margins(y=0.15)
+    _legend_outside(ax)
+    top = max([v for vals in series.values() for v in vals if _finite(v)] + [0])
+    ax.set_ylim(0, max(1.0, top * 1.18))
     if title:
         ax.set_title(title)
     return _png(fig)
@@ -207,7 +213,7 @@ def redundancy_hist_png(hist_by_level: Mapping[str, Sequence[int]], title: str =
         raise ValueError("no redundancy histograms to plot")
     colors = colors or level_colors(levels)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    fig, ax = plt.subplots(figsize=FIGSIZE)
     n = len(levels)
     width = 0.8 / n
     for i, lvl in enumerate(levels):
@@ -221,7 +227,7 @@ def redundancy_hist_png(hist_by_level: Mapping[str, Sequence[int]], title: str =
                        rotation=30, fontsize=7)
     ax.set_xlabel("|Pearson correlation| of a neuron pair")
     ax.set_ylabel("neuron pairs (log)")
-    ax.legend(fontsize=8, ncol=len(levels))
+    _legend_outside(ax)
     if title:
         ax.set_title(title)
     return _png(fig)
@@ -236,7 +242,7 @@ def drift_png(drift_by_level: Mapping[str, Mapping[Any, Mapping[str, float]]], t
     colors = colors or level_colors(levels)
     layers = _layers_of({lvl: drift_by_level[lvl] for lvl in levels})
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(3.6, 1.0 * len(layers) * len(levels) + 1.8), 2.8))
+    fig, ax = plt.subplots(figsize=FIGSIZE)
     means = {lvl: [(_get(drift_by_level[lvl], layer) or {}).get("mean") for layer in layers] for lvl in levels}
     _grouped_bars(ax, layers, means, colors)
     n = len(levels)
@@ -247,10 +253,10 @@ def drift_png(drift_by_level: Mapping[str, Mapping[Any, Mapping[str, float]]], t
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "v", color=colors[lvl], markeredgecolor="#222",
                     markersize=6, linestyle="none", label=f"{lvl} max")
-    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_yscale("log")
     ax.set_xlabel("layer")
-    ax.set_ylabel("drift (bar: mean, ▼: max)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_ylabel("drift (bar: mean, ▼: max; log)")
+    _legend_outside(ax)
     if title:
         ax.set_title(title)
     return _png(fig)
@@ -265,14 +271,14 @@ def jaccard_png(jaccard_by_level: Mapping[str, Mapping[Any, float]], title: str 
     colors = colors or level_colors(levels)
     layers = _layers_of({lvl: jaccard_by_level[lvl] for lvl in levels})
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(3.6, 1.0 * len(layers) * len(levels) + 1.8), 2.8))
+    fig, ax = plt.subplots(figsize=FIGSIZE)
     series = {lvl: [_get(jaccard_by_level[lvl], layer) for layer in layers] for lvl in levels}
     _grouped_bars(ax, layers, series, colors)
     ax.set_ylim(0, 1.08)
     ax.axhline(1.0, color="#888", linestyle="--", linewidth=1)
     ax.set_xlabel("layer")
     ax.set_ylabel("Jaccard vs reference")
-    ax.legend(fontsize=8, ncol=len(levels), loc="lower right")
+    _legend_outside(ax)
     if title:
         ax.set_title(title)
     return _png(fig)
@@ -291,7 +297,7 @@ def weight_error_png(weights: Mapping[str, Mapping[str, Any]], metric: str = "re
         raise ValueError("no per-layer weight error to plot")
     colors = colors or level_colors(levels)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 2.9))
+    fig, ax = plt.subplots(figsize=FIGSIZE)
     all_layers: set[int] = set()
     for lvl in levels:
         rows = sorted((r for r in weights[lvl]["layers"] if _finite(r.get(metric))), key=lambda r: r["layer"])
@@ -308,7 +314,7 @@ def weight_error_png(weights: Mapping[str, Mapping[str, Any]], metric: str = "re
     if len(all_layers) <= 12:
         ax.set_xticks(sorted(all_layers))
     ax.set_xlabel("layer")
-    ax.legend(fontsize=8, ncol=len(levels))
+    _legend_outside(ax)
     if title:
         ax.set_title(title)
     return _png(fig)

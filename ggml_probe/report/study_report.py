@@ -123,19 +123,21 @@ def neurons_section(
         from ..analysis.neurons import top_token_contexts
 
         out["top_tokens"] = {}
+        out["top_tokens_ranked_by"] = {}
         for layer in layers:
             t = top.get((definition, layer))
             if t is None:
                 continue
             ranked = list((salient or {}).get(layer, []))[:top_neurons]
+            out["top_tokens_ranked_by"][layer] = "salience"
             if not ranked:
                 ranked = [int(i) for i in np.argsort(-accumulator.stats[(definition, layer)].maxabs)[:top_neurons]]
+                out["top_tokens_ranked_by"][layer] = "max |a|"
             out["top_tokens"][layer] = {
                 int(j): [[r["token"], r["context"], float(r["value"])]
                          for r in top_token_contexts(t, int(j), prompt_tokens, piece)[:top_examples]]
                 for j in ranked
             }
-        out["top_tokens_ranked_by"] = "salience" if salient else "max |a|"
     return out
 
 
@@ -363,6 +365,13 @@ class _Table:
         self.first_col_header = first_col_header
 
 
+class _Group:
+    """A full-width row naming the group of rows under it."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+
 class _Cell:
     """A value with an optional smaller second line (a confidence interval, a note)."""
 
@@ -388,6 +397,18 @@ def _delta_cell(c: Mapping[str, Any]) -> _Cell:
     if v is None:
         return _Cell("—")
     return _Cell(_signed(100 * v), _interval(lo, hi, 100), cls="sig" if _sig(lo, hi) else "")
+
+
+def _token_rows(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """Top-activation rows [token, context, a], identical (token, context) pairs merged as ×n."""
+    merged: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        merged.setdefault((str(r[0]), str(r[1])), []).append(float(r[2]))
+    out = []
+    for (tok, ctx), vals in merged.items():
+        out.append([_Cell(_visible(tok), cls="tok"), _Cell("…" + _visible(ctx), cls="ctx"),
+                    _Cell(_fmt(max(vals), ".2f"), f"×{len(vals)}" if len(vals) > 1 else "")])
+    return out
 
 
 def _per_layer_text(d: Mapping[Any, Any] | None, spec: str = "g") -> _Cell:
@@ -490,13 +511,16 @@ def _build(study: Mapping[str, Any]) -> tuple[dict[str, Any], list[_Section], li
         rows = []
         order = [scoring_key, "paper" if scoring_key == "label_set" else "label_set"]
         for sk in order:
-            tag = "label-set" if sk == "label_set" else "paper"
+            tag = ("label-set scoring (softmax over the label words)" if sk == "label_set"
+                   else "paper scoring (full-vocabulary argmax, substring match)")
+            rows.append(_Group(f"Calibration · {tag}"))
             for key, label, spec in RUN_METRICS:
                 if not any(((runs.get(lvl) or {}).get("metrics") or {}).get(sk, {}).get(key) for lvl in task_levels):
                     continue
-                rows.append([f"{label} · {tag}"] + [
+                rows.append([label] + [
                     _metric_cell(((runs.get(lvl) or {}).get("metrics") or {}).get(sk, {}).get(key), spec)
                     for lvl in task_levels])
+        rows.append(_Group("Neurons"))
         if neurons:
             nrow = next(iter(neurons.values()))
             rows.append([f"dead neurons ({nrow.get('neuron', 'act')}, |a| < {nrow.get('tau', '—')})"]
@@ -514,6 +538,7 @@ def _build(study: Mapping[str, Any]) -> tuple[dict[str, Any], list[_Section], li
             c = comp.get(lvl)
             return fn(c) if c else _Cell("—")
 
+        rows.append(_Group(f"Against the reference {reference}"))
         if comp:
             rows.append(["Δ accuracy vs ref (points)"] + [comp_cell(lvl, _delta_cell) for lvl in task_levels])
             rows.append(["agreement with ref"] + [comp_cell(lvl, lambda c: _Cell(
@@ -597,13 +622,14 @@ def _build(study: Mapping[str, Any]) -> tuple[dict[str, Any], list[_Section], li
             if not tt:
                 continue
             tables = []
+            ranked_by = n.get("top_tokens_ranked_by") or {}
             for layer in _layer_keys(tt):
+                how = _get(ranked_by, layer) if isinstance(ranked_by, Mapping) else ranked_by
                 for neuron, rows in (_get(tt, layer) or {}).items():
-                    body = [[_Cell(_visible(str(r[0])), cls="tok"), _Cell("…" + _visible(str(r[1])), cls="ctx"),
-                             _fmt(r[2], ".2f")] for r in rows]
-                    tables.append(_Table(["token", "left context", "a"], body, caption=f"layer {layer} · neuron {neuron}",
+                    tables.append(_Table(["token", "left context", "a"], _token_rows(rows),
+                                         caption=f"layer {layer} · neuron {neuron}" + (f" (by {how})" if how else ""),
                                          cls="tokens", first_col_header=False))
-            cards.append((lvl, n.get("top_tokens_ranked_by", ""), tables))
+            cards.append((lvl, tables))
         if cards:
             any_tokens = True
             sec.add("h3", f"Task {task}: top-activating tokens")
@@ -755,6 +781,8 @@ table.tokens td{padding:3px 6px;font-size:12px}
 table.tokens td.tok{font-family:ui-monospace,Menlo,Consolas,monospace;font-weight:650;color:#0a4f7a;white-space:pre}
 table.tokens td.ctx{font-family:ui-monospace,Menlo,Consolas,monospace;color:var(--muted);text-align:left;white-space:pre-wrap;word-break:break-word}
 table.defs td{text-align:left}
+table.ladder td{text-align:left}
+tr.group th{background:#eef3f8;color:#12305a;font-weight:650;font-size:12px;text-transform:uppercase;letter-spacing:.4px;padding-top:9px}
 details summary{cursor:pointer;font-weight:600;color:var(--accent);margin-bottom:8px}
 footer{color:var(--muted);font-size:12px;text-align:center;margin-top:10px}
 """
@@ -772,6 +800,9 @@ def _html_table(t: _Table) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in t.headers)
     body = []
     for row in t.rows:
+        if isinstance(row, _Group):
+            body.append(f'<tr class="group"><th colspan="{len(t.headers)}">{_e(row.label)}</th></tr>')
+            continue
         cells = []
         for i, c in enumerate(row):
             cell = c if isinstance(c, _Cell) else _Cell("" if c is None else str(c))
@@ -807,10 +838,9 @@ def _html_block(kind: str, payload: Any, colors: Mapping[str, str]) -> str:
             f"<figcaption>{_e(f.caption)}</figcaption></figure>" for f in payload) + "</div>"
     if kind == "cards":
         out = ['<div class="cards">']
-        for lvl, ranked_by, tables in payload:
+        for lvl, tables in payload:
             color = colors.get(lvl, "#0072B2")
             out.append(f'<div class="card" style="border-top-color:{_e(color)}"><h4>{_e(lvl)}</h4>'
-                       f'<div class="note">neurons ranked by {_e(ranked_by)}</div>'
                        + "".join(_html_table(t) for t in tables) + "</div>")
         out.append("</div>")
         return "".join(out)
@@ -864,7 +894,8 @@ def _md_table(t: _Table) -> str:
 
     lines = ["| " + " | ".join(_md_escape(h) or " " for h in t.headers) + " |",
              "|" + "|".join([":---"] + ["---:"] * (len(t.headers) - 1)) + "|"]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in t.rows]
+    lines += ["| " + (f"**{_md_escape(row.label)}**" + " |" * (len(t.headers) - 1) if isinstance(row, _Group)
+                      else " | ".join(cell(c) for c in row)) + " |" for row in t.rows]
     out = "\n".join(lines)
     return (f"*{_md_escape(t.caption)}*\n\n{out}" if t.cls == "tokens" and t.caption
             else out + (f"\n\n*{_md_escape(t.caption)}*" if t.caption else ""))
@@ -887,8 +918,8 @@ def _md_block(kind: str, payload: Any, plot_dir: str) -> str:
         return "\n\n".join(f"![{f.caption}]({plot_dir}/{f.name}.png)\n\n*{f.caption}*" for f in payload)
     if kind == "cards":
         out = []
-        for lvl, ranked_by, tables in payload:
-            out.append(f"#### {lvl} (neurons ranked by {ranked_by})")
+        for lvl, tables in payload:
+            out.append(f"#### {lvl}")
             out.extend(_md_table(t) for t in tables)
         return "\n\n".join(out)
     if kind == "details":

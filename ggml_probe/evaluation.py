@@ -22,9 +22,24 @@ from .rundir import directory_lock, read_json, save_npy, save_npz, write_json
 
 MANIFEST = "manifest.json"
 CHUNKS = "chunks"
+NEURON_STATE = "neuron_state"
 
 # Called as progress(done, total) after every finished chunk.
 ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class NeuronSettings:
+    """The neuron analyses that ride along the eval pass (issue 4; study-protocol.md)."""
+
+    layers: str = "0,14,-1"
+    definitions: tuple[str, ...] = ("act",)
+    tau: float = 0.1
+    redundancy: bool = True
+    redundancy_threshold: float = 0.9
+    cluster_threshold: float = 0.3
+    top_k: int = 10  # top-activating tokens kept per neuron
+    allow_large: bool = False
 
 
 @dataclass
@@ -45,11 +60,13 @@ class EvalConfig:
     chunk_size: int = 32  # examples per checkpoint
     save_logits: bool = True
     n_boot: int = 1000
+    neurons: NeuronSettings | None = None
 
     def identity(self) -> dict[str, Any]:
         """The settings that change results (a resumed run must match them)."""
         return {"task": self.task, "template": self.template, "labels": list(self.labels or []) or None,
-                "gold_column": self.gold_column, "limit": self.limit, "seed": self.seed, "on_bad_row": self.on_bad_row,
+                "gold_column": self.gold_column, "limit": self.limit,
+                "neurons": asdict(self.neurons) if self.neurons else None, "seed": self.seed, "on_bad_row": self.on_bad_row,
                 "n_ctx": self.n_ctx}
 
 
@@ -164,7 +181,8 @@ def evaluate(
     with directory_lock(run_dir):
         old = prepare_run_dir(run_dir, identity, resume, force)
         if old is None:
-            for stale in ("chunks", "predictions.parquet", "logits.npy", "hidden.npy", "metrics.json", "reliability.png"):
+            for stale in ("chunks", NEURON_STATE, "predictions.parquet", "logits.npy", "hidden.npy", "metrics.json",
+                          "reliability.png", "neurons.json", "neuron_stats.npz"):
                 p = run_dir / stale
                 if p.is_dir():
                     shutil.rmtree(p)
@@ -177,8 +195,16 @@ def evaluate(
             return RunSummary(run_dir, str(path), model_id["file_type"], len(data.examples), metrics, 0.0,
                               resumed_examples=len(data.examples), manifest=old)
 
+        probe = None
+        if config.neurons:
+            from .engine.capture import NeuronProbe
+
+            ns = config.neurons
+            probe = NeuronProbe(path, ns.layers, ns.definitions, redundancy=ns.redundancy, top_k=ns.top_k,
+                                allow_large=ns.allow_large)
+            _restore_probe_state(run_dir, probe)
         engine = Engine(path, n_ctx=config.n_ctx, n_threads=config.threads, gpu_layers=config.gpu_layers,
-                        n_seq_max=config.batch_prompts)
+                        n_seq_max=config.batch_prompts, eval_callback=probe.eval_callback if probe else None)
         try:
             label_toks = label_tokens_for(engine, data.labels)
             manifest = {
@@ -204,11 +230,18 @@ def evaluate(
             chunk_no = _next_chunk_number(run_dir)
             for start in range(0, len(todo), config.chunk_size):
                 positions = todo[start : start + config.chunk_size]
-                arrays = _run_chunk(engine, [data.examples[i] for i in positions], label_toks, config)
+                arrays = _run_chunk(engine, [data.examples[i] for i in positions], label_toks, config, probe,
+                                    positions[0])
                 save_npz(run_dir / CHUNKS / f"{chunk_no:05d}.npz", positions=np.asarray(positions, dtype=np.int64), **arrays)
+                if probe is not None:
+                    _save_probe_state(run_dir, probe, chunk_no)
                 chunk_no += 1
                 if progress:
                     progress(resumed + start + len(positions), n_total)
+            if probe is not None:
+                from .neurons_run import finalize_neurons
+
+                manifest["neurons"] = finalize_neurons(run_dir, probe.finish(), engine, data, config.neurons)
         finally:
             engine.close()
 
@@ -216,6 +249,29 @@ def evaluate(
         summary.resumed_examples = resumed
         summary.seconds = time.perf_counter() - t_start
         return summary
+
+
+def _save_probe_state(run_dir: Path, probe, chunk_no: int) -> None:
+    """The accumulator after chunk N, then drop older states (a crash in between keeps one valid)."""
+    folder = run_dir / NEURON_STATE
+    save_npz(folder / f"{chunk_no:05d}.npz", **probe.state())
+    for old in folder.glob("*.npz"):
+        if old.stem.isdigit() and int(old.stem) < chunk_no:
+            old.unlink()
+
+
+def _restore_probe_state(run_dir: Path, probe) -> None:
+    """Continue the accumulator exactly where the finished chunks left it.
+
+    The state written after the last chunk is used; if the run died between writing a chunk and its
+    state, that chunk is dropped and recomputed, so no token is counted twice or missed.
+    """
+    chunk_nos = sorted(int(f.stem) for f in (run_dir / CHUNKS).glob("*.npz") if f.stem.isdigit())
+    states = {int(f.stem): f for f in (run_dir / NEURON_STATE).glob("*.npz") if f.stem.isdigit()}
+    while chunk_nos and chunk_nos[-1] not in states:
+        (run_dir / CHUNKS / f"{chunk_nos.pop():05d}.npz").unlink()
+    if chunk_nos:
+        probe.restore(states[chunk_nos[-1]])
 
 
 def _finished_positions(run_dir: Path) -> set[int]:
@@ -234,9 +290,21 @@ def _next_chunk_number(run_dir: Path) -> int:
     return max(names, default=-1) + 1
 
 
-def _run_chunk(engine, examples, label_toks: scoring.LabelTokens, config: EvalConfig) -> dict[str, np.ndarray]:
+def _run_chunk(engine, examples, label_toks: scoring.LabelTokens, config: EvalConfig, probe=None,
+               first_position: int = 0) -> dict[str, np.ndarray]:
     prompts = [engine.tokenize(ex.prompt) for ex in examples]
-    results = engine.run(prompts)
+    if probe is None:
+        results = engine.run(prompts)
+    else:
+        probe.prompt_offset = first_position  # prompt indices in the neuron state are run positions
+        # Only the last layer's FFN is cut to the output rows; mark every token only when it is analysed.
+        all_outputs = engine.n_layer - 1 in probe.accumulator.layers
+        try:
+            results = engine.run(prompts, all_outputs=all_outputs, on_batch=probe.on_batch)
+        except ProbeError:
+            probe.check()  # the callback's own error explains an aborted decode better
+            raise
+        probe.check()
     logits = np.stack([r.logits for r in results]).astype(np.float32)
     lab = scoring.label_logits(logits, label_toks)
     top = np.argmax(logits, axis=1)

@@ -47,6 +47,7 @@ class StudyConfig:
     saliency: float = 0.7
     paper: bool = False
     neurons: bool = True
+    salient_examples: int = 20  # prompts attributed with the exact last-layer integrated gradients
     weights: bool = True
     reference: str | None = None
     allow_requantize: bool = False
@@ -95,6 +96,15 @@ def resolve_task_data(task: str, config: StudyConfig) -> tuple[str, str | None, 
         return OFFLINE_TASK, None, task
 
 
+def _prompts(eval_config) -> list[str]:
+    from .evaluation import task_spec
+    from .tasks import load_examples
+
+    data = load_examples(task_spec(eval_config), data_path=eval_config.data_path, limit=eval_config.limit,
+                         on_bad_row=eval_config.on_bad_row, seed=eval_config.seed)
+    return [ex.prompt for ex in data.examples]
+
+
 def _level_entry(run_manifest: dict) -> dict[str, Any]:
     m = run_manifest["model"]
     return {"file_type": m["file_type"], "path": m["path"], "sha256": m["sha256"], "size_bytes": m["size_bytes"],
@@ -117,7 +127,7 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
               progress: StudyProgress | None = None, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) a study and write study.json and the report. Returns the study dict."""
     from .compare import compare_levels, reference_level
-    from .evaluation import EvalConfig, evaluate, ladder_files
+    from .evaluation import EvalConfig, NeuronSettings, evaluate, ladder_files
     from .models.store import DEMO_NAME, resolve_model
 
     t0 = time.perf_counter()
@@ -133,9 +143,11 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
         study: dict[str, Any] = {"tasks": {}, "levels": {}, "weights": {}}
         for task in config.tasks:
             task_run, data_path, fallback_from = resolve_task_data(task, config)
+            neuron_settings = NeuronSettings(layers=config.layers, definitions=(config.neuron,), tau=config.tau) \
+                if config.neurons else None
             eval_config = EvalConfig(task=task_run, data_path=data_path, limit=config.limit, seed=config.seed,
                                      n_ctx=config.n_ctx, threads=config.threads, gpu_layers=config.gpu_layers,
-                                     n_boot=config.n_boot)
+                                     n_boot=config.n_boot, neurons=neuron_settings)
             run_dirs: dict[str, Path] = {}
             runs: dict[str, Any] = {}
             for level, path in files.items():
@@ -156,6 +168,13 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
                 "comparison": comparison,
                 "reliability": {lvl: _reliability(d) for lvl, d in run_dirs.items()},
             }
+            if config.neurons:
+                from .neurons_study import neuron_comparison, neuron_level
+
+                prompts = _prompts(eval_config)
+                study["tasks"][task_run]["neurons"] = {
+                    lvl: neuron_level(run_dirs[lvl], files[lvl], prompts, config, progress) for lvl in run_dirs}
+                study["tasks"][task_run]["neuron_comparison"] = neuron_comparison(run_dirs, ref, study["tasks"][task_run]["neurons"])
         reference = config.reference or reference_level(
             {lvl: Path(r["run_dir"]) for lvl, r in next(iter(study["tasks"].values()))["runs"].items()})
         if config.weights:

@@ -66,7 +66,66 @@ def parse_gpu_layers(value: str | int | None) -> int | None:
     return n
 
 
-class Engine:
+class _VocabMethods:
+    """Tokenizing with llama.cpp's own tokenizer (needs self._lib and self._vocab)."""
+
+    _lib: Any
+    _vocab: Any
+
+    def tokenize(self, text: str, add_special: bool = True) -> np.ndarray:
+        """Token ids as llama.cpp's tokenizer gives them (BOS added when the model asks for it)."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (self._lib.llama_token * n_max)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
+        if n < 0:  # buffer too small: -n is the size needed
+            n_max = -n
+            buf = (self._lib.llama_token * n_max)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
+        return np.frombuffer(buf, dtype=np.int32, count=n).copy()
+
+    def token_to_piece(self, token: int) -> str:
+        buf = ctypes.create_string_buffer(128)
+        n = self._lib.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, True)
+        return buf.raw[:n].decode("utf-8", errors="replace")
+
+
+
+class Vocab(_VocabMethods):
+    """Only a model's vocabulary (no weights): tokenize and detokenize cheaply, even for a 70B file."""
+
+    def __init__(self, model_path: str | os.PathLike) -> None:
+        from ..models.validate import validate_gguf
+
+        self.path = Path(model_path)
+        validate_gguf(self.path, for_llama=True)
+        lib = llama()
+        self._lib = lib
+        params = lib.llama_model_default_params()
+        params.vocab_only = True
+        params.n_gpu_layers = 0
+        clear_log()
+        self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            raise BadModelFile(f"{self.path}: llama.cpp could not load its vocabulary: {last_error('unknown error')}")
+        self._vocab = lib.llama_model_get_vocab(self._model)
+
+    def close(self) -> None:
+        if self._model:
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> "Vocab":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Engine(_VocabMethods):
     """One llama.cpp model and context.
 
     Use as a context manager, or call close(). `eval_callback` receives every graph tensor the
@@ -129,7 +188,9 @@ class Engine:
         cparams.kv_unified = True  # sequences share the cache, so a batch may be any mix of lengths
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads
-        cparams.embeddings = hidden_states
+        # Hidden states come from the graph's result_norm through the eval callback: embeddings mode
+        # would make llama.cpp output (and compute logits for) every token.
+        cparams.embeddings = False
         cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
         cparams.no_perf = True
         # Off by default: on CPU, flash attention accumulates in F16 and moved SmolLM2's logits by ~1.0
@@ -138,10 +199,14 @@ class Engine:
         if kv_type is not None:  # a ggml type id for the K and V cache (0 = F32; llama.cpp's default is F16)
             cparams.type_k = kv_type
             cparams.type_v = kv_type
-        if eval_callback is not None:
-            self._callback_ref = lib.ggml_backend_sched_eval_callback(
-                lambda t, ask, _ud: bool(eval_callback(t, ask))
-            )
+        self._user_callback = eval_callback
+        self._user_wants: set[int] = set()  # tensors the user's callback asked for in this graph
+        self._hidden_rows: np.ndarray | None = None
+        if eval_callback is not None or hidden_states:
+            from .ggml_lib import libggml
+
+            self._ggml = libggml()
+            self._callback_ref = lib.ggml_backend_sched_eval_callback(lambda t, ask, _ud: self._on_tensor(t, ask))
             cparams.cb_eval = self._callback_ref
             cparams.cb_eval_user_data = None
         clear_log()
@@ -156,6 +221,28 @@ class Engine:
         self._mem = lib.llama_get_memory(ctx)
         self.gpu_layers_requested = n_gpu
         self.gpu_offload_supported = offload
+
+    # ------------------------------------------------------------------ eval callback
+    def _on_tensor(self, t: int, ask: bool) -> bool:
+        """Serves the engine's own hidden-state read and the caller's probe in one callback."""
+        name = self._ggml.ggml_get_name(t)
+        mine = self.hidden_states and name == b"result_norm"
+        user = self._user_callback
+        if ask:
+            theirs = bool(user(t, True)) if user is not None else False
+            if theirs:
+                self._user_wants.add(t)
+            else:
+                self._user_wants.discard(t)
+            return mine or theirs
+        if mine:
+            n = self._ggml.ggml_nelements(t)
+            rows = np.empty((n // self.n_embd, self.n_embd), dtype=np.float32)
+            self._ggml.ggml_backend_tensor_get(t, rows.ctypes.data, 0, rows.nbytes)
+            self._hidden_rows = rows
+        if user is not None and t in self._user_wants:
+            return bool(user(t, False))
+        return True
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -198,27 +285,6 @@ class Engine:
             loaded_tensor_types=self.loaded_tensor_types,
             model_desc=buf.value.decode(errors="replace"),
         )
-
-    # ------------------------------------------------------------------ tokens
-    def tokenize(self, text: str, add_special: bool = True) -> np.ndarray:
-        """Token ids as llama.cpp's tokenizer gives them (BOS added when the model asks for it)."""
-        data = text.encode("utf-8")
-        n_max = len(data) + 8
-        buf = (self._lib.llama_token * n_max)()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
-        if n < 0:  # buffer too small: -n is the size needed
-            n_max = -n
-            buf = (self._lib.llama_token * n_max)()
-            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
-        return np.frombuffer(buf, dtype=np.int32, count=n).copy()
-
-    def token_to_piece(self, token: int) -> str:
-        buf = ctypes.create_string_buffer(128)
-        n = self._lib.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, True)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, True)
-        return buf.raw[:n].decode("utf-8", errors="replace")
 
     # ------------------------------------------------------------------ decoding
     def fit(self, tokens: np.ndarray) -> tuple[np.ndarray, int]:
@@ -288,20 +354,23 @@ class Engine:
                     row += 1
                 last_rows.append(row - 1)
             batch.n_tokens = total
+            self._hidden_rows = None
             lib.llama_memory_clear(self._mem, True)
             clear_log()
             rc = lib.llama_decode(self._ctx, batch)
             if rc != 0:
                 raise ProbeError(f"llama_decode failed (code {rc}): {last_error('no message')}")
+            # result_norm holds one row per output token, in batch order.
+            n_outputs = total if all_outputs else len(last_rows)
             out = []
-            for r in last_rows:
+            for seq, r in enumerate(last_rows):
                 lp = lib.llama_get_logits_ith(self._ctx, r)
                 logits = np.ctypeslib.as_array(lp, shape=(self.n_vocab,)).copy()
                 hidden = None
                 if self.hidden_states:
-                    hp = lib.llama_get_embeddings_ith(self._ctx, r)
-                    if hp:
-                        hidden = np.ctypeslib.as_array(hp, shape=(self.n_embd,)).copy()
+                    if self._hidden_rows is None or len(self._hidden_rows) != n_outputs:
+                        raise ProbeError("llama.cpp did not hand over result_norm for this batch")
+                    hidden = self._hidden_rows[r if all_outputs else seq].copy()
                 out.append((logits, hidden))
             return out
         finally:

@@ -194,8 +194,9 @@ def what_changed(study: Mapping[str, Any], max_items: int = 6) -> list[dict[str,
     """The largest changes against the reference, each a sentence stating its number (and CI).
 
     Candidates, per task and non-reference level: accuracy change with its paired-bootstrap interval
-    (and how many answers changed), mean KL over the full vocabulary, the ACE and ECE shifts (each
-    level's own bootstrap interval; called significant only when the two intervals do not overlap),
+    (and how many answers changed), mean KL over the full vocabulary, the ACE and ECE shifts (label-set
+    scoring, or paper scoring in a paper-mode study; each level's own bootstrap interval, so called
+    significant only when the two intervals do not overlap),
     dead/salient count changes and salient-set Jaccard; per level, the worst weight-error layer.
     Ranked: significant first (an interval excluding 0), then by a unitless size (|Δ| of a fraction,
     1 − agreement, 1 − e^−KL, 1 − Jaccard, relative RMSE); every kind of change gets a place before a
@@ -203,6 +204,9 @@ def what_changed(study: Mapping[str, Any], max_items: int = 6) -> list[dict[str,
     "significant", "score"}].
     """
     items: list[dict[str, Any]] = []
+    paper_mode = (study.get("study") or {}).get("mode") == "paper"
+    scoring = "paper" if paper_mode else "label_set"
+    scoring_note = " (paper scoring)" if paper_mode else ""
 
     def add(text, metric, level, task, value, lo=None, hi=None, score=0.0, significant=None):
         items.append({"text": text, "metric": metric, "level": level, "task": task, "value": value,
@@ -237,7 +241,7 @@ def what_changed(study: Mapping[str, Any], max_items: int = 6) -> list[dict[str,
                     f" (p99 {c.get('kl_full_p99', float('nan')):.3g}){extra}.",
                     "kl_full_mean", level, task, kl, score=1 - math.exp(-kl))
             for key, name in (("ace_paper", "ACE (paper)"), ("ece", "ECE")):
-                for scoring_name in ("label_set",):
+                for scoring_name in (scoring,):
                     r = ((runs.get(ref) or {}).get("metrics") or {}).get(scoring_name, {}).get(key) or {}
                     q = ((runs.get(level) or {}).get("metrics") or {}).get(scoring_name, {}).get(key) or {}
                     if _num(r.get("value")) is None or _num(q.get("value")) is None:
@@ -246,7 +250,7 @@ def what_changed(study: Mapping[str, Any], max_items: int = 6) -> list[dict[str,
                     rlo, rhi, qlo, qhi = (_num(x) for x in (r.get("ci_low"), r.get("ci_high"),
                                                             q.get("ci_low"), q.get("ci_high")))
                     apart = None not in (rlo, rhi, qlo, qhi) and (qlo > rhi or qhi < rlo)
-                    add(f"{name} on {task}: {level} {q['value']:.3f} {_interval(qlo, qhi, 1, '.3f').replace('+', '')}"
+                    add(f"{name}{scoring_note} on {task}: {level} {q['value']:.3f} {_interval(qlo, qhi, 1, '.3f').replace('+', '')}"
                         f" vs {ref} {r['value']:.3f} {_interval(rlo, rhi, 1, '.3f').replace('+', '')}"
                         f" ({_signed(d, '.3f')}); the intervals {'do not overlap' if apart else 'overlap'}.",
                         key + "_delta", level, task, d, score=abs(d), significant=apart)
@@ -406,7 +410,7 @@ def _token_rows(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
         merged.setdefault((str(r[0]), str(r[1])), []).append(float(r[2]))
     out = []
     for (tok, ctx), vals in merged.items():
-        out.append([_Cell(_visible(tok), cls="tok"), _Cell("…" + _visible(ctx), cls="ctx"),
+        out.append([_Cell(_visible(tok), cls="tok"), _Cell("…" + _visible(ctx) if ctx else "(start of prompt)", cls="ctx"),
                     _Cell(_fmt(max(vals), ".2f"), f"×{len(vals)}" if len(vals) > 1 else "")])
     return out
 
@@ -438,6 +442,9 @@ def _try_figure(name: str, caption: str, fn: Callable[[], bytes], notes: list[st
         return _Figure(name, fn(), caption)
     except ValueError as exc:  # nothing to draw: the section says so instead
         notes.append(f"{caption}: {exc}")
+        return None
+    except (KeyError, TypeError, IndexError) as exc:  # malformed input: say so, never lose the whole report
+        notes.append(f"{caption}: could not be drawn ({type(exc).__name__}: {exc})")
         return None
 
 
@@ -692,7 +699,7 @@ def _build(study: Mapping[str, Any]) -> tuple[dict[str, Any], list[_Section], li
     details: list[tuple[str, Any]] = []
     if rows:
         details.append(("table", _Table(["level", "sha256", "file", "tensor types (file)", "tensor types (loaded)",
-                                         "devices", "GPU layers"], rows, cls="compact")))
+                                         "devices", "GPU layers"], rows, cls="manifest")))
     for task, t in tasks.items():
         data = t.get("data") or {}
         if data:
@@ -765,7 +772,8 @@ tbody th{font-weight:500;color:#2b3446}
 td .sub{display:block;color:var(--muted);font-size:11.5px;white-space:nowrap}
 td.sig .main{color:var(--warn);font-weight:650}
 td.muted{color:var(--muted)}
-td.strong{font-weight:650}
+.strong{font-weight:650}
+table.tokens th:nth-child(2){text-align:left}
 td.mono,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:11.5px;word-break:break-all}
 table.metrics td{min-width:140px}
 .caption{color:var(--muted);font-size:12px;margin:4px 0 10px}
@@ -780,8 +788,7 @@ figcaption{color:#39414f;font-size:12.5px;margin-top:6px}
 table.tokens td{padding:3px 6px;font-size:12px}
 table.tokens td.tok{font-family:ui-monospace,Menlo,Consolas,monospace;font-weight:650;color:#0a4f7a;white-space:pre}
 table.tokens td.ctx{font-family:ui-monospace,Menlo,Consolas,monospace;color:var(--muted);text-align:left;white-space:pre-wrap;word-break:break-word}
-table.defs td{text-align:left}
-table.ladder td{text-align:left}
+table.defs td,table.defs th,table.ladder td,table.ladder th,table.manifest td,table.manifest th{text-align:left}
 tr.group th{background:#eef3f8;color:#12305a;font-weight:650;font-size:12px;text-transform:uppercase;letter-spacing:.4px;padding-top:9px}
 details summary{cursor:pointer;font-weight:600;color:var(--accent);margin-bottom:8px}
 footer{color:var(--muted);font-size:12px;text-align:center;margin-top:10px}
@@ -798,6 +805,7 @@ def _data_uri(png: bytes) -> str:
 
 def _html_table(t: _Table) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in t.headers)
+    thead = f"<thead><tr>{head}</tr></thead>" if any(t.headers) else ""
     body = []
     for row in t.rows:
         if isinstance(row, _Group):
@@ -814,8 +822,8 @@ def _html_table(t: _Table) -> str:
     cap = f'<div class="caption">{_e(t.caption)}</div>' if t.caption else ""
     klass = f"table {t.cls}".strip()
     if t.cls == "tokens":
-        return f'{cap}<table class="{_e(klass)}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-    return (f'<div class="tablewrap"><table class="{_e(klass)}"><thead><tr>{head}</tr></thead>'
+        return f'{cap}<table class="{_e(klass)}">{thead}<tbody>{"".join(body)}</tbody></table>'
+    return (f'<div class="tablewrap"><table class="{_e(klass)}">{thead}'
             f'<tbody>{"".join(body)}</tbody></table></div>{cap}')
 
 
@@ -852,7 +860,7 @@ def _html_block(kind: str, payload: Any, colors: Mapping[str, str]) -> str:
 
 def _html(header: Mapping[str, Any], sections: list[_Section]) -> str:
     colors = header["colors"]
-    chips = [f'<span class="chip">levels: ' + " ".join(
+    chips = ['<span class="chip">levels: ' + " ".join(
         f'<span class="dot" style="background:{_e(colors.get(lvl, "#fff"))}"></span><b>{_e(lvl)}</b>'
         + (" (ref)" if lvl == header["reference"] else "") for lvl in header["levels"]) + "</span>" if header["levels"] else "",
              f'<span class="chip">tasks: <b>{_e(", ".join(header["tasks"]) or "—")}</b></span>',
@@ -886,14 +894,22 @@ def _md_escape(text: Any) -> str:
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("`", "\\`")
 
 
+_NUMERIC = re.compile(r"^[−+-]?[\d.,]+(?:e[−+-]?\d+)?\s*%?$")
+
+
 def _md_table(t: _Table) -> str:
     def cell(c: Any) -> str:
         if isinstance(c, _Cell):
             return _md_escape(c.main) + (f" <sub>{_md_escape(c.sub)}</sub>" if c.sub else "")
         return _md_escape("" if c is None else c)
 
-    lines = ["| " + " | ".join(_md_escape(h) or " " for h in t.headers) + " |",
-             "|" + "|".join([":---"] + ["---:"] * (len(t.headers) - 1)) + "|"]
+    def numeric(col: int) -> bool:  # right-align columns of numbers, left-align text
+        cells = [r[col] for r in t.rows if not isinstance(r, _Group) and col < len(r)]
+        texts = [(c.main if isinstance(c, _Cell) else str(c or "")) for c in cells]
+        return all(_NUMERIC.match(x) for x in texts if x and x not in ("—", "ref"))
+
+    aligns = [":---"] + ["---:" if numeric(i) else ":---" for i in range(1, len(t.headers))]
+    lines = ["| " + " | ".join(_md_escape(h) or " " for h in t.headers) + " |", "|" + "|".join(aligns) + "|"]
     lines += ["| " + (f"**{_md_escape(row.label)}**" + " |" * (len(t.headers) - 1) if isinstance(row, _Group)
                       else " | ".join(cell(c) for c in row)) + " |" for row in t.rows]
     out = "\n".join(lines)

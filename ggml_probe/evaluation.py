@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import time
@@ -177,6 +178,7 @@ def evaluate(
     model_id = _model_identity(path)
     identity = {"model_sha256": model_id["sha256"], "data_sha256": data.data_sha256, **config.identity(),
                 "definitions_version": 1}
+    identity = json.loads(json.dumps(identity))  # as it will read back from manifest.json (tuples → lists)
     run_dir = Path(run_dir)
     with directory_lock(run_dir):
         old = prepare_run_dir(run_dir, identity, resume, force)
@@ -252,11 +254,12 @@ def evaluate(
 
 
 def _save_probe_state(run_dir: Path, probe, chunk_no: int) -> None:
-    """The accumulator after chunk N, then drop older states (a crash in between keeps one valid)."""
+    """The accumulator after chunk N; the one before it is kept, so a crash between a chunk and its
+    state costs one chunk of recomputation, not the run."""
     folder = run_dir / NEURON_STATE
     save_npz(folder / f"{chunk_no:05d}.npz", **probe.state())
     for old in folder.glob("*.npz"):
-        if old.stem.isdigit() and int(old.stem) < chunk_no:
+        if old.stem.isdigit() and int(old.stem) < chunk_no - 1:
             old.unlink()
 
 

@@ -188,7 +188,13 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
             "command": command or "", "seconds": time.perf_counter() - t0,
             "definitions": _definitions(config),
         }
+        from .report.study_report import render_report, what_changed
+
+        study["what_changed"] = what_changed(study)
         write_json(out / "study.json", study)
+        if progress:
+            progress.step("writing the report")
+        render_report(study, out)
         return study
 
 
@@ -230,5 +236,10 @@ def _definitions(config: StudyConfig) -> dict[str, str]:
         "scoring_label_set": SCORING["label_set"], "scoring_paper": SCORING["paper"],
         **{f"metric_{k}": v for k, v in CAL.items()},
         "reference_level": "the highest-precision level of the ladder (bits per weight), unless --ref",
+        "neuron_drift": ("per layer: mean over neurons of |mean activation(level) − mean activation(reference)|; "
+                         "max: the largest such change"),
+        "dead": f"a neuron is dead when every value it takes over every prompt token lies in (−τ, τ), τ = {config.tau}",
+        "salient": f"|attribution| / max per example above {config.saliency}; the union over the attributed examples",
+        "redundant": "pairs of neurons of a layer whose Pearson correlation over tokens has |corr| ≥ 0.9",
         "weights": "per tensor: relative RMSE ‖W−W_ref‖/‖W_ref‖, SQNR 10·log10(‖W_ref‖²/‖W−W_ref‖²), cosine, max |ΔW|",
     }

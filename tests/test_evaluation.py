@@ -136,3 +136,39 @@ def test_bad_rows_are_reported_with_row_numbers(demo_path, tmp_path):
     summary = evaluate(demo_path, EvalConfig(task="boolq", data_path=str(data), on_bad_row="skip", n_boot=10),
                        tmp_path / "run2")
     assert summary.n_examples == 1 and summary.bad_rows == 2
+
+
+@pytest.mark.slow
+def test_neurons_ride_along_and_resume_exactly(demo_ladder, tmp_path):
+    from ggml_probe.evaluation import NeuronSettings
+
+    config = EvalConfig(task="yesno-mini", limit=9, chunk_size=3, n_boot=50,
+                        neurons=NeuronSettings(layers="0,-1", definitions=("act", "down_in")))
+    whole = evaluate(demo_ladder["Q8_0"], config, tmp_path / "whole")
+    calls = []
+
+    def stop(done, total):
+        calls.append(done)
+        if done >= 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(demo_ladder["Q8_0"], config, tmp_path / "cut", progress=stop)
+    # a crash between a chunk and its neuron state: the chunk without state is recomputed
+    states = sorted((tmp_path / "cut" / "neuron_state").glob("*.npz"))
+    states[-1].unlink()
+    resumed = evaluate(demo_ladder["Q8_0"], config, tmp_path / "cut", resume=True)
+    assert resumed.resumed_examples == 3
+    a = json.loads((whole.run_dir / "neurons.json").read_text())
+    b = json.loads((tmp_path / "cut" / "neurons.json").read_text())
+    for ea, eb in zip(a["layers"], b["layers"]):
+        assert ea["tokens"] == eb["tokens"] > 0 and ea["dead_ids"] == eb["dead_ids"]
+        assert ea["redundancy"]["pairs_above"] == eb["redundancy"]["pairs_above"]
+        assert ea["max_abs_quantiles"] == pytest.approx(eb["max_abs_quantiles"])
+    sa, sb = np.load(whole.run_dir / "neuron_stats.npz"), np.load(tmp_path / "cut" / "neuron_stats.npz")
+    for k in sa.files:
+        np.testing.assert_allclose(sa[k], sb[k], rtol=1e-12, atol=1e-12)
+    # the output-level results of a neuron run equal a plain run's: probes do not change the logits
+    plain = evaluate(demo_ladder["Q8_0"], EvalConfig(task="yesno-mini", limit=9, n_boot=50), tmp_path / "plain")
+    assert np.array_equal(np.load(plain.run_dir / "logits.npy"), np.load(whole.run_dir / "logits.npy"))
+    assert np.array_equal(np.load(plain.run_dir / "hidden.npy"), np.load(whole.run_dir / "hidden.npy"))

@@ -175,7 +175,7 @@ def real_study(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     results = quantize_ladder(demo, ["F16", "Q4_0"], out_dir=root / "models", allow_requantize=True)
     ladder = {r.quant: r.path for r in results}
-    study = report_study.build_study(ladder, root, task="yesno-mini", limit=6, layers=(0, -1))
+    study = report_study.build_study(ladder, root, task="yesno-mini", limit=6, layers=(0, -1), ig_points=8)
     return {"study": study, "ladder": ladder, "root": root}
 
 

@@ -262,6 +262,21 @@ def _eval_config(task, data_path, template, labels, gold_column, id_column, limi
                       n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts)
 
 
+def _neuron_options(f):
+    for opt in reversed([
+        click.option("--layers", default="0,14,-1", show_default=True,
+                     help="Layers to capture: a list (negatives count from the end) or 'all'."),
+        click.option("--neuron", type=click.Choice(["act", "down_in"]), default="act", show_default=True,
+                     help="act = SiLU(gate) / GELU output (the paper's); down_in = the input of ffn_down."),
+        click.option("--tau", type=float, default=0.1, show_default=True,
+                     help="Dead: every value over every token within (−tau, tau)."),
+        click.option("--salient-examples", type=int, default=20, show_default=True,
+                     help="Prompts attributed with the exact last-layer integrated gradients (0: none)."),
+    ]):
+        f = opt(f)
+    return f
+
+
 class _Progress:
     """One rich progress bar per run (examples/s and ETA); silent when quiet."""
 
@@ -315,10 +330,13 @@ class _Progress:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (finished examples are kept).")
 @click.option("--force", is_flag=True, help="Discard an existing run in the output directory and start over.")
 @_engine_options
+@click.option("--neurons", "with_neurons", is_flag=True, help="Also run the neuron analyses in the same pass.")
+@_neuron_options
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
-             reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet):
+             reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
+             with_neurons, layers, neuron, tau, salient_examples, as_json, quiet):
     """Evaluate a model on a task: accuracy, confidence, calibration (ACE, ECE, Brier, NLL).
 
     Writes a run directory (manifest.json, predictions.parquet, metrics.json, reliability.png,
@@ -330,11 +348,53 @@ def eval_cmd(model, task, data_path, template, labels, gold_column, id_column, l
       ggml-probe eval demo --task boolq --data ../shared/data/boolq_validation.jsonl --limit 100
       ggml-probe eval demo --quants F16,Q8_0,Q4_0 --task yesno-mini
     """
-    from .evaluation import evaluate, ladder_files, run_dir_name
+    _run_eval(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
+              reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
+              with_neurons, layers, neuron, tau, salient_examples, as_json, quiet)
+
+
+@cli.command("neurons")
+@click.argument("model")
+@_task_options
+@click.option("--quants", default=None, help="Comma-separated levels (e.g. F16,Q8_0,Q4_0); missing ladder files are built first.")
+@click.option("--ref", "reference", default=None, help="Reference level for comparisons (default: highest precision).")
+@click.option("--allow-requantize", is_flag=True, help="Allow building the ladder from an already-quantized source.")
+@click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory (default: runs/<model>-<task>).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run.")
+@click.option("--force", is_flag=True, help="Start over.")
+@_engine_options
+@_neuron_options
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def neurons_cmd(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
+                reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
+                layers, neuron, tau, salient_examples, as_json, quiet):
+    """FFN neurons through llama.cpp: dead, salient (last layer, exact IG), redundant, top tokens.
+
+    The same single pass also produces the output-level metrics of `eval` (one decode per example).
+    Across a ladder (--quants) it prints the paper's side-by-side table: dead, salient and redundant
+    neurons per level, with dead/salient overlap and activation drift against the reference.
+
+    \b
+    Example:
+      ggml-probe neurons demo --quants F16,Q4_0 --task boolq --data ../shared/data/boolq_validation.jsonl --limit 50
+    """
+    _run_eval(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
+              reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
+              True, layers, neuron, tau, salient_examples, as_json, quiet)
+
+
+def _run_eval(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
+              reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
+              with_neurons, layers, neuron, tau, salient_examples, as_json, quiet) -> None:
+    from .evaluation import NeuronSettings, evaluate, ladder_files, run_dir_name
     from .models.store import DEMO_NAME, resolve_model
 
     config = _eval_config(task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
                           n_ctx, threads, gpu_layers, batch_prompts)
+    if with_neurons:
+        config.neurons = NeuronSettings(layers=layers, definitions=(neuron,), tau=tau)
     src = resolve_model(model)
     root = out or Path("runs") / run_dir_name(src, task)
     if quants:
@@ -352,19 +412,40 @@ def eval_cmd(model, task, data_path, template, labels, gold_column, id_column, l
             summaries[level] = evaluate(path, config, run_dir, resume=resume, force=force,
                                         progress=bars.tracker(f"{level or path.name} · {task}"), quant_label=level)
     comparison = None
+    run_dirs = {str(lvl or s.quant): s.run_dir for lvl, s in summaries.items()}
     if len(files) > 1:
         from .compare import compare_levels
         from .rundir import write_json
 
-        comparison = compare_levels({lvl: s.run_dir for lvl, s in summaries.items()}, reference=reference)
+        comparison = compare_levels(run_dirs, reference=reference)
         write_json(root / "comparison.json", comparison)
+    neuron_levels = neuron_cmp = None
+    if with_neurons:
+        from .neurons_study import neuron_comparison, neuron_level
+        from .study import StudyConfig
+        from .tasks import load_examples
+        from .evaluation import task_spec
+
+        data = load_examples(task_spec(config), data_path=config.data_path, limit=config.limit,
+                             on_bad_row=config.on_bad_row, seed=config.seed)
+        prompts = [ex.prompt for ex in data.examples]
+        settings = StudyConfig(neuron=neuron, tau=tau, salient_examples=salient_examples, n_ctx=n_ctx,
+                               threads=threads, gpu_layers=gpu_layers)
+        paths = {str(lvl or s.quant): p for (lvl, p), s in zip(files.items(), summaries.values())}
+        neuron_levels = {lvl: neuron_level(d, paths[lvl], prompts, settings) for lvl, d in run_dirs.items()}
+        if len(run_dirs) > 1:
+            ref = comparison["reference"]
+            neuron_cmp = neuron_comparison(run_dirs, ref, neuron_levels)
     if as_json:
         click.echo(json.dumps({"runs": {str(k or s.quant): {"run_dir": str(s.run_dir), "metrics": s.metrics}
-                                        for k, s in summaries.items()}, "comparison": comparison}, indent=2, default=str))
+                                        for k, s in summaries.items()}, "comparison": comparison,
+                               "neurons": neuron_levels, "neuron_comparison": neuron_cmp}, indent=2, default=str))
         return
-    from .report.terminal import print_eval_summary
+    from .report.terminal import print_eval_summary, print_neuron_summary
 
     print_eval_summary(_console(), summaries, comparison)
+    if neuron_levels:
+        print_neuron_summary(_console(), neuron_levels, neuron_cmp)
 
 
 # --------------------------------------------------------------------------- weights / dump

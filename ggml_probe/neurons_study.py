@@ -87,7 +87,7 @@ def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, pr
     }
     last = max(level["layers"]) if level["layers"] else None
     try:
-        sal = _salient(run_dir, model_path, prompts, config, progress)
+        sal = _salient(run_dir, model_path, prompts, config, progress) if config.salient_examples > 0 else None
     except Exception as exc:  # an architecture the exact method does not cover: say so, keep the rest
         from .errors import ProbeError
 

@@ -121,3 +121,19 @@ def test_weights_and_dump_commands(runner, demo_ladder, tmp_path):
     assert np.load(out).shape == (576, 1536)
     res = runner.invoke(cli, ["dump", str(demo_ladder["F16"]), "--tensor", "blk.14.ffn_down.weight", "-o", str(out)])
     assert res.exit_code == 2 and "--force" in res.output
+
+
+@pytest.mark.slow
+def test_neurons_command_across_a_ladder(runner, demo_ladder, tmp_path, monkeypatch):
+    monkeypatch.setenv("GGML_PROBE_MODELS", str(demo_ladder["F16"].parent))
+    res = runner.invoke(cli, ["neurons", "demo", "--quants", "F16,Q4_0", "--task", "yesno-mini", "--limit", "6",
+                              "--layers", "0,-1", "--salient-examples", "3", "-o", str(tmp_path / "n"), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    f16, q4 = out["neurons"]["F16"], out["neurons"]["Q4_0"]
+    assert f16["layers"] == [0, 29] and set(f16["dead"]) == {"0", "29"}
+    assert f16["salient"]["29"] == len(f16["salient_ids"]["29"]) > 0
+    jac = out["neuron_comparison"]["Q4_0"]["salient_jaccard"]["29"]
+    a, b = set(f16["salient_ids"]["29"]), set(q4["salient_ids"]["29"])
+    assert jac == pytest.approx(len(a & b) / len(a | b))
+    assert (tmp_path / "n" / "F16" / "neurons.json").exists()

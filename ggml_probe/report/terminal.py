@@ -180,3 +180,35 @@ def _per_layer(values: dict | None) -> str:
     if not values:
         return "—"
     return "/".join(str(v) for v in values.values())
+
+
+def print_neuron_summary(console: "Console", levels: dict, comparison: dict | None) -> None:
+    """The paper's neuron table per level: dead, salient, redundant per layer, and overlap with the reference."""
+    first = next(iter(levels.values()))
+    table = Table(title=f"{first['neuron']} neurons · τ = {first['tau']} · {first.get('tokens', 0)} tokens per level")
+    cols = ["level", "layer", "dead", "max|a| median", "salient", "redundant pairs", "groups"]
+    if comparison:
+        cols += ["dead Jaccard", "salient Jaccard", "drift |Δmean|"]
+    for c in cols:
+        table.add_column(c, justify="left" if c == "level" else "right", no_wrap=True)
+    for level, n in levels.items():
+        cmp_ = (comparison or {}).get(level, {})
+        for layer in n["layers"]:
+            key = str(layer)
+            sal = (n.get("salient") or {}).get(key)
+            conv = (n.get("salient_converged") or {}).get(key)
+            row = [level, key, str(n["dead"][key]), f"{n['max_abs_quantiles'][key][2]:.3f}",
+                   "—" if sal is None else f"{sal}" + ("" if conv in (None, True) else " (unconverged)"),
+                   str(n["redundant_pairs"].get(key, "—")), str(n.get("redundancy_groups", {}).get(key, "—"))]
+            if comparison:
+                if not cmp_:
+                    row += ["ref", "ref", "ref"]
+                else:
+                    sj = cmp_.get("salient_jaccard", {}).get(key)
+                    row += [f"{cmp_['dead_jaccard'].get(key, float('nan')):.2f}", "—" if sj is None else f"{sj:.2f}",
+                            f"{cmp_['drift'].get(key, {}).get('mean', float('nan')):.4f}"]
+            table.add_row(*row)
+    console.print(table)
+    method = first.get("salient_method")
+    if method:
+        console.print(f"[dim]salient: {method}[/]")

@@ -262,6 +262,21 @@ def _eval_config(task, data_path, template, labels, gold_column, id_column, limi
                       n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts)
 
 
+def _run_options(f):
+    for opt in reversed([
+        click.option("--quants", default=None,
+                     help="Comma-separated levels to run (e.g. F16,Q8_0,Q4_0); missing ladder files are built first."),
+        click.option("--ref", "reference", default=None, help="Reference level for comparisons (default: highest precision)."),
+        click.option("--allow-requantize", is_flag=True, help="Allow building the ladder from an already-quantized source."),
+        click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Run directory (default: runs/<model>-<task>, with one subfolder per level for --quants)."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run (finished examples are kept)."),
+        click.option("--force", is_flag=True, help="Discard an existing run in the output directory and start over."),
+    ]):
+        f = opt(f)
+    return f
+
+
 def _neuron_options(f):
     for opt in reversed([
         click.option("--layers", default="0,14,-1", show_default=True,
@@ -321,14 +336,7 @@ class _Progress:
 @cli.command("eval")
 @click.argument("model")
 @_task_options
-@click.option("--quants", default=None,
-              help="Comma-separated levels to run (e.g. F16,Q8_0,Q4_0); missing ladder files are built first.")
-@click.option("--ref", "reference", default=None, help="Reference level for comparisons (default: highest precision).")
-@click.option("--allow-requantize", is_flag=True, help="Allow building the ladder from an already-quantized source.")
-@click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Run directory (default: runs/<model>-<task>, with one subfolder per level for --quants).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run (finished examples are kept).")
-@click.option("--force", is_flag=True, help="Discard an existing run in the output directory and start over.")
+@_run_options
 @_engine_options
 @click.option("--neurons", "with_neurons", is_flag=True, help="Also run the neuron analyses in the same pass.")
 @_neuron_options
@@ -356,13 +364,7 @@ def eval_cmd(model, task, data_path, template, labels, gold_column, id_column, l
 @cli.command("neurons")
 @click.argument("model")
 @_task_options
-@click.option("--quants", default=None, help="Comma-separated levels (e.g. F16,Q8_0,Q4_0); missing ladder files are built first.")
-@click.option("--ref", "reference", default=None, help="Reference level for comparisons (default: highest precision).")
-@click.option("--allow-requantize", is_flag=True, help="Allow building the ladder from an already-quantized source.")
-@click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Run directory (default: runs/<model>-<task>).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run.")
-@click.option("--force", is_flag=True, help="Start over.")
+@_run_options
 @_engine_options
 @_neuron_options
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")

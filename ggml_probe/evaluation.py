@@ -301,13 +301,9 @@ def _run_chunk(engine, examples, label_toks: scoring.LabelTokens, config: EvalCo
     else:
         probe.prompt_offset = first_position  # prompt indices in the neuron state are run positions
         # Only the last layer's FFN is cut to the output rows; mark every token only when it is analysed.
-        all_outputs = engine.n_layer - 1 in probe.accumulator.layers
-        try:
-            results = engine.run(prompts, all_outputs=all_outputs, on_batch=probe.on_batch)
-        except ProbeError:
-            probe.check()  # the callback's own error explains an aborted decode better
-            raise
-        probe.check()
+        from .engine.capture import run_checked
+
+        results = run_checked(engine, probe, prompts, all_outputs=engine.n_layer - 1 in probe.accumulator.layers)
     logits = np.stack([r.logits for r in results]).astype(np.float32)
     lab = scoring.label_logits(logits, label_toks)
     top = np.argmax(logits, axis=1)

@@ -92,6 +92,8 @@ def main() -> None:
                           for l, v in row["layers"].items()), flush=True)
     rss_ig = common.peak_rss_mib()
     n_ig = len(ig_rows)
+    if not n_ig:
+        raise SystemExit("--n-ig must be at least 1")
     ig_per_layer = {str(layer): sum(r["layers"][str(layer)]["seconds"] for r in ig_rows) / n_ig for layer in layers}
     ig_per_prompt = sum(r["seconds"] for r in ig_rows) / n_ig
     per_example = fwd["seconds"] / fwd["prompts"] + ig_per_prompt

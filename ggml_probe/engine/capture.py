@@ -92,27 +92,21 @@ def ffn_names(arch: str, tensor_names: Iterable[str] = ()) -> FFNNames:
 
 @lru_cache(maxsize=16)
 def _model_ffn_cached(path: str, mtime: float) -> ModelFFN:
-    import gguf
-
+    # The validator's bounds-checked header parse: fast, and a corrupt file is refused in one line.
     from ..errors import BadModelFile
+    from ..models.validate import validate_gguf
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:
-        raise BadModelFile(f"{path}: not a readable GGUF file ({exc})") from None
-
-    def field(key: str):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    arch = field("general.architecture")
+    summary = validate_gguf(path, for_llama=False)
+    field = summary.value
+    arch = summary.architecture
     if not arch:
         raise BadModelFile(f"{path}: no general.architecture in the GGUF metadata")
-    tensor_names = [t.name for t in reader.tensors]
-    names = ffn_names(arch, tensor_names)
+    names = ffn_names(arch, [t.name for t in summary.tensors])
     n_layer = field(f"{arch}.block_count")
     n_ff = field(f"{arch}.feed_forward_length")
     n_embd = field(f"{arch}.embedding_length")
+    if hasattr(n_ff, "tolist"):
+        n_ff = n_ff.tolist()
     if isinstance(n_ff, list):  # per-layer FFN widths
         if len(set(n_ff)) != 1:
             raise UnsupportedArchitecture(f"{path}: FFN width differs between layers; not supported")
@@ -643,25 +637,22 @@ class _LastPositionTap:
 
 def read_last_layer_head(model_path: str | os.PathLike, layer: int):
     """The GGUF's own (dequantized) ffn_down of `layer`, final norm and output matrix, as LastLayerHead."""
-    import gguf
-    from gguf.quants import dequantize
-
     from ..analysis.salient import LastLayerHead
+    from ..weights.dequant import GGUFTensors
 
     info = model_ffn(model_path)
-    reader = gguf.GGUFReader(str(model_path))
-    tensors = {t.name: t for t in reader.tensors}
+    with GGUFTensors(model_path) as tensors:
+        names = set(tensors.names())
 
-    def weight(name: str) -> np.ndarray:
-        t = tensors[name]
-        return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64)
+        def weight(name: str) -> np.ndarray:
+            return np.asarray(tensors.dequantize(name), dtype=np.float64)
 
-    out_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"  # tied embeddings
-    eps_field = reader.fields.get(f"{info.arch}.attention.layer_norm_rms_epsilon")
-    if eps_field is None:
-        raise ProbeError(f"{model_path}: no RMSNorm epsilon in the metadata")
-    return LastLayerHead(weight(f"blk.{layer}.ffn_down.weight"), weight("output_norm.weight"),
-                         float(eps_field.contents()), weight(out_name))
+        out_name = "output.weight" if "output.weight" in names else "token_embd.weight"  # tied embeddings
+        eps = tensors.summary.value(f"{info.arch}.attention.layer_norm_rms_epsilon")
+        if eps is None:
+            raise ProbeError(f"{model_path}: no RMSNorm epsilon in the metadata")
+        return LastLayerHead(weight(f"blk.{layer}.ffn_down.weight"), weight("output_norm.weight"), float(eps),
+                             weight(out_name))
 
 
 @dataclass

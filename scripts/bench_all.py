@@ -1,0 +1,315 @@
+#!/usr/bin/env python
+"""Run every benchmark (or only collect their existing results) and write benchmarks/README.md.
+
+Each benchmark writes its own benchmarks/<name>.json; this script turns them into one page where
+every figure is a ratio against its baseline measured in the same run:
+  eval           ggml-probe eval vs plain llama.cpp decoding (scripts/bench_eval.py)
+  neurons        neuron pass vs plain llama.cpp decoding (scripts/bench_neurons.py)
+  weights        streaming dequantization vs gguf-py's reader (scripts/bench_weights.py)
+  paper_stack    the paper's transformers + hooks + Captum IG stack (scripts/paper_stack.py)
+  fidelity       ggml-probe's exact last-layer IG vs Captum (scripts/validate_attribution.py)
+plus a section comparing ggml-probe's time per example with the paper stack's.
+
+    python scripts/bench_all.py                 # run all (tens of minutes), then write the page
+    python scripts/bench_all.py --only weights  # run some, collect all
+    python scripts/bench_all.py --collect       # only collect the JSON files that exist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+ORDER = ["eval", "neurons", "weights", "paper_stack", "fidelity"]
+SCRIPTS = {"eval": "bench_eval.py", "neurons": "bench_neurons.py", "weights": "bench_weights.py",
+           "paper_stack": "paper_stack.py", "fidelity": "validate_attribution.py"}
+
+
+# ------------------------------------------------------------------ running
+
+
+def commands(args: argparse.Namespace) -> dict[str, list[str]]:
+    py, s = sys.executable, REPO / "scripts"
+    return {
+        "eval": [py, str(s / SCRIPTS["eval"]), "--n", str(args.n_eval), "--threads", str(args.threads)],
+        "neurons": [py, str(s / SCRIPTS["neurons"]), "--n", str(args.n_neurons), "--threads", str(args.threads),
+                    "--out", str(BENCH / "neurons.json")],
+        "weights": [py, str(s / SCRIPTS["weights"]), "--models", str(REPO / "models"), "--repeat", "3",
+                    "--out", str(BENCH / "weights")],
+        "paper_stack": [py, str(s / SCRIPTS["paper_stack"]), "--n-forward", str(args.n_forward),
+                        "--n-ig", str(args.n_ig), "--threads", str(args.threads)],
+        "fidelity": [py, str(s / SCRIPTS["fidelity"]), "--n", str(args.n_fidelity), "--threads", str(args.threads)],
+    }
+
+
+def run_benchmarks(names: list[str], args: argparse.Namespace) -> dict[str, int]:
+    if "weights" in names:  # its inputs: the demo model at F16 and Q4_0 under models/
+        sys.path.insert(0, str(REPO))
+        from ggml_probe.models.quantize import quantize_ladder
+
+        quantize_ladder("demo", ["F16", "Q4_0"], out_dir=REPO / "models", allow_requantize=True, skip_existing=True)
+    status = {}
+    cmds = commands(args)
+    for name in names:
+        print(f"== {name}: {' '.join(cmds[name][1:])}", flush=True)
+        t0 = time.perf_counter()
+        status[name] = subprocess.run(cmds[name], cwd=REPO).returncode
+        print(f"== {name}: exit {status[name]} after {time.perf_counter() - t0:.0f} s", flush=True)
+    return status
+
+
+# ------------------------------------------------------------------ collecting
+
+
+def load(name: str) -> dict | None:
+    path = BENCH / f"{name}.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    data["_mtime"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(path.stat().st_mtime))
+    return data
+
+
+def _f(x: float | None, spec: str = ".2f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def eval_section(d: dict) -> tuple[list[str], list[tuple]]:
+    rows = d["rows"]
+    cmd = f"python scripts/bench_eval.py --n {d['n']} --threads {d.get('threads')}"
+    lines = [f"Command: `{cmd}` · {d['machine']} · {d.get('date', d['_mtime'])}", "",
+             "Baseline: llama-cpp-python's `Llama.eval` on the same prompts, one at a time, same process kind.", "",
+             "| level | examples | baseline ex/s | eval ex/s | **eval / baseline** | baseline peak MiB | eval peak MiB | peak ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['level']} | {r['examples']} | {r['baseline_ex_per_s']:.1f} | {r['eval_ex_per_s']:.1f} | "
+                     f"**{r['ratio']:.2f}** | {r['baseline_peak_rss_mib']:.0f} | {r['eval_peak_rss_mib']:.0f} | "
+                     f"{r['eval_peak_rss_mib'] / r['baseline_peak_rss_mib']:.2f} |")
+    summary = [("eval", f"`ggml-probe eval` throughput, {r['level']}", f"{r['ratio']:.2f}×",
+                "plain llama.cpp decoding", f"{r['eval_peak_rss_mib']:.0f} MiB") for r in rows]
+    return lines, summary
+
+
+def neurons_section(d: dict) -> tuple[list[str], list[tuple]]:
+    res = d["results"]
+    by = {r["config"]: r for r in res}
+    base = by.get("plain_all", res[0])
+    cmd = f"python scripts/bench_neurons.py --n {d['n']} --threads {d['threads']}"
+    lines = [f"Command: `{cmd}` · {d['machine']}, {d.get('cpu_count')} cores · model {d.get('model')} · "
+             f"results written {d['_mtime']}", "",
+             f"Baseline: plain llama.cpp decoding of the same {base['prompts']} prompts with every token an "
+             "output (`plain_all`, what a neuron pass must do), in the same run. Goal: ≥ 0.85.", "",
+             "| config | tok/s | **vs plain_all** | vs plain | peak RSS MiB | analyses s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    plain = by.get("plain")
+    for r in res:
+        lines.append(f"| {r['config']} | {r['tokens_per_s']:.1f} | **{r['tokens_per_s'] / base['tokens_per_s']:.2f}** | "
+                     f"{_f(r['tokens_per_s'] / plain['tokens_per_s'] if plain else None)} | {r['peak_rss_mb']:.0f} | "
+                     f"{_f(r.get('analysis_seconds'))} |")
+    summary = []
+    for cfg, what in (("all_stats", "neuron pass, all layers, both definitions"),
+                      ("paper", "neuron pass, paper layers + redundancy")):
+        if cfg in by:
+            summary.append(("neurons", what, f"{by[cfg]['tokens_per_s'] / base['tokens_per_s']:.2f}×",
+                            "plain llama.cpp decoding (all outputs)", f"{by[cfg]['peak_rss_mb']:.0f} MiB"))
+    return lines, summary
+
+
+def weights_section(d: dict) -> tuple[list[str], list[tuple]]:
+    meta, rows = d["meta"], d["rows"]
+    cmd = f"python scripts/bench_weights.py --repeat {meta.get('repeat')}"
+    lines = [f"Command: `{cmd}` · {meta['machine']} · {meta.get('date', d['_mtime'])}", "",
+             "Baseline: gguf-py's `GGUFReader` + `gguf.quants.dequantize`, one whole tensor at a time, same file, "
+             "same run. Speed-up = baseline seconds / method seconds; memory = extra RSS over imports.", "",
+             "| file | method | s | **speed-up vs gguf-py** | + work MiB | **memory vs gguf-py** |",
+             "|---|---|---:|---:|---:|---:|"]
+    base = {r["file"]: r for r in rows if r["method"] == "gguf-py"}
+    summary = []
+    for r in rows:
+        b = base.get(r["file"])
+        speed = b["seconds_median"] / r["seconds_median"] if b else None
+        mem = r["peak_over_baseline_mib"] / b["peak_over_baseline_mib"] if b else None
+        lines.append(f"| {r['file']} | {r['method']} | {r['seconds_median']:.2f} | **{_f(speed)}{'×' if b else ''}** | "
+                     f"{r['peak_over_baseline_mib']:.0f} | **{_f(mem)}{'×' if b else ''}** |")
+        if r["method"] == "stream-ggml" and b:
+            summary.append(("weights", f"dequantize a whole {r['file']} file (streaming)", f"{speed:.1f}× faster",
+                            "gguf-py reader", f"+{r['peak_over_baseline_mib']:.0f} MiB vs +{b['peak_over_baseline_mib']:.0f}"))
+    return lines, summary
+
+
+def paper_stack_section(d: dict) -> tuple[list[str], list[tuple]]:
+    m, fwd, ig, rss = d["machine"], d["forward"], d["ig"], d["peak_rss_mib"]
+    lines = [f"Command: `{d['command']}` · {m['platform']}, {m['cpu_count']} cores · {m['date']} · "
+             f"torch {d['versions']['torch']}, transformers {d['versions']['transformers']}, captum {d['versions']['captum']}", "",
+             f"The reference study's own stack on {d['model']}: the baseline of the comparison below.", "",
+             "| step | prompts | per prompt | peak RSS MiB |", "|---|---:|---:|---:|",
+             f"| fp32 forward, batch 1, hooks on act_fn of layers {','.join(map(str, d['layers']))} | {fwd['prompts']} | "
+             f"{fwd['ms_per_prompt']:.0f} ms | {rss['forward']:.0f} |"]
+    for layer, sec in ig["seconds_per_prompt_per_layer"].items():
+        err = ig["mean_abs_completeness_error"][layer]
+        lines.append(f"| Captum LayerIntegratedGradients ({d['steps']} steps), layer {layer} — completeness error "
+                     f"{err:.2g} nats | {ig['prompts']} | {sec:.1f} s | |")
+    lines.append(f"| forward + IG at all three layers | | **{d['seconds_per_example']:.1f} s** | {rss['ig']:.0f} |")
+    return lines, []
+
+
+def fidelity_section(d: dict) -> tuple[list[str], list[tuple]]:
+    s, m = d["last_layer"], d["machine"]
+    lines = [f"Command: `{d['command']}` · {m['platform']} · {m['date']}", "",
+             f"ggml-probe's exact last-layer integrated gradients (llama.cpp + closed form, F16 file) against Captum's "
+             f"LayerIntegratedGradients on transformers (same weights in fp32), layer {s['layer']}, {s['prompts']} BoolQ prompts. "
+             "Baseline of the comparison: Captum, the paper's method.", "",
+             "| figure | value | goal |", "|---|---:|---:|",
+             f"| Spearman rank correlation, mean (min) | **{s['spearman_mean']:.5f}** ({s['spearman_min']:.5f}) | ≥ 0.99 |",
+             f"| top-20 overlap, mean | {s['top20_overlap_mean']:.2f} | |",
+             f"| salient-set Jaccard (|a|/max > 0.7), mean | {s['salient_jaccard_mean']:.2f} | |",
+             f"| completeness error, Captum (mean abs, nats) | {s['mean_abs_completeness_captum']:.2g} | |",
+             f"| completeness error, ggml-probe closed form | {s['mean_abs_completeness_ours_closed_form']:.2g} | |",
+             f"| completeness error, ggml-probe vs llama.cpp's real swap | {s['mean_abs_completeness_ours_vs_llama']:.2g} | |"]
+    for layer, o in d.get("other_layers_captum_completeness", {}).items():
+        lines.append(f"| Captum completeness error at layer {layer} ({o['prompts']} prompts, mean abs) | "
+                     f"{o['mean_abs_completeness_error']:.3g} | converges? {'yes' if o['mean_abs_completeness_error'] < 1e-2 else '**no**'} |")
+    lines += ["", f"Time per prompt at the last layer: ggml-probe {s['ours_seconds_per_prompt']:.2f} s "
+                  f"(whole call / prompts; one-prompt call {s['ours_seconds_one_prompt_call']:.1f} s), Captum "
+                  f"{s['captum_seconds_per_prompt']:.1f} s: **{s['captum_seconds_per_prompt'] / s['ours_seconds_per_prompt']:.1f}×**."]
+    summary = [("fidelity", f"last-layer attribution, Spearman vs Captum ({s['prompts']} prompts)",
+                f"{s['spearman_mean']:.4f}", "Captum LayerIntegratedGradients", "—")]
+    return lines, summary
+
+
+def comparison_section(data: dict) -> tuple[list[str], list[tuple]]:
+    """ggml-probe per example (output + neuron analyses) against the paper's stack per example."""
+    ps, nr, fd = data.get("paper_stack"), data.get("neurons"), data.get("fidelity")
+    if not ps:
+        return ["Not available: needs paper_stack.json (and neurons.json, fidelity.json)."], []
+    lines = ["Time per example on the demo model, BoolQ prompts in the paper's template. Baseline: the paper's "
+             "stack (paper_stack.json). Ratio = paper stack time / ggml-probe time (higher is better for ggml-probe).", "",
+             "| part | ggml-probe | paper stack | **ratio** | source |", "|---|---:|---:|---:|---|"]
+    summary = []
+    fwd_s = ps["forward"]["seconds"] / ps["forward"]["prompts"]
+    ours_pass = None
+    if nr:
+        by = {r["config"]: r for r in nr["results"]}
+        cfg = by.get("paper") or by.get("stats")
+        if cfg:
+            ours_pass = (cfg["seconds"] + cfg.get("analysis_seconds", 0.0)) / cfg["prompts"]
+            lines.append(f"| output + neuron capture and statistics, layers 0/14/last (`{cfg['config']}` config) | "
+                         f"{1000 * ours_pass:.0f} ms | {1000 * fwd_s:.0f} ms (forward + hooks, no statistics) | "
+                         f"**{fwd_s / ours_pass:.1f}×** | neurons.json, paper_stack.json |")
+            summary.append(("vs paper", "neuron pass per example", f"{fwd_s / ours_pass:.1f}× faster",
+                            "transformers fp32 forward + hooks", f"ggml-probe {cfg['peak_rss_mb']:.0f} MiB, paper {ps['peak_rss_mib']['forward']:.0f} MiB"))
+    last = str(max(int(k) for k in ps["ig"]["seconds_per_prompt_per_layer"]))
+    ig_last = ps["ig"]["seconds_per_prompt_per_layer"][last]
+    ours_ig = None
+    if fd:
+        s = fd["last_layer"]
+        ours_ig = s["ours_marginal_seconds_per_prompt"] or s["ours_seconds_per_prompt"]
+        lines.append(f"| last-layer integrated gradients (exact, closed form) | {ours_ig:.2f} s | {ig_last:.1f} s (Captum, layer {last}) | "
+                     f"**{ig_last / ours_ig:.0f}×** | fidelity.json (marginal cost per prompt), paper_stack.json |")
+        summary.append(("vs paper", "last-layer IG per example", f"{ig_last / ours_ig:.0f}× faster",
+                        "Captum LayerIntegratedGradients", f"paper {ps['peak_rss_mib']['ig']:.0f} MiB (ggml-probe's not measured apart)"))
+    if ours_pass is not None and ours_ig is not None:
+        ours_total, paper_total = ours_pass + ours_ig, fwd_s + ig_last
+        lines.append(f"| **per example: outputs + neurons + last-layer IG** | **{ours_total:.2f} s** | **{paper_total:.1f} s** | "
+                     f"**{paper_total / ours_total:.0f}×** | |")
+        summary.append(("vs paper", "per example, outputs + neurons + last-layer IG", f"{paper_total / ours_total:.0f}× faster",
+                        "the paper's stack, same scope", "—"))
+    others = {k: v for k, v in ps["ig"]["seconds_per_prompt_per_layer"].items() if k != last}
+    lines += ["", "Not like for like, and said so: IG at the earlier layers (" + ", ".join(
+        f"layer {k}: {v:.1f} s per prompt" for k, v in others.items()) +
+        " with Captum) needs autograd; ggml-probe does it only with `--attribution ig` (torch), so it is left out of "
+        "both columns above. The paper stack's full per-example cost, those layers included, is "
+        f"{ps['seconds_per_example']:.1f} s."]
+    if nr and ps:
+        lines.append(f"The neuron benchmark ran on `{nr.get('model')}` with {nr.get('threads')} thread(s) (results written "
+                     f"{nr['_mtime']}), the paper stack on {ps['model']} with {ps.get('threads')} thread(s) "
+                     f"({ps['machine']['date']}); both on this machine, whose load from other jobs varies.")
+    return lines, summary
+
+
+SECTIONS = {
+    "eval": ("Evaluation throughput: `ggml-probe eval` vs plain llama.cpp", eval_section),
+    "neurons": ("Neuron pass vs plain llama.cpp decoding", neurons_section),
+    "weights": ("Weight dequantization: streaming vs gguf-py", weights_section),
+    "paper_stack": ("The paper's stack: transformers + hooks + Captum IG", paper_stack_section),
+    "fidelity": ("Fidelity: exact last-layer attribution vs Captum", fidelity_section),
+}
+
+
+def write_readme(status: dict[str, int] | None = None) -> Path:
+    data = {name: load(name) for name in ORDER}
+    missing = [n for n in ORDER if data[n] is None]
+    body, summary = [], []
+    for name in ORDER:
+        title, render = SECTIONS[name]
+        body += [f"## {title}", ""]
+        if data[name] is None:
+            body += [f"Not run (no benchmarks/{name}.json). Produce it with `python scripts/{SCRIPTS[name]}`.", ""]
+            continue
+        try:
+            lines, rows = render(data[name])
+        except (KeyError, TypeError, ZeroDivisionError) as exc:  # an older JSON layout: say so, keep going
+            lines, rows = [f"Could not read benchmarks/{name}.json ({type(exc).__name__}: {exc})."], []
+        body += lines + [f"", f"Details: [{name}.md]({name}.md), raw figures: [{name}.json]({name}.json).", ""]
+        summary += rows
+    lines, rows = comparison_section(data)
+    body += ["## ggml-probe vs the paper's stack, per example", "", *lines, ""]
+    summary += rows
+
+    head = [
+        "# Benchmarks",
+        "",
+        "Generated by `python scripts/bench_all.py" + (" --collect`" if status is None else "`") + f" on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {platform.platform()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}. Each figure is a ratio against its baseline "
+        "measured in the same benchmark run; each section names the command that produced it and when.",
+        "",
+    ]
+    if missing:
+        head += [f"Not run: {', '.join(missing)}.", ""]
+    if status:
+        failed = [n for n, rc in status.items() if rc != 0]
+        if failed:
+            head += [f"Failed in this run (older results, if any, are shown): {', '.join(failed)}.", ""]
+    head += ["| benchmark | figure | ratio / value | baseline | peak memory |", "|---|---|---:|---|---|"]
+    head += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in summary]
+    head.append("")
+    out = BENCH / "README.md"
+    out.write_text("\n".join(head + body))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--collect", action="store_true", help="run nothing; write the page from existing JSON files")
+    ap.add_argument("--only", default=",".join(ORDER), help=f"benchmarks to run (of {','.join(ORDER)})")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-eval", type=int, default=300)
+    ap.add_argument("--n-neurons", type=int, default=100)
+    ap.add_argument("--n-forward", type=int, default=20)
+    ap.add_argument("--n-ig", type=int, default=5)
+    ap.add_argument("--n-fidelity", type=int, default=10)
+    args = ap.parse_args()
+    status = None
+    if not args.collect:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in ORDER]
+        if unknown:
+            raise SystemExit(f"unknown benchmark(s): {', '.join(unknown)} (choose from {', '.join(ORDER)})")
+        status = run_benchmarks(names, args)
+    out = write_readme(status)
+    print(f"wrote {out}")
+    if status and any(status.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

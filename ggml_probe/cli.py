@@ -525,6 +525,8 @@ class _StudyProgress(_Progress):
 @click.option("--paper", is_flag=True, help="The reference study's exact protocol (Singh & Sajjad 2025).")
 @click.option("--ref", "reference", default=None, help="Reference level (default: highest precision).")
 @click.option("--no-neurons", is_flag=True, help="Skip the neuron analyses.")
+@click.option("--salient-examples", type=int, default=10, show_default=True,
+              help="Prompts attributed with the exact last-layer integrated gradients per level (0: none).")
 @click.option("--no-weights", is_flag=True, help="Skip the weight-error analysis.")
 @click.option("--allow-requantize", is_flag=True, help="Allow a ladder from an already-quantized source (implied for demo).")
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -533,7 +535,8 @@ class _StudyProgress(_Progress):
 @_engine_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display (for scripts).")
-def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, reference, no_neurons, no_weights,
+def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, reference, no_neurons, salient_examples,
+              no_weights,
               allow_requantize, out, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet) -> None:
     """The whole study: ladder, one pass per level and task, comparisons, weights, and a report.
 
@@ -563,7 +566,7 @@ def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, 
         data_map[task] = path
     config = StudyConfig(quants=[q.strip() for q in quants.split(",") if q.strip()], tasks=tasks, data=data_map,
                          data_dir=data_dir, limit=limit, seed=None if seed == -1 else seed, layers=layers, paper=paper, reference=reference,
-                         neurons=not no_neurons, weights=not no_weights, allow_requantize=allow_requantize,
+                         neurons=not no_neurons, salient_examples=salient_examples, weights=not no_weights, allow_requantize=allow_requantize,
                          n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
     out = out or Path("studies") / ladder_stem(resolve_model(model))
     command = "ggml-probe " + " ".join(sys.argv[1:]) if sys.argv else ""

@@ -47,7 +47,7 @@ class StudyConfig:
     saliency: float = 0.7
     paper: bool = False
     neurons: bool = True
-    salient_examples: int = 20  # prompts attributed with the exact last-layer integrated gradients
+    salient_examples: int = 10  # prompts attributed with the exact last-layer integrated gradients
     weights: bool = True
     reference: str | None = None
     allow_requantize: bool = False

@@ -12,7 +12,7 @@ validation questions in the paper's template. Measured, in one process:
   peak RSS  ru_maxrss after loading, after the forward pass, after IG
 Writes benchmarks/paper_stack.json and benchmarks/paper_stack.md.
 
-    python scripts/paper_stack.py [--n-forward 20] [--n-ig 5] [--threads 2]
+    python scripts/paper_stack.py [--n-forward 20] [--n-ig 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--n-forward", type=int, default=20, help="prompts for the hooked forward pass")
     ap.add_argument("--n-ig", type=int, default=5, help="prompts for integrated gradients")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads for torch and llama.cpp (default 1: on a shared 2-core machine 2 threads thrash)")
     ap.add_argument("--layers", default=",".join(map(str, common.PAPER_LAYERS)))
     ap.add_argument("--out", type=Path, default=common.REPO / "benchmarks")
     args = ap.parse_args()

@@ -13,7 +13,7 @@ and each side's completeness error (Σ attributions − the real change of the t
 the layer's act is swapped for the baseline's). For layers 0 and 14, Captum's completeness error
 alone (does the 50-step integral converge there?). Writes benchmarks/fidelity.{json,md}.
 
-    python scripts/validate_attribution.py [--n 8] [--n-other 4] [--threads 2]
+    python scripts/validate_attribution.py [--n 8] [--n-other 4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def main() -> None:
     ap.add_argument("--n-other", type=int, default=4, help="prompts for the layer 0 / 14 completeness check")
     ap.add_argument("--other-layers", default="0,14")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads for torch and llama.cpp (default 1: on a shared 2-core machine 2 threads thrash)")
     ap.add_argument("--out", type=Path, default=common.REPO / "benchmarks")
     args = ap.parse_args()
 

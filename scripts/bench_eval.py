@@ -111,7 +111,8 @@ def main() -> None:
     lines = [
         "# eval benchmark",
         "",
-        f"`python scripts/bench_eval.py --n {args.n}` on {machine}, {args.threads} threads, {time.strftime('%Y-%m-%d')}.",
+        f"`python scripts/bench_eval.py {' '.join(sys.argv[1:])}` on {machine}, {args.threads} thread(s), "
+        f"{time.strftime('%Y-%m-%d')}.",
         "Baseline: llama-cpp-python's `Llama.eval` on the same prompts, one at a time. eval: the whole",
         "`ggml-probe eval` (decode, logits + hidden state, scoring, checkpoints, tables, metrics with",
         "1,000 bootstrap resamples, plot), model load included. Best of "

@@ -217,39 +217,43 @@ def fetch_cmd(repo_id: str, quants: tuple[str, ...], filename: str | None, revis
 
 # --------------------------------------------------------------------------- eval
 
-def _engine_options(f):
-    for opt in reversed([
-        click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True,
-                     help="Context size; longer prompts are truncated from the left (counted in the results)."),
-        click.option("--threads", type=int, default=None, help="CPU threads (default: all cores)."),
-        click.option("--gpu-layers", default="auto", show_default=True,
-                     help="Layers to offload to CUDA/Metal: 'auto' (all, where a GPU backend exists), -1 (all) or N."),
-        click.option("--batch", "batch_prompts", type=int, default=1, show_default=True,
-                     help="Prompts decoded together in one llama_decode (each in its own sequence). Faster on "
-                          "unquantized models, but llama.cpp's CPU kernels make logits depend slightly on the "
-                          "batch layout; 1 gives each prompt the same result as decoding it alone."),
-    ]):
-        f = opt(f)
-    return f
+def _option_group(*options):
+    """One decorator applying several click options in the order written (shared by eval, neurons, study)."""
+    def apply(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return apply
 
 
-def _task_options(f):
-    for opt in reversed([
-        click.option("--task", default="boolq", show_default=True,
-                     help="Task name (boolq, boolq-passage, jigsaw, yesno-mini) or a task .toml file."),
-        click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="Local data file (.jsonl, .json, .csv, .parquet) for the task."),
-        click.option("--template", default=None, help="Generic task: prompt template over the data's columns, e.g. '{text}\\nAnswer:'."),
-        click.option("--labels", default=None, help="Generic task: comma-separated label words, e.g. True,False."),
-        click.option("--gold-column", default=None, help="Generic task: the column holding the gold label."),
-        click.option("--id-column", default=None, help="Generic task: the column holding example ids."),
-        click.option("--limit", type=int, default=None, help="Use the first N valid examples."),
-        click.option("--seed", type=int, default=None, help="With --limit: a seeded random sample instead of the first N."),
-        click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
-                     help="What to do with malformed data rows (they are reported with their row numbers)."),
-    ]):
-        f = opt(f)
-    return f
+_engine_options = _option_group(
+    click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True,
+                 help="Context size; longer prompts are truncated from the left (counted in the results)."),
+    click.option("--threads", type=int, default=None, help="CPU threads (default: all cores)."),
+    click.option("--gpu-layers", default="auto", show_default=True,
+                 help="Layers to offload to CUDA/Metal: 'auto' (all, where a GPU backend exists), -1 (all) or N."),
+    click.option("--batch", "batch_prompts", type=int, default=1, show_default=True,
+                 help="Prompts decoded together in one llama_decode (each in its own sequence). Faster on "
+                      "unquantized models, but llama.cpp's CPU kernels make logits depend slightly on the "
+                      "batch layout; 1 gives each prompt the same result as decoding it alone."),
+)
+
+
+_task_options = _option_group(
+    click.option("--task", default="boolq", show_default=True,
+                 help="Task name (boolq, boolq-passage, jigsaw, yesno-mini) or a task .toml file."),
+    click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False), default=None,
+                 help="Local data file (.jsonl, .json, .csv, .parquet) for the task."),
+    click.option("--template", default=None, help="Generic task: prompt template over the data's columns, e.g. '{text}\\nAnswer:'."),
+    click.option("--labels", default=None, help="Generic task: comma-separated label words, e.g. True,False."),
+    click.option("--gold-column", default=None, help="Generic task: the column holding the gold label."),
+    click.option("--id-column", default=None, help="Generic task: the column holding example ids."),
+    click.option("--limit", type=int, default=None, help="Use the first N valid examples."),
+    click.option("--seed", type=int, default=None, help="With --limit: a seeded random sample instead of the first N."),
+    click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+                 help="What to do with malformed data rows (they are reported with their row numbers)."),
+)
 
 
 def _eval_config(task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
@@ -262,34 +266,28 @@ def _eval_config(task, data_path, template, labels, gold_column, id_column, limi
                       n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts)
 
 
-def _run_options(f):
-    for opt in reversed([
-        click.option("--quants", default=None,
-                     help="Comma-separated levels to run (e.g. F16,Q8_0,Q4_0); missing ladder files are built first."),
-        click.option("--ref", "reference", default=None, help="Reference level for comparisons (default: highest precision)."),
-        click.option("--allow-requantize", is_flag=True, help="Allow building the ladder from an already-quantized source."),
-        click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="Run directory (default: runs/<model>-<task>, with one subfolder per level for --quants)."),
-        click.option("--resume", is_flag=True, help="Continue an interrupted run (finished examples are kept)."),
-        click.option("--force", is_flag=True, help="Discard an existing run in the output directory and start over."),
-    ]):
-        f = opt(f)
-    return f
+_run_options = _option_group(
+    click.option("--quants", default=None,
+                 help="Comma-separated levels to run (e.g. F16,Q8_0,Q4_0); missing ladder files are built first."),
+    click.option("--ref", "reference", default=None, help="Reference level for comparisons (default: highest precision)."),
+    click.option("--allow-requantize", is_flag=True, help="Allow building the ladder from an already-quantized source."),
+    click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Run directory (default: runs/<model>-<task>, with one subfolder per level for --quants)."),
+    click.option("--resume", is_flag=True, help="Continue an interrupted run (finished examples are kept)."),
+    click.option("--force", is_flag=True, help="Discard an existing run in the output directory and start over."),
+)
 
 
-def _neuron_options(f):
-    for opt in reversed([
-        click.option("--layers", default="0,14,-1", show_default=True,
-                     help="Layers to capture: a list (negatives count from the end) or 'all'."),
-        click.option("--neuron", type=click.Choice(["act", "down_in"]), default="act", show_default=True,
-                     help="act = SiLU(gate) / GELU output (the paper's); down_in = the input of ffn_down."),
-        click.option("--tau", type=float, default=0.1, show_default=True,
-                     help="Dead: every value over every token within (−tau, tau)."),
-        click.option("--salient-examples", type=int, default=20, show_default=True,
-                     help="Prompts attributed with the exact last-layer integrated gradients (0: none)."),
-    ]):
-        f = opt(f)
-    return f
+_neuron_options = _option_group(
+    click.option("--layers", default="0,14,-1", show_default=True,
+                 help="Layers to capture: a list (negatives count from the end) or 'all'."),
+    click.option("--neuron", type=click.Choice(["act", "down_in"]), default="act", show_default=True,
+                 help="act = SiLU(gate) / GELU output (the paper's); down_in = the input of ffn_down."),
+    click.option("--tau", type=float, default=0.1, show_default=True,
+                 help="Dead: every value over every token within (−tau, tau)."),
+    click.option("--salient-examples", type=int, default=20, show_default=True,
+                 help="Prompts attributed with the exact last-layer integrated gradients (0: none)."),
+)
 
 
 class _Progress:

@@ -246,7 +246,19 @@ class _TensorReader:
 Consumer = Callable[[int, str, np.ndarray, BatchLayout], None]
 
 
-class FFNCapture:
+class _KeepsCallbackError:
+    """An exception cannot cross llama.cpp's C callback: a probe keeps it in `error`, returns False
+    (which aborts the decode), and check() re-raises it afterwards, since llama_decode only says 'aborted'."""
+
+    error: BaseException | None = None
+
+    def check(self) -> None:
+        if self.error is not None:
+            exc, self.error = self.error, None
+            raise exc
+
+
+class FFNCapture(_KeepsCallbackError):
     """Eval-callback probe that hands each chosen layer's FFN neurons to a consumer, batch by batch.
 
     Pass `eval_callback` to Engine(eval_callback=...), and `on_batch` to Engine.run(on_batch=...) with
@@ -307,12 +319,6 @@ class FFNCapture:
         except BaseException as exc:  # an exception cannot cross the C callback: keep it, abort the decode
             self.error = exc
             return False
-
-    def check(self) -> None:
-        """Re-raise an error that happened inside the callback (llama_decode only sees 'aborted')."""
-        if self.error is not None:
-            exc, self.error = self.error, None
-            raise exc
 
     def _handle(self, t: int, name: str) -> None:
         layout = self.layout
@@ -419,7 +425,7 @@ class NeuronProbe:
 # ------------------------------------------------------------------ patching (ablation)
 
 
-class NeuronPatch:
+class NeuronPatch(_KeepsCallbackError):
     """Eval-callback probe that overwrites chosen neurons of one layer before ffn_down reads them.
 
     Writes into the down_in tensor (ffn_swiglu-N): `definition="down_in"` sets the value itself;
@@ -507,10 +513,6 @@ class NeuronPatch:
         self._reader.write(t, data)  # type: ignore[union-attr]
         self.patched += 1
 
-    def check(self) -> None:
-        if self.error is not None:
-            exc, self.error = self.error, None
-            raise exc
 
 
 def run_checked(engine, probe, tokens: Sequence[np.ndarray], all_outputs: bool | None = None):
@@ -594,7 +596,7 @@ def ablation_effect(
 EXACT_IG_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
-class _LastPositionTap:
+class _LastPositionTap(_KeepsCallbackError):
     """Eval-callback probe keeping the last position's row of chosen graph tensors, per prompt."""
 
     def __init__(self, names: Sequence[str]) -> None:
@@ -629,10 +631,6 @@ class _LastPositionTap:
             self.error = exc
             return False
 
-    def check(self) -> None:
-        if self.error is not None:
-            exc, self.error = self.error, None
-            raise exc
 
 
 def read_last_layer_head(model_path: str | os.PathLike, layer: int):

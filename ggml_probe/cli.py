@@ -598,6 +598,73 @@ def study_summary_json(study: dict) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- imatrix
+
+@cli.group("imatrix")
+def imatrix_group() -> None:
+    """llama.cpp importance matrices: collect one from a task's prompts, or show one."""
+
+
+@imatrix_group.command("collect")
+@click.argument("model")
+@_task_options
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output imatrix file (llama.cpp's GGUF format; llama-quantize and `ggml-probe quantize --imatrix` read it).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@_engine_options
+def imatrix_collect_cmd(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
+                        out, force, n_ctx, threads, gpu_layers, batch_prompts) -> None:
+    """Collect Σx² per input channel of every layer's matmuls on the task's prompts (llama-imatrix's rule)."""
+    from .engine.imatrix_capture import collect_imatrix
+    from .evaluation import task_spec
+    from .fsutil import check_output
+    from .models.imatrix import write_imatrix
+    from .models.store import resolve_model
+    from .tasks import load_examples
+
+    check_output(out, force)
+    config = _eval_config(task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
+                          n_ctx, threads, gpu_layers, batch_prompts)
+    data = load_examples(task_spec(config), data_path=config.data_path, limit=config.limit,
+                         on_bad_row=config.on_bad_row, seed=config.seed)
+    with _Progress(False) as bars:
+        im = collect_imatrix(resolve_model(model), [ex.prompt for ex in data.examples], datasets=[data.source],
+                             n_ctx=n_ctx, n_threads=threads, gpu_layers=gpu_layers,
+                             progress=bars.tracker(f"imatrix · {task}"))
+    write_imatrix(out, im)
+    _console().print(f"wrote {out}: {len(im.entries)} matrices, {im.chunk_count} prompts")
+
+
+@imatrix_group.command("show")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the per-matrix statistics as JSON.")
+def imatrix_show_cmd(path: Path, as_json: bool) -> None:
+    """Per-layer statistics of an imatrix file (GGUF format or legacy .dat)."""
+    import numpy as np
+
+    from .models.imatrix import read_imatrix
+
+    im = read_imatrix(path)
+    rows = []
+    for name, ms in im.mean_squares().items():
+        rows.append({"name": name, "channels": int(ms.size), "count": float(im.entries[name].counts.sum()),
+                     "mean": float(np.mean(ms)), "max": float(np.max(ms)),
+                     "max_over_mean": float(np.max(ms) / np.mean(ms)) if np.mean(ms) > 0 else None})
+    if as_json:
+        click.echo(json.dumps({"datasets": im.datasets, "chunk_count": im.chunk_count, "legacy": im.legacy,
+                               "entries": rows}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{path.name} · {len(rows)} matrices · chunks {im.chunk_count} · data: {', '.join(im.datasets) or '—'}")
+    for col in ("matrix", "channels", "tokens", "mean of x²", "max of x²", "max/mean"):
+        table.add_column(col, justify="left" if col == "matrix" else "right")
+    for r in rows:
+        table.add_row(r["name"], str(r["channels"]), f"{r['count']:.0f}", f"{r['mean']:.4g}", f"{r['max']:.4g}",
+                      "—" if r["max_over_mean"] is None else f"{r['max_over_mean']:.1f}")
+    _console().print(table)
+
+
 def main() -> None:
     cli(prog_name="ggml-probe")
 

@@ -137,3 +137,22 @@ def test_neurons_command_across_a_ladder(runner, demo_ladder, tmp_path, monkeypa
     a, b = set(f16["salient_ids"]["29"]), set(q4["salient_ids"]["29"])
     assert jac == pytest.approx(len(a & b) / len(a | b))
     assert (tmp_path / "n" / "F16" / "neurons.json").exists()
+
+
+def test_imatrix_collect_and_show(runner, demo_ladder, tmp_path, boolq_path):
+    out = tmp_path / "b.imatrix.gguf"
+    res = runner.invoke(cli, ["imatrix", "collect", str(demo_ladder["Q8_0"]), "--task", "boolq", "--data",
+                              str(boolq_path), "--limit", "2", "-o", str(out), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["imatrix", "show", str(out), "--json"])
+    data = json.loads(res.stdout)
+    assert data["chunk_count"] == 2 and len(data["entries"]) == 210
+    down = next(e for e in data["entries"] if e["name"] == "blk.29.ffn_down.weight")
+    assert down["channels"] == 1536 and down["count"] > 10
+    res = runner.invoke(cli, ["quantize", str(demo_ladder["F16"]), "--to", "IQ4_NL", "--imatrix", str(out),
+                              "-o", str(tmp_path / "q"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert "Q5_K" not in json.loads(res.stdout)[0]["tensor_types"]  # llama.cpp's no-imatrix lift is gone
+    res = runner.invoke(cli, ["imatrix", "collect", str(demo_ladder["Q8_0"]), "--task", "boolq", "--data",
+                              str(boolq_path), "--limit", "2", "-o", str(out)])
+    assert res.exit_code == 2 and "--force" in res.output

@@ -1,0 +1,100 @@
+"""An importance matrix from a run's prompts: per input channel, the sum of squares of every
+matmul's input, accumulated inside llama.cpp through the eval callback (llama-imatrix's definition).
+
+Which graph tensor feeds which weight (llama-family graphs, llama.cpp's cb names):
+    attn_norm-N  → blk.N.attn_q / attn_k / attn_v      kqv_out-N    → blk.N.attn_output
+    ffn_norm-N   → blk.N.ffn_gate / ffn_up             ffn_swiglu-N → blk.N.ffn_down
+Like llama-imatrix without --process-output, output.weight is not collected.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import ProbeError, UnsupportedArchitecture
+from ..models.imatrix import Imatrix, ImatrixEntry
+
+FEEDS = {
+    "attn_norm": ("attn_q", "attn_k", "attn_v"),
+    "kqv_out": ("attn_output",),
+    "ffn_norm": ("ffn_gate", "ffn_up"),
+    "ffn_swiglu": ("ffn_down",),
+}
+SUPPORTED = ("llama", "qwen2", "qwen3")
+
+
+class ImatrixProbe:
+    """Eval-callback probe accumulating Σx² per input channel for every layer's matmul inputs."""
+
+    def __init__(self, n_layer: int) -> None:
+        from .capture import _KeepsCallbackError
+        from .ggml_lib import libggml, tensor_shape, tensor_type, GGML_TYPE_F32
+
+        self._lib, self._shape, self._type, self._f32 = libggml(), tensor_shape, tensor_type, GGML_TYPE_F32
+        self.wanted = {f"{src}-{layer}".encode(): (src, layer) for src in FEEDS for layer in range(n_layer)}
+        self.sums: dict[tuple[str, int], np.ndarray] = {}
+        self.counts: dict[tuple[str, int], int] = {}
+        self._errors = _KeepsCallbackError()
+
+    def eval_callback(self, t: int, ask: bool) -> bool:
+        name = self._lib.ggml_get_name(t)
+        if ask:
+            return name in self.wanted
+        try:
+            key = self.wanted[name]
+            if self._type(t) != self._f32 or not self._lib.ggml_is_contiguous(t):
+                raise ProbeError(f"{name.decode()} is not a contiguous F32 tensor; cannot read it")
+            width = int(self._shape(t)[0])
+            rows = np.empty((self._lib.ggml_nelements(t) // width, width), dtype=np.float32)
+            self._lib.ggml_backend_tensor_get(t, rows.ctypes.data_as(ctypes.c_void_p), 0, rows.nbytes)
+            x = rows.astype(np.float64)
+            acc = self.sums.get(key)
+            self.sums[key] = np.einsum("ij,ij->j", x, x) + (0.0 if acc is None else acc)
+            self.counts[key] = self.counts.get(key, 0) + rows.shape[0]
+            return True
+        except BaseException as exc:  # kept and re-raised by check(): it cannot cross the C callback
+            self._errors.error = exc
+            return False
+
+    def check(self) -> None:
+        self._errors.check()
+
+    def imatrix(self, datasets: Sequence[str], chunk_count: int) -> Imatrix:
+        entries = {}
+        for (src, layer), sums in sorted(self.sums.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            for weight in FEEDS[src]:
+                entries[f"blk.{layer}.{weight}.weight"] = ImatrixEntry(sums.reshape(1, -1).copy(),
+                                                                       np.array([float(self.counts[(src, layer)])]))
+        return Imatrix(entries, datasets=list(datasets), chunk_count=chunk_count, chunk_size=0)
+
+
+def collect_imatrix(model_path: str | os.PathLike, prompts: Sequence[str], *, datasets: Sequence[str] = ("prompts",),
+                    n_ctx: int = 2048, n_threads: int | None = None, gpu_layers: str | int = "auto",
+                    progress: Callable[[int, int], None] | None = None) -> Imatrix:
+    """Decode each prompt once and return the importance matrix of its matmul inputs (every token counts)."""
+    from .capture import model_ffn
+    from .model import Engine
+
+    info = model_ffn(model_path)
+    if info.arch not in SUPPORTED:
+        raise UnsupportedArchitecture(f"{info.arch}: imatrix collection supports {', '.join(SUPPORTED)}")
+    probe = ImatrixProbe(info.n_layer)
+    with Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, hidden_states=False,
+                eval_callback=probe.eval_callback) as engine:
+        for i, prompt in enumerate(prompts):
+            try:
+                # every token an output: the last layer's FFN then sees all of them, as the others do
+                engine.run([engine.tokenize(prompt)], all_outputs=True)
+            except ProbeError:
+                probe.check()
+                raise
+            probe.check()
+            if progress:
+                progress(i + 1, len(prompts))
+    if not probe.sums:
+        raise ProbeError("llama.cpp offered none of the matmul inputs; is this a llama-family model?")
+    return probe.imatrix(datasets, len(prompts))

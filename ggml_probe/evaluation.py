@@ -422,7 +422,7 @@ def ladder_files(model: str | Path, quants: Sequence[str], *, allow_requantize: 
     """
     from .models.ggufinfo import inspect_gguf
     from .models.quant_types import normalize_quant
-    from .models.quantize import ladder_path, quantize_ladder
+    from .models.quantize import quantize_ladder
     from .models.store import resolve_model
 
     src = resolve_model(model)

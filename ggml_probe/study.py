@@ -14,15 +14,13 @@ Layout of a study directory:
 from __future__ import annotations
 
 import platform
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from . import __version__
-from .errors import HubError, ProbeError
+from .errors import HubError
 from .rundir import directory_lock, read_json, write_json
 
 DEFAULT_QUANTS = ["F16", "Q8_0", "Q4_K_M", "Q4_0"]

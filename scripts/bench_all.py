@@ -264,7 +264,7 @@ def write_readme(status: dict[str, int] | None = None) -> Path:
             lines, rows = render(data[name])
         except (KeyError, TypeError, ZeroDivisionError) as exc:  # an older JSON layout: say so, keep going
             lines, rows = [f"Could not read benchmarks/{name}.json ({type(exc).__name__}: {exc})."], []
-        body += lines + [f"", f"Details: [{name}.md]({name}.md), raw figures: [{name}.json]({name}.json).", ""]
+        body += lines + ["", f"Details: [{name}.md]({name}.md), raw figures: [{name}.json]({name}.json).", ""]
         summary += rows
     lines, rows = comparison_section(data)
     body += ["## ggml-probe vs the paper's stack, per example", "", *lines, ""]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..errors import BadModelFile, ProbeError
-from .llama_lib import clear_log, last_error, llama, log_errors
+from .llama_lib import clear_log, last_error, llama
 
 # An eval-callback probe: called with (tensor pointer, ask) exactly as llama.cpp calls cb_eval.
 EvalCallback = Callable[[int, bool], bool]

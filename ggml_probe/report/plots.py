@@ -65,6 +65,18 @@ def _legend_outside(ax) -> None:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
+def _per_layer_setup(by_level: Mapping[str, Mapping[Any, Any]], nothing: str,
+                     colors: Mapping[str, str] | None):
+    """Levels that have per-layer data, their colours, the union of their layers, and a fresh figure."""
+    levels = [lvl for lvl, d in by_level.items() if d]
+    if not levels:
+        raise ValueError(nothing)
+    colors = colors or level_colors(levels)
+    layers = _layers_of({lvl: by_level[lvl] for lvl in levels})
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
+    return levels, colors, layers, fig, ax
+
+
 def _grouped_bars(ax, layers: list[int], series: Mapping[str, list], colors: Mapping[str, str],
                   errors: Mapping[str, list] | None = None) -> None:
     n = max(1, len(series))
@@ -177,13 +189,7 @@ def metric_bars_png(metrics_by_level: Mapping[str, Mapping[str, Any]],
 def layer_counts_png(counts_by_level: Mapping[str, Mapping[Any, Any]], ylabel: str, title: str = "",
                      colors: Mapping[str, str] | None = None) -> bytes:
     """Grouped bars: a count per analysed layer (x) for each level, e.g. dead or salient neurons."""
-    levels = [lvl for lvl, d in counts_by_level.items() if d]
-    if not levels:
-        raise ValueError("no per-layer counts to plot")
-    colors = colors or level_colors(levels)
-    layers = _layers_of({lvl: counts_by_level[lvl] for lvl in levels})
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    levels, colors, layers, fig, ax = _per_layer_setup(counts_by_level, "no per-layer counts to plot", colors)
     series = {lvl: [_get(counts_by_level[lvl], layer) for layer in layers] for lvl in levels}
     _grouped_bars(ax, layers, series, colors)
     for lvl_i, (lvl, values) in enumerate(series.items()):
@@ -236,13 +242,7 @@ def redundancy_hist_png(hist_by_level: Mapping[str, Sequence[int]], title: str =
 def drift_png(drift_by_level: Mapping[str, Mapping[Any, Mapping[str, float]]], title: str = "",
               colors: Mapping[str, str] | None = None) -> bytes:
     """Per-layer activation drift of each level against the reference: mean (bar) and max (marker)."""
-    levels = [lvl for lvl, d in drift_by_level.items() if d]
-    if not levels:
-        raise ValueError("no activation drift to plot")
-    colors = colors or level_colors(levels)
-    layers = _layers_of({lvl: drift_by_level[lvl] for lvl in levels})
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    levels, colors, layers, fig, ax = _per_layer_setup(drift_by_level, "no activation drift to plot", colors)
     means = {lvl: [(_get(drift_by_level[lvl], layer) or {}).get("mean") for layer in layers] for lvl in levels}
     _grouped_bars(ax, layers, means, colors)
     n = len(levels)
@@ -265,13 +265,7 @@ def drift_png(drift_by_level: Mapping[str, Mapping[Any, Mapping[str, float]]], t
 def jaccard_png(jaccard_by_level: Mapping[str, Mapping[Any, float]], title: str = "",
                 colors: Mapping[str, str] | None = None) -> bytes:
     """Salient-set overlap with the reference: Jaccard index per layer (0 = disjoint, 1 = identical)."""
-    levels = [lvl for lvl, d in jaccard_by_level.items() if d]
-    if not levels:
-        raise ValueError("no salient-set overlap to plot")
-    colors = colors or level_colors(levels)
-    layers = _layers_of({lvl: jaccard_by_level[lvl] for lvl in levels})
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    levels, colors, layers, fig, ax = _per_layer_setup(jaccard_by_level, "no salient-set overlap to plot", colors)
     series = {lvl: [_get(jaccard_by_level[lvl], layer) for layer in layers] for lvl in levels}
     _grouped_bars(ax, layers, series, colors)
     ax.set_ylim(0, 1.08)

@@ -18,12 +18,13 @@ import numpy as np
 
 from . import __version__
 from .analysis import scoring
-from .errors import ProbeError
+from .errors import ProbeError, UnsupportedArchitecture
 from .rundir import directory_lock, read_json, save_npy, save_npz, write_json
 
 MANIFEST = "manifest.json"
 CHUNKS = "chunks"
 NEURON_STATE = "neuron_state"
+IMATRIX_STATE = "imatrix_state"
 
 # Called as progress(done, total) after every finished chunk.
 ProgressFn = Callable[[int, int], None]
@@ -62,13 +63,17 @@ class EvalConfig:
     save_logits: bool = True
     n_boot: int = 1000
     neurons: NeuronSettings | None = None
+    imatrix_out: str | None = None  # also write an imatrix (llama.cpp's format) from this pass's own inputs
 
     def identity(self) -> dict[str, Any]:
         """The settings that change results (a resumed run must match them)."""
-        return {"task": self.task, "template": self.template, "labels": list(self.labels or []) or None,
-                "gold_column": self.gold_column, "limit": self.limit,
-                "neurons": asdict(self.neurons) if self.neurons else None, "seed": self.seed, "on_bad_row": self.on_bad_row,
-                "n_ctx": self.n_ctx}
+        out = {"task": self.task, "template": self.template, "labels": list(self.labels or []) or None,
+               "gold_column": self.gold_column, "limit": self.limit,
+               "neurons": asdict(self.neurons) if self.neurons else None, "seed": self.seed, "on_bad_row": self.on_bad_row,
+               "n_ctx": self.n_ctx}
+        if self.imatrix_out:  # only when asked, so runs made before the option still resume
+            out["imatrix"] = True  # the sums must cover every example: resuming without it is refused
+        return out
 
 
 @dataclass
@@ -183,7 +188,7 @@ def evaluate(
     with directory_lock(run_dir):
         old = prepare_run_dir(run_dir, identity, resume, force)
         if old is None:
-            for stale in ("chunks", NEURON_STATE, "predictions.parquet", "logits.npy", "hidden.npy", "metrics.json",
+            for stale in ("chunks", NEURON_STATE, IMATRIX_STATE, "predictions.parquet", "logits.npy", "hidden.npy", "metrics.json",
                           "reliability.png", "neurons.json", "neuron_stats.npz"):
                 p = run_dir / stale
                 if p.is_dir():
@@ -192,21 +197,41 @@ def evaluate(
                     p.unlink()
         elif old.get("status") == "complete":
             metrics = read_json(run_dir / "metrics.json")
+            if config.imatrix_out and not Path(config.imatrix_out).exists():  # asked again after it was moved
+                old["imatrix"] = _write_run_imatrix(run_dir, model_id, data, config, None)
+                write_json(run_dir / MANIFEST, old)
             if progress:
                 progress(len(data.examples), len(data.examples))
             return RunSummary(run_dir, str(path), model_id["file_type"], len(data.examples), metrics, 0.0,
                               resumed_examples=len(data.examples), manifest=old)
 
-        probe = None
+        probe = imatrix_probe = None
         if config.neurons:
             from .engine.capture import NeuronProbe
 
             ns = config.neurons
             probe = NeuronProbe(path, ns.layers, ns.definitions, redundancy=ns.redundancy, top_k=ns.top_k,
                                 allow_large=ns.allow_large)
-            _restore_probe_state(run_dir, probe)
+        if config.imatrix_out:
+            from .engine.imatrix_capture import SUPPORTED, ImatrixProbe
+
+            if model_id["architecture"] not in SUPPORTED:
+                raise UnsupportedArchitecture(f"{model_id['architecture']}: --imatrix-out supports {', '.join(SUPPORTED)}")
+            imatrix_probe = ImatrixProbe(_block_count(path))
+        stateful = {NEURON_STATE: probe, IMATRIX_STATE: imatrix_probe}
+        stateful = {folder: p for folder, p in stateful.items() if p is not None}
+        _restore_probe_state(run_dir, stateful)
+        # Every analysis rides the same decode: one callback hands each probe the tensors it asked for.
+        all_probes = None
+        if stateful:
+            from .engine.capture import ProbeSet
+
+            all_probes = ProbeSet(list(stateful.values()))
         engine = Engine(path, n_ctx=config.n_ctx, n_threads=config.threads, gpu_layers=config.gpu_layers,
-                        n_seq_max=config.batch_prompts, eval_callback=probe.eval_callback if probe else None)
+                        n_seq_max=config.batch_prompts, eval_callback=all_probes.eval_callback if all_probes else None)
+        # The last layer's FFN is cut to the output rows unless every token is an output: the imatrix
+        # (like llama-imatrix) counts every token, neuron statistics only need it when the last layer is analysed.
+        all_outputs = imatrix_probe is not None or (probe is not None and engine.n_layer - 1 in probe.accumulator.layers)
         try:
             label_toks = label_tokens_for(engine, data.labels)
             manifest = {
@@ -232,11 +257,11 @@ def evaluate(
             chunk_no = _next_chunk_number(run_dir)
             for start in range(0, len(todo), config.chunk_size):
                 positions = todo[start : start + config.chunk_size]
-                arrays = _run_chunk(engine, [data.examples[i] for i in positions], label_toks, config, probe,
-                                    positions[0])
+                arrays = _run_chunk(engine, [data.examples[i] for i in positions], label_toks, config, all_probes,
+                                    positions[0], all_outputs)
                 save_npz(run_dir / CHUNKS / f"{chunk_no:05d}.npz", positions=np.asarray(positions, dtype=np.int64), **arrays)
-                if probe is not None:
-                    _save_probe_state(run_dir, probe, chunk_no)
+                for folder, p in stateful.items():
+                    _save_probe_state(run_dir, p, chunk_no, folder)
                 chunk_no += 1
                 if progress:
                     progress(resumed + start + len(positions), n_total)
@@ -244,6 +269,8 @@ def evaluate(
                 from .neurons_run import finalize_neurons
 
                 manifest["neurons"] = finalize_neurons(run_dir, probe.finish(), engine, data, config.neurons)
+            if imatrix_probe is not None:
+                manifest["imatrix"] = _write_run_imatrix(run_dir, model_id, data, config, imatrix_probe)
         finally:
             engine.close()
 
@@ -253,28 +280,59 @@ def evaluate(
         return summary
 
 
-def _save_probe_state(run_dir: Path, probe, chunk_no: int) -> None:
+def _block_count(path: Path) -> int:
+    from .engine.capture import model_ffn
+
+    return model_ffn(path).n_layer
+
+
+def _write_run_imatrix(run_dir: Path, model_id: dict, data, config: EvalConfig, imatrix_probe) -> dict[str, Any]:
+    """Write the run's imatrix to config.imatrix_out (from the probe, or from the last saved state)."""
+    from .models.imatrix import write_imatrix
+
+    if imatrix_probe is None:  # a finished run asked for its imatrix again: rebuild it from the saved sums
+        from .engine.imatrix_capture import ImatrixProbe
+
+        states = sorted((run_dir / IMATRIX_STATE).glob("*.npz"))
+        if not states:
+            raise ProbeError(f"{run_dir} kept no imatrix sums; rerun with --force")
+        imatrix_probe = ImatrixProbe(_block_count(Path(model_id["path"])))
+        imatrix_probe.restore(states[-1])
+    imatrix_probe.check()
+    if not imatrix_probe.sums:
+        raise ProbeError("llama.cpp offered none of the matmul inputs; is this a llama-family model?")
+    im = imatrix_probe.imatrix([data.source], len(data.examples))
+    out = write_imatrix(Path(config.imatrix_out), im)
+    return {"path": str(out.resolve()), "entries": len(im.entries), "prompts": len(data.examples),
+            "tokens": int(max(imatrix_probe.counts.values()))}
+
+
+def _save_probe_state(run_dir: Path, probe, chunk_no: int, folder_name: str = NEURON_STATE) -> None:
     """The accumulator after chunk N; the one before it is kept, so a crash between a chunk and its
     state costs one chunk of recomputation, not the run."""
-    folder = run_dir / NEURON_STATE
+    folder = run_dir / folder_name
     save_npz(folder / f"{chunk_no:05d}.npz", **probe.state())
     for old in folder.glob("*.npz"):
         if old.stem.isdigit() and int(old.stem) < chunk_no - 1:
             old.unlink()
 
 
-def _restore_probe_state(run_dir: Path, probe) -> None:
-    """Continue the accumulator exactly where the finished chunks left it.
+def _restore_probe_state(run_dir: Path, probes: dict[str, Any]) -> None:
+    """Continue every accumulator (folder name → probe) exactly where the finished chunks left it.
 
-    The state written after the last chunk is used; if the run died between writing a chunk and its
-    state, that chunk is dropped and recomputed, so no token is counted twice or missed.
+    The states written after the last chunk are used; if the run died between writing a chunk and
+    its states, that chunk is dropped and recomputed, so no token is counted twice or missed.
     """
+    if not probes:
+        return
     chunk_nos = sorted(int(f.stem) for f in (run_dir / CHUNKS).glob("*.npz") if f.stem.isdigit())
-    states = {int(f.stem): f for f in (run_dir / NEURON_STATE).glob("*.npz") if f.stem.isdigit()}
-    while chunk_nos and chunk_nos[-1] not in states:
+    states = {folder: {int(f.stem): f for f in (run_dir / folder).glob("*.npz") if f.stem.isdigit()}
+              for folder in probes}
+    while chunk_nos and any(chunk_nos[-1] not in s for s in states.values()):
         (run_dir / CHUNKS / f"{chunk_nos.pop():05d}.npz").unlink()
     if chunk_nos:
-        probe.restore(states[chunk_nos[-1]])
+        for folder, probe in probes.items():
+            probe.restore(states[folder][chunk_nos[-1]])
 
 
 def _finished_positions(run_dir: Path) -> set[int]:
@@ -294,16 +352,15 @@ def _next_chunk_number(run_dir: Path) -> int:
 
 
 def _run_chunk(engine, examples, label_toks: scoring.LabelTokens, config: EvalConfig, probe=None,
-               first_position: int = 0) -> dict[str, np.ndarray]:
+               first_position: int = 0, all_outputs: bool = False) -> dict[str, np.ndarray]:
     prompts = [engine.tokenize(ex.prompt) for ex in examples]
     if probe is None:
         results = engine.run(prompts)
     else:
         probe.prompt_offset = first_position  # prompt indices in the neuron state are run positions
-        # Only the last layer's FFN is cut to the output rows; mark every token only when it is analysed.
         from .engine.capture import run_checked
 
-        results = run_checked(engine, probe, prompts, all_outputs=engine.n_layer - 1 in probe.accumulator.layers)
+        results = run_checked(engine, probe, prompts, all_outputs=all_outputs)
     logits = np.stack([r.logits for r in results]).astype(np.float32)
     lab = scoring.label_logits(logits, label_toks)
     top = np.argmax(logits, axis=1)

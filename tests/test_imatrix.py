@@ -80,3 +80,33 @@ def test_quantizer_uses_the_imatrix(demo_ladder, tmp_path):
         return float((((q - w) ** 2) * imp[None, :]).sum())
 
     assert weighted_err(b[name]) < weighted_err(a[name])
+
+
+def _foreign(tmp_path, entries: dict[str, int], name: str):
+    return write_imatrix(tmp_path / name, Imatrix({n: ImatrixEntry(np.ones((1, w)), np.array([1.0]))
+                                                    for n, w in entries.items()}))
+
+
+def test_an_imatrix_of_another_model_is_refused(demo_ladder, tmp_path):
+    from click.testing import CliRunner
+
+    from ggml_probe.cli import cli
+
+    src = demo_ladder["F16"]
+    wide = _foreign(tmp_path, {"blk.0.ffn_gate.weight": 576, "blk.0.ffn_down.weight": 8192}, "wide.gguf")
+    with pytest.raises(ProbeError, match=r"^imatrix wide.gguf is for another model: blk.0.ffn_down.weight has "
+                                         r"8192 values, the model's rows have 1536$"):
+        quantize_ladder(src, ["Q4_0"], out_dir=tmp_path / "q", imatrix=wide)
+    deep = _foreign(tmp_path, {f"blk.{i}.ffn_up.weight": 576 for i in range(28, 34)}, "deep.gguf")
+    with pytest.raises(ProbeError, match=r"is for another model: SmolLM2-135M-Instruct-F16.gguf has no tensor "
+                                         r"blk.30.ffn_up.weight, blk.31.ffn_up.weight, blk.32.ffn_up.weight and 1 more$"):
+        quantize_ladder(src, ["Q4_0"], out_dir=tmp_path / "q", imatrix=deep)
+    # the API with a mapping (what Imatrix.mean_squares() gives) is checked too
+    with pytest.raises(ProbeError, match=r"^the imatrix is for another model: blk.3.attn_q.weight has 4 values"):
+        quantize_ladder(src, ["Q4_0"], out_dir=tmp_path / "q", imatrix={"blk.3.attn_q.weight": np.ones(4, np.float32)})
+    assert not (tmp_path / "q").exists() or not any((tmp_path / "q").iterdir())  # refused before any work
+
+    res = CliRunner().invoke(cli, ["quantize", str(src), "--to", "Q4_0", "-o", str(tmp_path / "q"), "--imatrix", str(wide)])
+    assert res.exit_code == 2
+    assert res.output.strip() == ("Error: imatrix wide.gguf is for another model: blk.0.ffn_down.weight has 8192 "
+                                  "values, the model's rows have 1536")

@@ -65,3 +65,57 @@ def test_collected_imatrix_equals_the_mul_mat_rule(demo_ladder, prompts, tmp_pat
     # imatrix (llama-quant.cpp): that the lift is gone shows the quantizer received ours.
     assert plain.info.tensor_types.get("Q5_K") == 30 // 8
     assert "Q5_K" not in q.info.tensor_types and q.info.tensor_types["IQ4_NL"] == 210
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_eval_writes_the_same_imatrix_in_its_own_pass_and_resumes(demo_ladder, boolq_path, tmp_path):
+    from dataclasses import replace
+
+    from ggml_probe.errors import ProbeError
+    from ggml_probe.evaluation import EvalConfig, NeuronSettings, evaluate, task_spec
+    from ggml_probe.tasks import load_examples
+
+    path, out = demo_ladder["F16"], tmp_path / "run.imatrix.gguf"
+    # neurons ride along on layer 0 only: without the imatrix the last layer would be cut to the answer rows
+    config = EvalConfig(task="boolq", data_path=str(boolq_path), limit=5, threads=1, chunk_size=2, n_boot=10,
+                        neurons=NeuronSettings(layers="0", definitions=("act",), redundancy=False, top_k=0),
+                        imatrix_out=str(out))
+
+    def stop_after_first_chunk(done, total):
+        if done == 2:
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        evaluate(path, config, tmp_path / "run", progress=stop_after_first_chunk)
+    assert not out.exists() and (tmp_path / "run" / "imatrix_state").is_dir()
+    summary = evaluate(path, config, tmp_path / "run", resume=True)
+    assert summary.resumed_examples == 2
+    assert summary.manifest["imatrix"]["path"] == str(out.resolve()) and summary.manifest["imatrix"]["prompts"] == 5
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["imatrix"] == summary.manifest["imatrix"]
+
+    data = load_examples(task_spec(config), data_path=config.data_path, limit=5)
+    ref = collect_imatrix(path, [ex.prompt for ex in data.examples], n_threads=1)
+    got = read_imatrix(out)
+    assert set(got.entries) == set(ref.entries) and len(got.entries) == 30 * 7 and got.chunk_count == 5
+    for name, e in ref.entries.items():  # every token of every prompt, last layer included, counted once
+        assert got.entries[name].counts[0] == e.counts[0], name
+        np.testing.assert_array_equal(got.entries[name].sums, e.sums.astype(np.float32), err_msg=name)
+
+    # the neuron statistics of the same pass are those of a run without the imatrix
+    plain = evaluate(path, replace(config, imatrix_out=None), tmp_path / "plain")
+    with np.load(tmp_path / "run" / "neuron_stats.npz") as a, np.load(plain.run_dir / "neuron_stats.npz") as b:
+        for k in b.files:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert summary.metrics["label_set"]["accuracy"] == plain.metrics["label_set"]["accuracy"]
+
+    # a finished run asked again rebuilds a removed file from its saved sums
+    out.unlink()
+    evaluate(path, config, tmp_path / "run", resume=True)
+    np.testing.assert_array_equal(read_imatrix(out).entries["blk.29.ffn_down.weight"].sums,
+                                  ref.entries["blk.29.ffn_down.weight"].sums.astype(np.float32))
+    # the sums must cover every example: resuming without the option is refused
+    with pytest.raises(ProbeError, match=r"different settings \(imatrix\)"):
+        evaluate(path, replace(config, imatrix_out=None), tmp_path / "run", resume=True)

@@ -63,6 +63,30 @@ class ImatrixProbe:
     def check(self) -> None:
         self._errors.check()
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The sums so far as arrays (saved with a run's chunk state, so --resume continues them)."""
+        out = {}
+        for (src, layer), sums in self.sums.items():
+            out[f"sums/{src}/{layer}"] = sums
+            out[f"counts/{src}/{layer}"] = np.array(self.counts[(src, layer)], dtype=np.int64)
+        return out
+
+    def restore(self, path: str | os.PathLike) -> None:
+        """Continue exactly where state() left off (replaces what this probe holds)."""
+        sums, counts = {}, {}
+        with np.load(path) as z:
+            for key in z.files:
+                kind, src, layer = key.split("/")
+                if src not in FEEDS:
+                    raise ProbeError(f"{path}: not an imatrix state (entry {key})")
+                if kind == "sums":
+                    sums[(src, int(layer))] = z[key].astype(np.float64)
+                else:
+                    counts[(src, int(layer))] = int(z[key])
+        if set(sums) != set(counts) or any(f"{src}-{layer}".encode() not in self.wanted for src, layer in sums):
+            raise ProbeError(f"{path}: imatrix state for another model or incomplete")
+        self.sums, self.counts = sums, counts
+
     def imatrix(self, datasets: Sequence[str], chunk_count: int) -> Imatrix:
         entries = {}
         for (src, layer), sums in sorted(self.sums.items(), key=lambda kv: (kv[0][1], kv[0][0])):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -118,6 +119,32 @@ def _read_legacy_imatrix(path: Path) -> Imatrix:
             if 0 < ds_len <= len(data) - pos:
                 datasets.append(data[pos : pos + ds_len].decode("utf-8", errors="replace"))
     return Imatrix(entries, datasets=datasets, chunk_count=chunk_count, legacy=True)
+
+
+def check_imatrix(imatrix: "Imatrix | Mapping[str, np.ndarray]", model_path: str | Path,
+                  label: str = "the imatrix") -> None:
+    """Refuse an imatrix made for another model: every entry must name a tensor of the model and hold
+    one value per input channel (its row length, times the expert count of a 3-D tensor).
+
+    llama.cpp aborts the whole process on a length mismatch inside the quantizer, so this runs first.
+    """
+    from .validate import validate_gguf
+
+    values = imatrix.mean_squares() if isinstance(imatrix, Imatrix) else imatrix
+    model_path = Path(model_path)
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in validate_gguf(model_path, for_llama=False).tensors}
+    missing = [name for name in values if name not in shapes]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ProbeError(f"{label} is for another model: {model_path.name} has no tensor "
+                         f"{', '.join(missing[:3])}{more}")
+    for name, v in values.items():
+        shape = shapes[name]
+        n_mat = shape[2] if len(shape) > 2 else 1  # MoE expert stacks: one row of channels per expert
+        if np.size(v) != shape[0] * n_mat:
+            experts = f" × {n_mat} experts" if n_mat > 1 else ""
+            raise ProbeError(f"{label} is for another model: {name} has {np.size(v)} values, "
+                             f"the model's rows have {shape[0]}{experts}")
 
 
 def write_imatrix(path: str | Path, imatrix: Imatrix) -> Path:

@@ -60,7 +60,7 @@ def quantize_ladder(
     *,
     out_dir: Path | None = None,
     allow_requantize: bool = False,
-    imatrix: Mapping[str, np.ndarray] | None = None,
+    imatrix: Mapping[str, np.ndarray] | str | Path | None = None,
     force: bool = False,
     skip_existing: bool = False,
     nthread: int = 0,
@@ -71,6 +71,8 @@ def quantize_ladder(
     All targets are checked before any work starts, so a typo in the last one wastes nothing.
     Each output is written to a temporary file and renamed, so an interrupted run leaves no
     partial GGUF under a final name.
+    `imatrix`: per-channel mean squares by tensor name (Imatrix.mean_squares()), or an imatrix file;
+    one made for another model is refused before any work (names and row lengths must match).
     """
     from ..engine.llama_lib import quantize_file
 
@@ -91,6 +93,17 @@ def quantize_ladder(
             f"{src.name} is already quantized ({requantized_from}); requantizing compounds the error "
             "of both levels — pass --allow-requantize to do it anyway"
         )
+    if isinstance(imatrix, (str, Path)):
+        from .imatrix import read_imatrix
+
+        label = f"imatrix {Path(imatrix).name}"
+        imatrix = read_imatrix(imatrix).mean_squares()
+    else:
+        label = "the imatrix"
+    if imatrix:
+        from .imatrix import check_imatrix
+
+        check_imatrix(imatrix, src, label)
     missing_imatrix = [q for q in quants if q in NEEDS_IMATRIX and not imatrix]
     if missing_imatrix:
         raise ProbeError(f"{', '.join(missing_imatrix)} need an importance matrix (--imatrix FILE)")

@@ -106,7 +106,7 @@ def inspect_cmd(model: str, as_json: bool, show_tensors: bool) -> None:
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to write <stem>-<QUANT>.gguf files (default: the model store, ./models).")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Importance matrix (llama.cpp imatrix .gguf or legacy .dat).")
+              help="Importance matrix (llama.cpp imatrix .gguf or legacy .dat); one made for another model is refused.")
 @click.option("--allow-requantize", is_flag=True,
               help="Allow an already-quantized source (errors compound; the output's metadata records it).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
@@ -122,11 +122,6 @@ def quantize_cmd(model, targets, out_dir, imatrix, allow_requantize, force, skip
     """
     from .models.quantize import quantize_ladder
 
-    imatrix_data = None
-    if imatrix is not None:
-        from .models.imatrix import read_imatrix
-
-        imatrix_data = read_imatrix(imatrix).mean_squares()
     console = _console(stderr=True)
     status = console.status("quantizing ...") if not as_json else None
 
@@ -138,7 +133,7 @@ def quantize_cmd(model, targets, out_dir, imatrix, allow_requantize, force, skip
         status.start()
     try:
         results = quantize_ladder(model, targets, out_dir=out_dir, allow_requantize=allow_requantize,
-                                  imatrix=imatrix_data, force=force, skip_existing=skip_existing,
+                                  imatrix=imatrix, force=force, skip_existing=skip_existing,
                                   nthread=threads, on_start=on_start)
     finally:
         if status is not None:
@@ -286,8 +281,26 @@ _neuron_options = _option_group(
     click.option("--tau", type=float, default=0.1, show_default=True,
                  help="Dead: every value over every token within (−tau, tau)."),
     click.option("--salient-examples", type=int, default=20, show_default=True,
-                 help="Prompts attributed with the exact last-layer integrated gradients (0: none)."),
+                 help="Prompts attributed to find salient neurons (0: none)."),
+    click.option("--attribution", type=click.Choice(["exact", "ig", "dla", "none"]), default="exact", show_default=True,
+                 help="Salient-neuron attribution. exact: the paper's integrated gradients, closed form, last layer "
+                      "only, no torch. ig: the paper's integrated gradients for every analysed layer, in torch on the "
+                      "GGUF's own dequantized weights (pip install 'ggml-probe[attribution]'), with a convergence "
+                      "check per layer. dla: direct effect only (act × direct path to the answer), every layer, no "
+                      "torch; NOT the paper's method."),
+    click.option("--attribution-target", type=click.Choice(["answer", "gold"]), default="answer", show_default=True,
+                 help="What is attributed: log p of the model's own answer token (the paper's) or of the gold label's."),
+    click.option("--ablate-top", type=int, default=5, show_default=True,
+                 help="Causal check of each attributed layer: switch its top-N salient candidates off inside "
+                      "llama.cpp and report the change of log p(answer), beside N random neurons (0: skip)."),
 )
+
+
+class _StepPrinter:
+    """Announces a long step that has no progress bar of its own (e.g. attribution)."""
+
+    def step(self, message: str) -> None:
+        _console(stderr=True).print(f"[dim]… {message}[/]")
 
 
 class _Progress:
@@ -338,11 +351,15 @@ class _Progress:
 @_engine_options
 @click.option("--neurons", "with_neurons", is_flag=True, help="Also run the neuron analyses in the same pass.")
 @_neuron_options
+@click.option("--imatrix-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write an imatrix (llama.cpp's GGUF format) from this pass's own matmul inputs; with "
+                   "--quants one file per level, named FILE-LEVEL. Resumable with the run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
              reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
-             with_neurons, layers, neuron, tau, salient_examples, as_json, quiet):
+             with_neurons, layers, neuron, tau, salient_examples, attribution, attribution_target, ablate_top, as_json,
+             quiet, imatrix_out):
     """Evaluate a model on a task: accuracy, confidence, calibration (ACE, ECE, Brier, NLL).
 
     Writes a run directory (manifest.json, predictions.parquet, metrics.json, reliability.png,
@@ -356,7 +373,8 @@ def eval_cmd(model, task, data_path, template, labels, gold_column, id_column, l
     """
     _run_eval(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
               reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
-              with_neurons, layers, neuron, tau, salient_examples, as_json, quiet)
+              with_neurons, layers, neuron, tau, salient_examples, as_json, quiet, imatrix_out=imatrix_out,
+              attribution=attribution, attribution_target=attribution_target, ablate_top=ablate_top)
 
 
 @cli.command("neurons")
@@ -365,29 +383,40 @@ def eval_cmd(model, task, data_path, template, labels, gold_column, id_column, l
 @_run_options
 @_engine_options
 @_neuron_options
+@click.option("--imatrix-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write an imatrix (llama.cpp's GGUF format) from this pass's own matmul inputs; with "
+                   "--quants one file per level, named FILE-LEVEL. Resumable with the run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def neurons_cmd(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
                 reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
-                layers, neuron, tau, salient_examples, as_json, quiet):
-    """FFN neurons through llama.cpp: dead, salient (last layer, exact IG), redundant, top tokens.
+                layers, neuron, tau, salient_examples, attribution, attribution_target, ablate_top, as_json, quiet,
+                imatrix_out):
+    """FFN neurons through llama.cpp: dead, salient, redundant, and what the strongest respond to.
 
     The same single pass also produces the output-level metrics of `eval` (one decode per example).
     Across a ladder (--quants) it prints the paper's side-by-side table: dead, salient and redundant
     neurons per level, with dead/salient overlap and activation drift against the reference.
 
+    Salient neurons come from --attribution: by default the paper's integrated gradients for the
+    last layer, exact and without torch; `ig` adds every analysed layer (torch) and flags layers whose
+    50-step integral does not converge (its completeness error is reported per layer).
+
     \b
-    Example:
+    Examples:
       ggml-probe neurons demo --quants F16,Q4_0 --task boolq --data ../shared/data/boolq_validation.jsonl --limit 50
+      ggml-probe neurons demo --task boolq --data ../shared/data/boolq_validation.jsonl --limit 20 --attribution ig
     """
     _run_eval(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
               reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
-              True, layers, neuron, tau, salient_examples, as_json, quiet)
+              True, layers, neuron, tau, salient_examples, as_json, quiet, imatrix_out=imatrix_out,
+              attribution=attribution, attribution_target=attribution_target, ablate_top=ablate_top)
 
 
 def _run_eval(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
               reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
-              with_neurons, layers, neuron, tau, salient_examples, as_json, quiet) -> None:
+              with_neurons, layers, neuron, tau, salient_examples, as_json, quiet, imatrix_out=None,
+              attribution="exact", attribution_target="answer", ablate_top=5) -> None:
     from .evaluation import NeuronSettings, evaluate, ladder_files, run_dir_name
     from .models.store import DEMO_NAME, resolve_model
 
@@ -409,6 +438,9 @@ def _run_eval(model, task, data_path, template, labels, gold_column, id_column, 
     with _Progress(quiet or as_json) as bars:
         for level, path in files.items():
             run_dir = root / level if level else root
+            if imatrix_out:  # one imatrix per level: each level's own activations
+                config.imatrix_out = str(imatrix_out.with_name(f"{imatrix_out.stem}-{level}{imatrix_out.suffix}")
+                                         if level else imatrix_out)
             summaries[level] = evaluate(path, config, run_dir, resume=resume, force=force,
                                         progress=bars.tracker(f"{level or path.name} · {task}"), quant_label=level)
     comparison = None
@@ -428,22 +460,33 @@ def _run_eval(model, task, data_path, template, labels, gold_column, id_column, 
 
         data = load_examples(task_spec(config), data_path=config.data_path, limit=config.limit,
                              on_bad_row=config.on_bad_row, seed=config.seed)
+        from .neurons_study import neuron_targets
+
         prompts = [ex.prompt for ex in data.examples]
         settings = StudyConfig(neuron=neuron, tau=tau, salient_examples=salient_examples, n_ctx=n_ctx,
-                               threads=threads, gpu_layers=gpu_layers)
+                               threads=threads, gpu_layers=gpu_layers, attribution=attribution,
+                               attribution_target=attribution_target, ablate_top=ablate_top)
         paths = {str(lvl or s.quant): p for (lvl, p), s in zip(files.items(), summaries.values())}
-        neuron_levels = {lvl: neuron_level(d, paths[lvl], prompts, settings) for lvl, d in run_dirs.items()}
+        steps = None if quiet or as_json else _StepPrinter()
+        neuron_levels = {lvl: neuron_level(d, paths[lvl], prompts, settings, steps,
+                                           neuron_targets(d, data.examples, settings))
+                         for lvl, d in run_dirs.items()}
         if len(run_dirs) > 1:
             ref = comparison["reference"]
             neuron_cmp = neuron_comparison(run_dirs, ref, neuron_levels)
     if as_json:
-        click.echo(json.dumps({"runs": {str(k or s.quant): {"run_dir": str(s.run_dir), "metrics": s.metrics}
+        click.echo(json.dumps({"runs": {str(k or s.quant): {"run_dir": str(s.run_dir), "metrics": s.metrics,
+                                                          **({"imatrix": s.manifest.get("imatrix")} if imatrix_out else {})}
                                         for k, s in summaries.items()}, "comparison": comparison,
                                "neurons": neuron_levels, "neuron_comparison": neuron_cmp}, indent=2, default=str))
         return
     from .report.terminal import print_eval_summary, print_neuron_summary
 
     print_eval_summary(_console(), summaries, comparison)
+    for s in summaries.values():
+        if imatrix_out and s.manifest.get("imatrix"):
+            im = s.manifest["imatrix"]
+            _console().print(f"imatrix: {im['path']} ({im['entries']} matrices, {im['prompts']} prompts, {im['tokens']} tokens)")
     if neuron_levels:
         print_neuron_summary(_console(), neuron_levels, neuron_cmp)
 
@@ -457,26 +500,48 @@ def _run_eval(model, task, data_path, template, labels, gold_column, id_column, 
 @click.option("--tensors", default=None, help="Tensor patterns over short names: ffn_down,ffn_gate,attn_* (default: every matrix).")
 @click.option("--top", "top_k", type=int, default=10, show_default=True, help="How many most-hurt layers/tensors/neurons to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON (per tensor, per neuron, per layer).")
-def weights_cmd(model, ref, layers, tensors, top_k, as_json) -> None:
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="An imatrix of the reference model: adds the per-neuron sensitivity, each input channel's "
+                   "error weighted by its E[x²] (implies --sensitivity). One made for another model is refused.")
+@click.option("--sensitivity", is_flag=True,
+              help="Add the static per-neuron sensitivity of the --layers' FFN neurons (predicted RMS change of "
+                   "act and down_in from the weight error); unweighted (E[x²] = 1) without --imatrix.")
+def weights_cmd(model, ref, layers, tensors, top_k, as_json, imatrix, sensitivity) -> None:
     """Quantization error of MODEL's weights against --ref, per tensor, per layer and per FFN neuron.
 
     Reads tensors one at a time from the memory-mapped files (ggml's own dequantizers): relative
     RMSE, max abs error, cosine and SQNR. A neuron is a row of ffn_gate/ffn_up and a column of ffn_down.
+    With --sensitivity or --imatrix, also predicts how far each FFN neuron moves: sqrt(Σ δW² · E[x²])
+    of its gate and up rows (JSON: "sensitivity").
     """
     from .weights import compare_weights, format_report
 
     status = None if as_json else _console(stderr=True).status("reading tensors ...")
     if status:
         status.start()
+    sens = None
     try:
+        if imatrix is not None or sensitivity:
+            from .weights.sensitivity import neuron_sensitivity
+
+            sens = neuron_sensitivity(model, ref, imatrix=imatrix, layers=layers)  # refuses a foreign imatrix first
         report = compare_weights(model, ref, layers=layers, tensors=tensors, top_k=top_k)
     finally:
         if status:
             status.stop()
     if as_json:
-        click.echo(report.to_json(with_units=True))
+        if sens is None:
+            click.echo(report.to_json(with_units=True))
+        else:
+            click.echo(json.dumps({**report.to_dict(with_units=True), "sensitivity": sens.to_dict(top_k=top_k)},
+                                  allow_nan=False))
     else:
         click.echo(format_report(report, top_k=top_k))
+        if sens is not None:
+            from .weights.sensitivity import format_sensitivity
+
+            click.echo("")
+            click.echo(format_sensitivity(sens, top_k=top_k))
 
 
 @cli.command("dump")
@@ -524,7 +589,15 @@ class _StudyProgress(_Progress):
 @click.option("--ref", "reference", default=None, help="Reference level (default: highest precision).")
 @click.option("--no-neurons", is_flag=True, help="Skip the neuron analyses.")
 @click.option("--salient-examples", type=int, default=10, show_default=True,
-              help="Prompts attributed with the exact last-layer integrated gradients per level (0: none).")
+              help="Prompts attributed per level to find salient neurons (0: none).")
+@click.option("--attribution", type=click.Choice(["exact", "ig", "dla", "none"]), default=None,
+              help="Salient-neuron attribution (see `ggml-probe neurons --help`); default exact, or ig with --paper "
+                   "when torch is installed.")
+@click.option("--attribution-target", type=click.Choice(["answer", "gold"]), default="answer", show_default=True,
+              help="Attribute log p of the model's own answer token (the paper's) or of the gold label's.")
+@click.option("--ablate-top", type=int, default=5, show_default=True,
+              help="Causal check: switch each attributed layer's top-N salient candidates off and report the change "
+                   "of log p(answer), beside N random neurons (0: skip).")
 @click.option("--no-weights", is_flag=True, help="Skip the weight-error analysis.")
 @click.option("--allow-requantize", is_flag=True, help="Allow a ladder from an already-quantized source (implied for demo).")
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -534,7 +607,7 @@ class _StudyProgress(_Progress):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display (for scripts).")
 def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, reference, no_neurons, salient_examples,
-              no_weights,
+              attribution, attribution_target, ablate_top, no_weights,
               allow_requantize, out, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet) -> None:
     """The whole study: ladder, one pass per level and task, comparisons, weights, and a report.
 
@@ -564,7 +637,8 @@ def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, 
         data_map[task] = path
     config = StudyConfig(quants=[q.strip() for q in quants.split(",") if q.strip()], tasks=tasks, data=data_map,
                          data_dir=data_dir, limit=limit, seed=None if seed == -1 else seed, layers=layers, paper=paper, reference=reference,
-                         neurons=not no_neurons, salient_examples=salient_examples, weights=not no_weights, allow_requantize=allow_requantize,
+                         neurons=not no_neurons, salient_examples=salient_examples, attribution=attribution,
+                         attribution_target=attribution_target, ablate_top=ablate_top, weights=not no_weights, allow_requantize=allow_requantize,
                          n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
     out = out or Path("studies") / ladder_stem(resolve_model(model))
     command = "ggml-probe " + " ".join(sys.argv[1:]) if sys.argv else ""

@@ -1,5 +1,5 @@
 """The neuron part of a study: per-level figures from a run's neuron files, salient neurons by the
-exact last-layer integrated gradients, and the comparison of every level with the reference."""
+chosen attribution method (ggml_probe.attribution), and the comparison of every level with the reference."""
 
 from __future__ import annotations
 
@@ -10,41 +10,89 @@ import numpy as np
 
 from .rundir import read_json, write_json
 
-SALIENT_METHOD = ("exact integrated gradients of the last layer's act neurons (closed form from the GGUF weights, "
-                  "50-point Gauss-Legendre, token-0 baseline, target = the model's own answer token); earlier "
-                  "layers are not attributed (they need gradients through later attention)")
-# The closed-form integral is exact to rounding; a larger error would mean a broken computation.
-COMPLETENESS_TOLERANCE = 1e-3
+
+def neuron_targets(run_dir: Path, examples, config) -> list[int] | None:
+    """The attribution target per example: None (each prompt's own answer, the paper's) or, for
+    `--attribution-target gold`, the first token of the gold label's first surface form as the run's
+    manifest recorded the label tokens."""
+    if config.attribution_target != "gold":
+        return None
+    label_tokens = read_json(run_dir / "manifest.json")["label_tokens"]
+    return [int(label_tokens[ex.label][0]) for ex in examples]
 
 
-def _salient(run_dir: Path, model_path: Path, prompts: list[str], config, progress) -> dict[str, Any]:
-    """Salient last-layer neurons of this level, cached in RUN_DIR/salient.json."""
-    from .engine.capture import last_layer_attribution
+def _salient(run_dir: Path, model_path: Path, prompts: list[str], layers: list[int], config, progress,
+             targets: list[int] | None = None) -> dict[str, Any] | None:
+    """Salient neurons of this level by config.attribution, cached in RUN_DIR/salient.json."""
+    from .attribution import attribute, method
 
-    cache = run_dir / "salient.json"
+    m = method(config.attribution)
     n = min(config.salient_examples, len(prompts))
+    key = {"method": m.name, "n_prompts": n, "threshold": config.saliency, "layers": sorted(layers),
+           "target": config.attribution_target, "ablate_top": config.ablate_top, "definitions_version": 2}
+    cache = run_dir / "salient.json"
     if cache.exists():
         cached = read_json(cache)
-        if cached.get("n_prompts") == n and cached.get("threshold") == config.saliency:
+        if cached.get("key") == key:
             return cached
+    wanted = sorted(layers) if m.all_layers else [max(layers)]
     if progress:
-        progress.step(f"salient neurons (exact last-layer IG) on {n} prompts · {run_dir.parent.name}/{run_dir.name}")
-    attr = last_layer_attribution(model_path, prompts[:n], n_points=50, n_ctx=config.n_ctx, n_threads=config.threads,
-                                  gpu_layers=config.gpu_layers)
-    summary = attr.salient(config.saliency)
-    gap = (attr.attributions.sum(axis=1) - attr.real_change) if attr.real_change is not None else None
-    result = {
-        "layer": int(attr.layer), "n_prompts": n, "threshold": config.saliency, "method": SALIENT_METHOD,
-        "union": [int(i) for i in summary.union], "count": int(len(summary.union)),
-        "ranking": [int(i) for i in summary.ranking[:20]],
-        "frequency_top": [int(summary.frequency[i]) for i in summary.ranking[:20]],
-        "completeness_error_max": float(np.abs(attr.completeness_error).max()),
-        "converged": bool(np.abs(attr.completeness_error).max() < COMPLETENESS_TOLERANCE),
-        "llama_gap_mean": float(np.abs(gap).mean()) if gap is not None else None,
-        "llama_gap_max": float(np.abs(gap).max()) if gap is not None else None,
-    }
+        progress.step(f"salient neurons ({m.name}) on {n} prompts, layers {','.join(map(str, wanted))} · "
+                      f"{run_dir.parent.name}/{run_dir.name}")
+    attr = attribute(m.name, model_path, prompts[:n], wanted, targets=None if targets is None else targets[:n],
+                     n_ctx=config.n_ctx, threads=config.threads, gpu_layers=config.gpu_layers,
+                     device=config.attribution_device)
+    result: dict[str, Any] = {"key": key, "method": m.name, "label": m.label, "paper_method": m.paper,
+                              "n_prompts": n, "threshold": config.saliency, "target": config.attribution_target,
+                              "targets": [int(t) for t in attr.target_tokens], "layers": {}}
+    for layer, la in attr.layers.items():
+        summary = la.salient(config.saliency)
+        entry = {"union": [int(i) for i in summary.union], "count": int(len(summary.union)),
+                 "ranking": [int(i) for i in summary.ranking[:20]],
+                 "frequency_top": [int(summary.frequency[i]) for i in summary.ranking[:20]]}
+        if la.completeness_error is not None:  # an integral: did it converge?
+            ok = la.converged
+            entry.update(completeness_error_mean=float(np.abs(la.completeness_error).mean()),
+                         completeness_error_max=float(np.abs(la.completeness_error).max()),
+                         real_change_mean=float(np.abs(la.real_change).mean()),
+                         converged_prompts=int(ok.sum()), converged=bool(ok.all()))
+        result["layers"][str(layer)] = entry
+    if config.ablate_top > 0:
+        _ablation_check(result, model_path, prompts[:n], config)
+    if attr.llama_real_change is not None:  # exact: the closed form against llama.cpp's own swap
+        gap = attr.layers[max(attr.layers)].attributions.sum(axis=1) - attr.llama_real_change
+        result.update(llama_gap_mean=float(np.abs(gap).mean()), llama_gap_max=float(np.abs(gap).max()))
     write_json(cache, result)
     return result
+
+
+def _ablation_check(result: dict[str, Any], model_path: Path, prompts: list[str], config) -> None:
+    """A causal second opinion beside the attribution: switch the top candidates of each layer off
+    inside llama.cpp (act := 0 at every position) and measure the change of log p(target); the same
+    for as many random neurons of that layer (seeded), as a control."""
+    from .engine.capture import ablation_effect, model_ffn
+
+    n_ff = model_ffn(model_path).n_ff
+    rng = np.random.default_rng(0)
+    for key, entry in result["layers"].items():
+        top = entry["ranking"][:config.ablate_top]
+        if not top:
+            continue
+        others = np.setdiff1d(np.arange(n_ff), top)
+        control = sorted(int(i) for i in rng.choice(others, size=len(top), replace=False))
+        deltas = {}
+        for name, ids in (("top", top), ("control", control)):
+            res = ablation_effect(model_path, prompts, int(key), ids, values=0.0, definition="act",
+                                  targets=result["targets"], n_ctx=config.n_ctx, n_threads=config.threads,
+                                  gpu_layers=config.gpu_layers)
+            deltas[name] = res.delta
+        entry["ablation"] = {
+            "neurons": [int(i) for i in top], "control_neurons": control, "value": 0.0,
+            "delta_logprob_mean": float(deltas["top"].mean()),
+            "delta_logprob_abs_mean": float(np.abs(deltas["top"]).mean()),
+            "control_delta_logprob_mean": float(deltas["control"].mean()),
+            "control_delta_logprob_abs_mean": float(np.abs(deltas["control"]).mean()),
+        }
 
 
 def _top_tokens(run_dir: Path, model_path: Path, prompts: list[str], definition: str, layer: int,
@@ -69,7 +117,9 @@ def _top_tokens(run_dir: Path, model_path: Path, prompts: list[str], definition:
     return out
 
 
-def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, progress=None) -> dict[str, Any]:
+def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, progress=None,
+                 targets: list[int] | None = None) -> dict[str, Any]:
+    """One level's neuron figures; targets: a token per prompt for the attribution (default: its own answer)."""
     nj = read_json(run_dir / "neurons.json")
     entries = [e for e in nj["layers"] if e["definition"] == config.neuron]
     level: dict[str, Any] = {
@@ -86,24 +136,27 @@ def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, pr
         "top_tokens": {},
     }
     last = max(level["layers"]) if level["layers"] else None
-    try:
-        sal = _salient(run_dir, model_path, prompts, config, progress) if config.salient_examples > 0 else None
-    except Exception as exc:  # an architecture the exact method does not cover: say so, keep the rest
-        from .errors import ProbeError
+    sal = None
+    if config.salient_examples > 0 and config.attribution != "none" and level["layers"]:
+        try:
+            sal = _salient(run_dir, model_path, prompts, level["layers"], config, progress, targets)
+        except Exception as exc:  # an architecture or an extra the method lacks: say so, keep the rest
+            from .errors import ProbeError
 
-        if not isinstance(exc, ProbeError):
-            raise
-        sal = None
-        level["salient_note"] = str(exc)
+            if not isinstance(exc, ProbeError):
+                raise
+            level["salient_note"] = str(exc)
     if sal:
-        level["salient"] = {str(sal["layer"]): sal["count"]}
-        level["salient_ids"] = {str(sal["layer"]): sal["union"]}
-        level["salient_method"] = sal["method"]
-        level["salient_converged"] = {str(sal["layer"]): sal["converged"]}
+        per = sal["layers"]
+        level["salient"] = {k: v["count"] for k, v in per.items()}
+        level["salient_ids"] = {k: v["union"] for k, v in per.items()}
+        level["salient_method"] = f"{sal['method']}: {sal['label']}"
+        level["salient_converged"] = {k: v["converged"] for k, v in per.items() if "converged" in v}
         level["salient_detail"] = sal
-        # Tokens of the most salient neurons need that layer's activations from the same run.
-        if sal["layer"] == last and config.neuron == "act":
-            level["top_tokens"][str(last)] = _top_tokens(run_dir, model_path, prompts, "act", last, sal["ranking"][:5])
+        # Tokens of the most salient neurons, from the same run's activations of that layer.
+        if config.neuron == "act":
+            for k, v in per.items():
+                level["top_tokens"][k] = _top_tokens(run_dir, model_path, prompts, "act", int(k), v["ranking"][:5])
     for e in entries:  # other layers: the strongest neurons' tokens, as the run recorded them
         key = str(e["layer"])
         if key not in level["top_tokens"] and e.get("top_tokens"):

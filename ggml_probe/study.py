@@ -13,6 +13,8 @@ Layout of a study directory:
 
 from __future__ import annotations
 
+import importlib.util
+
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,7 +47,11 @@ class StudyConfig:
     saliency: float = 0.7
     paper: bool = False
     neurons: bool = True
-    salient_examples: int = 10  # prompts attributed with the exact last-layer integrated gradients
+    salient_examples: int = 10  # prompts attributed (salient neurons)
+    attribution: str | None = None  # ggml_probe.attribution.CHOICES; None: exact (ig in paper mode with torch)
+    attribution_target: str = "answer"  # answer: the model's own next token; gold: the gold label's token
+    attribution_device: str = "auto"  # torch device for --attribution ig
+    ablate_top: int = 5  # causal check: switch off each layer's top-N salient candidates (0: skip)
     weights: bool = True
     reference: str | None = None
     allow_requantize: bool = False
@@ -57,6 +63,9 @@ class StudyConfig:
     def apply_paper(self) -> None:
         """The reference study's exact protocol (study-protocol.md)."""
         self.layers, self.neuron, self.tau, self.saliency = "0,14,-1", "act", 0.1, 0.7
+        # The paper attributes every analysed layer; only torch can do layers before the last.
+        if self.attribution is None and importlib.util.find_spec("torch") is not None:
+            self.attribution = "ig"
 
 
 def _local_data_for(task: str, config: StudyConfig) -> str | None:
@@ -94,13 +103,13 @@ def resolve_task_data(task: str, config: StudyConfig) -> tuple[str, str | None, 
         return OFFLINE_TASK, None, task
 
 
-def _prompts(eval_config) -> list[str]:
+def _examples(eval_config) -> list:
     from .evaluation import task_spec
     from .tasks import load_examples
 
     data = load_examples(task_spec(eval_config), data_path=eval_config.data_path, limit=eval_config.limit,
                          on_bad_row=eval_config.on_bad_row, seed=eval_config.seed)
-    return [ex.prompt for ex in data.examples]
+    return data.examples
 
 
 def _level_entry(run_manifest: dict) -> dict[str, Any]:
@@ -132,6 +141,7 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
     out = Path(out_dir)
     if config.paper:
         config.apply_paper()
+    config.attribution = config.attribution or "exact"
     src = resolve_model(model)
     allow = config.allow_requantize or str(model) == DEMO_NAME
     with directory_lock(out):
@@ -167,11 +177,12 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
                 "reliability": {lvl: _reliability(d) for lvl, d in run_dirs.items()},
             }
             if config.neurons:
-                from .neurons_study import neuron_comparison, neuron_level
+                from .neurons_study import neuron_comparison, neuron_level, neuron_targets
 
-                prompts = _prompts(eval_config)
+                examples = _examples(eval_config)
                 study["tasks"][task_run]["neurons"] = {
-                    lvl: neuron_level(run_dirs[lvl], files[lvl], prompts, config, progress) for lvl in run_dirs}
+                    lvl: neuron_level(run_dirs[lvl], files[lvl], [ex.prompt for ex in examples], config, progress,
+                                      neuron_targets(run_dirs[lvl], examples, config)) for lvl in run_dirs}
                 study["tasks"][task_run]["neuron_comparison"] = neuron_comparison(run_dirs, ref, study["tasks"][task_run]["neurons"])
         reference = config.reference or reference_level(
             {lvl: Path(r["run_dir"]) for lvl, r in next(iter(study["tasks"].values()))["runs"].items()})
@@ -223,6 +234,7 @@ def _weights_section(files: dict[str, Path], reference: str, out: Path, force: b
 
 
 def _definitions(config: StudyConfig) -> dict[str, str]:
+    from .attribution import method
     from .analysis.calibration import DEFINITIONS as CAL
     from .analysis.scoring import DEFINITIONS as SCORING
 
@@ -238,6 +250,9 @@ def _definitions(config: StudyConfig) -> dict[str, str]:
                          "max: the largest such change"),
         "dead": f"a neuron is dead when every value it takes over every prompt token lies in (−τ, τ), τ = {config.tau}",
         "salient": f"|attribution| / max per example above {config.saliency}; the union over the attributed examples",
+        "attribution": (f"{config.attribution}: {method(config.attribution).label}; target: "
+                        + ("the gold label's token" if config.attribution_target == "gold" else "the model's own answer token")
+                        if config.attribution != "none" else "none (salient neurons not computed)"),
         "redundant": "pairs of neurons of a layer whose Pearson correlation over tokens has |corr| ≥ 0.9",
         "weights": "per tensor: relative RMSE ‖W−W_ref‖/‖W_ref‖, SQNR 10·log10(‖W_ref‖²/‖W−W_ref‖²), cosine, max |ΔW|",
     }

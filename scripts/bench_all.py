@@ -7,7 +7,9 @@ every figure is a ratio against its baseline measured in the same run:
   neurons        neuron pass vs plain llama.cpp decoding (scripts/bench_neurons.py)
   weights        streaming dequantization vs gguf-py's reader (scripts/bench_weights.py)
   paper_stack    the paper's transformers + hooks + Captum IG stack (scripts/paper_stack.py)
-  fidelity       ggml-probe's exact last-layer IG vs Captum (scripts/validate_attribution.py)
+  fidelity       ggml-probe's attributions (ig every layer, exact last layer, dla) vs Captum (scripts/validate_attribution.py)
+  imatrix_loop   Q4_0 / IQ4_NL with and without a ggml-probe imatrix, KL and accuracy vs F16 (scripts/imatrix_loop.py)
+  sensitivity    static per-neuron sensitivity vs measured drift, Spearman (scripts/sensitivity_check.py)
 plus a section comparing ggml-probe's time per example with the paper stack's.
 
     python scripts/bench_all.py                 # run all (tens of minutes), then write the page
@@ -28,9 +30,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
-ORDER = ["eval", "neurons", "weights", "paper_stack", "fidelity"]
+ORDER = ["eval", "neurons", "weights", "paper_stack", "fidelity", "imatrix_loop", "sensitivity"]
 SCRIPTS = {"eval": "bench_eval.py", "neurons": "bench_neurons.py", "weights": "bench_weights.py",
-           "paper_stack": "paper_stack.py", "fidelity": "validate_attribution.py"}
+           "paper_stack": "paper_stack.py", "fidelity": "validate_attribution.py", "imatrix_loop": "imatrix_loop.py",
+           "sensitivity": "sensitivity_check.py"}
 
 
 # ------------------------------------------------------------------ running
@@ -47,6 +50,10 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
         "paper_stack": [py, str(s / SCRIPTS["paper_stack"]), "--n-forward", str(args.n_forward),
                         "--n-ig", str(args.n_ig), "--threads", str(args.threads)],
         "fidelity": [py, str(s / SCRIPTS["fidelity"]), "--n", str(args.n_fidelity), "--threads", str(args.threads)],
+        "imatrix_loop": [py, str(s / SCRIPTS["imatrix_loop"]), "--n", str(args.n_imatrix), "--calib", str(args.n_calib),
+                         "--threads", str(args.threads)],
+        "sensitivity": [py, str(s / SCRIPTS["sensitivity"]), "--n", str(args.n_sensitivity), "--calib",
+                        str(args.n_calib), "--threads", str(args.threads)],
     }
 
 
@@ -119,8 +126,22 @@ def neurons_section(d: dict) -> tuple[list[str], list[tuple]]:
         lines.append(f"| {r['config']} | {r['tokens_per_s']:.1f} | **{r['tokens_per_s'] / base['tokens_per_s']:.2f}** | "
                      f"{_f(r['tokens_per_s'] / plain['tokens_per_s'] if plain else None)} | {r['peak_rss_mb']:.0f} | "
                      f"{_f(r.get('analysis_seconds'))} |")
+    mem = d.get("memory_scaling") or []
+    if mem:
+        lines += ["", "Peak memory against the number of examples (each row its own process; prompts go through in "
+                  "chunks of 32 whose results are dropped, as `evaluate` does). Goal: the same at 100 and 1,000.", "",
+                  "| config | examples | tokens | peak RSS MiB | tok/s |", "|---|---:|---:|---:|---:|"]
+        for r in mem:
+            lines.append(f"| {r['config']} | {r['prompts']} | {r['tokens']} | {r['peak_rss_mb']:.0f} | {r['tokens_per_s']:.1f} |")
     summary = []
-    for cfg, what in (("all_stats", "neuron pass, all layers, both definitions"),
+    for cfg in sorted({r["config"] for r in mem}):
+        rows = sorted((r for r in mem if r["config"] == cfg), key=lambda r: r["prompts"])
+        if len(rows) > 1:
+            summary.append(("neurons", f"peak memory, `{cfg}`, {rows[-1]['prompts']} vs {rows[0]['prompts']} examples",
+                            f"{rows[-1]['peak_rss_mb'] / rows[0]['peak_rss_mb']:.2f}×", f"the same config at {rows[0]['prompts']}",
+                            f"{rows[0]['peak_rss_mb']:.0f} → {rows[-1]['peak_rss_mb']:.0f} MiB"))
+    for cfg, what in (("full", "full neuron run: all layers, both definitions, every analysis"),
+                      ("all_stats", "neuron pass, all layers, both definitions, no redundancy"),
                       ("paper", "neuron pass, paper layers + redundancy")):
         if cfg in by:
             summary.append(("neurons", what, f"{by[cfg]['tokens_per_s'] / base['tokens_per_s']:.2f}×",
@@ -167,26 +188,34 @@ def paper_stack_section(d: dict) -> tuple[list[str], list[tuple]]:
 
 
 def fidelity_section(d: dict) -> tuple[list[str], list[tuple]]:
-    s, m = d["last_layer"], d["machine"]
+    m = d["machine"]
     lines = [f"Command: `{d['command']}` · {m['platform']} · {m['date']}", "",
-             f"ggml-probe's exact last-layer integrated gradients (llama.cpp + closed form, F16 file) against Captum's "
-             f"LayerIntegratedGradients on transformers (same weights in fp32), layer {s['layer']}, {s['prompts']} BoolQ prompts. "
-             "Baseline of the comparison: Captum, the paper's method.", "",
-             "| figure | value | goal |", "|---|---:|---:|",
-             f"| Spearman rank correlation, mean (min) | **{s['spearman_mean']:.5f}** ({s['spearman_min']:.5f}) | ≥ 0.99 |",
-             f"| top-20 overlap, mean | {s['top20_overlap_mean']:.2f} | |",
-             f"| salient-set Jaccard (|a|/max > 0.7), mean | {s['salient_jaccard_mean']:.2f} | |",
-             f"| completeness error, Captum (mean abs, nats) | {s['mean_abs_completeness_captum']:.2g} | |",
-             f"| completeness error, ggml-probe closed form | {s['mean_abs_completeness_ours_closed_form']:.2g} | |",
-             f"| completeness error, ggml-probe vs llama.cpp's real swap | {s['mean_abs_completeness_ours_vs_llama']:.2g} | |"]
-    for layer, o in d.get("other_layers_captum_completeness", {}).items():
-        lines.append(f"| Captum completeness error at layer {layer} ({o['prompts']} prompts, mean abs) | "
-                     f"{o['mean_abs_completeness_error']:.3g} | converges? {'yes' if o['mean_abs_completeness_error'] < 1e-2 else '**no**'} |")
-    lines += ["", f"Time per prompt at the last layer: ggml-probe {s['ours_seconds_per_prompt']:.2f} s "
-                  f"(whole call / prompts; one-prompt call {s['ours_seconds_one_prompt_call']:.1f} s), Captum "
-                  f"{s['captum_seconds_per_prompt']:.1f} s: **{s['captum_seconds_per_prompt'] / s['ours_seconds_per_prompt']:.1f}×**."]
-    summary = [("fidelity", f"last-layer attribution, Spearman vs Captum ({s['prompts']} prompts)",
-                f"{s['spearman_mean']:.5f}", "Captum LayerIntegratedGradients", "—")]
+             "Baseline: Captum's LayerIntegratedGradients on transformers (the paper's method; the same F16 file "
+             "dequantized to fp32), in the same run. `ig` = ggml-probe `--attribution ig` (torch on the GGUF's own "
+             "weights); `exact` = the default closed-form last layer from llama.cpp passes; `dla` = direct effect "
+             "only (not the paper's method).", "",
+             "| layer | method | Spearman mean (min) | top-20 overlap | salient Jaccard | completeness error, mean abs (Captum / ig) | goal ≥ 0.99 |",
+             "|---:|---|---:|---:|---:|---:|---|"]
+    summary = []
+    for layer, ld in d["layers"].items():
+        for name in ("ig", "exact", "dla"):
+            s = ld.get(name)
+            if not s:
+                continue
+            comp = (f"{ld['captum_mean_abs_completeness']:.2g} / {ld['ig_mean_abs_completeness']:.2g} "
+                    f"({ld['ig_converged']}/{s['prompts']} converged)") if name == "ig" else ""
+            goal = "—" if name == "dla" else ("met" if s["goal_met"] else "**not met**")
+            lines.append(f"| {layer} | {name} | **{s['spearman_mean']:.5f}** ({s['spearman_min']:.5f}) | "
+                         f"{s['top20_overlap_mean']:.2f} | {s['salient_jaccard_mean']:.2f} | {comp} | {goal} |")
+            if name != "dla":
+                summary.append(("fidelity", f"layer {layer} `{name}` attribution, Spearman vs Captum ({s['prompts']} prompts)",
+                                f"{s['spearman_mean']:.5f}", "Captum LayerIntegratedGradients", "—"))
+    sec = d["seconds_per_prompt_layer"]
+    lines += ["", f"Time per prompt and layer, same run: Captum {sec['captum']:.1f} s, ggml-probe ig {sec['ig']:.1f} s "
+                  f"(**{sec['captum'] / sec['ig']:.1f}×**)"
+              + (f", exact last layer {sec['exact_last_layer']:.2f} s per prompt" if sec.get("exact_last_layer") else "")
+              + ". A layer whose completeness error is large has an unconverged integral: both stacks compute the same "
+                "wrong number there, and ggml-probe flags the layer."]
     return lines, summary
 
 
@@ -214,10 +243,9 @@ def comparison_section(data: dict) -> tuple[list[str], list[tuple]]:
     last = str(max(int(k) for k in ps["ig"]["seconds_per_prompt_per_layer"]))
     ig_last = ps["ig"]["seconds_per_prompt_per_layer"][last]
     ours_ig = None
-    if fd:
-        s = fd["last_layer"]
+    if fd and (fd.get("seconds_per_prompt_layer") or {}).get("exact_last_layer"):
         # the whole call over its prompts (model load and weight read included): the conservative figure
-        ours_ig = s["ours_seconds_per_prompt"]
+        ours_ig = fd["seconds_per_prompt_layer"]["exact_last_layer"]
         lines.append(f"| last-layer integrated gradients (exact, closed form; Captum: layer {last}) | {ours_ig:.2f} s | "
                      f"{ig_last:.1f} s | **{ig_last / ours_ig:.1f}×** | fidelity.json (whole call / prompts), paper_stack.json |")
         summary.append(("vs paper", "last-layer IG per example", _speed(ig_last / ours_ig),
@@ -229,15 +257,65 @@ def comparison_section(data: dict) -> tuple[list[str], list[tuple]]:
         summary.append(("vs paper", "per example, outputs + neurons + last-layer IG", _speed(paper_total / ours_total),
                         "the paper's stack, same scope", "—"))
     others = {k: v for k, v in ps["ig"]["seconds_per_prompt_per_layer"].items() if k != last}
-    lines += ["", "Not like for like, and said so: IG at the earlier layers (" + ", ".join(
+    lines += ["", "IG at the earlier layers (" + ", ".join(
         f"layer {k}: {v:.1f} s per prompt" for k, v in others.items()) +
-        " with Captum) needs autograd; ggml-probe does it only with `--attribution ig` (torch), so it is left out of "
-        "both columns above. The paper stack's full per-example cost, those layers included, is "
-        f"{ps['seconds_per_example']:.1f} s."]
+        " with Captum) needs autograd; ggml-probe does it with `--attribution ig` (torch), left out of the rows "
+        "above; its same-run ratio against Captum per layer is in the fidelity section. The paper stack's full "
+        f"per-example cost, those layers included, is {ps['seconds_per_example']:.1f} s."]
     if nr and ps:
         lines.append(f"The neuron benchmark ran on `{nr.get('model')}` with {nr.get('threads')} thread(s) (results written "
                      f"{nr['_mtime']}), the paper stack on {ps['model']} with {ps.get('threads')} thread(s) "
                      f"({ps['machine']['date']}); both on this machine, whose load from other jobs varies.")
+    return lines, summary
+
+
+def imatrix_loop_section(d: dict) -> tuple[list[str], list[tuple]]:
+    lines = [f"Command: `{d['command']}` · {d['date']} · {d['seconds']:.0f} s", "",
+             f"Baseline: the same level quantized without an imatrix, both compared with F16 on the same "
+             f"{d['n_eval']} BoolQ prompts; the imatrix comes from {d['n_calib']} disjoint prompts. "
+             f"F16 accuracy {d['f16_accuracy'] * 100:.1f}%.", "",
+             "| level | KL full, mean | KL label, mean | top-1 agree % | answer agree % | accuracy % |",
+             "|---|---:|---:|---:|---:|---:|"]
+    by = {r["level"]: r for r in d["rows"]}
+    summary = []
+    for r in d["rows"]:
+        lines.append(f"| {r['level']} | {r['kl_full_mean']:.4f} | {r['kl_label_mean']:.4f} | "
+                     f"{r['top1_agreement'] * 100:.1f} | {r['agreement'] * 100:.1f} | {r['accuracy'] * 100:.1f} |")
+        base = by.get(r["level"].removesuffix("+imatrix"))
+        if r["level"].endswith("+imatrix") and base:
+            # KL alone can mislead: a level may match F16's full distribution better and still answer worse
+            summary.append(("imatrix_loop", f"{base['level']} with a ggml-probe imatrix: mean KL vs F16 (accuracy)",
+                            f"{r['kl_full_mean'] / base['kl_full_mean']:.2f}× ({r['kl_full_mean']:.3f} vs "
+                            f"{base['kl_full_mean']:.3f}; accuracy {r['accuracy'] * 100:.1f}% vs "
+                            f"{base['accuracy'] * 100:.1f}%)", f"{base['level']} without imatrix", "—"))
+    return lines, summary
+
+
+def sensitivity_section(d: dict) -> tuple[list[str], list[tuple]]:
+    last = max(d["layers"])
+    lines = [f"Command: `{d['command']}` · {d['date']} · {d['seconds']:.0f} s", "",
+             f"Spearman correlation over each layer's neurons between the static sensitivity predicted from the weights "
+             f"and the measured per-token RMS drift against F16 ({d['n_eval']} BoolQ prompts). Control: "
+             "`scale_only`, each neuron's activation scale alone (no weight error) — what a prediction gains over it "
+             "comes from the weight error.", "",
+             f"| level | prediction | act: layer 0 | act: median of layers | down_in: layer 0 | down_in: layer {last} | "
+             "down_in: median of layers |", "|---|---|---:|---:|---:|---:|---:|"]
+    summary = []
+    fmt = lambda x: "—" if x is None else f"{x:+.2f}"  # noqa: E731
+    for level, e in d["levels"].items():
+        for w, by in e["by_weighting"].items():
+            a, di = by["act/rms"], by["down_in/rms"]
+            lines.append(f"| {level} | {w} | {fmt(a['layer0'])} | {fmt(a['median'])} | {fmt(di['layer0'])} | "
+                         f"{fmt(di[f'layer{last}'])} | {fmt(di['median'])} |")
+        own, un = e["by_weighting"].get("imatrix_own"), e["by_weighting"].get("unweighted")
+        ctl = e["by_weighting"].get("scale_only")
+        if own and un and ctl:
+            summary.append(("sensitivity", f"{level}: Spearman, predicted vs measured drift, act layer 0 / down_in "
+                            "median of layers",
+                            f"{fmt(own['act/rms']['layer0'])} / {fmt(own['down_in/rms']['median'])} (unweighted "
+                            f"{fmt(un['act/rms']['layer0'])} / {fmt(un['down_in/rms']['median'])})",
+                            f"activation scale alone, no weight error: {fmt(ctl['act/rms']['layer0'])} / "
+                            f"{fmt(ctl['down_in/rms']['median'])}", "—"))
     return lines, summary
 
 
@@ -246,7 +324,9 @@ SECTIONS = {
     "neurons": ("Neuron pass vs plain llama.cpp decoding", neurons_section),
     "weights": ("Weight dequantization: streaming vs gguf-py", weights_section),
     "paper_stack": ("The paper's stack: transformers + hooks + Captum IG", paper_stack_section),
-    "fidelity": ("Fidelity: exact last-layer attribution vs Captum", fidelity_section),
+    "fidelity": ("Fidelity: attributions vs Captum at every analysed layer", fidelity_section),
+    "imatrix_loop": ("The imatrix loop: quantizing with a ggml-probe imatrix", imatrix_loop_section),
+    "sensitivity": ("Static neuron sensitivity vs measured drift", sensitivity_section),
 }
 
 
@@ -306,6 +386,9 @@ def main() -> None:
     ap.add_argument("--n-forward", type=int, default=20)
     ap.add_argument("--n-ig", type=int, default=5)
     ap.add_argument("--n-fidelity", type=int, default=10)
+    ap.add_argument("--n-imatrix", type=int, default=150, help="imatrix loop: evaluation prompts")
+    ap.add_argument("--n-calib", type=int, default=100, help="imatrix loop and sensitivity: imatrix prompts")
+    ap.add_argument("--n-sensitivity", type=int, default=100)
     args = ap.parse_args()
     status = None
     if not args.collect:

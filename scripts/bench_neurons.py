@@ -11,6 +11,10 @@ Each configuration runs in its own process (so its peak RSS is its own), one pro
   stats        + moments, dead counts, top-10 activations (no correlation)
   paper        + redundancy (n_ff² co-moments) at layers 0,14,-1, both definitions
   all_stats    every layer, both definitions, moments + top-10 (no correlation)
+  full         every layer, both definitions, every analysis (redundancy included): the full neuron run
+Prompts go through in chunks of 32 whose results are dropped, as `evaluate` does, so peak memory is
+the probe's own; --memory-sizes repeats chosen configs at several prompt counts (does memory grow
+with the number of examples? It must not).
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ CONFIGS = {
     "stats": dict(layers=(0, 14, -1), redundancy=False, top_k=10),
     "paper": dict(layers=(0, 14, -1), redundancy=True, top_k=10),
     "all_stats": dict(layers="all", redundancy=False, top_k=10),
+    "full": dict(layers="all", redundancy=True, top_k=10),
 }
+CHUNK = 32
 
 
 def boolq_prompts(path: Path, n: int) -> list[str]:
@@ -65,10 +71,13 @@ def run_one(config: str, model: str, data: Path, n: int, threads: int) -> dict:
                                 allow_large=True)
             current[0] = probe
         start = time.perf_counter()
-        if probe is None:
-            engine.run(tokens, all_outputs=config == "plain_all")
-        else:
-            run_checked(engine, probe, tokens)
+        for first in range(0, len(tokens), CHUNK):  # results dropped per chunk, as evaluate() does
+            chunk = tokens[first:first + CHUNK]
+            if probe is None:
+                engine.run(chunk, all_outputs=config == "plain_all")
+            else:
+                probe.prompt_offset = first
+                run_checked(engine, probe, chunk)
         seconds = time.perf_counter() - start
     n_tokens = int(sum(len(t) for t in tokens))
     extra = {}
@@ -88,28 +97,36 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--memory-sizes", default="100,1000", help="prompt counts for the memory-scaling runs ('' = none)")
+    ap.add_argument("--memory-configs", default="plain_all,full")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/neurons.json"))
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.model, args.data, args.n, args.threads)))
         return
-    results = []
-    for config in args.configs.split(","):
+    def one(config: str, n: int) -> dict:
         cmd = [sys.executable, __file__, "--one", config, "--model", args.model, "--data", str(args.data),
-               "--n", str(args.n), "--threads", str(args.threads)]
+               "--n", str(n), "--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         row = json.loads(out)
-        results.append(row)
-        print(f"{config:10s} {row['tokens_per_s']:8.1f} tok/s  {row['seconds']:7.2f} s  peak {row['peak_rss_mb']:7.0f} MB"
-              + (f"  analyses {row['analysis_seconds']:.1f} s" if "analysis_seconds" in row else ""), flush=True)
+        print(f"{config:10s} n={n:<5d} {row['tokens_per_s']:8.1f} tok/s  {row['seconds']:7.2f} s  "
+              f"peak {row['peak_rss_mb']:7.0f} MB" + (f"  analyses {row['analysis_seconds']:.1f} s"
+                                                      if "analysis_seconds" in row else ""), flush=True)
+        return row
+
+    results = [one(config, args.n) for config in args.configs.split(",") if config]
+    sizes = [int(v) for v in args.memory_sizes.split(",") if v]
+    done = {r["config"]: r for r in results}
+    memory = [done[config] if n == args.n and config in done else one(config, n)
+              for config in args.memory_configs.split(",") if config for n in sizes]
     base = next((r for r in results if r["config"] == "plain_all"), results[0])
     for r in results:
         r["relative_to_plain_all"] = r["tokens_per_s"] / base["tokens_per_s"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": platform.platform(), "cpu_count": __import__("os").cpu_count(),
                                     "threads": args.threads, "model": args.model, "n": args.n,
-                                    "results": results}, indent=2))
+                                    "results": results, "memory_scaling": memory}, indent=2))
     print(f"wrote {args.out}")
 
 

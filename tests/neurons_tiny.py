@@ -100,3 +100,34 @@ def torch_last_layer_ig(folder: Path, token_ids: list[int], target: int, n_point
     torch.log_softmax(logits, dim=-1)[:, target].sum().backward()
     mean_grad = (torch.tensor(w / 2, dtype=torch.float64)[:, None] * points.grad).sum(0)
     return ((a - b) * mean_grad).numpy()
+
+
+def torch_layer_ig(folder: Path, token_ids: list[int], layer: int, target: int, n_points: int = 50) -> dict:
+    """Captum's LayerIntegratedGradients on one layer's act_fn output, rebuilt with plain autograd on
+    transformers in float64: the act is replaced at every position along the straight path from the
+    all-token-0 prompt's act, attributions summed over positions. An independent reference for
+    ggml_probe.attribution.ig (a different model implementation, HF's rope layout, no shared code)."""
+    import torch
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    act_fn = model.model.layers[layer].mlp.act_fn
+    seen = {}
+    handle = act_fn.register_forward_hook(lambda _m, _i, out: seen.__setitem__("act", out.detach().clone()))
+    with torch.no_grad():
+        logp_input = torch.log_softmax(model(torch.tensor([token_ids])).logits[0, -1], -1)[target]
+        a = seen["act"][0]
+        model(torch.zeros((1, len(token_ids)), dtype=torch.long))
+        b = seen["act"][0]
+    handle.remove()
+
+    x, w = np.polynomial.legendre.leggauss(n_points)
+    alphas = torch.tensor((x + 1) / 2, dtype=torch.float64)
+    points = (b[None] + alphas[:, None, None] * (a - b)[None]).requires_grad_(True)
+    handle = act_fn.register_forward_hook(lambda _m, _i, out: points)
+    logp = torch.log_softmax(model(torch.tensor([token_ids] * n_points)).logits[:, -1], dim=-1)[:, target]
+    logp.sum().backward()
+    handle.remove()
+    mean_grad = (torch.tensor(w / 2, dtype=torch.float64)[:, None, None] * points.grad).sum(0)
+    return {"attributions": ((a - b) * mean_grad).sum(0).numpy(), "logp_input": float(logp_input),
+            "alphas": alphas.numpy()}

@@ -103,6 +103,17 @@ def integrated_gradients(head: LastLayerHead, act: np.ndarray, baseline: np.ndar
     return IGResult(attr, float(ends[0]), float(ends[1]), float(attr.sum() - (ends[0] - ends[1])))
 
 
+def direct_effect(head: LastLayerHead, act: np.ndarray, baseline: np.ndarray, up: np.ndarray,
+                  final_residual: np.ndarray, target: int) -> np.ndarray:
+    """(act − baseline)_j × ∂ log p(target) / ∂ act_j along the direct path only: act ⊙ up → W_down
+    (head.w_down, any layer's) → straight into the final residual, linearised there. (n_ff,)"""
+    act, baseline = np.asarray(act, np.float64), np.asarray(baseline, np.float64)
+    up, r = np.asarray(up, np.float64), np.asarray(final_residual, np.float64)
+    # head.hidden(act) must give the final residual: take this layer's own contribution out of it.
+    grad = head.gradient(act[None], up, r - head.w_down @ (act * up), target)[0]
+    return (act - baseline) * grad
+
+
 def normalised(attr: np.ndarray) -> np.ndarray:
     """|attr| / max |attr| (all zeros stay zeros)."""
     a = np.abs(np.asarray(attr, np.float64))

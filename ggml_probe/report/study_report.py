@@ -423,6 +423,25 @@ def _per_layer_text(d: Mapping[Any, Any] | None, spec: str = "g") -> _Cell:
     return _Cell(format(total, spec), " · ".join(f"L{L}: {format(_get(d, L), spec)}" for L in layers))
 
 
+def _salient_cell(level: Mapping[str, Any]) -> _Cell:
+    """Salient counts per layer; a layer whose integral did not converge is marked, with its error."""
+    counts = level.get("salient")
+    if not counts:
+        return _Cell("—")
+    detail = (level.get("salient_detail") or {}).get("layers") or {}
+    parts, flagged = [], False
+    for L in _layer_keys(counts):
+        d = detail.get(str(L)) or {}
+        text = f"L{L}: {_get(counts, L)}"
+        if d.get("converged") is False:
+            flagged = True
+            text += (f" ⚠ not converged (mean |Σ attr − Δ log p| {d['completeness_error_mean']:.3g} nats, "
+                     f"{d['converged_prompts']}/{(level.get('salient_detail') or {}).get('n_prompts')} prompts ok)")
+        parts.append(text)
+    total = sum(_get(counts, L) or 0 for L in _layer_keys(counts))
+    return _Cell(f"{total}" + (" ⚠" if flagged else ""), " · ".join(parts))
+
+
 class _Section:
     def __init__(self, sid: str, title: str) -> None:
         self.id, self.title = sid, title
@@ -532,8 +551,9 @@ def _build(study: Mapping[str, Any]) -> tuple[dict[str, Any], list[_Section], li
             nrow = next(iter(neurons.values()))
             rows.append([f"dead neurons ({nrow.get('neuron', 'act')}, |a| < {nrow.get('tau', '—')})"]
                         + [_per_layer_text((neurons.get(lvl) or {}).get("dead")) for lvl in task_levels])
-            rows.append([f"salient neurons ({nrow.get('salient_method') or 'attribution'})"]
-                        + [_per_layer_text((neurons.get(lvl) or {}).get("salient")) for lvl in task_levels])
+            method = ((nrow.get("salient_detail") or {}).get("method") or "attribution")
+            rows.append([f"salient neurons ({method}; ⚠ = integral not converged)"]
+                        + [_salient_cell(neurons.get(lvl) or {}) for lvl in task_levels])
             rows.append([f"redundant pairs (|corr| ≥ {nrow.get('redundancy_threshold', 0.9)})"]
                         + [_per_layer_text((neurons.get(lvl) or {}).get("redundant_pairs"), ",") for lvl in task_levels])
         else:

@@ -212,3 +212,17 @@ def print_neuron_summary(console: "Console", levels: dict, comparison: dict | No
     method = first.get("salient_method")
     if method:
         console.print(f"[dim]salient: {method}[/]")
+    for level, n in levels.items():  # an unconverged integral's salient set is not a finding: say so
+        detail = (n.get("salient_detail") or {}).get("layers") or {}
+        for key, d in detail.items():
+            ab = d.get("ablation")
+            if ab:
+                console.print(f"[dim]{level} layer {key}: switching off the top {len(ab['neurons'])} salient candidates "
+                              f"moves log p(answer) by {ab['delta_logprob_mean']:+.3f} on average "
+                              f"(|Δ| {ab['delta_logprob_abs_mean']:.3f}; {len(ab['control_neurons'])} random neurons: "
+                              f"{ab['control_delta_logprob_mean']:+.3f}, |Δ| {ab['control_delta_logprob_abs_mean']:.3f})[/]")
+            if d.get("converged") is False:
+                console.print(f"[yellow]{level} layer {key}: the 50-step integral did not converge "
+                              f"({d['converged_prompts']}/{n['salient_detail']['n_prompts']} prompts within tolerance; "
+                              f"mean |Σ attr − Δ log p| {d['completeness_error_mean']:.3g} nats against a mean "
+                              f"|Δ log p| of {d['real_change_mean']:.3g}): its salient neurons are not findings[/]")

@@ -1,0 +1,95 @@
+"""Which neurons drive the answer: the attribution methods behind salient neurons, in one registry.
+
+    exact  the paper's integrated gradients for the LAST layer, in closed form from two llama.cpp
+           passes and the GGUF's weights (no torch; the default)
+    ig     the paper's integrated gradients for EVERY analysed layer, in torch on a model built from
+           the GGUF's own dequantized weights (optional extra `attribution`; CPU, CUDA or MPS)
+    dla    direct effect only, every layer, no torch: (act − baseline) × the direct path to the
+           answer. Not the paper's method; before the last layer it misses what flows through later
+           layers, and it is labelled so wherever it is shown.
+
+Every method returns an `ig.Attribution`: per layer, (n_prompts, n_ff) attributions and, for the
+integrals, the completeness error that says whether the integral converged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import ProbeError
+from .ig import Attribution, LayerAttribution
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str  # shown beside every salient figure
+    paper: bool  # the reference study's integrated gradients (exactly or numerically)
+    all_layers: bool  # False: the last layer only
+    needs_torch: bool
+
+
+METHODS: dict[str, Method] = {
+    m.name: m for m in (
+        Method("exact", "the paper's integrated gradients, exact in closed form for the last layer (50-point "
+               "Gauss-Legendre, token-0 baseline, from llama.cpp passes and the GGUF weights); earlier layers "
+               "need --attribution ig", True, False, False),
+        Method("ig", "the paper's integrated gradients (50-point Gauss-Legendre, token-0 baseline) in torch on the "
+               "GGUF's own dequantized weights, every analysed layer", True, True, True),
+        Method("dla", "DIRECT EFFECT ONLY (act − baseline act) × direct path to the answer; not the paper's "
+               "integrated gradients, and unreliable before the last layer", False, True, False),
+    )
+}
+CHOICES = (*METHODS, "none")
+
+
+def method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ProbeError(f"unknown attribution {name!r}; choose one of {', '.join(CHOICES)}") from None
+
+
+def attribute(
+    name: str,
+    model_path: str | os.PathLike,
+    prompts: Sequence[str | np.ndarray],
+    layers: Sequence[int],
+    *,
+    targets: Sequence[int] | None = None,
+    n_points: int = 50,
+    n_ctx: int = 2048,
+    threads: int | None = None,
+    gpu_layers: str | int = "auto",
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> Attribution:
+    """Attributions of `layers` (absolute ids; the exact method keeps only the last) by method `name`."""
+    from ..engine.capture import direct_effect_attribution, last_layer_attribution, model_ffn
+
+    m = method(name)
+    if m.name == "ig":
+        from .ig import integrated_gradients
+
+        return integrated_gradients(model_path, prompts, layers, targets=targets, n_points=n_points,
+                                    device=device, threads=threads, progress=progress)
+    if m.name == "dla":
+        return direct_effect_attribution(model_path, prompts, layers, targets=targets, n_ctx=n_ctx,
+                                         n_threads=threads, gpu_layers=gpu_layers)
+    last = model_ffn(model_path).n_layer - 1
+    if last not in layers:
+        return Attribution("exact", np.zeros(0, np.int64), np.zeros(0), n_points=n_points)
+    res = last_layer_attribution(model_path, prompts, targets=targets, n_points=n_points, n_ctx=n_ctx,
+                                 n_threads=threads, gpu_layers=gpu_layers)
+    out = Attribution("exact", res.target_tokens, res.llama_logprob, n_points=n_points)
+    closed_change = res.attributions.sum(axis=1) - res.completeness_error
+    out.layers[last] = LayerAttribution(last, res.attributions, closed_change, res.completeness_error)
+    out.llama_real_change = res.real_change
+    return out
+
+
+__all__ = ["Attribution", "LayerAttribution", "METHODS", "CHOICES", "Method", "attribute", "method"]

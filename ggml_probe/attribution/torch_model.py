@@ -1,0 +1,221 @@
+"""A llama-family transformer in torch, built from a GGUF file's own dequantized weights.
+
+llama.cpp has no backward pass, and integrated gradients for a layer before the last need gradients
+through every later layer's attention. This module rebuilds the forward pass of the file llama.cpp
+runs — same tensors, dequantized by ggml itself, so a Q4_0 file is attributed with its Q4_0 weights —
+in torch, and exposes it in the pieces integrated gradients needs: run the prompt once keeping each
+analysed layer's FFN state, then run only the layers after one of them from a replaced act.
+
+Rope follows llama.cpp, not transformers: GGUF llama files carry Q/K rows reordered for llama.cpp's
+adjacent-pair rope (LLAMA_ROPE_TYPE_NORM), qwen2/qwen3 use the rotate-half form (NEOX). Linear rope
+scaling and llama3's per-frequency factors (rope_freqs.weight) are applied as llama.cpp does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ProbeError, UnsupportedArchitecture
+
+TORCH_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+_NEOX_ROPE = {"qwen2", "qwen3"}
+
+
+def require_torch():
+    try:
+        import torch
+    except ImportError:
+        raise ProbeError("--attribution ig needs torch: pip install 'ggml-probe[attribution]' "
+                         "(CPU build: pip install torch==2.13.0)") from None
+    return torch
+
+
+def pick_device(device: str = "auto") -> str:
+    torch = require_torch()
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+@dataclass
+class Hyper:
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    eps: float
+    rope_base: float
+    rope_dim: int
+    rope_scale: float  # positions are multiplied by this (linear scaling: 1 / factor)
+
+
+@dataclass
+class LayerState:
+    """One analysed layer on the prompt: the FFN input residual, act = SiLU(gate) and up, (seq, ·)."""
+
+    residual: "object"
+    act: "object"
+    up: "object"
+
+
+class TorchModel:
+    """The GGUF model's forward pass in torch (float32 by default), weights frozen."""
+
+    def __init__(self, path: str | os.PathLike, *, device: str = "auto", dtype: str = "float32"):
+        from ..weights.dequant import GGUFTensors
+
+        torch = require_torch()
+        self.torch = torch
+        self.path = str(path)
+        self.device = pick_device(device)
+        self.dtype = getattr(torch, dtype)
+        with GGUFTensors(path) as tensors:
+            self.hp = _hyper(tensors)
+            names = set(tensors.names())
+
+            def weight(name: str, optional: bool = False):
+                if name not in names:
+                    if optional:
+                        return None
+                    raise ProbeError(f"{path}: tensor {name} is missing")
+                return torch.from_numpy(np.array(tensors.dequantize(name), dtype=np.float32)).to(self.device, self.dtype)
+
+            self.embed = weight("token_embd.weight")
+            self.out_norm = weight("output_norm.weight")
+            self.out = weight("output.weight", optional=True)
+            if self.out is None:  # tied embeddings
+                self.out = self.embed
+            factors = weight("rope_freqs.weight", optional=True)
+            self.layers = []
+            for i in range(self.hp.n_layer):
+                p = f"blk.{i}."
+                self.layers.append({k: weight(p + k + ".weight")
+                                    for k in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                                              "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")})
+                for k in ("attn_q", "attn_k", "attn_v"):  # qwen2's biases
+                    self.layers[-1][k + "_bias"] = weight(p + k + ".bias", optional=True)
+                for k in ("attn_q_norm", "attn_k_norm"):  # qwen3's per-head norms
+                    self.layers[-1][k] = weight(p + k + ".weight", optional=True)
+        hp = self.hp
+        theta = hp.rope_base ** (-torch.arange(0, hp.rope_dim, 2, dtype=torch.float64) / hp.rope_dim)
+        if factors is not None:
+            theta = theta / factors.double().cpu()
+        self._theta = theta
+        self._rope_cache: dict[int, tuple] = {}
+
+    # pieces ---------------------------------------------------------------------------------
+    def _rms(self, x, w):
+        return x * self.torch.rsqrt((x * x).mean(-1, keepdim=True) + self.hp.eps) * w
+
+    def _rope(self, x, seq: int):
+        """Rotate x (batch, seq, heads, head_dim) by position, in llama.cpp's pairing for the arch."""
+        torch, hp = self.torch, self.hp
+        if seq not in self._rope_cache:
+            pos = torch.arange(seq, dtype=torch.float64) * hp.rope_scale
+            ang = pos[:, None] * self._theta[None, :]
+            self._rope_cache[seq] = (ang.cos().to(self.device, self.dtype)[None, :, None, :],
+                                     ang.sin().to(self.device, self.dtype)[None, :, None, :])
+        cos, sin = self._rope_cache[seq]
+        rot, rest = x[..., :hp.rope_dim], x[..., hp.rope_dim:]
+        if hp.arch in _NEOX_ROPE:
+            half = hp.rope_dim // 2
+            x0, x1 = rot[..., :half], rot[..., half:]
+            out = torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+        else:
+            x0, x1 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+        return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+
+    def _attention(self, w: dict, x):
+        torch, hp = self.torch, self.hp
+        b, seq, _ = x.shape
+        h = self._rms(x, w["attn_norm"])
+        q, k, v = h @ w["attn_q"].T, h @ w["attn_k"].T, h @ w["attn_v"].T
+        if w["attn_q_bias"] is not None:
+            q, k, v = q + w["attn_q_bias"], k + w["attn_k_bias"], v + w["attn_v_bias"]
+        q = q.view(b, seq, hp.n_head, hp.head_dim)
+        k = k.view(b, seq, hp.n_head_kv, hp.head_dim)
+        v = v.view(b, seq, hp.n_head_kv, hp.head_dim)
+        if w["attn_q_norm"] is not None:
+            q, k = self._rms(q, w["attn_q_norm"]), self._rms(k, w["attn_k_norm"])
+        q, k = self._rope(q, seq), self._rope(k, seq)
+        group = hp.n_head // hp.n_head_kv
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                             is_causal=True)
+        return o.transpose(1, 2).reshape(b, seq, hp.n_head * hp.head_dim) @ w["attn_output"].T
+
+    def _ffn_parts(self, w: dict, residual):
+        h = self._rms(residual, w["ffn_norm"])
+        return self.torch.nn.functional.silu(h @ w["ffn_gate"].T), h @ w["ffn_up"].T
+
+    def _block_from_act(self, w: dict, residual, act, up):
+        return residual + (act * up) @ w["ffn_down"].T
+
+    def _head(self, x):
+        """log-softmax at the last position, (batch, vocab)."""
+        z = self._rms(x[:, -1, :], self.out_norm) @ self.out.T
+        return self.torch.log_softmax(z, dim=-1)
+
+    # what IG uses ---------------------------------------------------------------------------
+    def run(self, tokens: Sequence[int], keep: Sequence[int] = ()) -> tuple["object", dict[int, LayerState]]:
+        """log p(· | tokens) at the last position (vocab,), and the FFN state of the `keep` layers."""
+        torch = self.torch
+        keep = set(keep)
+        states: dict[int, LayerState] = {}
+        with torch.no_grad():
+            x = self.embed[torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.device)][None]
+            for i, w in enumerate(self.layers):
+                residual = x + self._attention(w, x)
+                act, up = self._ffn_parts(w, residual)
+                if i in keep:
+                    states[i] = LayerState(residual[0], act[0], up[0])
+                x = self._block_from_act(w, residual, act, up)
+            return self._head(x)[0], states
+
+    def logprob_from_act(self, layer: int, state: LayerState, acts, target: int):
+        """log p(target) at the last position for a batch of replacement acts (batch, seq, n_ff) of
+        `layer`, everything before that FFN (residual, up) held at the prompt's values."""
+        x = self._block_from_act(self.layers[layer], state.residual[None], acts, state.up[None])
+        for w in self.layers[layer + 1:]:
+            residual = x + self._attention(w, x)
+            act, up = self._ffn_parts(w, residual)
+            x = self._block_from_act(w, residual, act, up)
+        return self._head(x)[:, target]
+
+
+def _hyper(tensors) -> Hyper:
+    arch = tensors.architecture
+    if arch not in TORCH_ARCHITECTURES:
+        raise UnsupportedArchitecture(f"{arch}: --attribution ig supports {', '.join(TORCH_ARCHITECTURES)}")
+    s = tensors.summary
+
+    def meta(key: str, default=None):
+        v = s.value(f"{arch}.{key}")
+        if v is None and default is None:
+            raise ProbeError(f"{tensors.path}: no {arch}.{key} in the metadata")
+        return default if v is None else v
+
+    n_embd, n_head = int(meta("embedding_length")), int(meta("attention.head_count"))
+    head_dim = int(meta("attention.key_length", n_embd // n_head))
+    scaling = s.value(f"{arch}.rope.scaling.type")
+    scale = 1.0
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise UnsupportedArchitecture(f"{tensors.path}: rope scaling {scaling!r} is not supported by --attribution ig")
+        scale = 1.0 / float(meta("rope.scaling.factor"))
+    return Hyper(arch=arch, n_layer=int(meta("block_count")), n_embd=n_embd, n_ff=int(meta("feed_forward_length")),
+                 n_head=n_head, n_head_kv=int(meta("attention.head_count_kv", n_head)), head_dim=head_dim,
+                 eps=float(meta("attention.layer_norm_rms_epsilon")), rope_base=float(meta("rope.freq_base", 10000.0)),
+                 rope_dim=int(meta("rope.dimension_count", head_dim)), rope_scale=scale)

@@ -33,7 +33,11 @@ def main() -> None:
     ap.add_argument("--levels", default="Q4_0,IQ4_NL")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    ap.add_argument("--render-only", action="store_true", help="rewrite imatrix_loop.md from imatrix_loop.json")
     args = ap.parse_args()
+    if args.render_only:
+        render(json.loads((args.out / "imatrix_loop.json").read_text()), args.out)
+        return
 
     from ggml_probe.compare import compare_runs
     from ggml_probe.engine.imatrix_capture import collect_imatrix
@@ -76,6 +80,27 @@ def main() -> None:
               "imatrix": str(im_path), "rows": rows_out}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "imatrix_loop.json").write_text(json.dumps(result, indent=2) + "\n")
+    render(result, args.out)
+
+
+def type_differences(rows: list[dict]) -> list[str]:
+    """Where llama.cpp chose other tensor types because an imatrix was given (its type rules look at
+    has_imatrix: IQ4_NL/IQ4_XS keep Q5_K for the first n_layer/8 ffn_down only WITHOUT one, Q4_0 moves
+    them to Q4_1 only WITH one), so a row pair is not the same file with better rounding."""
+    by = {r["level"]: r["tensor_types"] for r in rows}
+    notes = []
+    for level, types in by.items():
+        other = by.get(f"{level}+imatrix")
+        if other is not None and other != types:
+            diff = ", ".join(f"{t}: {types.get(t, 0)} → {other.get(t, 0)}" for t in sorted(set(types) | set(other))
+                             if types.get(t, 0) != other.get(t, 0))
+            notes.append(f"- {level} vs {level}+imatrix: llama.cpp chose different tensor types ({diff}).")
+    return notes
+
+
+def render(result: dict, out: Path) -> None:
+    args = argparse.Namespace(calib=result["n_calib"], n=result["n_eval"])
+    rows_out, ref_acc = result["rows"], result["f16_accuracy"]
     lines = [
         "# Closing the imatrix loop (scripts/imatrix_loop.py)",
         "",
@@ -92,7 +117,13 @@ def main() -> None:
         lines.append(f"| {r['level']} | {r['kl_full_mean']:.4f} | {r['kl_full_p99']:.3f} | {r['kl_label_mean']:.4f} | "
                      f"{r['top1_agreement'] * 100:.1f} | {r['agreement'] * 100:.1f} | {r['accuracy'] * 100:.1f} | "
                      f"{d['value'] * 100:+.1f} [{d['ci_low'] * 100:+.1f}, {d['ci_high'] * 100:+.1f}] |")
-    (args.out / "imatrix_loop.md").write_text("\n".join(lines) + "\n")
+    notes = type_differences(rows_out)
+    if notes:
+        lines += ["", "**Not only rounding.** llama.cpp's type rules depend on whether an imatrix is given "
+                  "(`llama_tensor_get_type`: the first n_layer/8 ffn_down tensors stay Q5_K for IQ4_NL/IQ4_XS only "
+                  "without one; for Q4_0 they become Q4_1 only with one), so each pair below compares different "
+                  "type mixes as well as the imatrix's rounding:", "", *notes]
+    (out / "imatrix_loop.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

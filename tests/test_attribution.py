@@ -223,3 +223,20 @@ def test_paper_mode_attributes_every_layer_when_torch_is_there():
     explicit = StudyConfig(paper=True, attribution="exact")
     explicit.apply_paper()
     assert explicit.attribution == "exact"  # an explicit choice is kept
+
+
+@pytest.mark.slow
+def test_readme_library_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's Python example, executed as written (in a scratch directory)."""
+    import ast
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("## Library", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    kl_line, salient_line = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert float(kl_line) > 0  # Q4_0 moved the next-token distribution away from F16's
+    salient = ast.literal_eval(salient_line)
+    assert set(salient) == {0, 29}
+    assert all(len(ids) >= 1 and len(flags) == 1 for ids, flags in salient.values())

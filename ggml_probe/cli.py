@@ -356,10 +356,7 @@ class _Progress:
                    "--quants one file per level, named FILE-LEVEL. Resumable with the run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def eval_cmd(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
-             reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
-             with_neurons, layers, neuron, tau, salient_examples, attribution, attribution_target, ablate_top, as_json,
-             quiet, imatrix_out):
+def eval_cmd(**options):
     """Evaluate a model on a task: accuracy, confidence, calibration (ACE, ECE, Brier, NLL).
 
     Writes a run directory (manifest.json, predictions.parquet, metrics.json, reliability.png,
@@ -371,10 +368,7 @@ def eval_cmd(model, task, data_path, template, labels, gold_column, id_column, l
       ggml-probe eval demo --task boolq --data ../shared/data/boolq_validation.jsonl --limit 100
       ggml-probe eval demo --quants F16,Q8_0,Q4_0 --task yesno-mini
     """
-    _run_eval(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
-              reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
-              with_neurons, layers, neuron, tau, salient_examples, as_json, quiet, imatrix_out=imatrix_out,
-              attribution=attribution, attribution_target=attribution_target, ablate_top=ablate_top)
+    _run_eval(**options)
 
 
 @cli.command("neurons")
@@ -388,10 +382,7 @@ def eval_cmd(model, task, data_path, template, labels, gold_column, id_column, l
                    "--quants one file per level, named FILE-LEVEL. Resumable with the run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def neurons_cmd(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
-                reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
-                layers, neuron, tau, salient_examples, attribution, attribution_target, ablate_top, as_json, quiet,
-                imatrix_out):
+def neurons_cmd(**options):
     """FFN neurons through llama.cpp: dead, salient, redundant, and what the strongest respond to.
 
     The same single pass also produces the output-level metrics of `eval` (one decode per example).
@@ -407,16 +398,14 @@ def neurons_cmd(model, task, data_path, template, labels, gold_column, id_column
       ggml-probe neurons demo --quants F16,Q4_0 --task boolq --data ../shared/data/boolq_validation.jsonl --limit 50
       ggml-probe neurons demo --task boolq --data ../shared/data/boolq_validation.jsonl --limit 20 --attribution ig
     """
-    _run_eval(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
-              reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
-              True, layers, neuron, tau, salient_examples, as_json, quiet, imatrix_out=imatrix_out,
-              attribution=attribution, attribution_target=attribution_target, ablate_top=ablate_top)
+    _run_eval(with_neurons=True, **options)
 
 
 def _run_eval(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
               reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
-              with_neurons, layers, neuron, tau, salient_examples, as_json, quiet, imatrix_out=None,
-              attribution="exact", attribution_target="answer", ablate_top=5) -> None:
+              with_neurons, layers, neuron, tau, salient_examples, attribution, attribution_target, ablate_top,
+              as_json, quiet, imatrix_out) -> None:
+    """eval and neurons: the options arrive by name from click (neurons sets with_neurons)."""
     from .evaluation import NeuronSettings, evaluate, ladder_files, run_dir_name
     from .models.store import DEMO_NAME, resolve_model
 

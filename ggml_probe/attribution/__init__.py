@@ -68,8 +68,8 @@ def attribute(
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
 ) -> Attribution:
-    """Attributions of `layers` (absolute ids; the exact method keeps only the last) by method `name`."""
-    from ..engine.capture import direct_effect_attribution, last_layer_attribution, model_ffn
+    """Attributions of `layers` (negatives count from the end; the exact method keeps only the last) by `name`."""
+    from ..engine.capture import direct_effect_attribution, last_layer_attribution, model_ffn, resolve_layers
 
     m = method(name)
     if m.name == "ig":
@@ -81,7 +81,7 @@ def attribute(
         return direct_effect_attribution(model_path, prompts, layers, targets=targets, n_ctx=n_ctx,
                                          n_threads=threads, gpu_layers=gpu_layers)
     last = model_ffn(model_path).n_layer - 1
-    if last not in layers:
+    if last not in resolve_layers(list(layers), last + 1):
         return Attribution("exact", np.zeros(0, np.int64), np.zeros(0), n_points=n_points)
     res = last_layer_attribution(model_path, prompts, targets=targets, n_points=n_points, n_ctx=n_ctx,
                                  n_threads=threads, gpu_layers=gpu_layers)

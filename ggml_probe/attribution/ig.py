@@ -87,7 +87,9 @@ def integrated_gradients(
         torch.set_num_threads(int(threads))
     t0 = time.perf_counter()
     model = model or TorchModel(model_path, device=device, dtype=dtype)
-    layers = sorted({int(x) for x in layers})
+    from ..engine.capture import resolve_layers
+
+    layers = sorted(set(resolve_layers(list(layers), model.hp.n_layer)))  # negatives count from the end
     tokens = _tokens(model_path, prompts)
     alphas, weights = gauss_legendre_01(n_points)
     attr = {L: np.zeros((len(tokens), model.hp.n_ff)) for L in layers}

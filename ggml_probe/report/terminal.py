@@ -225,4 +225,5 @@ def print_neuron_summary(console: "Console", levels: dict, comparison: dict | No
                 console.print(f"[yellow]{level} layer {key}: the 50-step integral did not converge "
                               f"({d['converged_prompts']}/{n['salient_detail']['n_prompts']} prompts within tolerance; "
                               f"mean |Σ attr − Δ log p| {d['completeness_error_mean']:.3g} nats against a mean "
-                              f"|Δ log p| of {d['real_change_mean']:.3g}): its salient neurons are not findings[/]")
+                              f"|Δ log p| of {d['real_change_mean']:.3g}): its attributions, and so its salient set, are not "
+                              f"findings; the ablation line is the causal test of its candidates[/]")

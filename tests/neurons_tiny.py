@@ -70,25 +70,40 @@ def transformers_ffn(folder: Path, token_ids: list[int]) -> dict[str, dict[int, 
     return out
 
 
-def torch_last_layer_ig(folder: Path, token_ids: list[int], target: int, n_points: int = 80) -> np.ndarray:
-    """Integrated gradients of log p(target) w.r.t. the last layer's act_fn output at the last position,
-    by autograd in float64 (token-0 baseline, Gauss–Legendre in α): an independent reference."""
+def _act_of_prompt_and_baseline(folder: Path, token_ids: list[int], layer: int):
+    """transformers in float64 with `layer`'s act_fn output captured on the prompt and on the
+    all-token-0 baseline: (model, act_fn, act (tokens, n_ff), baseline act, last-position logits)."""
     import torch
     import transformers
 
     model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
-    act_fn = model.model.layers[-1].mlp.act_fn
+    act_fn = model.model.layers[layer].mlp.act_fn
     seen = {}
-    handle = act_fn.register_forward_hook(lambda _m, _i, out: seen.__setitem__("act", out[:, -1].detach().clone()))
+    handle = act_fn.register_forward_hook(lambda _m, _i, out: seen.__setitem__("act", out.detach().clone()))
     with torch.no_grad():
-        model(torch.tensor([token_ids]))
+        logits = model(torch.tensor([token_ids])).logits[0, -1]
         a = seen["act"][0]
         model(torch.zeros((1, len(token_ids)), dtype=torch.long))
         b = seen["act"][0]
     handle.remove()
+    return model, act_fn, a, b, logits
+
+
+def _gauss_legendre_01(n_points: int):
+    import torch
 
     x, w = np.polynomial.legendre.leggauss(n_points)
-    alphas = torch.tensor((x + 1) / 2, dtype=torch.float64)
+    return torch.tensor((x + 1) / 2, dtype=torch.float64), torch.tensor(w / 2, dtype=torch.float64)
+
+
+def torch_last_layer_ig(folder: Path, token_ids: list[int], target: int, n_points: int = 80) -> np.ndarray:
+    """Integrated gradients of log p(target) w.r.t. the last layer's act_fn output at the last position,
+    by autograd in float64 (token-0 baseline, Gauss–Legendre in α): an independent reference."""
+    import torch
+
+    model, act_fn, a, b, _ = _act_of_prompt_and_baseline(folder, token_ids, -1)
+    a, b = a[-1], b[-1]
+    alphas, weights = _gauss_legendre_01(n_points)
     points = (b[None, :] + alphas[:, None] * (a - b)[None, :]).requires_grad_(True)
 
     def replace_last(_m, _i, out):
@@ -98,7 +113,7 @@ def torch_last_layer_ig(folder: Path, token_ids: list[int], target: int, n_point
     logits = model(torch.tensor([token_ids] * n_points)).logits[:, -1]
     handle.remove()
     torch.log_softmax(logits, dim=-1)[:, target].sum().backward()
-    mean_grad = (torch.tensor(w / 2, dtype=torch.float64)[:, None] * points.grad).sum(0)
+    mean_grad = (weights[:, None] * points.grad).sum(0)
     return ((a - b) * mean_grad).numpy()
 
 
@@ -108,26 +123,14 @@ def torch_layer_ig(folder: Path, token_ids: list[int], layer: int, target: int, 
     all-token-0 prompt's act, attributions summed over positions. An independent reference for
     ggml_probe.attribution.ig (a different model implementation, HF's rope layout, no shared code)."""
     import torch
-    import transformers
 
-    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
-    act_fn = model.model.layers[layer].mlp.act_fn
-    seen = {}
-    handle = act_fn.register_forward_hook(lambda _m, _i, out: seen.__setitem__("act", out.detach().clone()))
-    with torch.no_grad():
-        logp_input = torch.log_softmax(model(torch.tensor([token_ids])).logits[0, -1], -1)[target]
-        a = seen["act"][0]
-        model(torch.zeros((1, len(token_ids)), dtype=torch.long))
-        b = seen["act"][0]
-    handle.remove()
-
-    x, w = np.polynomial.legendre.leggauss(n_points)
-    alphas = torch.tensor((x + 1) / 2, dtype=torch.float64)
+    model, act_fn, a, b, logits = _act_of_prompt_and_baseline(folder, token_ids, layer)
+    alphas, weights = _gauss_legendre_01(n_points)
     points = (b[None] + alphas[:, None, None] * (a - b)[None]).requires_grad_(True)
     handle = act_fn.register_forward_hook(lambda _m, _i, out: points)
     logp = torch.log_softmax(model(torch.tensor([token_ids] * n_points)).logits[:, -1], dim=-1)[:, target]
     logp.sum().backward()
     handle.remove()
-    mean_grad = (torch.tensor(w / 2, dtype=torch.float64)[:, None, None] * points.grad).sum(0)
-    return {"attributions": ((a - b) * mean_grad).sum(0).numpy(), "logp_input": float(logp_input),
-            "alphas": alphas.numpy()}
+    mean_grad = (weights[:, None, None] * points.grad).sum(0)
+    return {"attributions": ((a - b) * mean_grad).sum(0).numpy(),
+            "logp_input": float(torch.log_softmax(logits, -1)[target])}

@@ -21,6 +21,8 @@ from ggml_probe.cli import cli  # noqa: E402
 from ggml_probe.errors import ProbeError  # noqa: E402
 from ggml_probe.models.imatrix import Imatrix, ImatrixEntry, write_imatrix  # noqa: E402
 from ggml_probe.weights.dequant import quantize_rows  # noqa: E402
+from test_weights import _write_gguf  # noqa: E402  (gguf-py writer helper shared by the weight tests)
+
 from ggml_probe.weights.sensitivity import (  # noqa: E402
     UNWEIGHTED, format_sensitivity, neuron_sensitivity, predict, weighted_row_norms,
 )
@@ -58,21 +60,6 @@ def test_act_and_down_in_predictions():
     np.testing.assert_allclose(q["down_in"], [5.0 * math.sqrt(0.3 ** 2 + 0.2 ** 2), 0.0, 0.0], rtol=1e-15)
 
 
-def _write(path, tensors, block_count=2):
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(block_count)
-    for name, value in tensors.items():
-        if isinstance(value, tuple):
-            w.add_tensor(name, value[0], raw_dtype=value[1])
-        else:
-            w.add_tensor(name, np.ascontiguousarray(value, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """A two-layer F32 reference, its Q4_0 copy (llama.cpp's quantizer), and an imatrix-like E[x²]."""
@@ -87,7 +74,7 @@ def pair(tmp_path_factory):
             ms[name] = rng.gamma(0.5, 2.0, shape[1]).astype(np.float32)
         ms[f"blk.{layer}.ffn_gate.weight"][:4] = 0.0  # channels that never fire
     deq = {n: gguf.quants.dequantize(v[0], v[1]).astype(np.float64) for n, v in model.items()}
-    return {"ref_path": _write(d / "ref-F32.gguf", ref), "model_path": _write(d / "model-Q4_0.gguf", model),
+    return {"ref_path": _write_gguf(d / "ref-F32.gguf", ref, block_count=2), "model_path": _write_gguf(d / "model-Q4_0.gguf", model, block_count=2),
             "ref": {n: v.astype(np.float64) for n, v in ref.items()}, "model": deq, "ms": ms, "dir": d}
 
 

@@ -253,7 +253,7 @@ _task_options = _option_group(
 
 def _eval_config(task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
                  n_ctx, threads, gpu_layers, batch_prompts):
-    from .evaluation import EvalConfig
+    from .pipeline.evaluation import EvalConfig
 
     return EvalConfig(task=task, data_path=data_path, template=template,
                       labels=tuple(w.strip() for w in labels.split(",")) if labels else None,
@@ -406,7 +406,7 @@ def _run_eval(model, task, data_path, template, labels, gold_column, id_column, 
               with_neurons, layers, neuron, tau, salient_examples, attribution, attribution_target, ablate_top,
               as_json, quiet, imatrix_out) -> None:
     """eval and neurons: the options arrive by name from click (neurons sets with_neurons)."""
-    from .evaluation import NeuronSettings, evaluate, ladder_files, run_dir_name
+    from .pipeline.evaluation import NeuronSettings, evaluate, ladder_files, run_dir_name
     from .models.store import DEMO_NAME, resolve_model
 
     config = _eval_config(task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
@@ -435,21 +435,21 @@ def _run_eval(model, task, data_path, template, labels, gold_column, id_column, 
     comparison = None
     run_dirs = {str(lvl or s.quant): s.run_dir for lvl, s in summaries.items()}
     if len(files) > 1:
-        from .compare import compare_levels
-        from .rundir import write_json
+        from .pipeline.compare import compare_levels
+        from .pipeline.rundir import write_json
 
         comparison = compare_levels(run_dirs, reference=reference)
         write_json(root / "comparison.json", comparison)
     neuron_levels = neuron_cmp = None
     if with_neurons:
-        from .neurons_study import neuron_comparison, neuron_level
-        from .study import StudyConfig
+        from .pipeline.neurons import neuron_comparison, neuron_level
+        from .pipeline.study import StudyConfig
         from .tasks import load_examples
-        from .evaluation import task_spec
+        from .pipeline.evaluation import task_spec
 
         data = load_examples(task_spec(config), data_path=config.data_path, limit=config.limit,
                              on_bad_row=config.on_bad_row, seed=config.seed)
-        from .neurons_study import neuron_targets
+        from .pipeline.neurons import neuron_targets
 
         prompts = [ex.prompt for ex in data.examples]
         settings = StudyConfig(neuron=neuron, tau=tau, salient_examples=salient_examples, n_ctx=n_ctx,
@@ -609,7 +609,7 @@ def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, 
     """
     from .models.quantize import ladder_stem
     from .models.store import resolve_model
-    from .study import StudyConfig, run_study
+    from .pipeline.study import StudyConfig, run_study
 
     tasks = list(tasks) or ["boolq"]
     data_map: dict[str, str] = {}
@@ -679,9 +679,9 @@ def imatrix_collect_cmd(model, task, data_path, template, labels, gold_column, i
                         out, force, n_ctx, threads, gpu_layers, batch_prompts) -> None:
     """Collect Σx² per input channel of every layer's matmuls on the task's prompts (llama-imatrix's rule)."""
     from .engine.imatrix_capture import collect_imatrix
-    from .evaluation import task_spec
+    from .pipeline.evaluation import task_spec
     from .fsutil import check_output
-    from .models.imatrix import write_imatrix
+    from .formats.imatrix import write_imatrix
     from .models.store import resolve_model
     from .tasks import load_examples
 
@@ -705,7 +705,7 @@ def imatrix_show_cmd(path: Path, as_json: bool) -> None:
     """Per-layer statistics of an imatrix file (GGUF format or legacy .dat)."""
     import numpy as np
 
-    from .models.imatrix import read_imatrix
+    from .formats.imatrix import read_imatrix
 
     im = read_imatrix(path)
     rows = []

@@ -47,7 +47,7 @@ def _child(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - t0
         n_tokens = sum(map(len, toks))
     else:
-        from ggml_probe.evaluation import EvalConfig, evaluate
+        from ggml_probe.pipeline.evaluation import EvalConfig, evaluate
 
         out = Path(tempfile.mkdtemp()) / "run"
         t0 = time.perf_counter()

@@ -46,7 +46,8 @@ def boolq_prompts(path: Path, n: int) -> list[str]:
 
 
 def run_one(config: str, model: str, data: Path, n: int, threads: int) -> dict:
-    from ggml_probe.engine.capture import FFNCapture, NeuronProbe, run_checked
+    from ggml_probe.engine.probes import FFNCapture, run_checked
+    from ggml_probe.pipeline.neuron_stats import NeuronProbe
     from ggml_probe.engine.model import Engine
     from ggml_probe.models.store import resolve_model
 

@@ -39,10 +39,10 @@ def main() -> None:
         render(json.loads((args.out / "imatrix_loop.json").read_text()), args.out)
         return
 
-    from ggml_probe.compare import compare_runs
+    from ggml_probe.pipeline.compare import compare_runs
     from ggml_probe.engine.imatrix_capture import collect_imatrix
-    from ggml_probe.evaluation import EvalConfig, evaluate
-    from ggml_probe.models.imatrix import write_imatrix
+    from ggml_probe.pipeline.evaluation import EvalConfig, evaluate
+    from ggml_probe.formats.imatrix import write_imatrix
     from ggml_probe.models.quantize import quantize_ladder
     from ggml_probe.models.store import demo_model_path
 

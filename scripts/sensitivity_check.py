@@ -51,7 +51,7 @@ def spearman(pred: np.ndarray, measured: np.ndarray) -> float | None:
 def lockstep_drift(ref_path: Path, level_path: Path, prompts: list[str], layers: list[int], threads: int,
                    want_cov: bool):
     """Per-token RMS drift per (definition, layer) and, optionally, F16's Σ x xᵀ of every ffn_norm output."""
-    from ggml_probe.engine.capture import FFNCapture, run_checked
+    from ggml_probe.engine.probes import FFNCapture, run_checked
     from ggml_probe.engine.model import Engine
 
     ref_vals: dict[tuple[int, str], np.ndarray] = {}
@@ -120,10 +120,11 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO))
-    from ggml_probe.engine.capture import model_ffn, resolve_layers
+    from ggml_probe.engine.ffn import model_ffn
+    from ggml_probe.layerspec import resolve_layers
     from ggml_probe.engine.imatrix_capture import collect_imatrix
-    from ggml_probe.evaluation import EvalConfig, NeuronSettings, evaluate, task_spec
-    from ggml_probe.models.imatrix import write_imatrix
+    from ggml_probe.pipeline.evaluation import EvalConfig, NeuronSettings, evaluate, task_spec
+    from ggml_probe.formats.imatrix import write_imatrix
     from ggml_probe.models.quantize import quantize_ladder
     from ggml_probe.tasks import load_examples
     from ggml_probe.weights.sensitivity import neuron_sensitivity

@@ -78,7 +78,8 @@ def main() -> None:
 
     from ggml_probe.attribution.ig import integrated_gradients
     from ggml_probe.attribution.torch_model import TorchModel
-    from ggml_probe.engine.capture import direct_effect_attribution, last_layer_attribution
+    from ggml_probe.attribution.dla import direct_effect_attribution
+    from ggml_probe.attribution.exact import last_layer_attribution
 
     gguf = common.demo_f16()
     model, tokenizer = common.load_transformers(gguf, args.threads)

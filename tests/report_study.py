@@ -21,10 +21,13 @@ def build_study(ladder: dict[str, Path], out: Path, task: str = "yesno-mini", li
 
     from ggml_probe import __version__
     from ggml_probe.analysis.calibration import reliability_bins
-    from ggml_probe.compare import compare_levels
-    from ggml_probe.engine.capture import collect_neuron_stats, last_layer_attribution, model_ffn, resolve_layers
+    from ggml_probe.pipeline.compare import compare_levels
+    from ggml_probe.pipeline.neuron_stats import collect_neuron_stats
+    from ggml_probe.attribution.exact import last_layer_attribution
+    from ggml_probe.engine.ffn import model_ffn
+    from ggml_probe.layerspec import resolve_layers
     from ggml_probe.engine.model import Engine
-    from ggml_probe.evaluation import EvalConfig, evaluate
+    from ggml_probe.pipeline.evaluation import EvalConfig, evaluate
     from ggml_probe.report.study_report import neuron_comparison, neurons_section, weights_section, what_changed
     from ggml_probe.tasks import load_examples
     from ggml_probe.weights.error import compare_weights

@@ -14,7 +14,8 @@ from test_convert import CASES, convert_to, tiny  # noqa: F401  (tiny: the modul
 torch = pytest.importorskip("torch")
 
 from ggml_probe.attribution import METHODS, attribute  # noqa: E402
-from ggml_probe.attribution.ig import converged, integrated_gradients  # noqa: E402
+from ggml_probe.attribution.types import converged
+from ggml_probe.attribution.ig import integrated_gradients  # noqa: E402
 from ggml_probe.attribution.torch_model import TorchModel  # noqa: E402
 from ggml_probe.cli import cli  # noqa: E402
 
@@ -215,7 +216,7 @@ def test_methods_registry_labels():
 
 
 def test_paper_mode_attributes_every_layer_when_torch_is_there():
-    from ggml_probe.study import StudyConfig
+    from ggml_probe.pipeline.study import StudyConfig
 
     config = StudyConfig(paper=True)
     config.apply_paper()

@@ -24,7 +24,7 @@ import pytest
 import validate_tiny_gguf as tiny
 from ggml_probe.errors import BadModelFile, ProbeError
 from ggml_probe.models.store import demo_model_path
-from ggml_probe.models.validate import read_gguf, validate_gguf
+from ggml_probe.formats.gguf import read_gguf, validate_gguf
 
 WORKER = Path(__file__).with_name("validate_worker.py")
 SEED = 20250817

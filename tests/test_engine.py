@@ -11,7 +11,7 @@ import pytest
 from ggml_probe.analysis.scoring import label_logits, log_softmax
 from ggml_probe.engine.model import Engine
 from ggml_probe.errors import BadModelFile
-from ggml_probe.evaluation import label_tokens_for
+from ggml_probe.pipeline.evaluation import label_tokens_for
 
 
 @pytest.fixture(scope="module")

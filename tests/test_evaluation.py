@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ggml_probe.compare import compare_levels, compare_runs, reference_level
+from ggml_probe.pipeline.compare import compare_levels, compare_runs, reference_level
 from ggml_probe.errors import ProbeError
-from ggml_probe.evaluation import EvalConfig, evaluate
+from ggml_probe.pipeline.evaluation import EvalConfig, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_bad_rows_are_reported_with_row_numbers(demo_path, tmp_path):
 
 @pytest.mark.slow
 def test_neurons_ride_along_and_resume_exactly(demo_ladder, tmp_path):
-    from ggml_probe.evaluation import NeuronSettings
+    from ggml_probe.pipeline.evaluation import NeuronSettings
 
     config = EvalConfig(task="yesno-mini", limit=9, chunk_size=3, n_boot=50,
                         neurons=NeuronSettings(layers="0,-1", definitions=("act", "down_in")))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ggml_probe.errors import ProbeError
-from ggml_probe.models.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix
+from ggml_probe.formats.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix
 from ggml_probe.models.quantize import quantize_ladder
 
 

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from ggml_probe.engine.capture import _TensorReader
+from ggml_probe.engine.probes import TensorReader
 from ggml_probe.engine.ggml_lib import libggml, tensor_head
 from ggml_probe.engine.imatrix_capture import collect_imatrix
 from ggml_probe.engine.model import Engine
-from ggml_probe.models.imatrix import read_imatrix, write_imatrix
+from ggml_probe.formats.imatrix import read_imatrix, write_imatrix
 from ggml_probe.models.quantize import quantize_ladder
 
 
@@ -75,7 +75,7 @@ def test_eval_writes_the_same_imatrix_in_its_own_pass_and_resumes(demo_ladder, b
     from dataclasses import replace
 
     from ggml_probe.errors import ProbeError
-    from ggml_probe.evaluation import EvalConfig, NeuronSettings, evaluate, task_spec
+    from ggml_probe.pipeline.evaluation import EvalConfig, NeuronSettings, evaluate, task_spec
     from ggml_probe.tasks import load_examples
 
     path, out = demo_ladder["F16"], tmp_path / "run.imatrix.gguf"

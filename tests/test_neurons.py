@@ -191,7 +191,7 @@ def test_redundancy_memory_budget_is_enforced():
 
 
 def test_ffn_names_per_architecture():
-    from ggml_probe.engine.capture import ffn_names
+    from ggml_probe.engine.ffn import ffn_names
 
     llama = ffn_names("llama", ["blk.0.ffn_gate.weight"])
     assert (llama.act_source, llama.act_fn, llama.down_in, llama.up) == ("ffn_gate", "silu", "ffn_swiglu", "ffn_up")
@@ -208,7 +208,7 @@ def test_ffn_names_per_architecture():
 
 
 def test_resolve_layers():
-    from ggml_probe.engine.capture import resolve_layers
+    from ggml_probe.layerspec import resolve_layers
 
     assert resolve_layers((0, 14, -1), 30) == [0, 14, 29]
     assert resolve_layers("0,14,-1", 30) == [0, 14, 29]
@@ -218,7 +218,7 @@ def test_resolve_layers():
 
 
 def test_activation_functions():
-    from ggml_probe.engine.capture import gelu_tanh, silu
+    from ggml_probe.engine.ffn import gelu_tanh, silu
 
     x = np.array([-800.0, -2.0, 0.0, 1.5, 800.0])
     np.testing.assert_allclose(silu(x), x / (1 + np.exp(-np.clip(x, -700, 700))), rtol=1e-15, atol=1e-290)
@@ -249,7 +249,7 @@ TINY_TEXTS = ["the quick brown fox jumps over 12345 lazy dogs", "hello world it'
 
 
 def _capture_all(gguf_path, texts, layers="all", n_seq_max=1):
-    from ggml_probe.engine.capture import FFNCapture, run_checked
+    from ggml_probe.engine.probes import FFNCapture, run_checked
     from ggml_probe.engine.model import Engine
 
     got: dict = {}
@@ -292,7 +292,7 @@ def test_tiny_capture_matches_transformers(tiny):
 
 @pytest.mark.slow
 def test_last_layer_without_all_outputs_is_refused(tiny):
-    from ggml_probe.engine.capture import FFNCapture, run_checked
+    from ggml_probe.engine.probes import FFNCapture, run_checked
     from ggml_probe.engine.model import Engine
 
     capture = FFNCapture(tiny["gguf"], lambda *a: None, layers=[-1])
@@ -307,7 +307,8 @@ def test_last_layer_without_all_outputs_is_refused(tiny):
 def test_ablation_equals_zeroed_down_column(tiny, tmp_path):
     import neurons_tiny
 
-    from ggml_probe.engine.capture import NeuronPatch, ablation_effect, run_checked
+    from ggml_probe.engine.probes import NeuronPatch, run_checked
+    from ggml_probe.attribution.ablation import ablation_effect
     from ggml_probe.engine.model import Engine
     from ggml_probe.models.convert import convert_hf_to_gguf
 
@@ -357,7 +358,7 @@ def test_demo_capture_statistics_imatrix_and_unchanged_logits(demo_path, boolq_p
     from the MUL_MAT node whose weight is blk.N.ffn_down.weight) accumulates; logits with the
     callback equal logits without it."""
     from ggml_probe.analysis.neurons import NeuronAccumulator
-    from ggml_probe.engine.capture import FFNCapture, _TensorReader, run_checked
+    from ggml_probe.engine.probes import FFNCapture, TensorReader, run_checked
     from ggml_probe.engine.ggml_lib import libggml, tensor_head
     from ggml_probe.engine.model import Engine
 
@@ -422,7 +423,8 @@ def test_demo_capture_statistics_imatrix_and_unchanged_logits(demo_path, boolq_p
 
 @pytest.mark.slow
 def test_neuron_probe_resumed_run_equals_one_run(tiny, tmp_path):
-    from ggml_probe.engine.capture import NeuronProbe, run_checked
+    from ggml_probe.pipeline.neuron_stats import NeuronProbe
+    from ggml_probe.engine.probes import run_checked
     from ggml_probe.engine.model import Engine
 
     def run(probe, texts, offset):
@@ -490,7 +492,7 @@ def test_salient_sets_and_ranking():
 def test_last_layer_ig_matches_autograd_and_llama_cpp(tiny):
     import neurons_tiny
 
-    from ggml_probe.engine.capture import last_layer_attribution
+    from ggml_probe.attribution.exact import last_layer_attribution
 
     res = last_layer_attribution(tiny["gguf"], TINY_TEXTS, n_threads=1, n_ctx=128, kv_type=0)
     from ggml_probe.engine.model import Engine
@@ -515,7 +517,7 @@ def test_last_layer_ig_matches_autograd_and_llama_cpp(tiny):
 
 @pytest.mark.slow
 def test_collect_neuron_stats_keeps_global_prompt_indices(tiny):
-    from ggml_probe.engine.capture import collect_neuron_stats
+    from ggml_probe.pipeline.neuron_stats import collect_neuron_stats
 
     seen = []
     acc, tokens = collect_neuron_stats(tiny["gguf"], TINY_TEXTS, layers=[-1], chunk_size=2, top_k=200,

@@ -19,13 +19,12 @@ from gguf import GGMLQuantizationType as QT  # noqa: E402
 
 from ggml_probe.cli import cli  # noqa: E402
 from ggml_probe.errors import ProbeError  # noqa: E402
-from ggml_probe.models.imatrix import Imatrix, ImatrixEntry, write_imatrix  # noqa: E402
+from ggml_probe.formats.imatrix import Imatrix, ImatrixEntry, write_imatrix  # noqa: E402
 from ggml_probe.weights.dequant import quantize_rows  # noqa: E402
-from test_weights import _write_gguf  # noqa: E402  (gguf-py writer helper shared by the weight tests)
-
 from ggml_probe.weights.sensitivity import (  # noqa: E402
     UNWEIGHTED, format_sensitivity, neuron_sensitivity, predict, weighted_row_norms,
 )
+from test_weights import _write_gguf  # noqa: E402  (gguf-py writer helper shared by the weight tests)
 
 N_EMBD, N_FF = 64, 96
 KINDS = {"ffn_gate": (N_FF, N_EMBD), "ffn_up": (N_FF, N_EMBD), "ffn_down": (N_EMBD, N_FF)}

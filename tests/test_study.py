@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from ggml_probe.cli import cli
 from ggml_probe.errors import ProbeError
-from ggml_probe.rundir import directory_lock
+from ggml_probe.pipeline.rundir import directory_lock
 
 STUDY_ARGS = ["--quants", "F16,Q4_0", "--task", "yesno-mini", "--limit", "12", "--no-weights", "--no-neurons", "-q"]
 
@@ -69,7 +69,7 @@ def test_two_studies_in_one_directory_are_refused(store, tmp_path):
 
 
 def test_a_full_disk_leaves_no_corrupted_result(tmp_path):
-    from ggml_probe.rundir import write_json
+    from ggml_probe.pipeline.rundir import write_json
 
     mnt = tmp_path / "small"
     mnt.mkdir()

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from ggml_probe.errors import BadModelFile  # noqa: E402
-from ggml_probe.models.validate import validate_gguf  # noqa: E402
+from ggml_probe.formats.gguf import validate_gguf  # noqa: E402
 
 PROMPT = b"Hello world, the answer is 42."
 GGML_LOG_LEVEL_ERROR = 4

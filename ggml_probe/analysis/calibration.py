@@ -22,6 +22,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from ..fsutil import atomic_output
+
 # Values a softmax in float32 can give just outside [0, 1]; anything further out is a caller bug.
 _PROB_TOLERANCE = 1e-6
 # NLL clips p(gold) below at this value so one zero probability gives a large finite loss, not inf.
@@ -351,8 +353,6 @@ def plot_reliability(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..fsutil import atomic_output
 
     if not bins_by_label:
         raise ValueError("bins_by_label is empty: nothing to plot")

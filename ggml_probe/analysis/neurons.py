@@ -22,6 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ProbeError
+from ..fsutil import atomic_output
+
 
 # ------------------------------------------------------------------ per-neuron moments
 
@@ -490,8 +492,6 @@ class NeuronAccumulator:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the state to an .npz file atomically (nothing half-written under its name)."""
-        from ..fsutil import atomic_output
-
         final = Path(path)
         with atomic_output(final) as tmp:
             with open(tmp, "wb") as f:  # a file object: np.savez must not append ".npz" to the temp name

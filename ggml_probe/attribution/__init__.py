@@ -8,7 +8,7 @@
            answer. Not the paper's method; before the last layer it misses what flows through later
            layers, and it is labelled so wherever it is shown.
 
-Every method returns an `ig.Attribution`: per layer, (n_prompts, n_ff) attributions and, for the
+Every method returns a `types.Attribution`: per layer, (n_prompts, n_ff) attributions and, for the
 integrals, the completeness error that says whether the integral converged.
 """
 
@@ -20,8 +20,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..engine.ffn import model_ffn
 from ..errors import ProbeError
-from .ig import Attribution, LayerAttribution
+from ..layerspec import resolve_layers
+from .ablation import AblationResult, ablation_effect
+from .dla import direct_effect_attribution
+from .exact import last_layer_attribution
+from .ig import integrated_gradients
+from .types import Attribution, LayerAttribution
 
 
 @dataclass(frozen=True)
@@ -69,12 +75,8 @@ def attribute(
     progress: Callable[[int, int], None] | None = None,
 ) -> Attribution:
     """Attributions of `layers` (negatives count from the end; the exact method keeps only the last) by `name`."""
-    from ..engine.capture import direct_effect_attribution, last_layer_attribution, model_ffn, resolve_layers
-
     m = method(name)
     if m.name == "ig":
-        from .ig import integrated_gradients
-
         return integrated_gradients(model_path, prompts, layers, targets=targets, n_points=n_points,
                                     device=device, threads=threads, progress=progress)
     if m.name == "dla":
@@ -92,4 +94,6 @@ def attribute(
     return out
 
 
-__all__ = ["Attribution", "LayerAttribution", "METHODS", "CHOICES", "Method", "attribute", "method"]
+__all__ = ["Attribution", "LayerAttribution", "METHODS", "CHOICES", "Method", "attribute", "method",
+           "AblationResult", "ablation_effect", "direct_effect_attribution", "last_layer_attribution",
+           "integrated_gradients"]

@@ -15,50 +15,15 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ..analysis.salient import gauss_legendre_01, summarise_salient
-
-# An example's integral has converged when Σ attr is within this of the real change (nats)...
-COMPLETENESS_ABS = 0.01
-# ...plus this fraction of the real change's size.
-COMPLETENESS_REL = 0.05
-
-
-def converged(error: np.ndarray, real_change: np.ndarray) -> np.ndarray:
-    return np.abs(error) <= COMPLETENESS_ABS + COMPLETENESS_REL * np.abs(real_change)
-
-
-@dataclass
-class LayerAttribution:
-    layer: int
-    attributions: np.ndarray  # (n_prompts, n_ff), summed over positions
-    real_change: np.ndarray | None  # (n_prompts,) f(a) − f(b): the layer's act swapped for the baseline's
-    completeness_error: np.ndarray | None  # (n_prompts,) Σ attr − real_change; None: not an integral (dla)
-
-    @property
-    def converged(self) -> np.ndarray | None:
-        if self.completeness_error is None:
-            return None
-        return converged(self.completeness_error, self.real_change)
-
-    def salient(self, threshold: float = 0.7):
-        return summarise_salient(self.attributions, threshold)
-
-
-@dataclass
-class Attribution:
-    method: str
-    target_tokens: np.ndarray  # (n_prompts,)
-    target_logprob: np.ndarray  # (n_prompts,) log p(target | prompt) from the attributing model
-    layers: dict[int, LayerAttribution] = field(default_factory=dict)
-    n_points: int = 50
-    seconds: float = 0.0
-    llama_real_change: np.ndarray | None = None  # exact method: the swap done inside llama.cpp, as a check
-
+from ..analysis.salient import gauss_legendre_01
+from ..engine.model import Vocab
+from ..layerspec import resolve_layers
+from .torch_model import TorchModel, require_torch
+from .types import Attribution, LayerAttribution
 
 def integrated_gradients(
     model_path: str | os.PathLike,
@@ -80,15 +45,11 @@ def integrated_gradients(
     token per prompt, default the model's own answer (argmax at the last position). `batch` path
     points go through the later layers at once (memory: batch × tokens × the model's width).
     """
-    from .torch_model import TorchModel, require_torch
-
     torch = require_torch()
     if threads:
         torch.set_num_threads(int(threads))
     t0 = time.perf_counter()
     model = model or TorchModel(model_path, device=device, dtype=dtype)
-    from ..engine.capture import resolve_layers
-
     layers = sorted(set(resolve_layers(list(layers), model.hp.n_layer)))  # negatives count from the end
     tokens = _tokens(model_path, prompts)
     alphas, weights = gauss_legendre_01(n_points)
@@ -128,8 +89,6 @@ def integrated_gradients(
 def _tokens(model_path, prompts) -> list[np.ndarray]:
     if all(not isinstance(p, str) for p in prompts):
         return [np.asarray(p, dtype=np.int64) for p in prompts]
-    from ..engine.model import Vocab
-
     with Vocab(model_path) as vocab:
         return [np.asarray(vocab.tokenize(p), dtype=np.int64) if isinstance(p, str) else np.asarray(p, np.int64)
                 for p in prompts]

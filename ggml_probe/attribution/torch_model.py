@@ -20,6 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ProbeError, UnsupportedArchitecture
+from ..weights.dequant import GGUFTensors
+
 
 TORCH_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _NEOX_ROPE = {"qwen2", "qwen3"}
@@ -73,8 +75,6 @@ class TorchModel:
     """The GGUF model's forward pass in torch (float32 by default), weights frozen."""
 
     def __init__(self, path: str | os.PathLike, *, device: str = "auto", dtype: str = "float32"):
-        from ..weights.dequant import GGUFTensors
-
         torch = require_torch()
         self.torch = torch
         self.path = str(path)

@@ -13,7 +13,7 @@ from typing import Any
 
 @lru_cache(maxsize=1)
 def libggml() -> Any:
-    from llama_cpp._ggml import libggml as lib
+    from llama_cpp._ggml import libggml as lib  # loads the shared libraries: on first use, not at CLI start
 
     vp, sz = ctypes.c_void_p, ctypes.c_size_t
     signatures = {

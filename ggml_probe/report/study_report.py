@@ -25,7 +25,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..fsutil import atomic_output
+from ..analysis.neurons import corr_histogram, pairs_above, top_token_contexts
+from ..fsutil import atomic_output, human_size
+from . import plots
+
 
 NOT_MEASURED = "not measured in this study"
 
@@ -91,8 +94,6 @@ def neurons_section(
     listed for the `top_neurons` most salient neurons of each layer that has them, otherwise for the
     neurons with the largest max |a|; they need `prompt_tokens` (what the run decoded) and `piece`.
     """
-    from ..analysis.neurons import corr_histogram, pairs_above
-
     layers = [int(x) for x in accumulator.layers]
     out: dict[str, Any] = {"layers": layers, "neuron": definition, "tau": float(tau), "n_ff": int(accumulator.n_ff),
                            "dead": {}, "max_abs_quantiles": {}, "tokens": {}}
@@ -120,8 +121,6 @@ def neurons_section(
             out["salient_converged"] = {int(k): bool(v) for k, v in salient_converged.items()}
     top = getattr(accumulator, "top", None) or {}
     if prompt_tokens is not None and piece is not None and top:
-        from ..analysis.neurons import top_token_contexts
-
         out["top_tokens"] = {}
         out["top_tokens_ranked_by"] = {}
         for layer in layers:
@@ -347,8 +346,6 @@ def _slug(text: str) -> str:
 
 
 def _human_size(n: Any) -> str:
-    from ..fsutil import human_size
-
     v = _num(n)
     return "—" if v is None else human_size(v)
 
@@ -468,8 +465,6 @@ def _try_figure(name: str, caption: str, fn: Callable[[], bytes], notes: list[st
 
 
 def _build(study: Mapping[str, Any]) -> tuple[dict[str, Any], list[_Section], list[_Figure]]:
-    from . import plots
-
     meta = dict(study.get("study") or {})
     levels_info = dict(study.get("levels") or {})
     tasks = dict(study.get("tasks") or {})

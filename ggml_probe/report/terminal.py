@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Sequence
 from rich.table import Table
 
 from ..fsutil import human_size
+from ..models.ggufinfo import GGUFInfo
+from ..models.quantize import QuantResult
+
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-    from ..models.ggufinfo import GGUFInfo
-    from ..models.quantize import QuantResult
 
 
 def _types_text(types: dict[str, int]) -> str:

@@ -26,6 +26,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import ProbeError
+from ..formats.gguf import validate_gguf
+
 
 # About this many float32 elements per block of rows (64 MiB): large enough that per-call overhead
 # vanishes, small enough that a 7B model's largest matrix is never materialised twice.
@@ -276,8 +278,6 @@ class GGUFTensors:
     """
 
     def __init__(self, path: str | Path):
-        from ..models.validate import validate_gguf
-
         self.path = Path(path)
         self.summary = validate_gguf(self.path, for_llama=False)
         self.tensors: dict[str, TensorRef] = {

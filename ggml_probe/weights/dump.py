@@ -23,7 +23,9 @@ import numpy as np
 from .. import __version__
 from ..errors import ProbeError
 from ..fsutil import atomic_output, check_output
+from ..models.store import resolve_model
 from .dequant import GGUFTensors, can_dequantize
+
 
 _SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8"}
 # Rows copied per write when streaming a tensor into the output file.
@@ -63,8 +65,6 @@ def dump_tensors(
     Refuses (ProbeError) unknown names (with close matches), undequantizable types, other suffixes,
     and an existing output unless force. The file appears only when complete (atomic rename).
     """
-    from ..models.store import resolve_model
-
     output = Path(output)
     suffix = output.suffix.lower()
     if suffix not in (".npy", ".safetensors"):

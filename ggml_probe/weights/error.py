@@ -31,7 +31,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..errors import ProbeError
+from ..models.store import resolve_model
 from .dequant import GGUFTensors, TensorRef, can_dequantize
+
 
 # float32 elements per block when comparing: four float64 work arrays of this size stay ~128 MiB.
 COMPARE_BLOCK_ELEMENTS = 1 << 22
@@ -396,8 +398,6 @@ def compare_weights(
     Raises ProbeError (one line) on different architectures or shapes, unknown tensor names (with
     close matches) and types nothing can dequantize (named).
     """
-    from ..models.store import resolve_model
-
     model_path, ref_path = resolve_model(model), resolve_model(ref)
     with GGUFTensors(model_path) as a, GGUFTensors(ref_path) as r:
         if a.architecture != r.architecture:

@@ -36,8 +36,11 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import ProbeError
+from ..formats.imatrix import check_imatrix, read_imatrix
+from ..models.store import resolve_model
 from .dequant import GGUFTensors
-from .error import COMPARE_BLOCK_ELEMENTS, _check_pair, _n_layers, _nums, parse_layers
+from .error import _check_pair, _n_layers, _nums, COMPARE_BLOCK_ELEMENTS, parse_layers
+
 
 DEFINITIONS = ("act", "down_in", "out")
 UNWEIGHTED = "unweighted (E[x²] = 1 for every input channel)"
@@ -194,9 +197,6 @@ def neuron_sensitivity(
     weights each input channel by E[x²]; None: unweighted (say so: `report.weighting`).
     An imatrix for another model (names or row lengths differ) is refused.
     """
-    from ..models.imatrix import check_imatrix, read_imatrix
-    from ..models.store import resolve_model
-
     model_path, ref_path = resolve_model(model), resolve_model(ref)
     values: Mapping[str, np.ndarray] | None = None
     label = None

@@ -1,6 +1,6 @@
 """The output-level study of one model on one task: one llama.cpp pass, a resumable run directory.
 
-    from ggml_probe.evaluation import EvalConfig, evaluate
+    from ggml_probe.pipeline.evaluation import EvalConfig, evaluate
     summary = evaluate("demo", EvalConfig(task="boolq", data_path="boolq_validation.jsonl", limit=100), "runs/demo-boolq")
 """
 
@@ -16,10 +16,26 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import __version__
-from .analysis import scoring
-from .errors import ProbeError, UnsupportedArchitecture
+from .. import __version__
+from ..analysis import scoring
+from ..analysis.calibration import calibration_summary, plot_reliability, reliability_bins
+from ..engine.ffn import model_ffn
+from ..engine.imatrix_capture import ImatrixProbe, SUPPORTED
+from ..engine.llama_lib import versions
+from ..engine.model import Engine
+from ..engine.probes import ProbeSet, run_checked
+from ..errors import ProbeError, UnsupportedArchitecture
+from ..formats.imatrix import write_imatrix
+from ..fsutil import atomic_output, sha256_file
+from ..models.ggufinfo import inspect_gguf
+from ..models.quant_types import normalize_quant
+from ..models.quantize import ladder_stem, quantize_ladder
+from ..models.store import resolve_model
+from ..tasks import get_task, load_examples, make_task
+from .neuron_stats import NeuronProbe
+from .neurons import finalize_neurons
 from .rundir import directory_lock, read_json, save_npy, save_npz, write_json
+
 
 MANIFEST = "manifest.json"
 CHUNKS = "chunks"
@@ -91,9 +107,6 @@ class RunSummary:
 
 
 def _model_identity(path: Path) -> dict[str, Any]:
-    from .fsutil import sha256_file
-    from .models.ggufinfo import inspect_gguf
-
     info = inspect_gguf(path)
     return {
         "path": str(path.resolve()),
@@ -110,8 +123,6 @@ def _model_identity(path: Path) -> dict[str, Any]:
 
 def task_spec(config: EvalConfig):
     """The task definition: a named/TOML task, or one built from --template/--labels/--gold-column."""
-    from .tasks import get_task, make_task
-
     if config.template is None:
         return get_task(config.task)
     if not config.labels or not config.gold_column:
@@ -169,11 +180,6 @@ def evaluate(
     quant_label: str | None = None,
 ) -> RunSummary:
     """Run one model on one task and write the run directory. Resumable chunk by chunk."""
-    from .engine.llama_lib import versions
-    from .engine.model import Engine
-    from .models.store import resolve_model
-    from .tasks import load_examples
-
     t_start = time.perf_counter()
     path = resolve_model(model)
     data = load_examples(task_spec(config), data_path=config.data_path, limit=config.limit,
@@ -207,14 +213,10 @@ def evaluate(
 
         probe = imatrix_probe = None
         if config.neurons:
-            from .engine.capture import NeuronProbe
-
             ns = config.neurons
             probe = NeuronProbe(path, ns.layers, ns.definitions, redundancy=ns.redundancy, top_k=ns.top_k,
                                 allow_large=ns.allow_large)
         if config.imatrix_out:
-            from .engine.imatrix_capture import SUPPORTED, ImatrixProbe
-
             if model_id["architecture"] not in SUPPORTED:
                 raise UnsupportedArchitecture(f"{model_id['architecture']}: --imatrix-out supports {', '.join(SUPPORTED)}")
             imatrix_probe = ImatrixProbe(_block_count(path))
@@ -224,8 +226,6 @@ def evaluate(
         # Every analysis rides the same decode: one callback hands each probe the tensors it asked for.
         all_probes = None
         if stateful:
-            from .engine.capture import ProbeSet
-
             all_probes = ProbeSet(list(stateful.values()))
         engine = Engine(path, n_ctx=config.n_ctx, n_threads=config.threads, gpu_layers=config.gpu_layers,
                         n_seq_max=config.batch_prompts, eval_callback=all_probes.eval_callback if all_probes else None)
@@ -266,8 +266,6 @@ def evaluate(
                 if progress:
                     progress(resumed + start + len(positions), n_total)
             if probe is not None:
-                from .neurons_run import finalize_neurons
-
                 manifest["neurons"] = finalize_neurons(run_dir, probe.finish(), engine, data, config.neurons)
             if imatrix_probe is not None:
                 manifest["imatrix"] = _write_run_imatrix(run_dir, model_id, data, config, imatrix_probe)
@@ -281,18 +279,12 @@ def evaluate(
 
 
 def _block_count(path: Path) -> int:
-    from .engine.capture import model_ffn
-
     return model_ffn(path).n_layer
 
 
 def _write_run_imatrix(run_dir: Path, model_id: dict, data, config: EvalConfig, imatrix_probe) -> dict[str, Any]:
     """Write the run's imatrix to config.imatrix_out (from the probe, or from the last saved state)."""
-    from .models.imatrix import write_imatrix
-
     if imatrix_probe is None:  # a finished run asked for its imatrix again: rebuild it from the saved sums
-        from .engine.imatrix_capture import ImatrixProbe
-
         states = sorted((run_dir / IMATRIX_STATE).glob("*.npz"))
         if not states:
             raise ProbeError(f"{run_dir} kept no imatrix sums; rerun with --force")
@@ -358,8 +350,6 @@ def _run_chunk(engine, examples, label_toks: scoring.LabelTokens, config: EvalCo
         results = engine.run(prompts)
     else:
         probe.prompt_offset = first_position  # prompt indices in the neuron state are run positions
-        from .engine.capture import run_checked
-
         results = run_checked(engine, probe, prompts, all_outputs=all_outputs)
     logits = np.stack([r.logits for r in results]).astype(np.float32)
     lab = scoring.label_logits(logits, label_toks)
@@ -396,8 +386,6 @@ def _load_chunks(run_dir: Path) -> dict[str, np.ndarray]:
 def finalize_run(run_dir: Path, data, label_toks: scoring.LabelTokens, manifest: dict, config: EvalConfig) -> RunSummary:
     """Merge checkpoints into the final tables, compute metrics, plot, mark the run complete."""
     import pandas as pd
-
-    from .analysis.calibration import calibration_summary, plot_reliability, reliability_bins
 
     arrays = _load_chunks(run_dir)
     n = len(data.examples)
@@ -436,8 +424,6 @@ def finalize_run(run_dir: Path, data, label_toks: scoring.LabelTokens, manifest:
     for j, w in enumerate(labels):
         table[f"p_{w}"] = label_p[:, j]
     df = pd.DataFrame(table)
-    from .fsutil import atomic_output
-
     with atomic_output(run_dir / "predictions.parquet") as tmp:
         df.to_parquet(tmp, index=False)
     if "logits" in arrays:
@@ -477,11 +463,6 @@ def ladder_files(model: str | Path, quants: Sequence[str], *, allow_requantize: 
 
     A level equal to the source's own file type is the source itself.
     """
-    from .models.ggufinfo import inspect_gguf
-    from .models.quant_types import normalize_quant
-    from .models.quantize import quantize_ladder
-    from .models.store import resolve_model
-
     src = resolve_model(model)
     levels = [normalize_quant(q) for q in quants]
     own = inspect_gguf(src).file_type
@@ -494,6 +475,4 @@ def ladder_files(model: str | Path, quants: Sequence[str], *, allow_requantize: 
 
 
 def run_dir_name(model_path: Path, task: str) -> str:
-    from .models.quantize import ladder_stem
-
     return f"{ladder_stem(model_path)}-{Path(task).stem}"

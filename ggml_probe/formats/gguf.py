@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import BadModelFile
 
+
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 HEADER_SIZE = 24  # magic, version (u32), tensor count (u64), key-value count (u64)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import ProbeError
 from ..fsutil import atomic_output
+from .gguf import read_gguf, validate_gguf
 
 
 @dataclass
@@ -52,8 +53,6 @@ def read_imatrix(path: str | Path) -> Imatrix:
 
 
 def _read_gguf_imatrix(path: Path) -> Imatrix:
-    from .validate import read_gguf
-
     reader = read_gguf(path, for_llama=False)
     tensors = {t.name: t for t in reader.tensors}
     entries = {}
@@ -128,8 +127,6 @@ def check_imatrix(imatrix: "Imatrix | Mapping[str, np.ndarray]", model_path: str
 
     llama.cpp aborts the whole process on a length mismatch inside the quantizer, so this runs first.
     """
-    from .validate import validate_gguf
-
     values = imatrix.mean_squares() if isinstance(imatrix, Imatrix) else imatrix
     model_path = Path(model_path)
     shapes = {t.name: tuple(int(d) for d in t.shape) for t in validate_gguf(model_path, for_llama=False).tensors}
@@ -149,7 +146,7 @@ def check_imatrix(imatrix: "Imatrix | Mapping[str, np.ndarray]", model_path: str
 
 def write_imatrix(path: str | Path, imatrix: Imatrix) -> Path:
     """Write the GGUF imatrix format llama-imatrix writes (llama-quantize reads it)."""
-    import gguf
+    import gguf  # gguf-py loads its constant tables on import: only when writing
 
     path = Path(path)
     with atomic_output(path) as tmp:

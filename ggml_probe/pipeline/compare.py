@@ -7,8 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ProbeError
+from ..analysis import agreement as ag
+from ..errors import ProbeError
 from .rundir import read_json
+
 
 # Nominal precision order for choosing the default reference level (highest first).
 _PRECISION = ["F32", "BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
@@ -52,8 +54,6 @@ def paired_delta_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int 
 
 def compare_runs(ref_dir: Path, run_dir: Path, n_boot: int = 1000) -> dict[str, Any]:
     """Agreement, flips, KL (label set and full vocabulary), top-1 agreement, hidden-state similarity."""
-    from .analysis import agreement as ag
-
     ref, q = _load(Path(ref_dir)), _load(Path(run_dir))
     pr, pq = ref["pred"], q["pred"]
     if len(pr) != len(pq) or not (pr["id"].astype(str).values == pq["id"].astype(str).values).all():

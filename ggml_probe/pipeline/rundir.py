@@ -20,8 +20,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import ProbeError
-from .fsutil import atomic_output
+from ..errors import ProbeError
+from ..fsutil import atomic_output
+
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -1,6 +1,6 @@
 """The whole study in one call: ladder → one eval pass per level and task → comparisons → weights → report.
 
-    from ggml_probe.study import StudyConfig, run_study
+    from ggml_probe.pipeline.study import StudyConfig, run_study
     study = run_study("demo", StudyConfig(quants=["F16", "Q8_0", "Q4_0"], tasks=["boolq"], limit=50), "studies/demo")
 
 Layout of a study directory:
@@ -21,9 +21,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from . import __version__
-from .errors import HubError
+from .. import __version__
+from ..analysis.calibration import DEFINITIONS as CAL, reliability_bins
+from ..analysis.scoring import DEFINITIONS as SCORING
+from ..attribution import method
+from ..errors import HubError
+from ..models.store import DEMO_NAME, resolve_model
+from ..report.study_report import render_report, what_changed
+from ..tasks import OFFLINE_TASK, get_task, load_examples
+from ..weights import compare_weights
+from .compare import compare_levels, reference_level
+from .evaluation import EvalConfig, NeuronSettings, evaluate, ladder_files, task_spec
+from .neurons import compare_neuron_levels, neuron_level, neuron_targets
 from .rundir import directory_lock, read_json, write_json
+
 
 DEFAULT_QUANTS = ["F16", "Q8_0", "Q4_K_M", "Q4_0"]
 
@@ -90,8 +101,6 @@ def resolve_task_data(task: str, config: StudyConfig) -> tuple[str, str | None, 
     Order: --data for the task, a matching file in --data-dir, the task's own source (the hub);
     when that cannot be reached, the built-in yes/no task, and the report says so.
     """
-    from .tasks import OFFLINE_TASK, get_task, load_examples
-
     local = _local_data_for(task, config)
     if local:
         return task, local, None
@@ -104,9 +113,6 @@ def resolve_task_data(task: str, config: StudyConfig) -> tuple[str, str | None, 
 
 
 def _examples(eval_config) -> list:
-    from .evaluation import task_spec
-    from .tasks import load_examples
-
     data = load_examples(task_spec(eval_config), data_path=eval_config.data_path, limit=eval_config.limit,
                          on_bad_row=eval_config.on_bad_row, seed=eval_config.seed)
     return data.examples
@@ -123,8 +129,6 @@ def _level_entry(run_manifest: dict) -> dict[str, Any]:
 def _reliability(run_dir: Path) -> dict[str, list]:
     import pandas as pd
 
-    from .analysis.calibration import reliability_bins
-
     df = pd.read_parquet(run_dir / "predictions.parquet")
     return {"label_set": reliability_bins(df["confidence"], df["correct"]).rows(),
             "paper": reliability_bins(df["paper_confidence"], df["paper_correct"]).rows()}
@@ -133,10 +137,6 @@ def _reliability(run_dir: Path) -> dict[str, list]:
 def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, force: bool = False,
               progress: StudyProgress | None = None, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) a study and write study.json and the report. Returns the study dict."""
-    from .compare import compare_levels, reference_level
-    from .evaluation import EvalConfig, NeuronSettings, evaluate, ladder_files
-    from .models.store import DEMO_NAME, resolve_model
-
     t0 = time.perf_counter()
     out = Path(out_dir)
     if config.paper:
@@ -177,13 +177,11 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
                 "reliability": {lvl: _reliability(d) for lvl, d in run_dirs.items()},
             }
             if config.neurons:
-                from .neurons_study import neuron_comparison, neuron_level, neuron_targets
-
                 examples = _examples(eval_config)
                 study["tasks"][task_run]["neurons"] = {
                     lvl: neuron_level(run_dirs[lvl], files[lvl], [ex.prompt for ex in examples], config, progress,
                                       neuron_targets(run_dirs[lvl], examples, config)) for lvl in run_dirs}
-                study["tasks"][task_run]["neuron_comparison"] = neuron_comparison(run_dirs, ref, study["tasks"][task_run]["neurons"])
+                study["tasks"][task_run]["neuron_comparison"] = compare_neuron_levels(run_dirs, ref, study["tasks"][task_run]["neurons"])
         reference = config.reference or reference_level(
             {lvl: Path(r["run_dir"]) for lvl, r in next(iter(study["tasks"].values()))["runs"].items()})
         if config.weights:
@@ -197,8 +195,6 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
             "command": command or "", "seconds": time.perf_counter() - t0,
             "definitions": _definitions(config),
         }
-        from .report.study_report import render_report, what_changed
-
         study["what_changed"] = what_changed(study)
         write_json(out / "study.json", study)
         if progress:
@@ -209,8 +205,6 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
 
 def _weights_section(files: dict[str, Path], reference: str, out: Path, force: bool,
                      progress: StudyProgress | None, shas: dict[str, str]) -> dict[str, Any]:
-    from .weights import compare_weights
-
     section = {}
     for level, path in files.items():
         if level == reference:
@@ -234,10 +228,6 @@ def _weights_section(files: dict[str, Path], reference: str, out: Path, force: b
 
 
 def _definitions(config: StudyConfig) -> dict[str, str]:
-    from .attribution import method
-    from .analysis.calibration import DEFINITIONS as CAL
-    from .analysis.scoring import DEFINITIONS as SCORING
-
     return {
         "mode": ("paper: the reference study's protocol (question-only BoolQ prompts, full-vocabulary confidence, "
                  "layers 0/14/last, act neurons, tau 0.1, saliency 0.7)") if config.paper else

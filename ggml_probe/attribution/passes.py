@@ -1,0 +1,70 @@
+"""What the llama.cpp-based methods (exact, dla) share: the prompt and baseline passes, and the head.
+
+The paper's baseline replaces every prompt token by id 0. Targets default to the model's own answer
+(argmax of the last-position logits); the pipeline passes explicit targets (the label the model chose,
+or the gold label's answer token).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from ..analysis.salient import LastLayerHead
+from ..engine.ffn import model_ffn
+from ..engine.probes import run_checked
+from ..errors import ProbeError, UnsupportedArchitecture
+from ..weights.dequant import GGUFTensors
+
+# Architectures whose last layer is `l_out = ffn_inp + W_down(act ⊙ up)` followed by one RMSNorm and the
+# output matrix, with no logit scaling or soft-capping: the closed form of analysis/salient.py holds.
+EXACT_IG_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+def require_closed_form(model_path: str | os.PathLike, what: str):
+    """The model's FFN facts, or UnsupportedArchitecture when the closed form does not hold for it."""
+    info = model_ffn(model_path)
+    if info.arch not in EXACT_IG_ARCHITECTURES or info.names.act_fn != "silu":
+        raise UnsupportedArchitecture(f"{info.arch}: the {what} supports {', '.join(EXACT_IG_ARCHITECTURES)}")
+    return info
+
+
+def tokens_of(engine, prompts: Sequence[str | np.ndarray]) -> list[np.ndarray]:
+    return [engine.tokenize(p) if isinstance(p, str) else np.asarray(p, dtype=np.int32) for p in prompts]
+
+
+def prompt_and_baseline_passes(engine, switch, tap_input, tap_base, prompts, targets):
+    """The prompts through `tap_input`, then their all-token-0 baselines through `tap_base`, on one
+    context whose callback is `switch` (engine.probes.SwitchedProbe). Returns (token arrays, the
+    prompts' results, the target token per prompt: `targets` or the model's own answer)."""
+    tokens = tokens_of(engine, prompts)
+    switch.current = tap_input
+    clean = run_checked(engine, tap_input, tokens)
+    switch.current = tap_base
+    run_checked(engine, tap_base, [np.zeros_like(t) for t in tokens])
+    if targets is None:
+        target_tokens = np.array([int(np.argmax(r.logits)) for r in clean], dtype=np.int64)
+    else:
+        target_tokens = np.asarray(list(targets), dtype=np.int64)
+        if len(target_tokens) != len(tokens):
+            raise ProbeError(f"{len(target_tokens)} targets for {len(tokens)} prompts")
+    return tokens, clean, target_tokens
+
+
+def read_last_layer_head(model_path: str | os.PathLike, layer: int) -> LastLayerHead:
+    """The GGUF's own (dequantized) ffn_down of `layer`, final norm and output matrix."""
+    info = model_ffn(model_path)
+    with GGUFTensors(model_path) as tensors:
+        names = set(tensors.names())
+
+        def weight(name: str) -> np.ndarray:
+            return np.asarray(tensors.dequantize(name), dtype=np.float64)
+
+        out_name = "output.weight" if "output.weight" in names else "token_embd.weight"  # tied embeddings
+        eps = tensors.summary.value(f"{info.arch}.attention.layer_norm_rms_epsilon")
+        if eps is None:
+            raise ProbeError(f"{model_path}: no RMSNorm epsilon in the metadata")
+        return LastLayerHead(weight(f"blk.{layer}.ffn_down.weight"), weight("output_norm.weight"), float(eps),
+                             weight(out_name))

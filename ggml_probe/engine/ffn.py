@@ -1,0 +1,131 @@
+"""Where one architecture's FFN neurons live in llama.cpp's graph, and the activation functions.
+
+Two neuron definitions (study-protocol.md):
+  act      the activation output: SiLU(ffn_gate) for gated SiLU models, GELU(ffn_gate) for gated GELU
+           models (Gemma), the GELU output for ungated GELU models (Phi-2). llama.cpp computes the gated
+           product in one op, so for gated models the pre-activation `ffn_gate-N` is captured and the
+           activation function applied here in float64.
+  down_in  the input of ffn_down (`ffn_swiglu-N` / `ffn_geglu-N` / `ffn_gelu-N`), what llama.cpp's imatrix
+           accumulates for ffn_down.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from ..errors import BadModelFile, UnsupportedArchitecture
+from ..formats.gguf import validate_gguf
+
+DEFINITIONS = ("act", "down_in")
+
+
+
+@dataclass(frozen=True)
+class FFNNames:
+    """Which graph tensors hold one architecture's FFN neurons (names without the `-N` layer suffix)."""
+
+    arch: str
+    act_source: str  # the tensor `act` is read from
+    act_fn: str | None  # applied to act_source here: "silu", "gelu_tanh", or None (already activated)
+    down_in: str  # the input of ffn_down
+    up: str | None  # the up projection (gated models): down_in = act · up
+
+
+# Gated architectures whose build_ffn call is (up, gate, down, LLM_FFN_SILU|GELU, LLM_FFN_PAR); checked
+# in llama.cpp's src/models/*.cpp and llama-graph.cpp build_ffn (vendored with llama-cpp-python 0.3.36).
+_GATED = {"llama": "silu", "qwen2": "silu", "qwen3": "silu", "gemma": "gelu_tanh", "gemma2": "gelu_tanh",
+          "gemma3": "gelu_tanh"}
+_UNGATED_GELU = {"phi2"}
+SUPPORTED_ARCHITECTURES = tuple(sorted(set(_GATED) | _UNGATED_GELU))
+
+
+@dataclass(frozen=True)
+class ModelFFN:
+    """What the capture needs to know about a GGUF model's FFN."""
+
+    path: str
+    arch: str
+    n_layer: int
+    n_ff: int
+    n_embd: int
+    names: FFNNames
+
+
+def ffn_names(arch: str, tensor_names: Iterable[str] = ()) -> FFNNames:
+    """The graph names for `arch`; raises UnsupportedArchitecture for MoE or unknown FFNs."""
+    names = set(tensor_names)
+    if any(".ffn_gate_exps." in n or ".ffn_gate_inp." in n or "_exps." in n for n in names):
+        raise UnsupportedArchitecture(
+            f"{arch}: mixture-of-experts FFNs are not supported by the neuron capture "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if arch in _GATED:
+        # build_ffn names the gate after its bias add `ffn_gate_b` and the up projection `ffn_up_b`.
+        gate = "ffn_gate_b" if "blk.0.ffn_gate.bias" in names else "ffn_gate"
+        up = "ffn_up_b" if "blk.0.ffn_up.bias" in names else "ffn_up"
+        product = "ffn_swiglu" if _GATED[arch] == "silu" else "ffn_geglu"
+        return FFNNames(arch, gate, _GATED[arch], product, up)
+    if arch in _UNGATED_GELU:
+        return FFNNames(arch, "ffn_gelu", None, "ffn_gelu", None)
+    raise UnsupportedArchitecture(
+        f"{arch}: the neuron capture does not know this architecture's FFN tensor names "
+        f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+    )
+
+
+@lru_cache(maxsize=16)
+def _model_ffn_cached(path: str, mtime: float) -> ModelFFN:
+    # The validator's bounds-checked header parse: fast, and a corrupt file is refused in one line.
+    summary = validate_gguf(path, for_llama=False)
+    field = summary.value
+    arch = summary.architecture
+    if not arch:
+        raise BadModelFile(f"{path}: no general.architecture in the GGUF metadata")
+    names = ffn_names(arch, [t.name for t in summary.tensors])
+    n_layer = field(f"{arch}.block_count")
+    n_ff = field(f"{arch}.feed_forward_length")
+    n_embd = field(f"{arch}.embedding_length")
+    if hasattr(n_ff, "tolist"):
+        n_ff = n_ff.tolist()
+    if isinstance(n_ff, list):  # per-layer FFN widths
+        if len(set(n_ff)) != 1:
+            raise UnsupportedArchitecture(f"{path}: FFN width differs between layers; not supported")
+        n_ff = n_ff[0]
+    if n_layer is None or n_ff is None:
+        raise BadModelFile(f"{path}: missing {arch}.block_count or {arch}.feed_forward_length")
+    return ModelFFN(path, arch, int(n_layer), int(n_ff), int(n_embd or 0), names)
+
+
+def model_ffn(path: str | os.PathLike) -> ModelFFN:
+    """Architecture, layer count, FFN width and graph names of a GGUF file (metadata only)."""
+    p = Path(path)
+    return _model_ffn_cached(str(p.resolve()), p.stat().st_mtime)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """SiLU in float64, stable for large |x|."""
+    x = np.asarray(x, dtype=np.float64)
+    return x * _sigmoid(x)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    e = np.exp(-np.abs(x))  # ≤ 1: no overflow on either side
+    return np.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """The tanh approximation of GELU that ggml uses (and Gemma's gelu_pytorch_tanh), in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+ACT_FUNCTIONS: dict[str | None, Callable[[np.ndarray], np.ndarray]] = {
+    "silu": silu, "gelu_tanh": gelu_tanh, None: lambda x: np.asarray(x, dtype=np.float64),
+}
+

@@ -1,0 +1,391 @@
+"""Eval-callback probes: reading and patching llama.cpp graph tensors while a batch decodes.
+
+A probe is asked about every tensor the scheduler builds (`ask=True`: do you want it?) and handed the
+ones it wanted (`ask=False`: read or overwrite it). Tensors arrive as ggml [ne0, rows] (ne[0]
+innermost), i.e. NumPy (rows, ne0) row-major. Each tensor asked for splits the graph and synchronises
+the backend: a probe asks only for what it needs.
+
+Typical use:
+
+    capture = FFNCapture(model_path, consumer, layers=[0, 14, -1])
+    with Engine(model_path, eval_callback=capture.eval_callback) as engine:
+        run_checked(engine, capture, token_arrays)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import ProbeError
+from ..layerspec import resolve_layers
+from .ffn import ACT_FUNCTIONS, DEFINITIONS, model_ffn
+from .ggml_lib import GGML_TYPE_F32, libggml, tensor_shape, tensor_type
+
+
+@dataclass
+class BatchLayout:
+    """Which prompt and position each row of the current batch's tensors belongs to."""
+
+    prompt_indices: list[int]  # global prompt indices (the run's indices + the probe's prompt_offset)
+    lengths: list[int]
+    row_prompt: np.ndarray  # int64 (n_rows,)
+    row_pos: np.ndarray  # int64 (n_rows,)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.row_prompt)
+
+    @property
+    def last_rows(self) -> np.ndarray:
+        """Row of each prompt's last token, in batch order."""
+        return np.cumsum(self.lengths) - 1
+
+    @classmethod
+    def build(cls, indices: Sequence[int], token_arrays: Sequence[np.ndarray], offset: int = 0) -> "BatchLayout":
+        lengths = [len(t) for t in token_arrays]
+        prompts = [offset + int(i) for i in indices]
+        row_prompt = np.repeat(np.asarray(prompts, dtype=np.int64), lengths)
+        row_pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths]) if lengths else np.zeros(0, np.int64)
+        return cls(prompts, lengths, row_prompt, row_pos)
+
+
+class TensorReader:
+    """Copies a graph tensor into a reusable float32 NumPy buffer (any backend: CPU, CUDA, Metal)."""
+
+    def __init__(self) -> None:
+        self.lib = libggml()
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def name(self, t: int) -> str:
+        return (self.lib.ggml_get_name(t) or b"").decode(errors="replace")
+
+    def read(self, t: int, key: str) -> np.ndarray:
+        """The tensor as (rows, ne0) float32; the array is reused on the next read of `key`."""
+        name = self.name(t)
+        if tensor_type(t) != GGML_TYPE_F32:
+            raise ProbeError(f"graph tensor {name} is not F32 (ggml type {tensor_type(t)}); cannot read it")
+        if not self.lib.ggml_is_contiguous(t):
+            raise ProbeError(f"graph tensor {name} is not contiguous; cannot read it")
+        ne0, ne1, ne2, ne3 = tensor_shape(t)
+        rows = ne1 * ne2 * ne3
+        size = ne0 * rows
+        buf = self._buffers.get(key)
+        if buf is None or buf.size < size:
+            buf = np.empty(max(size, 1), dtype=np.float32)
+            self._buffers[key] = buf
+        nbytes = self.lib.ggml_nbytes(t)
+        if nbytes != size * 4:
+            raise ProbeError(f"graph tensor {name}: {nbytes} bytes for {size} float32 values")
+        self.lib.ggml_backend_tensor_get(t, buf.ctypes.data, 0, nbytes)
+        return buf[:size].reshape(rows, ne0)
+
+    def write(self, t: int, values: np.ndarray) -> None:
+        arr = np.ascontiguousarray(values, dtype=np.float32)
+        if arr.nbytes != self.lib.ggml_nbytes(t):
+            raise ProbeError(f"patch for {self.name(t)}: {arr.nbytes} bytes for a {self.lib.ggml_nbytes(t)}-byte tensor")
+        self.lib.ggml_backend_tensor_set(t, arr.ctypes.data, 0, arr.nbytes)
+
+
+class Probe:
+    """Base of every eval-callback probe: the callback preamble, the batch layout and error keeping.
+
+    Subclasses say which graph tensors they want (`wants(name)`) and what to do with one (`handle(t,
+    name)`). An exception cannot cross llama.cpp's C callback: it is kept in `error`, the callback
+    returns False (which aborts the decode), and check() re-raises it afterwards, since llama_decode
+    only says 'aborted'. Set `prompt_offset` before each Engine.run when prompts are fed in several
+    calls, so the layout's prompt indices stay global.
+    """
+
+    needs_all_outputs = False  # True: the last layer must hold every token's row (batch.logits[i] = 1)
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.layout: BatchLayout | None = None
+        self.prompt_offset = 0
+        self._reader: TensorReader | None = None
+
+    @property
+    def reader(self) -> TensorReader:
+        if self._reader is None:  # libggml is bound on first use, inside the first decode
+            self._reader = TensorReader()
+        return self._reader
+
+    def wants(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def handle(self, t: int, name: str) -> None:
+        raise NotImplementedError
+
+    def on_batch(self, indices: list[int], token_arrays: list[np.ndarray]) -> None:
+        self.layout = BatchLayout.build(indices, token_arrays, self.prompt_offset)
+
+    def require_layout(self) -> BatchLayout:
+        if self.layout is None:
+            raise ProbeError(f"{type(self).__name__}.on_batch was not called: pass on_batch=probe.on_batch "
+                             "to Engine.run (run_checked does)")
+        return self.layout
+
+    def eval_callback(self, t: int, ask: bool) -> bool:
+        name = self.reader.name(t)
+        if ask:
+            return self.wants(name)
+        try:
+            self.handle(t, name)
+            return True
+        except BaseException as exc:  # kept for check(): it cannot cross the C callback
+            self.error = exc
+            return False
+
+    def check(self) -> None:
+        if self.error is not None:
+            exc, self.error = self.error, None
+            raise exc
+
+
+# Called as consumer(layer, definition, values (n_rows, n_ff) float64, layout). `values` may be a
+# reused buffer: copy what you keep.
+Consumer = Callable[[int, str, np.ndarray, BatchLayout], None]
+
+
+class FFNCapture(Probe):
+    """Hands each chosen layer's FFN neurons (engine.ffn's definitions) to a consumer, batch by batch.
+
+    Runs with all_outputs=True (`needs_all_outputs`): the last layer's FFN then covers every token.
+    `extra` names further graph tensors (e.g. "ffn_norm-3") handed to `on_extra(name, array, layout)`.
+    """
+
+    needs_all_outputs = True
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        consumer: Consumer,
+        layers: str | Sequence[int] = (0, 14, -1),
+        definitions: Sequence[str] = DEFINITIONS,
+        extra: Sequence[str] = (),
+        on_extra: Callable[[str, np.ndarray, BatchLayout], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model_ffn(model_path)
+        self.layers = resolve_layers(layers, self.model.n_layer)
+        bad = [d for d in definitions if d not in DEFINITIONS]
+        if bad or not definitions:
+            raise ProbeError(f"neuron definition must be one of {', '.join(DEFINITIONS)}, not {bad or definitions}")
+        self.definitions = tuple(dict.fromkeys(definitions))
+        self.consumer = consumer
+        self.on_extra = on_extra
+        names = self.model.names
+        # graph name → list of (layer, definition) it feeds
+        self.wanted: dict[str, list[tuple[int, str]]] = {}
+        for layer in self.layers:
+            for d in self.definitions:
+                src = names.act_source if d == "act" else names.down_in
+                self.wanted.setdefault(f"{src}-{layer}", []).append((layer, d))
+        self.extra = set(extra)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        """Every graph tensor this probe asks for."""
+        return sorted(set(self.wanted) | self.extra)
+
+    def wants(self, name: str) -> bool:
+        return name in self.wanted or name in self.extra
+
+    def handle(self, t: int, name: str) -> None:
+        layout = self.require_layout()
+        raw = self.reader.read(t, name)
+        if raw.shape[0] != layout.n_rows:
+            raise ProbeError(
+                f"{name} holds {raw.shape[0]} rows for a batch of {layout.n_rows} tokens: "
+                "run the engine with all_outputs=True so the last layer covers every token"
+            )
+        if name in self.extra and self.on_extra is not None:
+            self.on_extra(name, raw, layout)
+        targets = self.wanted.get(name)
+        if not targets:
+            return
+        converted: dict[str, np.ndarray] = {}
+        for layer, definition in targets:
+            if definition == "act":
+                values = ACT_FUNCTIONS[self.model.names.act_fn](raw)
+            else:
+                values = converted.get("down_in")
+                if values is None:
+                    values = raw.astype(np.float64)
+            converted[definition] = values
+            self.consumer(layer, definition, values, layout)
+
+
+class NeuronPatch(Probe):
+    """Overwrites chosen neurons of one layer before ffn_down reads them.
+
+    Writes into the down_in tensor (ffn_swiglu-N): `definition="down_in"` sets the value itself;
+    `definition="act"` sets the activation, i.e. down_in = value · up (so it also reads ffn_up-N).
+    Zero is the same under both. `values` is a scalar or one value per neuron. `positions="all"` patches
+    every token, "last" only each prompt's last token. Set `enabled=False` to run unpatched through
+    the same context.
+    """
+
+    needs_all_outputs = False  # the patch is found by name; the last layer holds the output rows only
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        layer: int,
+        neurons: Sequence[int],
+        values: float | Sequence[float] = 0.0,
+        definition: str = "down_in",
+        positions: str = "all",
+    ) -> None:
+        super().__init__()
+        self.model = model_ffn(model_path)
+        (self.layer,) = resolve_layers([layer], self.model.n_layer)
+        self.neurons = np.asarray(list(neurons), dtype=np.int64)
+        if self.neurons.size and (self.neurons.min() < 0 or self.neurons.max() >= self.model.n_ff):
+            raise ProbeError(f"neuron ids must be in 0..{self.model.n_ff - 1}")
+        self.values = np.broadcast_to(np.asarray(values, dtype=np.float64), self.neurons.shape).copy()
+        if definition not in DEFINITIONS:
+            raise ProbeError(f"definition must be one of {', '.join(DEFINITIONS)}")
+        if positions not in ("all", "last"):
+            raise ProbeError("positions must be 'all' or 'last'")
+        names = self.model.names
+        self.needs_up = definition == "act" and bool(np.any(self.values != 0)) and names.up is not None
+        if definition == "act" and names.up is None and names.act_fn is not None:
+            raise ProbeError(f"{names.arch}: cannot patch act without the up projection")
+        self.target = f"{names.down_in}-{self.layer}"
+        self.up_name = f"{names.up}-{self.layer}" if self.needs_up else None
+        self.positions = positions
+        self.enabled = True
+        self.patched = 0  # tensors written so far
+        self._up: np.ndarray | None = None
+
+    def wants(self, name: str) -> bool:
+        return name == self.target or name == self.up_name
+
+    def handle(self, t: int, name: str) -> None:
+        if not self.enabled:
+            return
+        if name == self.up_name:
+            self._up = self.reader.read(t, "up").copy()
+        elif name == self.target:
+            self._patch(t)
+
+    def _patch(self, t: int) -> None:
+        data = self.reader.read(t, "target")
+        n_rows = data.shape[0]
+        if self.positions == "all":
+            rows = np.arange(n_rows)
+        else:
+            layout = self.require_layout()
+            # the last layer may hold only the output rows (one per prompt when all_outputs is off)
+            rows = layout.last_rows if n_rows == layout.n_rows else np.arange(n_rows)
+        cols = self.neurons
+        if self.needs_up:
+            up = self._up
+            if up is None or up.shape != data.shape:
+                raise ProbeError(f"{self.up_name} was not read before {self.target}")
+            data[np.ix_(rows, cols)] = (self.values[None, :] * up[np.ix_(rows, cols)]).astype(np.float32)
+        else:
+            data[np.ix_(rows, cols)] = self.values[None, :].astype(np.float32)
+        self.reader.write(t, data)
+        self.patched += 1
+
+
+class LastPositionTap(Probe):
+    """Keeps the last position's row of chosen graph tensors, per prompt: rows[(name, prompt)]."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__()
+        self.names = set(names)
+        self.rows: dict[tuple[str, int], np.ndarray] = {}
+
+    def wants(self, name: str) -> bool:
+        return name in self.names
+
+    def handle(self, t: int, name: str) -> None:
+        data = self.reader.read(t, name)
+        layout = self.require_layout()
+        if data.shape[0] == layout.n_rows:
+            data = data[layout.last_rows]
+        elif data.shape[0] != len(layout.lengths):  # the last layer holds one output row per prompt
+            raise ProbeError(f"{name}: {data.shape[0]} rows for {len(layout.lengths)} prompts")
+        for p, row in zip(layout.prompt_indices, data):
+            self.rows[(name, p)] = row.astype(np.float64)
+
+
+class ProbeSet:
+    """Several probes on one context and one decode: each is asked about every tensor and handed
+    exactly the ones it asked for, in the order given (e.g. neuron statistics + imatrix).
+
+    Quacks like one probe for Engine(eval_callback=...) and run_checked: on_batch, check and
+    prompt_offset reach every probe that has them; needs_all_outputs if any probe needs it.
+    """
+
+    def __init__(self, probes: Sequence) -> None:
+        self.probes = [p for p in probes if p is not None]
+        self._wants: dict[int, list] = {}  # tensor pointer → probes that asked for it in this graph
+
+    @property
+    def needs_all_outputs(self) -> bool:
+        return any(getattr(p, "needs_all_outputs", False) for p in self.probes)
+
+    @property
+    def prompt_offset(self) -> int:
+        return next((p.prompt_offset for p in self.probes if hasattr(p, "prompt_offset")), 0)
+
+    @prompt_offset.setter
+    def prompt_offset(self, value: int) -> None:
+        for p in self.probes:
+            if hasattr(p, "prompt_offset"):
+                p.prompt_offset = value
+
+    def on_batch(self, indices: list[int], token_arrays: list[np.ndarray]) -> None:
+        for p in self.probes:
+            if getattr(p, "on_batch", None) is not None:
+                p.on_batch(indices, token_arrays)
+
+    def eval_callback(self, t: int, ask: bool) -> bool:
+        if ask:
+            wanting = [p for p in self.probes if p.eval_callback(t, True)]
+            self._wants[t] = wanting
+            return bool(wanting)
+        # False from one probe aborts the decode; its error is re-raised by check()
+        return all(p.eval_callback(t, False) for p in self._wants.get(t, ()))
+
+    def check(self) -> None:
+        for p in self.probes:
+            p.check()
+
+
+class SwitchedProbe:
+    """One context, several probes in turn: the callback goes to whichever probe is `current`."""
+
+    def __init__(self, current=None) -> None:
+        self.current = current
+
+    def eval_callback(self, t: int, ask: bool) -> bool:
+        return self.current.eval_callback(t, ask)
+
+
+def run_checked(engine, probe, tokens: Sequence[np.ndarray], all_outputs: bool | None = None):
+    """engine.run with the probe's on_batch; an error raised inside the callback is re-raised as itself."""
+    if all_outputs is None:
+        all_outputs = bool(getattr(probe, "needs_all_outputs", False))
+    try:
+        results = engine.run(tokens, all_outputs=all_outputs, on_batch=probe.on_batch)
+    except ProbeError:
+        probe.check()  # the callback's own error explains the failed decode better
+        raise
+    probe.check()
+    return results
+
+
+def answer_logprob(logits: np.ndarray, token: int) -> float:
+    """log p(token) under the softmax of one row of logits, in float64."""
+    z = logits.astype(np.float64)
+    m = z.max()
+    return float(z[token] - m - np.log(np.exp(z - m).sum()))

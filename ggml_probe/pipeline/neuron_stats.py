@@ -1,0 +1,129 @@
+"""Neuron statistics from llama.cpp: the engine's FFN capture wired to the analysis's accumulators.
+
+Typical use:
+
+    probe = NeuronProbe(model_path, layers=[0, 14, -1])
+    with Engine(model_path, eval_callback=probe.eval_callback) as engine:
+        run_checked(engine, probe, token_arrays)
+    probe.finish(); probe.save("neurons.npz")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..analysis.neurons import NeuronAccumulator
+from ..engine.ffn import DEFINITIONS, model_ffn
+from ..engine.model import Engine
+from ..engine.probes import FFNCapture, run_checked
+from ..errors import ProbeError
+from ..layerspec import resolve_layers
+
+
+class NeuronProbe:
+    """An engine FFNCapture feeding the analysis's streaming statistics (NeuronAccumulator).
+
+    state() / save(path) give the accumulated state; NeuronProbe.load(path, model_path) or
+    probe.restore(path) continues a run exactly where the saved state left off.
+    """
+
+    needs_all_outputs = True
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        layers: str | Sequence[int] = (0, 14, -1),
+        definitions: Sequence[str] = DEFINITIONS,
+        *,
+        redundancy: bool = True,
+        top_k: int = 10,
+        memory_budget_bytes: int = 2 << 30,
+        allow_large: bool = False,
+    ) -> None:
+        model = model_ffn(model_path)
+        chosen = resolve_layers(layers, model.n_layer)
+        self.accumulator = NeuronAccumulator(
+            chosen, list(definitions), model.n_ff, redundancy=redundancy, top_k=top_k,
+            memory_budget_bytes=memory_budget_bytes, allow_large=allow_large,
+        )
+        self.capture = FFNCapture(model_path, self.accumulator.update, chosen, definitions)
+        self.model = model
+
+    @property
+    def eval_callback(self):
+        return self.capture.eval_callback
+
+    @property
+    def on_batch(self):
+        return self.capture.on_batch
+
+    @property
+    def prompt_offset(self) -> int:
+        return self.capture.prompt_offset
+
+    @prompt_offset.setter
+    def prompt_offset(self, value: int) -> None:
+        self.capture.prompt_offset = int(value)
+
+    def check(self) -> None:
+        self.capture.check()
+
+    def finish(self):
+        """Raise any error kept from the callback; returns the accumulator."""
+        self.capture.check()
+        return self.accumulator
+
+    def state(self) -> dict[str, np.ndarray]:
+        return self.accumulator.state()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return self.accumulator.save(path)
+
+    def restore(self, path: str | os.PathLike) -> None:
+        loaded = NeuronAccumulator.load(path)
+        if (loaded.layers, loaded.definitions, loaded.n_ff) != (self.accumulator.layers, self.accumulator.definitions,
+                                                                 self.accumulator.n_ff):
+            raise ProbeError(f"{path}: saved neuron state is for other layers/definitions/width")
+        self.accumulator = loaded
+        self.capture.consumer = loaded.update
+
+
+# ------------------------------------------------------------------ patching (ablation)
+
+
+def collect_neuron_stats(
+    model_path: str | os.PathLike,
+    prompts: Sequence[str | np.ndarray],
+    layers: str | Sequence[int] = (0, 14, -1),
+    definitions: Sequence[str] = DEFINITIONS,
+    *,
+    redundancy: bool = True,
+    top_k: int = 10,
+    allow_large: bool = False,
+    memory_budget_bytes: int = 2 << 30,
+    chunk_size: int = 32,
+    n_ctx: int = 2048,
+    n_threads: int | None = None,
+    gpu_layers: str | int = "auto",
+    progress: Callable[[int, int], None] | None = None,
+):
+    """Decode every prompt once with a NeuronProbe attached; returns (accumulator, token arrays).
+
+    The token arrays resolve top activations to text (analysis.neurons.top_token_contexts).
+    `progress(done, total)` is called after each chunk of prompts.
+    """
+    probe = NeuronProbe(model_path, layers, definitions, redundancy=redundancy, top_k=top_k,
+                        memory_budget_bytes=memory_budget_bytes, allow_large=allow_large)
+    with Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, hidden_states=False,
+                eval_callback=probe.eval_callback) as engine:
+        tokens = [engine.tokenize(p) if isinstance(p, str) else np.asarray(p, dtype=np.int32) for p in prompts]
+        for start in range(0, len(tokens), chunk_size):
+            probe.prompt_offset = start
+            run_checked(engine, probe, tokens[start:start + chunk_size])
+            if progress is not None:
+                progress(min(start + chunk_size, len(tokens)), len(tokens))
+    return probe.finish(), tokens

@@ -442,7 +442,7 @@ def _run_eval(model, task, data_path, template, labels, gold_column, id_column, 
         write_json(root / "comparison.json", comparison)
     neuron_levels = neuron_cmp = None
     if with_neurons:
-        from .pipeline.neurons import neuron_comparison, neuron_level
+        from .pipeline.neurons import compare_neuron_levels, neuron_level
         from .pipeline.study import StudyConfig
         from .tasks import load_examples
         from .pipeline.evaluation import task_spec
@@ -462,7 +462,7 @@ def _run_eval(model, task, data_path, template, labels, gold_column, id_column, 
                          for lvl, d in run_dirs.items()}
         if len(run_dirs) > 1:
             ref = comparison["reference"]
-            neuron_cmp = neuron_comparison(run_dirs, ref, neuron_levels)
+            neuron_cmp = compare_neuron_levels(run_dirs, ref, neuron_levels)
     if as_json:
         click.echo(json.dumps({"runs": {str(k or s.quant): {"run_dir": str(s.run_dir), "metrics": s.metrics,
                                                           **({"imatrix": s.manifest.get("imatrix")} if imatrix_out else {})}

@@ -29,7 +29,7 @@ def test_collected_imatrix_equals_the_mul_mat_rule(demo_ladder, prompts, tmp_pat
 
     # llama-imatrix's own rule, independent of graph names: every MUL_MAT whose src0 is a blk.* weight,
     # its src1 squared and summed over rows.
-    lib, reader = libggml(), _TensorReader()
+    lib, reader = libggml(), TensorReader()
     ref: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
 

@@ -372,7 +372,7 @@ def test_demo_capture_statistics_imatrix_and_unchanged_logits(demo_path, boolq_p
 
     capture = FFNCapture(demo_path, consume, layers=layers)
     lib = libggml()
-    reader = _TensorReader()
+    reader = TensorReader()
     down_weights = {f"blk.{i}.ffn_down.weight": i for i in layers}
     imatrix = {i: np.zeros(1536, dtype=np.float32) for i in layers}
     imatrix_counts = dict.fromkeys(layers, 0)

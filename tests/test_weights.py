@@ -25,7 +25,8 @@ from ggml_probe.weights.dequant import (  # noqa: E402
     QUANTIZABLE, GGUFTensors, backends_for, can_dequantize, dequantize_bytes, quantize_rows, type_facts,
 )
 from ggml_probe.weights.dump import dump_tensors  # noqa: E402
-from ggml_probe.weights.error import compare_weights, format_report, parse_layers, select_tensors  # noqa: E402
+from ggml_probe.layerspec import parse_layer_spec, resolve_layers  # noqa: E402
+from ggml_probe.weights.error import compare_weights, format_report, select_tensors  # noqa: E402
 
 # Every type llama.cpp can quantize to that gguf-py can also dequantize: the bit-exact set.
 BOTH = sorted(
@@ -259,7 +260,7 @@ def test_selection_by_layers_and_patterns(small_pair):
         assert select_tensors(g, "all", "ffn_norm") == ["blk.0.ffn_norm.weight", "blk.1.ffn_norm.weight"]
         assert len(select_tensors(g)) == 8  # matrices only by default
         assert len(select_tensors(g, None, "ffn_*")) == 6  # wildcards too: no ffn_norm
-    assert parse_layers("0,2-4,-1") == [0, 2, 3, 4, -1]
+    assert parse_layer_spec("0,2-4,-1") == [0, 2, 3, 4, -1]
 
 
 def test_identical_files_have_zero_error_and_null_sqnr_in_json(small_pair):

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..errors import ProbeError
+from ..layerspec import parse_layer_spec
 from ..models.store import resolve_model
 from .dequant import GGUFTensors, TensorRef, can_dequantize
 
@@ -199,29 +200,6 @@ def split_name(name: str) -> tuple[int | None, str]:
     return None, name.removesuffix(".weight")
 
 
-def parse_layers(spec: str | Sequence[int] | None) -> list[int] | None:
-    """'all' / None -> None (every layer); '0,5,-1' or [0, 5, -1] -> list of ints (negatives from the end)."""
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        text = spec.strip()
-        if text.lower() in ("", "all"):
-            return None
-        out = []
-        for part in text.replace(" ", "").split(","):
-            if not part:
-                continue
-            if re.fullmatch(r"-?\d+", part):
-                out.append(int(part))
-            elif re.fullmatch(r"\d+-\d+", part):  # a range 'a-b', inclusive
-                a, b = (int(x) for x in part.split("-"))
-                out.extend(range(a, b + 1))
-            else:
-                raise ProbeError(f"bad layer {part!r} in --layers (use e.g. 0,5,-1 or 3-7 or all)")
-        return out
-    return [int(x) for x in spec]
-
-
 def parse_patterns(spec: str | Sequence[str] | None) -> list[str] | None:
     """'ffn_down,attn_*' -> ['ffn_down', 'attn_*']; None/'all' -> None (every matrix)."""
     if spec is None:
@@ -251,7 +229,7 @@ def select_tensors(tensors: GGUFTensors, layers: str | Sequence[int] | None = No
     Wildcards select matrices only; a 1-D tensor (ffn_norm) is taken when named exactly.
     A pattern without wildcards that names nothing is refused with close matches.
     """
-    wanted_layers = parse_layers(layers)
+    wanted_layers = parse_layer_spec(layers)
     pats = parse_patterns(patterns)
     n_layers = _n_layers(tensors)
     if wanted_layers is not None:

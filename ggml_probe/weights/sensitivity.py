@@ -37,9 +37,10 @@ import numpy as np
 
 from ..errors import ProbeError
 from ..formats.imatrix import check_imatrix, read_imatrix
+from ..layerspec import parse_layer_spec
 from ..models.store import resolve_model
 from .dequant import GGUFTensors
-from .error import _check_pair, _n_layers, _nums, COMPARE_BLOCK_ELEMENTS, parse_layers
+from .error import _check_pair, _n_layers, _nums, COMPARE_BLOCK_ELEMENTS
 
 
 DEFINITIONS = ("act", "down_in", "out")
@@ -211,7 +212,7 @@ def neuron_sensitivity(
             check_imatrix(values, ref_path)
     with GGUFTensors(model_path) as a, GGUFTensors(ref_path) as r:
         n_layers = _n_layers(a)
-        wanted = parse_layers(layers)
+        wanted = parse_layer_spec(layers)
         chosen = list(range(n_layers)) if wanted is None else sorted({x + n_layers if x < 0 else x for x in wanted})
         for x in chosen:
             if not 0 <= x < n_layers:

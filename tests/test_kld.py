@@ -1,0 +1,149 @@
+"""llama-perplexity's KLD statistics and base-file format, checked against independent NumPy computations.
+
+The references below are written from the definitions in tools/perplexity/perplexity.cpp in plain
+float64 NumPy (no shared code with ggml_probe.analysis.kld): the implementation may differ from them
+only by float32 rounding and by the base file's uint16 quantization of log-probabilities.
+"""
+
+import io
+
+import numpy as np
+import pytest
+
+from ggml_probe.analysis.kld import KLDAccumulator, median, percentile
+from ggml_probe.errors import BadModelFile
+from ggml_probe.formats.kld_base import (
+    KLDBaseReader, KLDBaseWriter, decode_rows, encode_rows, row_width, scored_rows,
+)
+
+
+def _log_softmax64(z):
+    z = np.asarray(z, dtype=np.float64)
+    m = z.max(axis=1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+
+
+def _logits(rng, n, vocab, spread=6.0):
+    # peaked rows, like a language model's: a few large logits, a long tail below the 16-nat floor
+    z = rng.normal(0, spread, size=(n, vocab)).astype(np.float32)
+    z[np.arange(n), rng.integers(0, vocab, n)] += 12
+    return z
+
+
+def _sample_next(rng, z):
+    # next tokens drawn from the model's own distribution, as in real text
+    p = np.exp(_log_softmax64(z))
+    return np.array([rng.choice(len(row), p=row / row.sum()) for row in p])
+
+
+def test_encoded_rows_decode_to_log_softmax_within_half_a_step():
+    rng = np.random.default_rng(1)
+    z = _logits(rng, 40, 301)
+    rows = encode_rows(z)
+    assert rows.shape == (40, row_width(301)) and row_width(301) == 2 * 151 + 4
+    scale = rows[:, :4].copy().view(np.float32)[:, 0]
+    ref = _log_softmax64(z)
+    dec = decode_rows(rows, 301)
+    above = ref > ref.max(axis=1, keepdims=True) - 16
+    err = np.abs(dec - ref)[above]
+    # one quantization step is (max − floor)/65535 ≤ 16/65535 nats; rounding costs at most half of it
+    assert err.max() <= (scale.max() / 2) * 1.01 + 1e-5
+    floor = (np.maximum(z.min(axis=1), z.max(axis=1) - 16) - z.max(axis=1)
+             - np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)))
+    assert np.allclose(dec[~above], np.broadcast_to(floor[:, None], dec.shape)[~above], atol=1e-4)
+
+
+def test_statistics_equal_an_independent_float64_computation():
+    rng = np.random.default_rng(2)
+    n, vocab = 600, 257
+    base = _logits(rng, n, vocab)
+    model = base + rng.normal(0, 0.4, size=base.shape).astype(np.float32)  # a "quantized" model
+    nxt = _sample_next(rng, base)
+    nxt[:5] = base[:5].argmin(axis=1)  # a few next tokens far below the 16-nat floor
+    acc = KLDAccumulator()
+    for part in np.array_split(np.arange(n), 7):  # chunks: sums must not depend on how rows arrive
+        acc.update(model[part], decode_rows(encode_rows(base[part]), vocab), nxt[part])
+    got = acc.result()
+
+    lq, lb = _log_softmax64(model), _log_softmax64(base)
+    rows = np.arange(n)
+    # the base's stored log p never goes below its row's floor, max(min z, max z − 16) − logsumexp z
+    floor = (np.maximum(base.min(1), base.max(1) - 16) - base.max(1)
+             - np.log(np.exp(base - base.max(1, keepdims=True)).sum(1)))
+    nll, nll_b = -lq[rows, nxt], -np.maximum(lb[rows, nxt], floor)
+    keep = lb > -16
+    kld = np.where(keep, np.exp(lb) * (lb - lq), 0).sum(axis=1)
+    dp = np.exp(-nll) - np.exp(-nll_b)
+
+    def se(x):
+        return np.sqrt(x.var() / (len(x) - 1))
+
+    cov = np.cov(nll, nll_b, bias=True)[0, 1] / (n - 1)
+    assert got["n_tokens"] == n
+    assert got["ppl"] == pytest.approx(np.exp(nll.mean()), rel=1e-5)
+    assert got["ppl_base"] == pytest.approx(np.exp(nll_b.mean()), rel=1e-4)
+    assert got["ln_ppl_ratio"] == pytest.approx(nll.mean() - nll_b.mean(), abs=2e-4)
+    assert got["ln_ppl_ratio_se"] == pytest.approx(np.sqrt(se(nll) ** 2 + se(nll_b) ** 2 - 2 * cov), rel=1e-3)
+    assert got["kld_mean"] == pytest.approx(kld.mean(), rel=2e-3)
+    assert got["kld_mean_se"] == pytest.approx(se(kld), rel=5e-3)
+    assert got["kld_max"] == pytest.approx(kld.max(), rel=2e-3)
+    assert got["kld_median"] == pytest.approx(np.median(kld), rel=5e-3)
+    assert got["kld_p99"] == pytest.approx(np.percentile(kld, 99), rel=5e-3)
+    assert got["same_top_p"] == pytest.approx(np.mean(model.argmax(1) == base.argmax(1)), abs=1 / n)
+    p = got["same_top_p"]
+    assert got["same_top_p_se"] == pytest.approx(np.sqrt(p * (1 - p) / (n - 1)))
+    assert got["rms_dp"] == pytest.approx(np.sqrt((dp ** 2).mean()), rel=2e-3)
+    assert got["rms_dp_se"] == pytest.approx(0.5 / np.sqrt((dp ** 2).mean()) * se(dp ** 2), rel=1e-2)
+    assert got["dp_mean"] == pytest.approx(dp.mean(), abs=1e-4)
+
+
+def test_identical_models_have_zero_divergence_up_to_the_format_step():
+    rng = np.random.default_rng(3)
+    z = _logits(rng, 200, 128)
+    acc = KLDAccumulator()
+    acc.update(z, decode_rows(encode_rows(z), 128), _sample_next(rng, z))
+    got = acc.result()
+    assert got["same_top_p"] == 1.0 and got["kld_mean"] < 1e-6 and abs(got["ln_ppl_ratio"]) < 1e-4
+
+
+def test_percentile_and_median_are_llama_cpps_linear_interpolation():
+    v = np.sort(np.random.default_rng(4).exponential(size=1001).astype(np.float32))
+    for f in (0.001, 0.01, 0.1, 0.5, 0.9, 0.99, 0.999):
+        assert percentile(v, f) == pytest.approx(np.percentile(v.astype(np.float64), 100 * f), rel=1e-5)
+    assert percentile(v, 0) == v[0] and percentile(v, 1) == v[-1]
+    assert median(v[:10]) == pytest.approx(0.5 * (v[4] + v[5])) and median(v) == v[500]
+
+
+def test_base_file_round_trip_and_layout(tmp_path):
+    rng = np.random.default_rng(5)
+    n_ctx, vocab, n_chunk = 16, 33, 3
+    tokens = rng.integers(0, vocab, n_ctx * n_chunk).astype(np.int32)
+    chunks = [_logits(rng, scored_rows(n_ctx), vocab) for _ in range(n_chunk)]
+    path = tmp_path / "base.kld"
+    with open(path, "wb") as f:
+        w = KLDBaseWriter(f, n_ctx, vocab, tokens)
+        for c in chunks:
+            w.add_chunk(c)
+    # the layout llama-perplexity reads: magic, n_ctx, n_vocab, n_chunk, tokens, then nv uint16 per row
+    raw = path.read_bytes()
+    assert raw[:8] == b"_logits_"
+    assert np.frombuffer(raw[8:20], dtype="<i4").tolist() == [n_ctx, vocab, n_chunk]
+    assert len(raw) == 20 + 4 * tokens.size + 2 * n_chunk * scored_rows(n_ctx) * row_width(vocab)
+    with KLDBaseReader(path) as r:
+        assert (r.header.n_ctx, r.header.n_vocab, r.header.n_chunk) == (n_ctx, vocab, n_chunk)
+        assert np.array_equal(r.header.tokens, tokens)
+        for got, c in zip(r.chunks(), chunks):
+            assert np.array_equal(got, encode_rows(c))
+
+
+def test_corrupt_base_files_get_one_line(tmp_path):
+    bad = tmp_path / "bad.kld"
+    bad.write_bytes(b"not a base file at all")
+    with pytest.raises(BadModelFile, match="_logits_"):
+        KLDBaseReader(bad)
+    buf = io.BytesIO()
+    KLDBaseWriter(buf, 8, 10, np.zeros(16, np.int32))
+    short = tmp_path / "short.kld"
+    short.write_bytes(buf.getvalue())  # header and tokens, no log-probabilities
+    with pytest.raises(BadModelFile, match="truncated"):
+        KLDBaseReader(short)

@@ -19,14 +19,13 @@ import numpy as np
 import pytest
 
 from ggml_probe.errors import HubError, ProbeError
+from ggml_probe.hub import hub_error, hub_errors
 from ggml_probe.models import fetch
 from ggml_probe.models.fetch import (
     cached_gguf_files,
     canonical_quant,
     fetch_gguf,
     group_gguf_files,
-    hub_error,
-    hub_errors,
     list_repo_gguf,
     quant_of_filename,
     split_parts,
@@ -118,6 +117,13 @@ def hub_cache(tmp_path_factory) -> dict:
     old = add_snapshot(hub, REPO, OLD_COMMIT, old_data, refs=("v1.0",))
     add_snapshot(hub, "test-org/data", "c" * 40, gguf_bytes(root, ["Data-Q8_0.gguf"]), repo_type="dataset")
     return {"root": root, "hub": hub, "main": main, "old": old, "main_data": main_data, "old_data": old_data}
+
+
+def without_hub_env(monkeypatch) -> None:
+    """ggml_probe.hub reads these variables before huggingface_hub's constants: a test that sets the
+    constants must not see the ones of the shell it runs in."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_HOME", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture
@@ -404,6 +410,7 @@ def test_hub_error_mapping(monkeypatch):
     from huggingface_hub import constants
     from huggingface_hub import errors as hf
 
+    without_hub_env(monkeypatch)
     monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")  # whatever HF_ENDPOINT says
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     from huggingface_hub.utils import validate_repo_id
@@ -445,6 +452,9 @@ def test_hub_error_mapping(monkeypatch):
         assert str(mapped).startswith(start), (type(exc).__name__, str(mapped))
         assert "\n" not in str(mapped)
     assert hub_error(ValueError("a bug"), REPO) is None
+    # Task data goes through the same mapping, as a dataset repo (tasks/loading.py).
+    assert str(hub_error(missing, "org/data", repo_type="dataset")).startswith("no dataset repo org/data on the")
+    assert "https://huggingface.co/datasets/org/data and log in" in str(hub_error(gated, "org/data", repo_type="dataset"))
 
 
 def test_hub_errors_context():
@@ -559,6 +569,7 @@ def online(hub_cache, tmp_path, monkeypatch):
     hub.add(REPO, ONLINE_SHA, files)
     hub.add("test-org/Gated-GGUF", "e" * 40, {"Gated-Q8_0.gguf": files["Tiny-Q8_0.gguf"]}, gated=True)
     cache = tmp_path / "hub"
+    without_hub_env(monkeypatch)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
@@ -625,6 +636,7 @@ def test_unreachable_hub_falls_back_to_the_cache(hub_cache, monkeypatch):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    without_hub_env(monkeypatch)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache["hub"]))
     monkeypatch.setattr(constants, "ENDPOINT", dead)

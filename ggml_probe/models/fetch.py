@@ -6,19 +6,21 @@ library's own progress bars (`HF_HUB_DISABLE_PROGRESS_BARS`). Nothing is copied 
 paths returned point into its snapshots.
 
 huggingface_hub is imported inside the functions that need it: it is slow to import, and the file name
-helpers here are used by code that never touches the Hub.
+helpers here are used by code that never touches the Hub. Offline mode, the cache folder and the
+mapping of hub errors to one-line messages are ggml_probe.hub's, shared with the task loader.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
+from .. import hub
 from ..errors import HubError, ProbeError
+from ..hub import hub_errors, is_unreachable
 
 # Quant labels as they appear in GGUF file names, highest precision first (the order listings use).
 # A superset of quant_types.QUANT_TYPES (the ftypes llama.cpp writes; a test checks the cover): file
@@ -200,7 +202,7 @@ def list_repo_gguf(
     rev = revision or constants.DEFAULT_REVISION
     with hub_errors(repo_id, revision=revision, cache_dir=cache_dir):
         _validate_repo_id(repo_id)
-        if not constants.is_offline_mode():
+        if not hub.offline():
             try:
                 info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
             except Exception as exc:
@@ -224,7 +226,7 @@ def _cached_listing(repo_id: str, revision: str, cache_dir: str | os.PathLike | 
         ref = storage / "refs" / revision
         if not ref.is_file():
             what = repo_id if revision == "main" else f"{repo_id}@{revision}"
-            raise HubError(f"offline and {what} is not in the Hugging Face cache ({_offline_reason(cache_dir)})")
+            raise HubError(f"offline and {what} is not in the Hugging Face cache ({hub.offline_reason(cache_dir)})")
         commit = ref.read_text().strip()
     snapshot = storage / "snapshots" / commit
     names: list[str] = []
@@ -260,12 +262,12 @@ def fetch_gguf(
     from huggingface_hub import hf_hub_download
 
     wanted: list[str] = []
-    # Once the listing has found the Hub unreachable, resolve from the cache alone: huggingface_hub
-    # otherwise retries a missing file with backoff for ~20 s before giving up.
-    cache_only = False
+    # Offline mode (read now), or once the listing has found the Hub unreachable: resolve from the
+    # cache alone; huggingface_hub otherwise retries a missing file with backoff for ~20 s.
+    cache_only = hub.offline()
     if quants:
         listing = list_repo_gguf(repo_id, revision=revision, cache_dir=cache_dir)
-        cache_only = listing.offline
+        cache_only = cache_only or listing.offline
         for label in dict.fromkeys(canonical_quant(q) for q in quants):
             files = listing.quants.get(label)
             if not files:
@@ -286,7 +288,7 @@ def fetch_gguf(
         for shard in shards:
             with hub_errors(repo_id, filename=shard, revision=revision, cache_dir=cache_dir):
                 local = hf_hub_download(
-                    repo_id, shard, revision=revision, cache_dir=cache_dir, local_files_only=cache_only
+                    repo_id, shard, revision=revision, cache_dir=hub.cache_dir(cache_dir), local_files_only=cache_only
                 )
                 paths.append(Path(local))
         done.update(shards)
@@ -300,7 +302,7 @@ def _quant_not_offered(listing: GgufListing, label: str, cache_dir) -> HubError:
     if listing.offline:
         return HubError(
             f"offline and {listing.repo_id} has no {label} file in the Hugging Face cache{unknown};"
-            f" cached quants: {offered} ({_offline_reason(cache_dir)})"
+            f" cached quants: {offered} ({hub.offline_reason(cache_dir)})"
         )
     if not listing.quants:
         return HubError(f"{listing.repo_id} offers no GGUF file with a quant label{unknown}")
@@ -319,10 +321,10 @@ def cached_gguf_files(cache_dir: str | os.PathLike | None = None) -> list[tuple[
     Returns [] when the cache folder does not exist. A repo whose snapshot holds a dangling link
     (a blob deleted by hand) is left out whole: scan_cache_dir reports it as corrupted.
     """
-    from huggingface_hub import constants, scan_cache_dir
+    from huggingface_hub import scan_cache_dir
 
-    # scan_cache_dir's own default is bound at import time; read the constant now instead.
-    root = Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE).expanduser()
+    # scan_cache_dir's own default is bound at import time; read the environment now instead.
+    root = Path(hub.cache_dir(cache_dir)).expanduser()
     if not root.is_dir():
         return []
     found: dict[tuple[str, str], Path] = {}
@@ -339,129 +341,14 @@ def cached_gguf_files(cache_dir: str | os.PathLike | None = None) -> list[tuple[
     return [(repo_id, found[(repo_id, name)]) for repo_id, name in sorted(found)]
 
 
-# -- errors -----------------------------------------------------------------------------------------
-
-
-@contextmanager
-def hub_errors(
-    repo_id: str,
-    filename: str | None = None,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> Iterator[None]:
-    """Turn huggingface_hub and network exceptions raised inside into one-line HubErrors."""
-    try:
-        yield
-    except ProbeError:
-        raise
-    except Exception as exc:
-        mapped = hub_error(exc, repo_id, filename=filename, revision=revision, cache_dir=cache_dir)
-        if mapped is None:
-            raise
-        raise mapped from exc
-
-
-def hub_error(
-    exc: BaseException,
-    repo_id: str,
-    filename: str | None = None,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> HubError | None:
-    """The one-line HubError for an exception from huggingface_hub or the network, else None."""
-    from huggingface_hub import constants
-    from huggingface_hub import errors as hf
-
-    target = f"{repo_id}/{filename}" if filename else repo_id
-    at = f" at revision {revision}" if revision else ""
-    page = f"{constants.ENDPOINT}/{repo_id}"
-    # Order matters: GatedRepoError is a RepositoryNotFoundError, LocalEntryNotFoundError an
-    # EntryNotFoundError, and every HfHubHTTPError an OSError.
-    if isinstance(exc, hf.GatedRepoError):
-        return HubError(
-            f"{repo_id} is gated: accept its licence at {page} and log in (`hf auth login`, "
-            f"formerly `huggingface-cli login`, or set HF_TOKEN)"
-        )
-    if isinstance(exc, hf.RepositoryNotFoundError):
-        return HubError(
-            f"no model repo {repo_id} on the Hugging Face Hub"
-            " (if it is private, log in with `hf auth login` or set HF_TOKEN)"
-        )
-    if isinstance(exc, getattr(hf, "DisabledRepoError", ())):
-        return HubError(f"{repo_id} has been disabled on the Hugging Face Hub")
-    if isinstance(exc, hf.RevisionNotFoundError):
-        return HubError(f"{repo_id} has no revision {revision or 'main'!r}")
-    if isinstance(exc, getattr(hf, "RevisionResolutionError", ())):
-        return _offline_error(repo_id, revision, cache_dir)
-    if isinstance(exc, hf.LocalEntryNotFoundError):
-        return _offline_error(target, revision, cache_dir)
-    if isinstance(exc, hf.EntryNotFoundError):
-        return HubError(f"{repo_id} has no file {filename}{at}" if filename else f"{repo_id}: not found{at}")
-    if isinstance(exc, hf.HFValidationError):
-        return HubError(f"not a valid Hugging Face repo id: {repo_id!r} ({_one_line(exc)})")
-    if is_unreachable(exc):
-        return _offline_error(target, revision, cache_dir)
-    if isinstance(exc, hf.HfHubHTTPError):
-        status = exc.response.status_code if exc.response is not None else "an error"
-        if status == 401:  # a 401 on a repo is a RepositoryNotFoundError: this one is a refused token
-            return HubError("the Hub refused your credentials (401): log in again with `hf auth login` or fix HF_TOKEN")
-        if status == 403:
-            return HubError(f"the Hub refused access to {target} (403): your token lacks the permission to read it")
-        if status == 429:
-            return HubError(f"the Hub is rate-limiting requests for {repo_id} (429): wait and retry, or log in")
-        return HubError(f"the Hub answered {status} for {target}: {_one_line(exc)}")
-    if isinstance(exc, OSError):
-        return HubError(f"could not fetch {target}: {exc.strerror or _one_line(exc)}")
-    return None
-
-
-def is_unreachable(exc: BaseException) -> bool:
-    """Whether an exception means the Hub could not be reached (offline mode, network down, 5xx)."""
-    from huggingface_hub import errors as hf
-
-    if isinstance(exc, (hf.OfflineModeIsEnabled, ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, hf.HfHubHTTPError):
-        return exc.response is not None and exc.response.status_code >= 500
-    # Whichever HTTP client this huggingface_hub talks through: httpx2 (2.x), httpx (1.x), requests (0.x).
-    module = type(exc).__module__.split(".")[0]
-    if module in ("httpx2", "httpx"):
-        import importlib
-
-        return isinstance(exc, importlib.import_module(module).TransportError)
-    if module == "requests":
-        import requests
-
-        return isinstance(exc, (requests.ConnectionError, requests.Timeout))
-    return False
-
-
-def _offline_error(target: str, revision: str | None, cache_dir) -> HubError:
-    at = f" (revision {revision})" if revision else ""
-    return HubError(f"offline and {target}{at} is not in the Hugging Face cache ({_offline_reason(cache_dir)})")
-
-
-def _offline_reason(cache_dir) -> str:
-    from huggingface_hub import constants
-
-    why = "HF_HUB_OFFLINE=1" if constants.is_offline_mode() else "the Hub could not be reached"
-    return f"{why}; cache: {cache_dir if cache_dir is not None else constants.HF_HUB_CACHE}"
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line (the Hub's messages span several), shortened."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _validate_repo_id(repo_id: str) -> None:
     from huggingface_hub.utils import validate_repo_id
 
     validate_repo_id(repo_id)
 
 
-def _repo_cache_folder(repo_id: str, cache_dir) -> Path:
+def _repo_cache_folder(repo_id: str, cache: str | os.PathLike | None) -> Path:
     from huggingface_hub import constants
 
-    root = Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE).expanduser()
+    root = Path(hub.cache_dir(cache)).expanduser()
     return root / ("models" + constants.REPO_ID_SEPARATOR + repo_id.replace("/", constants.REPO_ID_SEPARATOR))

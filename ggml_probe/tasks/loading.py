@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
-from urllib.parse import urlsplit
 
+from .. import hub
 from ..errors import HubError, ProbeError
 from ..fsutil import sha256_file
 from .readers import Table, open_table
@@ -273,52 +272,9 @@ def _blank(value: Any) -> bool:
 
 # -- the Hugging Face hub ----------------------------------------------------------------------
 
-_TRUE = {"1", "ON", "YES", "TRUE"}
-
-
-def hub_offline() -> bool:
-    """Whether offline mode is asked for, read now: huggingface_hub reads HF_HUB_OFFLINE only at import."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if var in os.environ:
-            return os.environ[var].strip().upper() in _TRUE
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_cache_dir() -> str | None:
-    """The hub cache folder from the environment as it is now (huggingface_hub froze it at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return None
-
-
-_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
-
-
-def _hub_endpoint() -> str:
-    from huggingface_hub import constants
-
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
-def _endpoint_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """A quick TCP connect to the hub, so that no network fails in seconds rather than after
-    huggingface_hub's retries (about 25 s of backoff). Behind a proxy the direct connection
-    proves nothing, so the check is skipped there."""
-    if any(os.environ.get(v) for v in _PROXY_VARS):
-        return True
-    url = urlsplit(endpoint)
-    if not url.hostname:
-        return True
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+# Offline mode as set now (huggingface_hub reads HF_HUB_OFFLINE only at import); kept under this name
+# for the package's public API.
+hub_offline = hub.offline
 
 
 def fetch_hub_file(source: HubSource, task_name: str = "") -> Path:
@@ -326,17 +282,16 @@ def fetch_hub_file(source: HubSource, task_name: str = "") -> Path:
 
     Offline (HF_HUB_OFFLINE=1), or when the hub does not answer, only the cache is consulted,
     so a file fetched once keeps working. HF_HUB_OFFLINE, HF_ENDPOINT, HF_HOME and HF_HUB_CACHE
-    are read at call time, not frozen at import as huggingface_hub does.
+    are read at call time, not frozen at import as huggingface_hub does (ggml_probe.hub).
     """
-    import huggingface_hub
-    from huggingface_hub import errors as hf_errors
+    import huggingface_hub  # slow to import (ggml_probe.hub): only when a task's data comes from the hub
 
     what = f"{'task ' + task_name + ': ' if task_name else ''}cannot get {source.describe()}"
     local_way = f"pass --data PATH with a local copy of the data (or use the built-in task {OFFLINE_TASK})"
-    fix = f"fix [source] in the task definition or {local_way}"
-    offline = hub_offline()
-    endpoint = _hub_endpoint()
-    unreachable = not offline and not _endpoint_reachable(endpoint)
+    endpoint = hub.endpoint()
+    # Unreachable: fail in seconds from the cache instead of after huggingface_hub's retries.
+    cache_only = hub.offline() or not hub.endpoint_reachable(endpoint)
+    cache = hub.cache_dir()
     try:
         return Path(
             huggingface_hub.hf_hub_download(
@@ -344,24 +299,15 @@ def fetch_hub_file(source: HubSource, task_name: str = "") -> Path:
                 source.file,
                 repo_type="dataset",
                 revision=source.revision,
-                cache_dir=_hub_cache_dir(),
+                cache_dir=cache,
                 endpoint=endpoint,
-                local_files_only=offline or unreachable,
+                local_files_only=cache_only,
             )
         )
-    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as exc:
-        why = "HF_HUB_OFFLINE is set" if offline else f"the Hugging Face hub ({endpoint}) cannot be reached"
-        raise HubError(f"{what}: {why} and the file is not in the local Hugging Face cache; {local_way}") from exc
-    except hf_errors.GatedRepoError as exc:
-        raise HubError(
-            f"{what}: the dataset is gated; accept its terms on huggingface.co and log in (hf auth login), or {local_way}"
-        ) from exc
-    except hf_errors.RepositoryNotFoundError as exc:
-        raise HubError(f"{what}: no such dataset repository on the hub (or it is private); {fix}") from exc
-    except hf_errors.RevisionNotFoundError as exc:
-        raise HubError(f"{what}: revision {source.revision!r} does not exist; {fix}") from exc
-    except hf_errors.EntryNotFoundError as exc:
-        raise HubError(f"{what}: the repository has no file {source.file!r}; {fix}") from exc
-    except (hf_errors.HfHubHTTPError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HubError(f"{what}: {first}; {local_way}") from exc
+    except Exception as exc:
+        mapped = hub.hub_error(exc, source.repo, filename=source.file, revision=source.revision, cache_dir=cache,
+                               repo_type="dataset")
+        if mapped is None:
+            raise
+        advice = f"fix [source] in the task definition or {local_way}" if hub.classify(exc) in hub.NOT_FOUND else local_way
+        raise HubError(f"{what}: {mapped}; {advice}") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import log_softmax
 
 # Rows of a logit matrix converted to float64 at once; bounds the temporaries for vocabulary-sized
 # rows (3 000 examples x 49 152 tokens would be 1.2 GB per float64 copy).
@@ -80,13 +81,6 @@ def flips(pred_ref, pred_q, gold) -> Flips:
 # distributions
 
 
-def _log_softmax_last(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    peak = np.max(x, axis=-1, keepdims=True)
-    shifted = x - peak  # largest entry 0: exp cannot overflow, the sum is >= 1
-    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
-
-
 def _kl_rows(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
     p = np.exp(log_p)
     with np.errstate(invalid="ignore"):
@@ -114,7 +108,8 @@ def kl_divergence_from_logits(logits_ref, logits_q, axis: int = -1) -> np.ndarra
     step = max(1, _CHUNK_ELEMENTS // max(1, width))
     for start in range(0, ref2.shape[0], step):
         rows = slice(start, start + step)
-        out[rows] = _kl_rows(_log_softmax_last(ref2[rows]), _log_softmax_last(q2[rows]))
+        out[rows] = _kl_rows(log_softmax(ref2[rows].astype(np.float64), axis=-1),
+                             log_softmax(q2[rows].astype(np.float64), axis=-1))
     return out.reshape(out_shape)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.special import logsumexp, softmax
 
 from ..errors import ProbeError
 
@@ -49,7 +50,7 @@ class LastLayerHead:
         """f(a) for each row of acts → (m,)."""
         h = self.hidden(acts, up, residual)
         z = self._logits(h)
-        return z[:, target] - _logsumexp(z)
+        return z[:, target] - logsumexp(z, axis=1)
 
     def gradient(self, acts: np.ndarray, up: np.ndarray, residual: np.ndarray, target: int) -> np.ndarray:
         """∂f/∂a for each row of acts (m, n_ff) → (m, n_ff)."""
@@ -57,9 +58,7 @@ class LastLayerHead:
         n = h.shape[1]
         s = 1.0 / np.sqrt((h * h).mean(axis=1) + self.eps)  # (m,)
         z = (h * s[:, None] * self.norm_weight[None, :]) @ self.w_out.T
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        dz = -p
+        dz = -softmax(z, axis=1)
         dz[:, target] += 1.0
         dy = dz @ self.w_out  # (m, n_embd)
         v = dy * self.norm_weight[None, :]
@@ -70,11 +69,6 @@ class LastLayerHead:
     def _logits(self, h: np.ndarray) -> np.ndarray:
         s = 1.0 / np.sqrt((h * h).mean(axis=1) + self.eps)
         return (h * s[:, None] * self.norm_weight[None, :]) @ self.w_out.T
-
-
-def _logsumexp(z: np.ndarray) -> np.ndarray:
-    m = z.max(axis=1)
-    return m + np.log(np.exp(z - m[:, None]).sum(axis=1))
 
 
 def gauss_legendre_01(n_points: int) -> tuple[np.ndarray, np.ndarray]:

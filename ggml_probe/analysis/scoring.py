@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import log_softmax as _log_softmax, logsumexp
 
 DEFINITIONS = {
     "label_set": (
@@ -28,10 +29,8 @@ DEFINITIONS = {
 
 
 def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
-    x = np.asarray(logits, dtype=np.float64)
-    m = np.max(x, axis=axis, keepdims=True)
-    shifted = x - m
-    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+    """scipy.special.log_softmax in float64, whatever the input dtype (llama.cpp hands float32, the runs store float16)."""
+    return _log_softmax(np.asarray(logits, dtype=np.float64), axis=axis)
 
 
 @dataclass(frozen=True)
@@ -47,9 +46,7 @@ def label_logits(logits: np.ndarray, label_tokens: LabelTokens) -> np.ndarray:
     x = np.atleast_2d(np.asarray(logits, dtype=np.float64))
     cols = []
     for ids in label_tokens.token_ids:
-        sub = x[:, list(ids)]
-        m = sub.max(axis=1, keepdims=True)
-        cols.append((m + np.log(np.exp(sub - m).sum(axis=1, keepdims=True)))[:, 0])
+        cols.append(logsumexp(x[:, list(ids)], axis=1))
     return np.stack(cols, axis=1)
 
 

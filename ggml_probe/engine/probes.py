@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy.special import logsumexp
 
 from ..errors import ProbeError
 from ..layerspec import resolve_layers
@@ -387,5 +388,4 @@ def run_checked(engine, probe, tokens: Sequence[np.ndarray], all_outputs: bool |
 def answer_logprob(logits: np.ndarray, token: int) -> float:
     """log p(token) under the softmax of one row of logits, in float64."""
     z = logits.astype(np.float64)
-    m = z.max()
-    return float(z[token] - m - np.log(np.exp(z - m).sum()))
+    return float(z[token] - logsumexp(z))

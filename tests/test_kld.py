@@ -147,3 +147,77 @@ def test_corrupt_base_files_get_one_line(tmp_path):
     short.write_bytes(buf.getvalue())  # header and tokens, no log-probabilities
     with pytest.raises(BadModelFile, match="truncated"):
         KLDBaseReader(short)
+
+
+# ------------------------------------------------------------------ through llama.cpp, on the demo ladder
+
+
+def _boolq_text(path, n):
+    import json
+
+    with open(path) as f:
+        return "\n\n".join(json.loads(line)["passage"] for _, line in zip(range(n), f))
+
+
+def _full_logits_hl(model_path, tokens, n_ctx):
+    """Every position's logits through llama-cpp-python's high-level Llama (an independent code path)."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(model_path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2)
+    try:
+        llm.reset()
+        llm.eval([int(t) for t in tokens])
+        return np.array(llm.scores[:len(tokens)], dtype=np.float64)
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+def test_kld_pipeline_equals_numpy_on_llama_cpps_logits(demo_ladder, boolq_path, tmp_path):
+    from ggml_probe.engine.model import Vocab
+    from ggml_probe.pipeline.kld import KLDSettings, run_kld, text_tokens
+
+    ctx, chunks = 128, 3
+    text = _boolq_text(boolq_path, 12)
+    ref, q = demo_ladder["F16"], demo_ladder["Q4_0"]
+    s = KLDSettings(ctx=ctx, chunks=chunks, batch=256, threads=2, gpu_layers=0)
+    res = run_kld({"F16": ref, "Q4_0": q}, ref, text, tmp_path, s)
+    assert res.base_source == "computed" and res.n_chunk == chunks
+
+    with Vocab(ref) as vocab:
+        tokens = text_tokens(vocab, text, ctx, chunks)
+        bos = int(vocab._lib.llama_vocab_bos(vocab._vocab))
+        add_bos = bool(vocab._lib.llama_vocab_get_add_bos(vocab._vocab))
+        plain = vocab.tokenize(text, add_special=False)
+    # BOS only where the vocabulary adds one (SmolLM2's does not), then the text's own tokens
+    assert np.array_equal(tokens, np.concatenate([[bos], plain])[:len(tokens)] if add_bos else plain[:len(tokens)])
+    first = ctx // 2
+    nll_q, nll_b, kld, same = [], [], [], []
+    for c in range(chunks):
+        chunk = tokens[c * ctx:(c + 1) * ctx].copy()
+        if add_bos:
+            chunk[0] = bos
+        lq = _full_logits_hl(q, chunk, ctx)[first:ctx - 1]
+        lb = _full_logits_hl(ref, chunk, ctx)[first:ctx - 1]
+        lq = lq - np.logaddexp.reduce(lq, axis=1, keepdims=True)
+        lb = lb - np.logaddexp.reduce(lb, axis=1, keepdims=True)
+        nxt = chunk[first + 1:]
+        rows = np.arange(len(nxt))
+        nll_q.append(-lq[rows, nxt])
+        nll_b.append(-lb[rows, nxt])
+        kld.append(np.where(lb > -16, np.exp(lb) * (lb - lq), 0).sum(1))
+        same.append(lq.argmax(1) == lb.argmax(1))
+    nll_q, nll_b, kld, same = map(np.concatenate, (nll_q, nll_b, kld, same))
+    got = res.models["Q4_0"]
+    assert got["n_tokens"] == chunks * (ctx - 1 - first)
+    # different batch layouts in llama.cpp move logits slightly: the issue's tolerances, not bit-equality
+    assert got["ppl"] == pytest.approx(np.exp(nll_q.mean()), rel=2e-3)
+    assert got["ppl_base"] == pytest.approx(np.exp(nll_b.mean()), rel=2e-3)
+    assert got["kld_mean"] == pytest.approx(kld.mean(), rel=0.01)
+    assert abs(got["same_top_p"] - same.mean()) <= 0.01
+    self_ = res.models["F16"]  # the reference against itself: only the base file's rounding is left
+    assert self_["same_top_p"] == 1.0 and self_["kld_mean"] < 1e-4
+
+    again = run_kld({"Q4_0": q}, ref, text, tmp_path, s)  # the base is reused, not recomputed
+    assert again.base_source == "cached" and again.base_file == res.base_file
+    assert again.models["Q4_0"]["kld_mean"] == got["kld_mean"]

@@ -288,8 +288,10 @@ _neuron_options = _option_group(
                       "GGUF's own dequantized weights (pip install 'ggml-probe[attribution]'), with a convergence "
                       "check per layer. dla: direct effect only (act × direct path to the answer), every layer, no "
                       "torch; NOT the paper's method."),
-    click.option("--attribution-target", type=click.Choice(["answer", "gold"]), default="answer", show_default=True,
-                 help="What is attributed: log p of the model's own answer token (the paper's) or of the gold label's."),
+    click.option("--attribution-target", type=click.Choice(["label", "answer", "gold"]), default="label", show_default=True,
+                 help="Whose log p the salient neurons explain. label: the label the model chose (label-set "
+                      "scoring), as the token it emits for it after the prompt. answer: the full-vocabulary argmax "
+                      "token (the paper's; on small models often no label). gold: the gold label's token."),
     click.option("--ablate-top", type=int, default=5, show_default=True,
                  help="Causal check of each attributed layer: switch its top-N salient candidates off inside "
                       "llama.cpp and report the change of log p(answer), beside N random neurons (0: skip)."),
@@ -582,8 +584,10 @@ class _StudyProgress(_Progress):
 @click.option("--attribution", type=click.Choice(["exact", "ig", "dla", "none"]), default=None,
               help="Salient-neuron attribution (see `ggml-probe neurons --help`); default exact, or ig with --paper "
                    "when torch is installed.")
-@click.option("--attribution-target", type=click.Choice(["answer", "gold"]), default="answer", show_default=True,
-              help="Attribute log p of the model's own answer token (the paper's) or of the gold label's.")
+@click.option("--attribution-target", type=click.Choice(["label", "answer", "gold"]), default=None,
+              help="Whose log p the salient neurons explain: label (the label the model chose, as the token it emits "
+                   "for it after the prompt), answer (the full-vocabulary argmax, the paper's) or gold; default "
+                   "label, or answer with --paper.")
 @click.option("--ablate-top", type=int, default=5, show_default=True,
               help="Causal check: switch each attributed layer's top-N salient candidates off and report the change "
                    "of log p(answer), beside N random neurons (0: skip).")

@@ -92,6 +92,18 @@ class _VocabMethods:
             n = self._lib.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, True)
         return buf.raw[:n].decode("utf-8", errors="replace")
 
+    def continuation_tokens(self, prompt: str, continuation: str) -> list[int]:
+        """The tokens the model would emit for `continuation` right after `prompt`: prompt + continuation
+        tokenized together, after the prompt's own tokens. A tokenizer may merge across the boundary
+        ('Answer: ' + 'True' → … ' True'): then the prompt's tokens are not a prefix of the joint
+        tokenization, and what follows their longest common prefix is returned."""
+        head = self.tokenize(prompt)
+        joint = self.tokenize(prompt + continuation)
+        k, n = 0, min(len(head), len(joint))
+        while k < n and head[k] == joint[k]:
+            k += 1
+        return [int(t) for t in joint[k:]]
+
 
 
 class Vocab(_VocabMethods):

@@ -8,6 +8,7 @@ the ablation check, top-activating tokens; across levels: the comparison with th
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,16 @@ from ..errors import ProbeError
 from .rundir import read_json, save_npz, write_json
 
 QUANTILES = (0, 10, 50, 90, 100)
+
+# What the salient neurons explain (--attribution-target): log p of this token at the answer position.
+TARGET_DEFINITIONS = {
+    "label": ("the label the model chose under label-set scoring, as the first token it would emit for that "
+              "label after the prompt"),
+    "answer": ("the model's own full-vocabulary argmax token at the answer position (the paper's; on small "
+               "models often not a label, e.g. the end of the turn)"),
+    "gold": "the gold label, as the first token the model would emit for it after the prompt",
+}
+
 
 
 def finalize_neurons(run_dir: Path, acc, engine, data, settings) -> dict[str, Any]:
@@ -94,14 +105,60 @@ def compare_neurons(ref_dir: Path, run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _target_kind(config) -> str:
+    kind = config.attribution_target or "label"
+    if kind not in TARGET_DEFINITIONS:
+        raise ProbeError(f"unknown attribution target {kind!r}; choose one of {', '.join(TARGET_DEFINITIONS)}")
+    return kind
+
+
+def label_continuation(prompt: str, word: str) -> str:
+    """A label word as the answer to `prompt`: ' True' after 'Answer:', the word alone after a space or newline."""
+    return word if not prompt or prompt[-1].isspace() else " " + word
+
+
+def label_target_tokens(vocab, prompt: str, labels) -> dict[str, int]:
+    """Per label, the first token the model would emit for it right after `prompt` (vocab: an Engine or Vocab)."""
+    out = {}
+    for word in labels:
+        tokens = vocab.continuation_tokens(prompt, label_continuation(prompt, word))
+        if not tokens:
+            raise ProbeError(f"the label {word!r} adds no token after the prompt; it cannot be attributed")
+        out[word] = tokens[0]
+    return out
+
+
 def neuron_targets(run_dir: Path, examples, config) -> list[int] | None:
-    """The attribution target per example: None (each prompt's own answer, the paper's) or, for
-    `--attribution-target gold`, the first token of the gold label's first surface form as the run's
-    manifest recorded the label tokens."""
-    if config.attribution_target != "gold":
+    """The attribution target per example (TARGET_DEFINITIONS). None for `answer`: each prompt's own argmax,
+    found by the attribution itself. `label`: the label the run's predictions.parquet says the model chose;
+    `gold`: the gold label; either as the token the model would emit for that label after the prompt."""
+    kind = _target_kind(config)
+    if kind == "answer":
         return None
-    label_tokens = read_json(run_dir / "manifest.json")["label_tokens"]
-    return [int(label_tokens[ex.label][0]) for ex in examples]
+    if kind == "label":
+        import pandas as pd  # a heavy import, only where a run's predictions are read
+
+        preds = pd.read_parquet(run_dir / "predictions.parquet", columns=["position", "pred"]).sort_values("position")
+        if len(preds) != len(examples):
+            raise ProbeError(f"{run_dir}: predictions.parquet has {len(preds)} rows for {len(examples)} examples")
+        words = [str(w) for w in preds["pred"]]
+    else:
+        words = [ex.label for ex in examples]
+    with Vocab(read_json(run_dir / "manifest.json")["model"]["path"]) as vocab:
+        return [label_target_tokens(vocab, ex.prompt, [w])[w] for ex, w in zip(examples, words)]
+
+
+def _target_summary(model_path: Path, prompts: list[str], labels, kind: str, targets: list[int]) -> dict[str, Any]:
+    """Which tokens were attributed (piece text → count, most frequent first) and how many are no label's
+    token: neither the first token of a label's surface forms ('W', ' W', as the run's manifest records
+    them) nor the token the model would emit for a label after that prompt."""
+    label_ids = {int(t) for ids in labels.values() for t in ids}
+    with Vocab(model_path) as vocab:
+        for p in prompts:
+            label_ids |= set(label_target_tokens(vocab, p, labels).values())
+        pieces = Counter(vocab.token_to_piece(t) for t in targets)
+    return {"kind": kind, "tokens": dict(pieces.most_common()), "not_label": sum(int(t) not in label_ids for t in targets),
+            "n": len(targets)}
 
 
 def _salient(run_dir: Path, model_path: Path, prompts: list[str], layers: list[int], config, progress,
@@ -109,8 +166,10 @@ def _salient(run_dir: Path, model_path: Path, prompts: list[str], layers: list[i
     """Salient neurons of this level by config.attribution, cached in RUN_DIR/salient.json."""
     m = method(config.attribution)
     n = min(config.salient_examples, len(prompts))
+    kind = _target_kind(config)
     key = {"method": m.name, "n_prompts": n, "threshold": config.saliency, "layers": sorted(layers),
-           "target": config.attribution_target, "ablate_top": config.ablate_top, "definitions_version": 2}
+           "target": kind, "targets": None if targets is None else [int(t) for t in targets[:n]],
+           "ablate_top": config.ablate_top, "definitions_version": 3}
     cache = run_dir / "salient.json"
     if cache.exists():
         cached = read_json(cache)
@@ -124,8 +183,10 @@ def _salient(run_dir: Path, model_path: Path, prompts: list[str], layers: list[i
                      n_ctx=config.n_ctx, threads=config.threads, gpu_layers=config.gpu_layers,
                      device=config.attribution_device)
     result: dict[str, Any] = {"key": key, "method": m.name, "label": m.label, "paper_method": m.paper,
-                              "n_prompts": n, "threshold": config.saliency, "target": config.attribution_target,
+                              "n_prompts": n, "threshold": config.saliency, "target": kind,
                               "targets": [int(t) for t in attr.target_tokens], "layers": {}}
+    result["salient_targets"] = _target_summary(model_path, prompts[:n], read_json(run_dir / "manifest.json")["label_tokens"],
+                                                kind, result["targets"])
     for layer, la in attr.layers.items():
         summary = la.salient(config.saliency)
         entry = {"union": [int(i) for i in summary.union], "count": int(len(summary.union)),
@@ -195,7 +256,8 @@ def _top_tokens(run_dir: Path, model_path: Path, prompts: list[str], definition:
 
 def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, progress=None,
                  targets: list[int] | None = None) -> dict[str, Any]:
-    """One level's neuron figures; targets: a token per prompt for the attribution (default: its own answer)."""
+    """One level's neuron figures; targets: a token per prompt for the attribution (neuron_targets; None:
+    each prompt's own argmax). salient_targets says which tokens were attributed and how many are no label."""
     nj = read_json(run_dir / "neurons.json")
     entries = [e for e in nj["layers"] if e["definition"] == config.neuron]
     level: dict[str, Any] = {
@@ -227,6 +289,7 @@ def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, pr
         level["salient_method"] = f"{sal['method']}: {sal['label']}"
         level["salient_converged"] = {k: v["converged"] for k, v in per.items() if "converged" in v}
         level["salient_detail"] = sal
+        level["salient_targets"] = sal["salient_targets"]
         # Tokens of the most salient neurons, from the same run's activations of that layer.
         if config.neuron == "act":
             for k, v in per.items():

@@ -32,7 +32,7 @@ from ..tasks import OFFLINE_TASK, get_task, load_examples
 from ..weights import compare_weights
 from .compare import compare_levels, reference_level
 from .evaluation import EvalConfig, NeuronSettings, evaluate, ladder_files, task_spec
-from .neurons import compare_neuron_levels, neuron_level, neuron_targets
+from .neurons import TARGET_DEFINITIONS, compare_neuron_levels, neuron_level, neuron_targets
 from .rundir import directory_lock, read_json, write_json
 
 
@@ -60,7 +60,9 @@ class StudyConfig:
     neurons: bool = True
     salient_examples: int = 10  # prompts attributed (salient neurons)
     attribution: str | None = None  # ggml_probe.attribution.CHOICES; None: exact (ig in paper mode with torch)
-    attribution_target: str = "answer"  # answer: the model's own next token; gold: the gold label's token
+    # label: the label the model chose (label-set scoring), as the token it emits for it after the prompt;
+    # answer: the full-vocabulary argmax (the paper's); gold: the gold label. None: answer in paper mode, else label
+    attribution_target: str | None = None
     attribution_device: str = "auto"  # torch device for --attribution ig
     ablate_top: int = 5  # causal check: switch off each layer's top-N salient candidates (0: skip)
     weights: bool = True
@@ -77,6 +79,8 @@ class StudyConfig:
         # The paper attributes every analysed layer; only torch can do layers before the last.
         if self.attribution is None and importlib.util.find_spec("torch") is not None:
             self.attribution = "ig"
+        if self.attribution_target is None:  # the paper attributes the model's own (argmax) answer token
+            self.attribution_target = "answer"
 
 
 def _local_data_for(task: str, config: StudyConfig) -> str | None:
@@ -142,6 +146,7 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
     if config.paper:
         config.apply_paper()
     config.attribution = config.attribution or "exact"
+    config.attribution_target = config.attribution_target or "label"
     src = resolve_model(model)
     allow = config.allow_requantize or str(model) == DEMO_NAME
     with directory_lock(out):
@@ -241,7 +246,7 @@ def _definitions(config: StudyConfig) -> dict[str, str]:
         "dead": f"a neuron is dead when every value it takes over every prompt token lies in (−τ, τ), τ = {config.tau}",
         "salient": f"|attribution| / max per example above {config.saliency}; the union over the attributed examples",
         "attribution": (f"{config.attribution}: {method(config.attribution).label}; target: "
-                        + ("the gold label's token" if config.attribution_target == "gold" else "the model's own answer token")
+                        + TARGET_DEFINITIONS[config.attribution_target or "label"]
                         if config.attribution != "none" else "none (salient neurons not computed)"),
         "redundant": "pairs of neurons of a layer whose Pearson correlation over tokens has |corr| ≥ 0.9",
         "weights": "per tensor: relative RMSE ‖W−W_ref‖/‖W_ref‖, SQNR 10·log10(‖W_ref‖²/‖W−W_ref‖²), cosine, max |ΔW|",

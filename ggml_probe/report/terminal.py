@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+from rich.markup import escape
 from rich.table import Table
 
 from ..fsutil import human_size
@@ -169,11 +170,27 @@ def print_study_summary(console: "Console", study: dict, out_dir) -> None:
                 row += [_per_layer(n.get("dead")), _per_layer(n.get("salient")), _per_layer(n.get("redundant_pairs"))]
             table.add_row(*row)
         console.print(table)
+        if has_neurons:  # what the salient neurons explain, per level
+            _print_targets(console, t["neurons"], prefix=f"{task} ")
     if study.get("what_changed"):
         console.print("[bold]What changed[/]")
         for item in study["what_changed"]:
             console.print(f" • {item['text']}")
     console.print(f"[dim]report: {out_dir}/report.html · {out_dir}/report.md · every figure: {out_dir}/study.json[/]")
+
+
+def targets_text(targets: dict) -> str:
+    """A level's salient_targets in one line: which tokens were attributed and how many are no label."""
+    pieces = ", ".join(f"{piece!r}×{count}" for piece, count in targets["tokens"].items())
+    return f"attributed tokens ({targets['kind']}): {pieces}; not a label: {targets['not_label']} of {targets['n']}"
+
+
+def _print_targets(console: "Console", levels: dict, prefix: str = "") -> None:
+    for level, n in levels.items():
+        t = n.get("salient_targets")
+        if t:
+            style = "yellow" if t["not_label"] else "dim"
+            console.print(f"[{style}]{prefix}{escape(level)} · {escape(targets_text(t))}[/]")
 
 
 def _per_layer(values: dict | None) -> str:
@@ -205,20 +222,22 @@ def print_neuron_summary(console: "Console", levels: dict, comparison: dict | No
                     row += ["ref", "ref", "ref"]
                 else:
                     sj = cmp_.get("salient_jaccard", {}).get(key)
+                    drift = cmp_["drift"].get(key, {}).get("mean")
                     row += [f"{cmp_['dead_jaccard'].get(key, float('nan')):.2f}", "—" if sj is None else f"{sj:.2f}",
-                            f"{cmp_['drift'].get(key, {}).get('mean', float('nan')):.4f}"]
+                            "—" if drift is None else f"{drift:.4f}"]
             table.add_row(*row)
     console.print(table)
     method = first.get("salient_method")
     if method:
         console.print(f"[dim]salient: {method}[/]")
+    _print_targets(console, levels)
     for level, n in levels.items():  # an unconverged integral's salient set is not a finding: say so
         detail = (n.get("salient_detail") or {}).get("layers") or {}
         for key, d in detail.items():
             ab = d.get("ablation")
             if ab:
                 console.print(f"[dim]{level} layer {key}: switching off the top {len(ab['neurons'])} salient candidates "
-                              f"moves log p(answer) by {ab['delta_logprob_mean']:+.3f} on average "
+                              f"moves log p(target) by {ab['delta_logprob_mean']:+.3f} on average "
                               f"(|Δ| {ab['delta_logprob_abs_mean']:.3f}; {len(ab['control_neurons'])} random neurons: "
                               f"{ab['control_delta_logprob_mean']:+.3f}, |Δ| {ab['control_delta_logprob_abs_mean']:.3f})[/]")
             if d.get("converged") is False:

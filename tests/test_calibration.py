@@ -327,6 +327,92 @@ def test_bootstrap_percentiles_of_explicit_resamples():
     assert cal.bootstrap_ci(np.mean, values, n_boot=400, alpha=0.1, seed=17) == pytest.approx(tuple(expected))
 
 
+def _two_levels(rng, n, flips=None):
+    """A reference and a level that answers like it except for a few examples (paired, as quant levels are)."""
+    ref_conf = rng.uniform(0.5, 1.0, n)
+    ref_correct = rng.uniform(size=n) < ref_conf
+    conf = np.clip(ref_conf + rng.normal(scale=0.05, size=n), 0.5, 1.0)
+    correct = ref_correct.copy()
+    flip = rng.choice(n, size=flips or max(1, n // 10), replace=False)
+    correct[flip] = ~correct[flip]
+    return ref_conf, ref_correct, conf, correct
+
+
+def _paired_loop(metric, ref_args, args, n_boot, seed, alpha=0.05):
+    """The paired bootstrap written out with the list references: one index draw, both levels on it."""
+    rng = np.random.default_rng(seed)
+    n = len(ref_args[0])
+    deltas = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, size=n)
+        deltas.append(metric(*[[a[i] for i in idx] for a in args]) - metric(*[[a[i] for i in idx] for a in ref_args]))
+    low, high = np.percentile(deltas, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return metric(*args) - metric(*ref_args), low, high
+
+
+@pytest.mark.parametrize("name", ["ace", "ece", "accuracy", "confidence"])
+def test_paired_bootstrap_delta_matches_a_plain_loop(name):
+    rng = np.random.default_rng(21)
+    ref_conf, ref_correct, conf, correct = _two_levels(rng, 60)
+    mean = lambda xs: sum(float(x) for x in xs) / len(xs)  # noqa: E731
+    fn, loop, ref_args, args = {
+        "ace": (cal.ace_paper, ace_reference_loop, (ref_conf, ref_correct), (conf, correct)),
+        "ece": (cal.ece, ece_reference_loop, (ref_conf, ref_correct), (conf, correct)),
+        "accuracy": (cal.accuracy, mean, (ref_correct,), (correct,)),
+        "confidence": (cal.mean_confidence, mean, (ref_conf,), (conf,)),
+    }[name]
+    got = cal.paired_bootstrap_delta(fn, ref_args, args, n_boot=300, seed=7)
+    assert got == pytest.approx(_paired_loop(loop, ref_args, args, 300, 7), abs=1e-12)
+
+
+def test_paired_deltas_cover_every_metric_with_the_same_resamples():
+    rng = np.random.default_rng(22)
+    ref_probs, gold = random_run(rng, 50)
+    probs = np.clip(ref_probs + rng.normal(scale=0.05, size=ref_probs.shape), 1e-3, None)
+    probs /= probs.sum(axis=1, keepdims=True)
+    ref_pred, pred = ref_probs.argmax(axis=1), probs.argmax(axis=1)
+    out = cal.paired_deltas(ref_probs.max(axis=1), ref_pred == gold, probs.max(axis=1), pred == gold,
+                            ref_prob_matrix=ref_probs, prob_matrix=probs, gold_index=gold, n_boot=200, seed=3)
+    assert set(out) == {"accuracy", "mean_confidence", "ace_paper", "ece", "brier", "nll"}
+    brier = lambda p: [sum((p[i, k] - (k == gold[i])) ** 2 for k in range(p.shape[1])) for i in range(len(gold))]  # noqa: E731
+    nll = lambda p: [-math.log(p[i, gold[i]]) for i in range(len(gold))]  # noqa: E731
+    mean = lambda xs: sum(float(x) for x in xs) / len(xs)  # noqa: E731
+    expected = {
+        "accuracy": (mean, (ref_pred == gold,), (pred == gold,)),
+        "mean_confidence": (mean, (ref_probs.max(axis=1),), (probs.max(axis=1),)),
+        "ace_paper": (ace_reference_loop, (ref_probs.max(axis=1), ref_pred == gold), (probs.max(axis=1), pred == gold)),
+        "ece": (ece_reference_loop, (ref_probs.max(axis=1), ref_pred == gold), (probs.max(axis=1), pred == gold)),
+        "brier": (mean, (brier(ref_probs),), (brier(probs),)),
+        "nll": (mean, (nll(ref_probs),), (nll(probs),)),
+    }
+    for name, (loop, ref_args, args) in expected.items():
+        got = out[name]
+        assert (got["value"], got["ci_low"], got["ci_high"]) == pytest.approx(
+            _paired_loop(loop, ref_args, args, 200, 3), abs=1e-9), name
+    without = cal.paired_deltas(ref_probs.max(axis=1), ref_pred == gold, probs.max(axis=1), pred == gold, n_boot=0)
+    assert "brier" not in without and without["ace_paper"]["ci_low"] is None
+
+
+def test_paired_interval_of_a_small_change_is_narrower_than_the_levels_intervals():
+    # Same examples, few answers changed: the levels' own accuracy intervals are wide and overlap, while the
+    # paired interval of the difference is as narrow as the few changed answers make it.
+    rng = np.random.default_rng(23)
+    ref_conf, ref_correct, conf, correct = _two_levels(rng, 200, flips=6)
+    lo_r, hi_r = cal.bootstrap_ci(cal.accuracy, ref_correct, seed=0)
+    lo_q, hi_q = cal.bootstrap_ci(cal.accuracy, correct, seed=0)
+    _, lo, hi = cal.paired_bootstrap_delta(cal.accuracy, (ref_correct,), (correct,), seed=0)
+    changed = int(np.sum(ref_correct != correct))
+    assert hi - lo < 0.5 * min(hi_r - lo_r, hi_q - lo_q)
+    assert hi - lo <= 2 * changed / 200  # never wider than all changed answers moving one way
+
+
+def test_paired_bootstrap_delta_refuses_unpaired_inputs():
+    with pytest.raises(ValueError, match="same examples"):
+        cal.paired_bootstrap_delta(cal.accuracy, (np.ones(5),), (np.ones(6),))
+    with pytest.raises(ValueError, match="0/1"):
+        cal.paired_bootstrap_delta(cal.accuracy, (np.ones(5),), (np.full(5, 2.0),))
+
+
 def test_bootstrap_of_ace_on_3000_examples_is_fast():
     rng = np.random.default_rng(6)
     conf = rng.uniform(0.5, 1.0, 3000)

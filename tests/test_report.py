@@ -1,8 +1,12 @@
-"""The study report: section builders against independent computations, what_changed, rendering of a
-study built from real llama.cpp runs of the demo ladder, and a headless-Chromium screenshot."""
+"""The study report, tested through the real pipeline: one `run_study` on the demo ladder (neurons, salient
+neurons, the ablation check and the weight error at a small --limit) feeds every check of what the report
+shows against study.json and against independent recomputations from the run directories; plus what_changed's
+rules and the rendering of empty, partial and hand-made studies, and a headless-Chromium screenshot."""
 
 from __future__ import annotations
 
+import base64
+import html as htmllib
 import json
 import re
 import shutil
@@ -11,262 +15,278 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from ggml_probe.analysis.neurons import NeuronAccumulator
-from ggml_probe.report.study_report import (
-    NOT_MEASURED,
-    neuron_comparison,
-    neurons_section,
-    render_report,
-    what_changed,
-)
+from ggml_probe.pipeline.study import StudyConfig, run_study
 
 SECTION_IDS = ("header", "what-changed", "tables", "plots", "neurons", "weights", "manifest")
+TASK = "boolq"
+N_BOOT = 200
 
 
-class _Layout:
-    def __init__(self, n_rows: int, prompt: int = 0) -> None:
-        self.row_prompt = np.full(n_rows, prompt, dtype=np.int64)
-        self.row_pos = np.arange(n_rows, dtype=np.int64)
-
-
-def _accumulator(values_by_layer: dict[int, np.ndarray]) -> NeuronAccumulator:
-    layers = sorted(values_by_layer)
-    n_ff = values_by_layer[layers[0]].shape[1]
-    acc = NeuronAccumulator(layers, ["act"], n_ff, redundancy=True, top_k=3)
-    for layer, x in values_by_layer.items():
-        half = len(x) // 2  # two batches, so streaming merges are exercised
-        acc.update(layer, "act", x[:half], _Layout(half, 0))
-        acc.update(layer, "act", x[half:], _Layout(len(x) - half, 1))
-    return acc
-
-
-def _pooled_hist(corrs: list[np.ndarray]) -> np.ndarray:
-    out = np.zeros(10, dtype=np.int64)
-    for c in corrs:
-        iu = np.triu_indices_from(c, k=1)
-        v = np.abs(c[iu])
-        out += np.bincount(np.minimum((v * 10).astype(int), 9), minlength=10)
-    return out
-
-
-# ------------------------------------------------------------------ section builders (pure NumPy)
-
-
-def test_neurons_section_matches_numpy():
-    rng = np.random.default_rng(1)
-    x0 = rng.normal(size=(40, 12))
-    x0[:, 3] *= 0.01  # dead at tau 0.1
-    x0[:, 5] = 0.05 * np.sin(np.arange(40))  # dead
-    x0[:, 7] = 2 * x0[:, 6] + 0.001 * rng.normal(size=40)  # a redundant pair
-    x1 = rng.normal(size=(40, 12))
-    acc = _accumulator({0: x0, 5: x1})
-    sec = neurons_section(acc, "act", 0.1, salient={5: [4, 2, 4]}, salient_method="test")
-
-    assert sec["dead"] == {0: int((np.abs(x0).max(axis=0) < 0.1).sum()), 5: int((np.abs(x1).max(axis=0) < 0.1).sum())}
-    assert sec["dead"][0] == 2
-    expected_hist = _pooled_hist([np.corrcoef(x0, rowvar=False), np.corrcoef(x1, rowvar=False)])
-    assert sec["redundancy_hist"] == expected_hist.tolist()
-    c0 = np.abs(np.corrcoef(x0, rowvar=False))[np.triu_indices(12, 1)]
-    assert sec["redundant_pairs"][0] == int((c0 >= 0.9).sum()) >= 1
-    assert sec["salient"] == {5: 2}  # distinct ids
-    q = np.quantile(np.abs(x1).max(axis=0), [0, 0.1, 0.5, 0.9, 1])
-    np.testing.assert_allclose(sec["max_abs_quantiles"][5], q)
-    assert sec["n_ff"] == 12 and sec["tokens"][0] == 40
-
-
-def test_neuron_comparison_drift_and_jaccard():
-    rng = np.random.default_rng(2)
-    ref = rng.normal(size=(60, 8))
-    shifted = ref + np.linspace(0, 0.7, 8)  # neuron j's mean moves by j*0.1
-    shifted[:, 0] *= 0.0  # neuron 0 becomes dead in the level
-    r, q = _accumulator({3: ref}), _accumulator({3: shifted})
-    out = neuron_comparison(r, q, "act", 0.1, reference_salient={3: [1, 2, 3]}, level_salient={3: [2, 3, 4, 5]})
-    expected = np.abs(shifted.mean(0) - ref.mean(0)) / ref.std(0)
-    assert out["drift"][3]["mean"] == pytest.approx(expected.mean(), rel=1e-9)
-    assert out["drift"][3]["max"] == pytest.approx(expected.max(), rel=1e-9)
-    assert out["salient_jaccard"][3] == pytest.approx(2 / 5)
-    assert out["dead_jaccard"][3] == 0.0  # ref has none dead, the level has neuron 0: union 1, overlap 0
-
-
-# ------------------------------------------------------------------ what_changed (pure)
-
-
-def _comparison(agreement, changed, n, acc, lo, hi, kl):
-    return {"n": n, "agreement": agreement, "flips": {"changed": changed}, "kl_full_mean": kl, "kl_full_p99": 2 * kl,
-            "top1_agreement": agreement, "accuracy_delta": {"value": acc, "ci_low": lo, "ci_high": hi}}
-
-
-def _metric(v, lo, hi):
-    return {"value": v, "ci_low": lo, "ci_high": hi}
-
-
-def test_what_changed_ranks_significance_first_and_states_numbers():
-    study = {
-        "study": {"reference": "F16"},
-        "tasks": {"t": {
-            "comparison": {"reference": "F16", "levels": {
-                "Q4_0": _comparison(0.675, 13, 40, -0.025, -0.225, 0.175, 0.43),
-                "Q2_K": _comparison(0.9, 4, 40, -0.05, -0.10, -0.01, 0.05),  # small but significant
-            }},
-            "runs": {lvl: {"metrics": {"label_set": {"ace_paper": _metric(a, a - 0.05, a + 0.05), "ece": _metric(a, a - 0.05, a + 0.05)}}}
-                     for lvl, a in (("F16", 0.20), ("Q4_0", 0.22), ("Q2_K", 0.40))},
-        }},
-        "weights": {"Q4_0": {"layers": [{"layer": 0, "rel_rmse": 0.08, "sqnr_db": 21.9}, {"layer": 1, "rel_rmse": 0.11, "sqnr_db": 19.2}]}},
-    }
-    items = what_changed(study, max_items=20)
-    assert all(re.search(r"\d", i["text"]) for i in items)
-    sig = [i["significant"] for i in items]
-    assert sig == sorted(sig, reverse=True)  # every significant item before every other
-    first = items[0]
-    # Q2_K's accuracy CI excludes 0; its ACE/ECE intervals [0.35,0.45] vs [0.15,0.25] do not overlap
-    assert {(i["metric"], i["level"]) for i in items if i["significant"]} == {
-        ("accuracy_delta", "Q2_K"), ("ace_paper_delta", "Q2_K"), ("ece_delta", "Q2_K")}
-    assert first["significant"]
-    q4 = next(i for i in items if i["metric"] == "accuracy_delta" and i["level"] == "Q4_0")
-    assert q4["text"] == ("Q4_0 changed 13 of 40 answers on t (agreement 67.5%); accuracy −2.5 points "
-                          "[−22.5, +17.5] vs F16, not significant.")
-    w = next(i for i in items if i["metric"] == "weight_rel_rmse")
-    assert "layer 1" in w["text"] and "0.1100" in w["text"] and w["value"] == 0.11
-    assert len(what_changed(study, max_items=3)) == 3
-    # one of each kind before a kind repeats
-    kinds = [i["metric"] for i in what_changed(study, max_items=5)]
-    assert len(set(kinds)) == 5
-
-
-# ------------------------------------------------------------------ rendering without data
-
-
-def test_render_empty_and_partial_study(tmp_path):
-    paths = render_report({}, tmp_path / "empty")
-    html = paths["html"].read_text()
-    for sid in SECTION_IDS:
-        assert f'id="{sid}"' in html
-    assert html.count(NOT_MEASURED) >= 4
-    assert "<img" not in html
-    partial = {"study": {"model": "m", "quants": ["F16", "Q4_0"], "reference": "F16", "tasks": ["t"], "mode": "paper"},
-               "tasks": {"t": {"data": {"examples": 3, "source": "x", "fallback_from": "boolq"},
-                               "runs": {"F16": {"metrics": {"paper": {"accuracy": _metric(0.5, 0.2, 0.8)}}}}}}}
-    paths = render_report(partial, tmp_path / "partial")
-    html = paths["html"].read_text()
-    assert "mode: <b>paper</b>" in html and "could not be reached" in html and "boolq" in html
-    assert html.count("<img") == 1  # the metric bars; no reliability bins, neurons or weights given
-    assert "0.500" in html
-    md = paths["md"].read_text()
-    assert "F16" in md and "Q4_0" in md and NOT_MEASURED in md
-
-
-# ------------------------------------------------------------------ a study from real runs
+# ------------------------------------------------------------------ one real study for the whole module
 
 
 @pytest.fixture(scope="module")
-def real_study(tmp_path_factory):
-    import report_study
+def real_study(demo_ladder, boolq_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    config = StudyConfig(quants=["F16", "Q4_0"], tasks=[TASK], data={TASK: str(boolq_path)}, limit=8,
+                         salient_examples=3, ablate_top=2, n_boot=N_BOOT)
+    with pytest.MonkeyPatch.context() as mp:  # the session's ladder files are the study's store
+        mp.setenv("GGML_PROBE_MODELS", str(demo_ladder["F16"].parent))
+        returned = run_study("demo", config, out)
+    return {"dir": out, "returned": returned, "study": json.loads((out / "study.json").read_text(encoding="utf-8")),
+            "html": (out / "report.html").read_text(encoding="utf-8"),
+            "md": (out / "report.md").read_text(encoding="utf-8"), "ladder": demo_ladder}
 
-    from ggml_probe.errors import ProbeError
-    from ggml_probe.models.quantize import quantize_ladder
-    from ggml_probe.models.store import demo_model_path
 
-    try:
-        demo = demo_model_path()
-    except ProbeError as exc:
-        pytest.skip(str(exc))
-    root = tmp_path_factory.mktemp("report")
-    results = quantize_ladder(demo, ["F16", "Q4_0"], out_dir=root / "models", allow_requantize=True)
-    ladder = {r.quant: r.path for r in results}
-    study = report_study.build_study(ladder, root, task="yesno-mini", limit=6, layers=(0, -1), ig_points=8)
-    return {"study": study, "ladder": ladder, "root": root}
+def _run_dir(real_study, level: str) -> Path:
+    return Path(real_study["study"]["tasks"][TASK]["runs"][level]["run_dir"])
+
+
+def _shown(text: str, html: str) -> bool:
+    """Is this plain text on the page (the page escapes quotes and ampersands)?"""
+    return htmllib.escape(text, quote=True) in html
+
+
+def _section(html: str, sid: str) -> str:
+    m = re.search(rf'<section id="{sid}">(.*?)</section>', html, re.S)
+    assert m, sid
+    return m.group(1)
+
+
+# ------------------------------------------------------------------ activation drift
+
+
+def _independent_drift(ref_npz: Path, lvl_npz: Path, key: str) -> tuple[float, float]:
+    """|mean_level − mean_ref| / std_ref per neuron, over neurons whose reference spread is non-zero."""
+    ref, lvl = np.load(ref_npz), np.load(lvl_npz)
+    std = np.sqrt(ref[f"{key}/var"])
+    values = []
+    for j in range(std.size):
+        if std[j] > 0:
+            values.append(abs(float(lvl[f"{key}/mean"][j]) - float(ref[f"{key}/mean"][j])) / float(std[j]))
+    return sum(values) / len(values), max(values)
 
 
 @pytest.mark.slow
-def test_weights_section_matches_independent_dequantization(real_study):
+def test_drift_numbers_and_definition_agree_everywhere(real_study):
+    """The drift the report shows is the one its definition states, recomputed from neuron_stats.npz."""
+    study, page, md = real_study["study"], real_study["html"], real_study["md"]
+    drift = study["tasks"][TASK]["neuron_comparison"]["Q4_0"]["drift"]
+    layers = study["tasks"][TASK]["neurons"]["F16"]["layers"]
+    assert layers == [0, 14, 29] and set(drift) == {str(L) for L in layers}
+    for layer in layers:
+        mean, mx = _independent_drift(_run_dir(real_study, "F16") / "neuron_stats.npz",
+                                      _run_dir(real_study, "Q4_0") / "neuron_stats.npz", f"act/{layer}")
+        got = drift[str(layer)]
+        assert got["mean"] == pytest.approx(mean, rel=1e-9)
+        assert got["max"] == pytest.approx(mx, rel=1e-9)
+        # the report shows these very numbers (HTML and Markdown)
+        for text in (f"{got['mean']:.4g}", f"{got['max']:.4g}"):
+            assert text in _section(page, "tables") and text in md, (layer, text)
+    # one definition of drift, the same in study.json and in the report's definitions table, and it is the
+    # standardised one the numbers above follow
+    defs = study["study"]["definitions"]
+    drift_terms = [k for k in defs if "drift" in k]
+    assert drift_terms == ["neuron_drift"]
+    text = defs["neuron_drift"]
+    assert "/ std" in text and "reference" in text
+    manifest = _section(page, "manifest")
+    rows = re.findall(r"<tr><th><span class=\"main\">([^<]*drift[^<]*)</span></th><td><span class=\"main\">([^<]*)",
+                      manifest)
+    assert rows == [("neuron_drift", htmllib.escape(text, quote=True))]
+    assert md.count(text.replace("|", "\\|")) == 1  # Markdown table cells escape the bars
+    assert "standardised" not in page.replace(htmllib.escape(text, quote=True), "")  # no second definition
+
+
+# ------------------------------------------------------------------ paired intervals of the changes
+
+
+def _ace(conf: np.ndarray, corr: np.ndarray) -> float:
+    order = np.argsort(conf, kind="stable")
+    total = 0.0
+    for part in np.array_split(order, 10):
+        if len(part):
+            total += abs(corr[part].mean() - conf[part].mean())
+    return total / 10
+
+
+def _ece(conf: np.ndarray, corr: np.ndarray) -> float:
+    total = 0.0
+    for b in range(15):
+        lo, hi = b / 15, (b + 1) / 15
+        inside = (conf > lo) & (conf <= hi) | ((conf == 0) & (b == 0))
+        if inside.any():
+            total += inside.sum() * abs(corr[inside].mean() - conf[inside].mean())
+    return total / len(conf)
+
+
+def _per_example(pred: pd.DataFrame, scoring: str) -> dict[str, np.ndarray]:
+    if scoring == "paper":
+        return {"conf": pred["paper_confidence"].to_numpy(float), "corr": pred["paper_correct"].to_numpy(float)}
+    probs = pred[[c for c in pred.columns if c.startswith("p_")]].to_numpy(float)
+    gold = pred["gold_index"].to_numpy()
+    onehot = np.eye(probs.shape[1])[gold]
+    return {"conf": pred["confidence"].to_numpy(float), "corr": pred["correct"].to_numpy(float),
+            "brier": ((probs - onehot) ** 2).sum(axis=1),
+            "nll": -np.log(np.clip(probs[np.arange(len(gold)), gold], 1e-12, 1.0))}
+
+
+METRICS = {"accuracy": lambda x: x["corr"].mean(), "mean_confidence": lambda x: x["conf"].mean(),
+           "ace_paper": lambda x: _ace(x["conf"], x["corr"]), "ece": lambda x: _ece(x["conf"], x["corr"]),
+           "brier": lambda x: x["brier"].mean(), "nll": lambda x: x["nll"].mean()}
+
+
+def _loop_paired(ref: dict, lvl: dict, metric, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """The paired bootstrap written out: one index draw per resample, the metric of both levels on it."""
+    rng = np.random.default_rng(seed)
+    n = len(ref["conf"])
+    deltas = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, size=n)
+        deltas.append(metric({k: v[idx] for k, v in lvl.items()}) - metric({k: v[idx] for k, v in ref.items()}))
+    lo, hi = np.percentile(deltas, [2.5, 97.5])
+    return metric(lvl) - metric(ref), float(lo), float(hi)
+
+
+@pytest.mark.slow
+def test_paired_deltas_and_what_changed_recomputed_from_predictions(real_study):
+    study, page, md = real_study["study"], real_study["html"], real_study["md"]
+    comp = study["tasks"][TASK]["comparison"]["levels"]["Q4_0"]
+    deltas = comp["paired_deltas"]
+    assert deltas["n_boot"] == N_BOOT
+    preds = {lvl: pd.read_parquet(_run_dir(real_study, lvl) / "predictions.parquet") for lvl in ("F16", "Q4_0")}
+    assert list(preds["F16"]["id"]) == list(preds["Q4_0"]["id"])  # the same examples, so the pairing is real
+    runs = study["tasks"][TASK]["runs"]
+    for scoring, names in (("label_set", list(METRICS)), ("paper", ["accuracy", "mean_confidence", "ace_paper", "ece"])):
+        ref, lvl = _per_example(preds["F16"], scoring), _per_example(preds["Q4_0"], scoring)
+        assert sorted(deltas[scoring]) == sorted(names)
+        for name in names:
+            value, lo, hi = _loop_paired(ref, lvl, METRICS[name], N_BOOT, deltas["seed"])
+            got = deltas[scoring][name]
+            assert got["value"] == pytest.approx(value, abs=1e-12), (scoring, name)
+            assert (got["ci_low"], got["ci_high"]) == pytest.approx((lo, hi), abs=1e-12), (scoring, name)
+            # the point value is the difference of the levels' own metrics
+            own = runs["Q4_0"]["metrics"][scoring][name]["value"] - runs["F16"]["metrics"][scoring][name]["value"]
+            assert got["value"] == pytest.approx(own, abs=1e-12)
+    assert comp["accuracy_delta"] == deltas["label_set"]["accuracy"]
+
+    # what changed: every change with an interval carries the comparison's paired interval, and is called
+    # significant exactly when that interval excludes 0
+    items = study["what_changed"]
+    assert items == real_study["returned"]["what_changed"]
+    with_ci = [i for i in items if i["ci_low"] is not None]
+    assert with_ci, items
+    by_metric = {"accuracy_delta": "accuracy", "ace_paper_delta": "ace_paper", "ece_delta": "ece",
+                 "brier_delta": "brier", "mean_confidence_delta": "mean_confidence"}
+    for item in with_ci:
+        d = deltas["label_set"][by_metric[item["metric"]]]
+        assert (item["value"], item["ci_low"], item["ci_high"]) == (d["value"], d["ci_low"], d["ci_high"])
+        assert item["significant"] == (d["ci_low"] > 0 or d["ci_high"] < 0)
+        assert "overlap" not in item["text"]
+    for item in items:
+        assert _shown(item["text"], _section(page, "what-changed")) and item["text"] in md
+    # the paired ACE change is in the results table too, and the page warns about ACE's percentile interval
+    ace = deltas["label_set"]["ace_paper"]
+    assert f"{ace['value']:+.3f}".replace("-", "−") in _section(page, "tables")
+    assert "biased upward" in _section(page, "what-changed") and "biased upward" in md
+
+
+# ------------------------------------------------------------------ what else the report shows
+
+
+@pytest.mark.slow
+def test_report_shows_the_runs_numbers(real_study):
+    study, page, md = real_study["study"], real_study["html"], real_study["md"]
+    for sid in SECTION_IDS:
+        assert f'id="{sid}"' in page, sid
+    figures = ["reliability", "metrics", "dead", "salient", "redundancy", "drift", "jaccard"]
+    for name in figures:
+        assert f'id="fig-{name}-{TASK}"' in page, name
+    assert 'id="fig-weights-rel-rmse"' in page and 'id="fig-weights-sqnr"' in page
+    srcs = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
+    assert len(srcs) == len(figures) + 2
+    for s in srcs:  # each one a real PNG, inline
+        assert s.startswith("data:image/png;base64,")
+        assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<script" not in page and "<link" not in page
+    assert not re.findall(r'(?:src|href)="(?!data:)[^"]*"', page)
+    assert "not measured in this study" not in page  # every section had data
+
+    # accuracy and agreement from predictions.parquet
+    preds = {lvl: pd.read_parquet(_run_dir(real_study, lvl) / "predictions.parquet") for lvl in ("F16", "Q4_0")}
+    tables = _section(page, "tables")
+    for p in preds.values():
+        assert f"{p['correct'].mean():.3f}" in tables
+    agree = (preds["F16"]["pred_index"].to_numpy() == preds["Q4_0"]["pred_index"].to_numpy()).mean()
+    assert f"{100 * agree:.1f}%" in tables
+
+    # neurons: dead counts and salient sets from the run directories' own files
+    for lvl in ("F16", "Q4_0"):
+        nj = json.loads((_run_dir(real_study, lvl) / "neurons.json").read_text())
+        sal = json.loads((_run_dir(real_study, lvl) / "salient.json").read_text())
+        n = study["tasks"][TASK]["neurons"][lvl]
+        assert n["dead"] == {str(e["layer"]): len(e["dead_ids"]) for e in nj["layers"] if e["definition"] == "act"}
+        assert sal["n_prompts"] == 3 and list(sal["layers"]) == ["29"]
+        assert n["salient"] == {"29": len(set(sal["layers"]["29"]["union"]))}
+        assert "ablation" in sal["layers"]["29"]
+    ids = {lvl: set(study["tasks"][TASK]["neurons"][lvl]["salient_ids"]["29"]) for lvl in ("F16", "Q4_0")}
+    jac = len(ids["F16"] & ids["Q4_0"]) / len(ids["F16"] | ids["Q4_0"])
+    assert study["tasks"][TASK]["neuron_comparison"]["Q4_0"]["salient_jaccard"]["29"] == pytest.approx(jac)
+    assert f"{jac:.2f}" in tables
+
+    # what was attributed, when the study recorded it
+    for lvl, n in study["tasks"][TASK]["neurons"].items():
+        targets = n.get("salient_targets")
+        if targets:
+            for piece, count in targets["tokens"].items():
+                assert _shown(f"'{piece}' ×{count}", tables), (lvl, piece)
+
+    # Markdown: every level, task and figure, the figures beside it
+    for word in ("F16", "Q4_0", TASK):
+        assert word in md
+    linked = re.findall(r"!\[[^\]]*\]\((plots/[^)]+\.png)\)", md)
+    assert len(linked) == len(srcs)
+    for rel in linked:
+        assert (real_study["dir"] / rel).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_weight_error_matches_independent_dequantization(real_study):
     import gguf
     from gguf.quants import dequantize
 
     w = real_study["study"]["weights"]["Q4_0"]
     ladder = real_study["ladder"]
 
-    def tensors(path):
+    def matrices(path, layer):
         r = gguf.GGUFReader(str(path))
         return {t.name: np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64) for t in r.tensors
-                if t.name.startswith(("blk.0.ffn_", "blk.29.ffn_")) and "norm" not in t.name}
+                if t.name.startswith((f"blk.{layer}.ffn_", f"blk.{layer}.attn_")) and len(t.shape) >= 2
+                and int(np.prod(t.shape)) > max(t.shape)}
 
-    q, ref = tensors(ladder["Q4_0"]), tensors(ladder["F16"])
-    assert len(q) == 6
+    weights_html = _section(real_study["html"], "weights")
     for layer in (0, 29):
-        names = [n for n in q if n.startswith(f"blk.{layer}.")]
-        dd = sum(float(((q[n] - ref[n]) ** 2).sum()) for n in names)
-        rr = sum(float((ref[n] ** 2).sum()) for n in names)
+        q, ref = matrices(ladder["Q4_0"], layer), matrices(ladder["F16"], layer)
+        assert len(q) == 7  # ffn gate/up/down, attn q/k/v/output
+        dd = sum(float(((q[n] - ref[n]) ** 2).sum()) for n in q)
+        rr = sum(float((ref[n] ** 2).sum()) for n in q)
         row = next(r for r in w["layers"] if r["layer"] == layer)
         assert row["rel_rmse"] == pytest.approx(np.sqrt(dd / rr), rel=1e-6)
         assert row["sqnr_db"] == pytest.approx(10 * np.log10(rr / dd), rel=1e-6)
-        assert row["max_abs"] == pytest.approx(max(np.abs(q[n] - ref[n]).max() for n in names), rel=1e-6)
-    dd = sum(float(((q[n] - ref[n]) ** 2).sum()) for n in q)
-    rr = sum(float((ref[n] ** 2).sum()) for n in q)
-    assert w["total"]["rel_rmse"] == pytest.approx(np.sqrt(dd / rr), rel=1e-6)
-    assert w["worst_tensors"][0]["rel_rmse"] == max(t["rel_rmse"] for t in w["worst_tensors"])
-
-
-def _img_sources(html: str) -> list[str]:
-    return re.findall(r'<img[^>]*\ssrc="([^"]*)"', html)
+        assert f"{row['rel_rmse']:.5f}" in weights_html
 
 
 @pytest.mark.slow
-def test_report_from_real_runs(real_study, tmp_path):
-    import pandas as pd
+def test_report_is_the_same_from_study_json(real_study, tmp_path):
+    """study.json alone (string layer keys after the JSON round trip) renders the report the study wrote."""
+    from ggml_probe.report.render import render_report
 
-    study = real_study["study"]
-    paths = render_report(study, tmp_path / "out")
-    html = paths["html"].read_text(encoding="utf-8")
-    md = paths["md"].read_text(encoding="utf-8")
-
-    for sid in SECTION_IDS:
-        assert f'id="{sid}"' in html, sid
-    figures = ["reliability", "metrics", "dead", "salient", "redundancy", "drift", "jaccard"]
-    for name in figures:
-        assert f'id="fig-{name}-yesno-mini"' in html, name
-    assert 'id="fig-weights-rel-rmse"' in html and 'id="fig-weights-sqnr"' in html
-    srcs = _img_sources(html)
-    assert len(srcs) == len(figures) + 2
-    assert all(s.startswith("data:image/png;base64,") for s in srcs)
-    for s in srcs:  # each one a real PNG
-        import base64
-
-        assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
-    # ladder, metrics, max|a| quantiles, weights + top-token tables (both levels) + manifest tables
-    assert html.count("<table") >= 5 + 2
-    assert html.count("<details") == 1 and '<section id="manifest"' in html
-    # self-contained: no scripts, no stylesheets or images from elsewhere
-    assert "<script" not in html and "<link" not in html
-    assert not re.findall(r'(?:src|href)="(?!data:)[^"]*"', html)
-    assert NOT_MEASURED not in html  # every section had data
-
-    # the numbers shown are the runs' own: recompute accuracy and agreement from predictions.parquet
-    runs = study["tasks"]["yesno-mini"]["runs"]
-    preds = {lvl: pd.read_parquet(Path(r["run_dir"]) / "predictions.parquet") for lvl, r in runs.items()}
-    for lvl, p in preds.items():
-        assert f"{p['correct'].mean():.3f}" in html
-    agree = (preds["F16"]["pred_index"].to_numpy() == preds["Q4_0"]["pred_index"].to_numpy()).mean()
-    assert f"{100 * agree:.1f}%" in html
-    for item in study["what_changed"]:
-        assert item["text"].replace("'", "&#x27;") in html
-    sec = study["tasks"]["yesno-mini"]["neurons"]["F16"]
-    assert sec["layers"] == [0, 29] and sec["salient"][29] >= 1 and 0.99 * 1536 * 1535 < sum(sec["redundancy_hist"]) <= 1536 * 1535
-
-    # Markdown: every level and task, figures beside it
-    for word in ("F16", "Q4_0", "yesno-mini"):
-        assert word in md
-    linked = re.findall(r"!\[[^\]]*\]\((plots/[^)]+\.png)\)", md)
-    assert len(linked) == len(srcs)
-    for rel in linked:
-        assert (tmp_path / "out" / rel).read_bytes()[:4] == b"\x89PNG"
-    assert md.count("\n| ") > 10
-
-    # a JSON round trip (string layer keys) renders the same figures and tables
-    again = render_report(json.loads(json.dumps(study)), tmp_path / "again")
-    html2 = again["html"].read_text(encoding="utf-8")
-    assert len(_img_sources(html2)) == len(srcs) and html2.count("<table") == html.count("<table")
+    paths = render_report(real_study["study"], tmp_path / "again")
+    assert paths["html"].read_text(encoding="utf-8") == real_study["html"]
+    assert paths["md"].read_text(encoding="utf-8") == real_study["md"]
 
 
 def _chromium() -> str | None:
@@ -284,17 +304,124 @@ def test_report_renders_in_headless_chromium(real_study, tmp_path):
         pytest.skip("chromium is not installed (Debian package: chromium)")
     from PIL import Image
 
-    paths = render_report(real_study["study"], tmp_path / "out")
     shot = tmp_path / "report.png"
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
                         f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1400,4000",
-                        paths["html"].resolve().as_uri()],
+                        (real_study["dir"] / "report.html").resolve().as_uri()],
                        check=True, capture_output=True, timeout=120)
-    assert shot.exists()
     img = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert img.shape == (4000, 1400)
     assert img.std() > 20  # not blank: header band, tables and figures
-    # the dark header band is drawn (the page is styled, not raw text)
-    assert img[:100].mean() < 120 and img[300:].mean() > 180
+    assert img[:100].mean() < 120 and img[300:].mean() > 180  # the dark header band: the page is styled
+
+
+# ------------------------------------------------------------------ what_changed's rules (hand-made comparisons)
+
+
+def _delta(v, lo, hi):
+    return {"value": v, "ci_low": lo, "ci_high": hi}
+
+
+def _comparison(agreement, changed, n, acc, ace, ece, kl):
+    return {"n": n, "agreement": agreement, "flips": {"changed": changed}, "kl_full_mean": kl, "kl_full_p99": 2 * kl,
+            "top1_agreement": agreement, "accuracy_delta": _delta(*acc),
+            "paired_deltas": {"n_boot": 1000, "seed": 0, "alpha": 0.05,
+                              "label_set": {"accuracy": _delta(*acc), "ace_paper": _delta(*ace), "ece": _delta(*ece)}}}
+
+
+def _hand_made_study():
+    # The levels' own ACE intervals overlap everywhere ([0.15, 0.45] and alike); only the paired intervals of
+    # the differences decide. Q2_K's ACE change is small but its paired interval excludes 0.
+    runs = {lvl: {"metrics": {"label_set": {"ace_paper": _delta(a, 0.15, 0.45), "ece": _delta(a, 0.15, 0.45)}}}
+            for lvl, a in (("F16", 0.20), ("Q4_0", 0.22), ("Q2_K", 0.23))}
+    return {
+        "study": {"reference": "F16"},
+        "tasks": {"t": {
+            "comparison": {"reference": "F16", "levels": {
+                "Q4_0": _comparison(0.675, 13, 40, (-0.025, -0.225, 0.175), (0.02, -0.05, 0.09), (0.02, -0.04, 0.08), 0.43),
+                "Q2_K": _comparison(0.9, 4, 40, (-0.05, -0.10, -0.01), (0.03, 0.01, 0.05), (0.03, -0.01, 0.07), 0.05),
+            }},
+            "runs": runs,
+        }},
+        "weights": {"Q4_0": {"layers": [{"layer": 0, "rel_rmse": 0.08, "sqnr_db": 21.9},
+                                        {"layer": 1, "rel_rmse": 0.11, "sqnr_db": 19.2}]}},
+    }
+
+
+def test_what_changed_judges_by_the_paired_interval():
+    from ggml_probe.report.changes import what_changed
+
+    study = _hand_made_study()
+    items = what_changed(study, max_items=20)
+    assert all(re.search(r"\d", i["text"]) for i in items)
+    sig = [i["significant"] for i in items]
+    assert sig == sorted(sig, reverse=True)  # every significant item before every other
+    assert {(i["metric"], i["level"]) for i in items if i["significant"]} == {
+        ("accuracy_delta", "Q2_K"), ("ace_paper_delta", "Q2_K")}
+    ace = next(i for i in items if i["metric"] == "ace_paper_delta" and i["level"] == "Q2_K")
+    assert (ace["value"], ace["ci_low"], ace["ci_high"]) == (0.03, 0.01, 0.05)
+    assert "[+0.010, +0.050]" in ace["text"] and "paired" in ace["text"]
+    q4 = next(i for i in items if i["metric"] == "accuracy_delta" and i["level"] == "Q4_0")
+    assert q4["text"] == ("Q4_0 changed 13 of 40 answers on t (agreement 67.5%); accuracy −2.5 points "
+                          "[−22.5, +17.5] vs F16, not significant.")
+    w = next(i for i in items if i["metric"] == "weight_rel_rmse")
+    assert "layer 1" in w["text"] and "0.1100" in w["text"] and w["value"] == 0.11
+    assert len(what_changed(study, max_items=3)) == 3
+    kinds = [i["metric"] for i in what_changed(study, max_items=5)]
+    assert len(set(kinds)) == 5  # one of each kind before a kind repeats
+
+
+def test_what_changed_without_paired_deltas_claims_nothing():
+    """A comparison without paired intervals (an old study.json) states the changes, never a verdict."""
+    from ggml_probe.report.changes import what_changed
+
+    study = _hand_made_study()
+    for c in study["tasks"]["t"]["comparison"]["levels"].values():
+        del c["paired_deltas"]
+    items = [i for i in what_changed(study, max_items=20) if i["metric"] in ("ace_paper_delta", "ece_delta")]
+    assert items == []
+
+
+# ------------------------------------------------------------------ rendering without data, and a partial study
+
+
+def test_render_empty_and_partial_study(tmp_path):
+    from ggml_probe.report.model import NOT_MEASURED
+    from ggml_probe.report.render import render_report
+
+    paths = render_report({}, tmp_path / "empty")
+    page = paths["html"].read_text()
+    for sid in SECTION_IDS:
+        assert f'id="{sid}"' in page
+    assert page.count(NOT_MEASURED) >= 4
+    assert "<img" not in page
+    partial = {"study": {"model": "m", "quants": ["F16", "Q4_0"], "reference": "F16", "tasks": ["t"], "mode": "paper"},
+               "tasks": {"t": {"data": {"examples": 3, "source": "x", "fallback_from": "boolq"},
+                               "runs": {"F16": {"metrics": {"paper": {"accuracy": _delta(0.5, 0.2, 0.8)}}}}}}}
+    paths = render_report(partial, tmp_path / "partial")
+    page = paths["html"].read_text()
+    assert "mode: <b>paper</b>" in page and "could not be reached" in page and "boolq" in page
+    assert page.count("<img") == 1  # the metric bars; no reliability bins, neurons or weights given
+    assert "0.500" in page
+    md = paths["md"].read_text()
+    assert "F16" in md and "Q4_0" in md and NOT_MEASURED in md
+
+
+def test_attributed_tokens_are_shown_beside_the_salient_neurons(tmp_path):
+    from ggml_probe.report.render import render_report
+
+    targets = {"kind": "label", "tokens": {" True": 12, " False": 8}, "not_label": 0, "n": 20}
+    paper = {"kind": "answer", "tokens": {"<|im_end|>": 19, "\n": 1}, "not_label": 20, "n": 20}
+    study = {"study": {"model": "m", "quants": ["F16", "Q4_0"], "reference": "F16", "tasks": ["t"]},
+             "tasks": {"t": {"runs": {"F16": {"metrics": {}}, "Q4_0": {"metrics": {}}},
+                             "neurons": {"F16": {"neuron": "act", "tau": 0.1, "salient": {"29": 3},
+                                                 "salient_targets": targets},
+                                         "Q4_0": {"neuron": "act", "tau": 0.1, "salient": {"29": 2},
+                                                  "salient_targets": paper}}}}}
+    paths = render_report(study, tmp_path / "r")
+    page, md = paths["html"].read_text(), paths["md"].read_text()
+    for text in ("' True' ×12, ' False' ×8", "0 of 20 not a label", "'<|im_end|>' ×19, '⏎' ×1", "20 of 20 not a label"):
+        assert _shown(text, page), text
+        assert text.replace("|", "\\|") in md, text

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -425,6 +425,42 @@ _BATCHED: dict[Callable, Callable] = {
 }
 
 
+def _check_bootstrap(n_boot: int, alpha: float) -> None:
+    if n_boot < 1 or not 0 < alpha < 1:
+        raise ValueError("need n_boot >= 1 and 0 < alpha < 1")
+
+
+def _resamples(n: int, n_boot: int, seed: int):
+    """(start, stop, idx) chunks of `n_boot` resamples of `n` example indices drawn with replacement.
+
+    One stream from `np.random.default_rng(seed)`, row after row: the chunking does not change the draws
+    (resample b is the b-th `rng.integers(0, n, size=n)`).
+    """
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        yield start, stop, rng.integers(0, n, size=(stop - start, n))
+
+
+def _resampled_metric(metric_fn: Callable[..., float], vectorised: Callable[..., np.ndarray] | None,
+                      data: list[np.ndarray], idx: np.ndarray) -> np.ndarray:
+    """The metric on each resample (row of idx), vectorised when a batched form is known."""
+    if vectorised is not None:
+        return vectorised(*(a[idx] for a in data))
+    return np.array([metric_fn(*(a[row] for a in data)) for row in idx], dtype=np.float64)
+
+
+def _arrays(arrays, what: str) -> list[np.ndarray]:
+    if not arrays:
+        raise ValueError(f"{what} needs at least one array")
+    data = [np.asarray(a) for a in arrays]
+    n = data[0].shape[0]
+    if n == 0 or any(a.shape[0] != n for a in data):
+        raise ValueError("arrays must be non-empty and share their first dimension")
+    return data
+
+
 def bootstrap_ci(
     metric_fn: Callable[..., float],
     *arrays,
@@ -440,33 +476,109 @@ def bootstrap_ci(
     evaluated without a Python loop when a vectorised form is known: `batched_fn`, given arrays with
     a leading resample axis, must return one value per resample; `accuracy`, `mean_confidence`,
     `np.mean`, `ace_paper` and `ece` (default bin counts) have built-in vectorised forms. Any other
-    metric is called once per resample. Note that a percentile interval need not contain the point
-    estimate for biased statistics such as ACE/ECE, which resampling inflates.
+    metric is called once per resample.
+
+    ACE and ECE are biased upward on small samples (a resample repeats examples, and |accuracy -
+    confidence| per bin only grows with the noise), so their percentile interval can sit almost
+    wholly above the point value (F16 ACE 0.179 with interval [0.172, 0.410] on 30 BoolQ questions of
+    the demo model). Compare two levels with `paired_bootstrap_delta`, never by overlap of these.
     """
-    if not arrays:
-        raise ValueError("bootstrap_ci needs at least one array")
-    data = [np.asarray(a) for a in arrays]
-    n = data[0].shape[0]
-    if n == 0 or any(a.shape[0] != n for a in data):
-        raise ValueError("arrays must be non-empty and share their first dimension")
-    if n_boot < 1 or not 0 < alpha < 1:
-        raise ValueError("need n_boot >= 1 and 0 < alpha < 1")
+    data = _arrays(arrays, "bootstrap_ci")
+    _check_bootstrap(n_boot, alpha)
     vectorised = batched_fn if batched_fn is not None else _BATCHED.get(metric_fn)
     if vectorised is not None:
         metric_fn(*data)  # once on the data as given: its input checks raise here, not mid-bootstrap
-    rng = np.random.default_rng(seed)
     stats = np.empty(n_boot, dtype=np.float64)
-    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        if vectorised is not None:
-            stats[start:stop] = vectorised(*(a[idx] for a in data))
-        else:
-            for row in range(stop - start):
-                stats[start + row] = metric_fn(*(a[idx[row]] for a in data))
+    for start, stop, idx in _resamples(data[0].shape[0], n_boot, seed):
+        stats[start:stop] = _resampled_metric(metric_fn, vectorised, data, idx)
     low, high = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(low), float(high)
+
+
+def paired_bootstrap_delta(
+    metric_fn: Callable[..., float],
+    reference: Sequence,
+    level: Sequence,
+    *,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    batched_fn: Callable[..., np.ndarray] | None = None,
+) -> tuple[float, float | None, float | None]:
+    """metric(level) - metric(reference) over the same examples, with its paired percentile bootstrap interval.
+
+    `reference` and `level` are the metric's arguments (tuples of arrays) for the two models, one entry
+    per example, the same examples in the same order. Each resample draws N example indices once
+    (`np.random.default_rng(seed)`, the same draws as `bootstrap_ci`) and evaluates the metric on both
+    models' arrays at those indices; the interval is the (alpha/2, 1 - alpha/2) percentiles of the
+    differences. Because both levels see the same resample, the example-to-example variation they share
+    cancels (which two separate intervals, compared for overlap, cannot do), and the upward small-sample
+    bias of ACE/ECE, which both levels share, largely cancels too (on 30 examples, in simulation: +0.047
+    for one level's resampled ACE, +0.001 on average for the difference). Returns (value, ci_low,
+    ci_high); with n_boot=0 the bounds are None.
+    """
+    ref, cur = _arrays(reference, "paired_bootstrap_delta"), _arrays(level, "paired_bootstrap_delta")
+    if len(ref) != len(cur) or ref[0].shape[0] != cur[0].shape[0]:
+        raise ValueError(f"reference and level must hold the same arguments over the same examples "
+                         f"({len(ref)} arrays of {ref[0].shape[0]} vs {len(cur)} of {cur[0].shape[0]})")
+    value = float(metric_fn(*cur)) - float(metric_fn(*ref))  # also runs the metric's input checks
+    if n_boot == 0:
+        return value, None, None
+    _check_bootstrap(n_boot, alpha)
+    vectorised = batched_fn if batched_fn is not None else _BATCHED.get(metric_fn)
+    deltas = np.empty(n_boot, dtype=np.float64)
+    for start, stop, idx in _resamples(ref[0].shape[0], n_boot, seed):
+        deltas[start:stop] = (_resampled_metric(metric_fn, vectorised, cur, idx)
+                              - _resampled_metric(metric_fn, vectorised, ref, idx))
+    low, high = np.percentile(deltas, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return value, float(low), float(high)
+
+
+PAIRED_DELTA_DEFINITION = (
+    "Δ metric = metric(level) − metric(reference) on the same examples; 95% paired percentile bootstrap: each "
+    "resample draws the example indices once and evaluates both levels on it (significant: the interval excludes 0)"
+)
+
+
+def paired_deltas(
+    ref_confidence,
+    ref_correct,
+    confidence,
+    correct,
+    *,
+    ref_prob_matrix=None,
+    prob_matrix=None,
+    gold_index=None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict:
+    """Every metric of `calibration_summary`, level minus reference, each with its paired bootstrap interval.
+
+    confidence/correct per example for each model (same examples, same order); with both probability
+    matrices and the gold index, Brier and NLL too. Returns {metric: {"value", "ci_low", "ci_high"}} for
+    accuracy, mean_confidence, ace_paper, ece (and brier, nll), all from the same resamples
+    (PAIRED_DELTA_DEFINITION).
+    """
+    ref_conf, ref_corr = _pair(ref_confidence, ref_correct)
+    conf, corr = _pair(confidence, correct)
+    if conf.shape != ref_conf.shape:
+        raise ValueError(f"the two models cover different numbers of examples ({ref_conf.size} vs {conf.size})")
+    plan: dict[str, tuple[Callable, tuple, tuple]] = {
+        "accuracy": (accuracy, (ref_corr,), (corr,)),
+        "mean_confidence": (mean_confidence, (ref_conf,), (conf,)),
+        "ace_paper": (ace_paper, (ref_conf, ref_corr), (conf, corr)),
+        "ece": (ece, (ref_conf, ref_corr), (conf, corr)),
+    }
+    if ref_prob_matrix is not None and prob_matrix is not None and gold_index is not None:
+        plan["brier"] = (np.mean, (brier_per_example(ref_prob_matrix, gold_index),),
+                         (brier_per_example(prob_matrix, gold_index),))
+        plan["nll"] = (np.mean, (nll_per_example(ref_prob_matrix, gold_index),), (nll_per_example(prob_matrix, gold_index),))
+    out: dict = {}
+    for name, (fn, ref_args, args) in plan.items():
+        value, low, high = paired_bootstrap_delta(fn, ref_args, args, n_boot=n_boot, alpha=alpha, seed=seed)
+        out[name] = {"value": value, "ci_low": low, "ci_high": high}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,6 +108,38 @@ class NeuronStats:
         return out
 
 
+# ------------------------------------------------------------------ activation drift against a reference
+
+DRIFT_NAME = "drift |Δmean|/σ_ref"
+DRIFT_DEFINITION = ("activation drift: per neuron |mean_level − mean_reference| / std_reference, the means and the "
+                    "reference's standard deviation (population) taken over the same prompts' tokens (a standardised "
+                    "mean shift); per layer its mean and its max over the neurons whose reference std is non-zero")
+
+
+def activation_drift(ref_mean: np.ndarray, ref_var: np.ndarray, level_mean: np.ndarray, top: int = 10) -> dict[str, Any]:
+    """The one drift of ggml-probe (DRIFT_DEFINITION): per neuron |Δmean| / reference std, summarised per layer.
+
+    ref_mean, ref_var: the reference level's per-neuron mean and population variance over the prompts'
+    tokens (NeuronStats.mean / .variance, neuron_stats.npz's mean / var); level_mean: the other level's
+    means over the same tokens. Neurons whose reference does not vary (std 0, or never seen) are left out
+    and counted. Returns {"mean", "max", "neurons" (how many were averaged), "excluded" (how many were
+    left out), "most_drifted" (the `top` neuron ids with the largest drift, largest first)}; mean and max
+    are None when no neuron varies.
+    """
+    ref_mean, ref_var, level_mean = (np.asarray(x, dtype=np.float64) for x in (ref_mean, ref_var, level_mean))
+    if not ref_mean.shape == ref_var.shape == level_mean.shape or ref_mean.ndim != 1:
+        raise ValueError(f"drift needs three per-neuron vectors of one length, got {ref_mean.shape}, "
+                         f"{ref_var.shape}, {level_mean.shape}")
+    std = np.sqrt(ref_var)
+    ok = np.isfinite(std) & (std > 0) & np.isfinite(level_mean) & np.isfinite(ref_mean)
+    drift = np.full(ref_mean.shape, np.nan)
+    drift[ok] = np.abs(level_mean[ok] - ref_mean[ok]) / std[ok]
+    ids = np.flatnonzero(ok)
+    ranked = ids[np.argsort(-drift[ok], kind="stable")][:top]
+    return {"mean": float(drift[ok].mean()) if ok.any() else None, "max": float(drift[ok].max()) if ok.any() else None,
+            "neurons": int(ok.sum()), "excluded": int((~ok).sum()), "most_drifted": [int(i) for i in ranked]}
+
+
 # ------------------------------------------------------------------ correlation (redundancy)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..analysis import agreement as ag
+from ..analysis.calibration import PAIRED_DELTA_DEFINITION, paired_deltas
 from ..errors import ProbeError
 from .rundir import read_json
 
@@ -41,19 +42,10 @@ def _load(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def paired_delta_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05):
-    """Bootstrap interval of mean(b) − mean(a) over the same examples resampled together."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(n_boot, len(a)))
-    deltas = b[idx].mean(axis=1) - a[idx].mean(axis=1)
-    lo, hi = np.percentile(deltas, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(b.mean() - a.mean()), float(lo), float(hi)
-
-
-def compare_runs(ref_dir: Path, run_dir: Path, n_boot: int = 1000) -> dict[str, Any]:
-    """Agreement, flips, KL (label set and full vocabulary), top-1 agreement, hidden-state similarity."""
+def compare_runs(ref_dir: Path, run_dir: Path, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Agreement, flips, KL (label set and full vocabulary), top-1 agreement, hidden-state similarity, and
+    every calibration metric's change with its paired bootstrap interval (`paired_deltas`: the same example
+    indices resampled for both levels)."""
     ref, q = _load(Path(ref_dir)), _load(Path(run_dir))
     pr, pq = ref["pred"], q["pred"]
     if len(pr) != len(pq) or not (pr["id"].astype(str).values == pq["id"].astype(str).values).all():
@@ -76,10 +68,14 @@ def compare_runs(ref_dir: Path, run_dir: Path, n_boot: int = 1000) -> dict[str, 
         "kl_label_mean": float(kl_label.mean()),
         "kl_label_max": float(kl_label.max()),
     }
-    acc = paired_delta_ci(pr["correct"].to_numpy(), pq["correct"].to_numpy(), n_boot=n_boot)
-    conf = paired_delta_ci(pr["confidence"].to_numpy(), pq["confidence"].to_numpy(), n_boot=n_boot)
-    out["accuracy_delta"] = {"value": acc[0], "ci_low": acc[1], "ci_high": acc[2]}
-    out["confidence_delta"] = {"value": conf[0], "ci_low": conf[1], "ci_high": conf[2]}
+    out["paired_deltas"] = {
+        "n_boot": int(n_boot), "alpha": 0.05, "seed": int(seed), "definition": PAIRED_DELTA_DEFINITION,
+        "label_set": paired_deltas(pr["confidence"], pr["correct"], pq["confidence"], pq["correct"],
+                                   ref_prob_matrix=p_ref, prob_matrix=p_q, gold_index=gold, n_boot=n_boot, seed=seed),
+        "paper": paired_deltas(pr["paper_confidence"], pr["paper_correct"], pq["paper_confidence"], pq["paper_correct"],
+                               n_boot=n_boot, seed=seed),
+    }
+    out["accuracy_delta"] = out["paired_deltas"]["label_set"]["accuracy"]  # the headline change, label-set scoring
     if ref["logits"] is not None and q["logits"] is not None:
         kl_full = ag.kl_divergence_from_logits(ref["logits"], q["logits"])
         out["kl_full_mean"] = float(kl_full.mean())
@@ -97,7 +93,9 @@ def compare_runs(ref_dir: Path, run_dir: Path, n_boot: int = 1000) -> dict[str, 
         "top1_agreement": "fraction of examples whose full-vocabulary argmax token equals the reference's (llama-perplexity 'same top p')",
         "hidden_cosine": "cosine of the final hidden states (result_norm) at the answer position, per example",
         "hidden_cka": "linear CKA of the final hidden states over the dataset (Kornblith et al. 2019)",
-        "accuracy_delta": "accuracy(level) − accuracy(reference), 95% paired bootstrap interval",
+        "accuracy_delta": "accuracy(level) − accuracy(reference) under label-set scoring (paired_deltas.label_set.accuracy)",
+        "paired_deltas": ("per scoring (label_set, paper), the change of every calibration metric of the runs "
+                          "(Brier and NLL: label-set scoring only), with its paired bootstrap interval"),
     }
     return out
 

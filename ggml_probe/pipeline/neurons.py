@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..analysis.neurons import NeuronAccumulator, top_token_contexts
+from ..analysis.neurons import NeuronAccumulator, activation_drift, top_token_contexts
 from ..attribution import ablation_effect, attribute, method
 from ..engine.ffn import model_ffn
 from ..engine.model import Vocab
@@ -78,7 +78,8 @@ def finalize_neurons(run_dir: Path, acc, engine, data, settings) -> dict[str, An
 
 
 def compare_neurons(ref_dir: Path, run_dir: Path) -> dict[str, Any]:
-    """Against the reference level: dead-set Jaccard and per-neuron activation drift, per layer."""
+    """Against the reference level, per "definition/layer": dead-set Jaccard and the activation drift
+    (analysis.neurons.activation_drift, DRIFT_DEFINITION) from the two runs' neuron_stats.npz."""
     ref, cur = read_json(ref_dir / "neurons.json"), read_json(run_dir / "neurons.json")
     ref_stats, cur_stats = np.load(ref_dir / "neuron_stats.npz"), np.load(run_dir / "neuron_stats.npz")
     ref_by = {(e["definition"], e["layer"]): e for e in ref["layers"]}
@@ -89,19 +90,8 @@ def compare_neurons(ref_dir: Path, run_dir: Path) -> dict[str, Any]:
             continue
         key = f"{k[0]}/{k[1]}"
         a, b = set(ref_by[k]["dead_ids"]), set(e["dead_ids"])
-        d_mean = cur_stats[f"{key}/mean"] - ref_stats[f"{key}/mean"]
-        d_std = np.sqrt(cur_stats[f"{key}/var"]) - np.sqrt(ref_stats[f"{key}/var"])
-        d_max = cur_stats[f"{key}/maxabs"] - ref_stats[f"{key}/maxabs"]
-        scale = np.sqrt(ref_stats[f"{key}/var"]).mean() or 1.0
-        out[key] = {
-            "dead_jaccard": (len(a & b) / len(a | b)) if (a | b) else 1.0,
-            "drift_mean_abs": float(np.abs(d_mean).mean()),
-            "drift_mean_max": float(np.abs(d_mean).max()),
-            "drift_std_abs": float(np.abs(d_std).mean()),
-            "drift_maxabs_abs": float(np.abs(d_max).mean()),
-            "drift_relative": float(np.abs(d_mean).mean() / scale),
-            "most_drifted": [int(i) for i in np.argsort(-np.abs(d_mean))[:10]],
-        }
+        out[key] = {"dead_jaccard": (len(a & b) / len(a | b)) if (a | b) else 1.0,
+                    "drift": activation_drift(ref_stats[f"{key}/mean"], ref_stats[f"{key}/var"], cur_stats[f"{key}/mean"])}
     return out
 
 
@@ -315,8 +305,7 @@ def compare_neuron_levels(run_dirs: dict[str, Path], reference: str, levels: dic
             if definition != levels[lvl]["neuron"]:
                 continue
             entry["dead_jaccard"][layer] = v["dead_jaccard"]
-            entry["drift"][layer] = {"mean": v["drift_mean_abs"], "max": v["drift_mean_max"],
-                                     "relative": v["drift_relative"], "std": v["drift_std_abs"]}
+            entry["drift"][layer] = v["drift"]
         for layer, ids in (levels[lvl].get("salient_ids") or {}).items():
             ref_ids = set((ref.get("salient_ids") or {}).get(layer, []))
             union = ref_ids | set(ids)

@@ -23,11 +23,13 @@ from typing import Any, Callable, Protocol
 
 from .. import __version__
 from ..analysis.calibration import DEFINITIONS as CAL, reliability_bins
+from ..analysis.neurons import DRIFT_DEFINITION
 from ..analysis.scoring import DEFINITIONS as SCORING
 from ..attribution import method
 from ..errors import HubError
 from ..models.store import DEMO_NAME, resolve_model
-from ..report.study_report import render_report, what_changed
+from ..report.changes import what_changed
+from ..report.render import render_report
 from ..tasks import OFFLINE_TASK, get_task, load_examples
 from ..weights import compare_weights
 from .compare import compare_levels, reference_level
@@ -241,8 +243,7 @@ def _definitions(config: StudyConfig) -> dict[str, str]:
         "scoring_label_set": SCORING["label_set"], "scoring_paper": SCORING["paper"],
         **{f"metric_{k}": v for k, v in CAL.items()},
         "reference_level": "the highest-precision level of the ladder (bits per weight), unless --ref",
-        "neuron_drift": ("per layer: mean over neurons of |mean activation(level) − mean activation(reference)|; "
-                         "max: the largest such change"),
+        "neuron_drift": DRIFT_DEFINITION,
         "dead": f"a neuron is dead when every value it takes over every prompt token lies in (−τ, τ), τ = {config.tau}",
         "salient": f"|attribution| / max per example above {config.saliency}; the union over the attributed examples",
         "attribution": (f"{config.attribution}: {method(config.attribution).label}; target: "

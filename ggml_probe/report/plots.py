@@ -1,6 +1,6 @@
 """The study report's figures, each a function returning PNG bytes (matplotlib, Agg backend).
 
-Inputs are the plain JSON-ready pieces of a study dict (see study_report.py), not files, so a figure
+Inputs are the plain JSON-ready pieces of a study dict (see model.py), not files, so a figure
 can be drawn from a study.json alone. Every function draws each quantization level in the same colour
 (`level_colors`), so a reader can follow one level from figure to figure. A function given nothing to
 draw raises ValueError; the report shows a "not measured" note instead of calling it.
@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import math
 from typing import Any, Mapping, Sequence
+
+from ..analysis.neurons import DRIFT_NAME
 
 # Colour-blind-safe palette (Okabe & Ito), in level order: reference first.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -241,7 +243,8 @@ def redundancy_hist_png(hist_by_level: Mapping[str, Sequence[int]], title: str =
 
 def drift_png(drift_by_level: Mapping[str, Mapping[Any, Mapping[str, float]]], title: str = "",
               colors: Mapping[str, str] | None = None) -> bytes:
-    """Per-layer activation drift of each level against the reference: mean (bar) and max (marker)."""
+    """Per-layer activation drift (DRIFT_NAME, analysis.neurons.activation_drift) of each level against the
+    reference: mean over neurons (bar) and max (marker)."""
     levels, colors, layers, fig, ax = _per_layer_setup(drift_by_level, "no activation drift to plot", colors)
     means = {lvl: [(_get(drift_by_level[lvl], layer) or {}).get("mean") for layer in layers] for lvl in levels}
     _grouped_bars(ax, layers, means, colors)
@@ -255,7 +258,7 @@ def drift_png(drift_by_level: Mapping[str, Mapping[Any, Mapping[str, float]]], t
                     markersize=6, linestyle="none", label=f"{lvl} max")
     ax.set_yscale("log")
     ax.set_xlabel("layer")
-    ax.set_ylabel("drift (bar: mean, ▼: max; log)")
+    ax.set_ylabel(f"{DRIFT_NAME} (bar: mean, ▼: max; log)")
     _legend_outside(ax)
     if title:
         ax.set_title(title)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Sequence
 from rich.markup import escape
 from rich.table import Table
 
+from ..analysis.neurons import DRIFT_NAME
 from ..fsutil import human_size
 from ..models.ggufinfo import GGUFInfo
 from ..models.quantize import QuantResult
@@ -205,7 +206,7 @@ def print_neuron_summary(console: "Console", levels: dict, comparison: dict | No
     table = Table(title=f"{first['neuron']} neurons · τ = {first['tau']} · {first.get('tokens', 0)} tokens per level")
     cols = ["level", "layer", "dead", "max|a| median", "salient", "redundant pairs", "groups"]
     if comparison:
-        cols += ["dead Jaccard", "salient Jaccard", "drift |Δmean|"]
+        cols += ["dead Jaccard", "salient Jaccard", DRIFT_NAME]
     for c in cols:
         table.add_column(c, justify="left" if c == "level" else "right", no_wrap=True)
     for level, n in levels.items():

@@ -63,7 +63,10 @@ def test_kl_from_logits_by_hand_and_direction():
     ref, q = np.array([[0.0, 0.0]]), np.array([[math.log(3), 0.0]])
     assert agr.kl_divergence_from_logits(ref, q)[0] == pytest.approx(0.5 * math.log(4 / 3), abs=1e-15)
     assert agr.kl_divergence_from_logits(q, ref)[0] == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-15)
-    assert agr.kl_divergence_from_logits(ref, ref)[0] == 0.0
+    # the same distributions from logits shifted per row: zero up to rounding, and never negative
+    rows = np.random.default_rng(7).normal(scale=5, size=(200, 9))
+    same = agr.kl_divergence_from_logits(rows, rows + np.linspace(-40, 40, 200)[:, None])
+    assert np.all(same >= 0.0) and same.max() < 1e-13
 
 
 def test_kl_from_logits_is_stable_for_huge_logits():
@@ -181,7 +184,6 @@ def test_linear_cka_invariances(n, d):
     rng = np.random.default_rng(d)
     x = rng.normal(size=(n, d))
     orthogonal, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    assert agr.linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
     # orthogonal transform, isotropic scaling and translation leave CKA at 1
     assert agr.linear_cka(x, 3.7 * x @ orthogonal + 11.0) == pytest.approx(1.0, abs=1e-10)
     # it is not invariant to stretching one direction

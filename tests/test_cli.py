@@ -131,12 +131,16 @@ def test_neurons_command_across_a_ladder(runner, demo_ladder, tmp_path, monkeypa
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     f16, q4 = out["neurons"]["F16"], out["neurons"]["Q4_0"]
-    assert f16["layers"] == [0, 29] and set(f16["dead"]) == {"0", "29"}
-    assert f16["salient"]["29"] == len(f16["salient_ids"]["29"]) > 0
-    jac = out["neuron_comparison"]["Q4_0"]["salient_jaccard"]["29"]
-    a, b = set(f16["salient_ids"]["29"]), set(q4["salient_ids"]["29"])
-    assert jac == pytest.approx(len(a & b) / len(a | b))
-    assert (tmp_path / "n" / "F16" / "neurons.json").exists()
+    assert f16["layers"] == q4["layers"] == [0, 29] and set(f16["dead"]) == {"0", "29"}
+    # exact attribution: the last layer only, on the --salient-examples prompts, one target token each
+    for level in (f16, q4):
+        assert set(level["salient_ids"]) == {"29"} and len(level["salient_ids"]["29"]) > 0
+        assert level["salient_detail"]["n_prompts"] == 3 and len(level["salient_detail"]["targets"]) == 3
+    # each level against the reference, F16 (the highest precision), layer by layer
+    assert out["comparison"]["reference"] == "F16" and set(out["neuron_comparison"]) == {"Q4_0"}
+    cmp = out["neuron_comparison"]["Q4_0"]
+    assert set(cmp["dead_jaccard"]) == set(cmp["drift"]) == {"0", "29"} and set(cmp["salient_jaccard"]) == {"29"}
+    assert (tmp_path / "n" / "F16" / "neurons.json").exists() and (tmp_path / "n" / "comparison.json").exists()
 
 
 def test_imatrix_collect_and_show(runner, demo_ladder, tmp_path, boolq_path):

@@ -356,14 +356,17 @@ def test_cached_gguf_files(offline, hub_cache):
     assert cached_gguf_files(offline.parent / "no-such-cache") == []
 
 
-def test_store_lists_hub_cache(offline, monkeypatch, tmp_path):
+def test_store_lists_hub_cache(offline, hub_cache, monkeypatch, tmp_path):
     """store.list_local_models picks the cache files up through cached_gguf_files."""
     from ggml_probe.models.store import list_local_models
 
     monkeypatch.setenv("GGML_PROBE_MODELS", str(tmp_path / "empty"))
-    hub = [m for m in list_local_models() if m.source == "hf-cache"]
-    assert f"{REPO}/Tiny-Q8_0.gguf" in {m.name for m in hub}
-    assert all(m.size == m.path.stat().st_size > 0 for m in hub)
+    hub = {m.name: m.size for m in list_local_models() if m.source == "hf-cache"}
+    # each file once (Tiny-Q8_0 from the revision main points at), with the size of the bytes written into the cache
+    written = {f"{REPO}/{Path(name).name}": len(data) for name, data in hub_cache["main_data"].items()
+               if name.endswith(".gguf")}
+    written[f"{REPO}/Tiny-Q4_0.gguf"] = len(hub_cache["old_data"]["Tiny-Q4_0.gguf"])
+    assert hub == written
 
 
 def test_environment_variables_in_a_fresh_process(hub_cache):

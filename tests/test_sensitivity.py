@@ -84,6 +84,7 @@ def test_file_estimate_equals_numpy(pair, weighted):
     rep = neuron_sensitivity(pair["model_path"], pair["ref_path"], imatrix=ms, block_elements=3 * N_EMBD)
     assert rep.weighting == (UNWEIGHTED if not weighted else "E[x²] from imatrix (in memory)")
     assert [s.layer for s in rep.layers] == [0, 1]
+    act_by_numpy = {}
     for layer in (0, 1):
         m, r = pair["model"], pair["ref"]
         g, u, dn = (f"blk.{layer}.{k}.weight" for k in KINDS)
@@ -91,17 +92,21 @@ def test_file_estimate_equals_numpy(pair, weighted):
         w_up = pair["ms"][u].astype(np.float64) if weighted else np.ones(N_EMBD)
         e_g = np.sqrt(((m[g] - r[g]) ** 2 * w_in).sum(axis=1))
         e_u = np.sqrt(((m[u] - r[u]) ** 2 * w_up).sum(axis=1))
+        act_by_numpy[layer] = e_g
         r_g, r_u = np.sqrt((r[g] ** 2 * w_in).sum(axis=1)), np.sqrt((r[u] ** 2 * w_up).sum(axis=1))
         s = np.sqrt(pair["ms"][dn].astype(np.float64)) if weighted else r_g * r_u
         s_rep = rep.layer(layer)
         np.testing.assert_allclose(s_rep.act, e_g, rtol=1e-10)
         np.testing.assert_allclose(s_rep.down_in, s * np.sqrt((e_g / r_g) ** 2 + (e_u / r_u) ** 2), rtol=1e-10)
         np.testing.assert_allclose(s_rep.out, np.sqrt(((m[dn] - r[dn]) ** 2).sum(axis=0)) * s, rtol=1e-10)
+    # the most sensitive neuron over both layers is NumPy's argmax of the gate-row error
+    layer, j = max(((la, int(np.argmax(e))) for la, e in act_by_numpy.items()), key=lambda lj: act_by_numpy[lj[0]][lj[1]])
     best = rep.top("act", 1)[0]
-    assert best[2] == max(float(x.act.max()) for x in rep.layers)
-    assert "most sensitive neurons (act" in format_sensitivity(rep)
-    doc = json.loads(json.dumps(rep.to_dict(), allow_nan=False))
-    assert doc["layers"][1]["units"]["act"][5] == pytest.approx(rep.layer(1).act[5])
+    assert best[:2] == (layer, j) and best[2] == pytest.approx(act_by_numpy[layer][j], rel=1e-10)
+    assert f"{layer}:{j}" in format_sensitivity(rep) and "most sensitive neurons (act" in format_sensitivity(rep)
+    doc = json.loads(json.dumps(rep.to_dict(), allow_nan=False))  # strict JSON
+    np.testing.assert_allclose(doc["layers"][1]["units"]["act"], act_by_numpy[1], rtol=1e-10)
+    assert doc["top"]["act"][0] == {"layer": layer, "index": j, "value": pytest.approx(act_by_numpy[layer][j], rel=1e-10)}
 
 
 def test_imatrix_file_is_read_and_a_foreign_one_refused(pair, tmp_path):

@@ -9,7 +9,7 @@ the ablation check, top-activating tokens; across levels: the comparison with th
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,31 @@ from ..errors import ProbeError
 from .rundir import read_json, save_npz, write_json
 
 QUANTILES = (0, 10, 50, 90, 100)
+
+
+@dataclass
+class NeuronAnalysis:
+    """The neuron part's settings, after the pass (the study's and `eval --neurons` / `neurons`'s alike):
+    which captured neurons are analysed, dead, salient (attribution method, target, prompts, threshold)
+    and the ablation check. Every function below that takes `config` reads these fields.
+
+    layers, neuron and tau also tell the pass what to capture (pipeline.runs); n_ctx, threads and
+    gpu_layers are the engine settings of the attribution and ablation passes, which pipeline.runs
+    sets to those of the pass they explain.
+    """
+
+    layers: str = "0,14,-1"
+    neuron: str = "act"  # the definition analysed: act (SiLU(gate) / GELU output) or down_in
+    tau: float = 0.1  # dead: every value over every token within (−tau, tau)
+    saliency: float = 0.7  # salient: |attribution| / max per example above this
+    salient_examples: int = 10  # prompts attributed (0: none)
+    attribution: str = "exact"  # ggml_probe.attribution's methods, or "none"
+    attribution_target: str = "label"  # TARGET_DEFINITIONS
+    attribution_device: str = "auto"  # torch device for ig
+    ablate_top: int = 5  # causal check: switch off each layer's top-N salient candidates (0: skip)
+    n_ctx: int = 2048
+    threads: int | None = None
+    gpu_layers: str | int = "auto"
 
 # What the salient neurons explain (--attribution-target): log p of this token at the answer position.
 TARGET_DEFINITIONS = {

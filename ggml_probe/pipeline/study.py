@@ -19,7 +19,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any
 
 from .. import __version__
 from ..analysis.calibration import DEFINITIONS as CAL, reliability_bins
@@ -32,18 +32,17 @@ from ..report.changes import what_changed
 from ..report.render import render_report
 from ..tasks import OFFLINE_TASK, get_task, load_examples
 from ..weights import compare_weights
-from .compare import compare_levels, reference_level
-from .evaluation import EvalConfig, NeuronSettings, evaluate, ladder_files, task_spec
-from .neurons import TARGET_DEFINITIONS, compare_neuron_levels, neuron_level, neuron_targets
+from .compare import reference_level
+from .evaluation import EvalConfig, ladder_files
+from .neurons import TARGET_DEFINITIONS, NeuronAnalysis
 from .rundir import directory_lock, read_json, write_json
+from .runs import RunProgress, run_level_files
 
 
 DEFAULT_QUANTS = ["F16", "Q8_0", "Q4_K_M", "Q4_0"]
 
 
-class StudyProgress(Protocol):
-    def run(self, label: str) -> Callable[[int, int], None] | None: ...
-    def step(self, label: str) -> None: ...
+StudyProgress = RunProgress  # a bar per (level, task) run, a line per step
 
 
 @dataclass
@@ -84,6 +83,14 @@ class StudyConfig:
         if self.attribution_target is None:  # the paper attributes the model's own (argmax) answer token
             self.attribution_target = "answer"
 
+    def neuron_analysis(self) -> NeuronAnalysis:
+        """The settings of the neuron part (the same as `eval --neurons`'s), with run_study's defaults."""
+        return NeuronAnalysis(layers=self.layers, neuron=self.neuron, tau=self.tau, saliency=self.saliency,
+                              salient_examples=self.salient_examples, attribution=self.attribution or "exact",
+                              attribution_target=self.attribution_target or "label",
+                              attribution_device=self.attribution_device, ablate_top=self.ablate_top,
+                              n_ctx=self.n_ctx, threads=self.threads, gpu_layers=self.gpu_layers)
+
 
 def _local_data_for(task: str, config: StudyConfig) -> str | None:
     if task in config.data:
@@ -116,12 +123,6 @@ def resolve_task_data(task: str, config: StudyConfig) -> tuple[str, str | None, 
         return task, None, None
     except HubError:
         return OFFLINE_TASK, None, task
-
-
-def _examples(eval_config) -> list:
-    data = load_examples(task_spec(eval_config), data_path=eval_config.data_path, limit=eval_config.limit,
-                         on_bad_row=eval_config.on_bad_row, seed=eval_config.seed)
-    return data.examples
 
 
 def _level_entry(run_manifest: dict) -> dict[str, Any]:
@@ -158,37 +159,25 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
         study: dict[str, Any] = {"tasks": {}, "levels": {}, "weights": {}}
         for task in config.tasks:
             task_run, data_path, fallback_from = resolve_task_data(task, config)
-            neuron_settings = NeuronSettings(layers=config.layers, definitions=(config.neuron,), tau=config.tau) \
-                if config.neurons else None
             eval_config = EvalConfig(task=task_run, data_path=data_path, limit=config.limit, seed=config.seed,
                                      n_ctx=config.n_ctx, threads=config.threads, gpu_layers=config.gpu_layers,
-                                     n_boot=config.n_boot, neurons=neuron_settings)
-            run_dirs: dict[str, Path] = {}
-            runs: dict[str, Any] = {}
-            for level, path in files.items():
-                run_dir = out / "runs" / task_run / level
-                update = progress.run(f"{level} · {task_run}") if progress else None
-                summary = evaluate(path, eval_config, run_dir, resume=not force, force=force, progress=update,
-                                   quant_label=level)
-                run_dirs[level] = run_dir
-                runs[level] = {"run_dir": str(run_dir), "metrics": summary.metrics}
+                                     n_boot=config.n_boot)
+            # The same flow as `eval --neurons`: each level's pass (resumable), the comparison, the neuron part.
+            runs = run_level_files(files, eval_config, out / "runs" / task_run, reference=config.reference,
+                                   resume=not force, force=force, progress=progress,
+                                   neurons=config.neuron_analysis() if config.neurons else None)
+            for level, run_dir in runs.run_dirs.items():
                 manifest = read_json(run_dir / "manifest.json")
                 study["levels"].setdefault(level, _level_entry(manifest))
-                data_desc = manifest["task"]
-            ref = config.reference or reference_level(run_dirs)
-            comparison = compare_levels(run_dirs, reference=ref, n_boot=config.n_boot) if len(run_dirs) > 1 else None
             study["tasks"][task_run] = {
-                "data": {**data_desc, "fallback_from": fallback_from},
-                "runs": runs,
-                "comparison": comparison,
-                "reliability": {lvl: _reliability(d) for lvl, d in run_dirs.items()},
+                "data": {**manifest["task"], "fallback_from": fallback_from},
+                "runs": {lvl: {"run_dir": str(s.run_dir), "metrics": s.metrics} for lvl, s in runs.summaries.items()},
+                "comparison": runs.comparison,
+                "reliability": {lvl: _reliability(d) for lvl, d in runs.run_dirs.items()},
             }
             if config.neurons:
-                examples = _examples(eval_config)
-                study["tasks"][task_run]["neurons"] = {
-                    lvl: neuron_level(run_dirs[lvl], files[lvl], [ex.prompt for ex in examples], config, progress,
-                                      neuron_targets(run_dirs[lvl], examples, config)) for lvl in run_dirs}
-                study["tasks"][task_run]["neuron_comparison"] = compare_neuron_levels(run_dirs, ref, study["tasks"][task_run]["neurons"])
+                study["tasks"][task_run]["neurons"] = runs.neurons
+                study["tasks"][task_run]["neuron_comparison"] = runs.neuron_comparison or {}
         reference = config.reference or reference_level(
             {lvl: Path(r["run_dir"]) for lvl, r in next(iter(study["tasks"].values()))["runs"].items()})
         if config.weights:

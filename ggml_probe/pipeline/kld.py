@@ -37,6 +37,9 @@ class KLDSettings:
     batch: int = 2048  # tokens per llama_decode: batch // ctx chunks decode together (llama-perplexity's default)
     threads: int | None = None
     gpu_layers: str | int = "auto"
+    # Off like the rest of ggml-probe (design.md: on CPU it moves logits); llama-perplexity's default is
+    # auto (on for CPU): with `-fa off` its printed figures equal ours to the last digit (benchmarks/kld.md).
+    flash_attn: bool = False
 
 
 @dataclass
@@ -84,14 +87,16 @@ def _scored_logits(engine: Engine, chunks: list[np.ndarray], ctx: int, per_decod
 def _engine(path: Path, s: KLDSettings) -> Engine:
     per_decode = max(1, s.batch // s.ctx)
     return Engine(path, n_ctx=s.ctx * per_decode, n_batch=max(s.ctx, (s.batch // s.ctx) * s.ctx),
-                  n_seq_max=per_decode, n_threads=s.threads, gpu_layers=s.gpu_layers, hidden_states=False)
+                  n_seq_max=per_decode, n_threads=s.threads, gpu_layers=s.gpu_layers, hidden_states=False,
+                  flash_attn=s.flash_attn)
 
 
-def base_key(reference: Path, tokens: np.ndarray, ctx: int) -> str:
+def base_key(reference: Path, tokens: np.ndarray, s: KLDSettings) -> str:
+    """What makes a base: the reference file, the text's tokens, ctx and the settings that move logits."""
     h = hashlib.sha256()
     h.update(sha256_file(reference).encode())
     h.update(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
-    h.update(str(ctx).encode())
+    h.update(f"ctx={s.ctx} batch={s.batch} fa={s.flash_attn}".encode())
     return h.hexdigest()[:16]
 
 
@@ -149,7 +154,7 @@ def run_kld(models: dict[str, Path], reference: Path | None, text: str | None, o
             raise ProbeError("kld needs --ref and --text (or --base FILE from llama-perplexity --kl-divergence-base)")
         with Vocab(reference) as vocab:
             tokens = text_tokens(vocab, text, s.ctx, s.chunks)
-        base = out / f"base-{base_key(reference, tokens, s.ctx)}.kld"
+        base = out / f"base-{base_key(reference, tokens, s)}.kld"
         source, ref_name = ("cached" if base.exists() else "computed"), reference.name
         if not base.exists():
             write_base(reference, tokens, s, base, progress)

@@ -581,7 +581,7 @@ def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, 
                          data_dir=data_dir, limit=limit, seed=None if seed == -1 else seed, layers=layers, paper=paper, reference=reference,
                          neurons=not no_neurons, salient_examples=salient_examples, attribution=attribution,
                          attribution_target=attribution_target, ablate_top=ablate_top, weights=not no_weights, allow_requantize=allow_requantize,
-                         n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
+                         n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts)
     out = out or Path("studies") / ladder_stem(resolve_model(model))
     command = "ggml-probe " + " ".join(sys.argv[1:]) if sys.argv else ""
     with _StudyProgress(quiet or as_json) as bars:

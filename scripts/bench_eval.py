@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ggml_probe.engine.llama_lib import default_threads
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GGML_PROBE_SHARED", REPO.parent / "shared")) / "data"
 
@@ -66,7 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=300, help="BoolQ questions (default 300)")
     ap.add_argument("--levels", default="F16,Q8_0,Q4_0")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--repeats", type=int, default=2, help="alternating repeats; the best of each is kept")
     ap.add_argument("--child", choices=["baseline", "eval"], dest="mode")
     ap.add_argument("--model")

@@ -172,3 +172,177 @@ def test_neurons_ride_along_and_resume_exactly(demo_ladder, tmp_path):
     plain = evaluate(demo_ladder["Q8_0"], EvalConfig(task="yesno-mini", limit=9, n_boot=50), tmp_path / "plain")
     assert np.array_equal(np.load(plain.run_dir / "logits.npy"), np.load(whole.run_dir / "logits.npy"))
     assert np.array_equal(np.load(plain.run_dir / "hidden.npy"), np.load(whole.run_dir / "hidden.npy"))
+
+
+PASSAGE_TEMPLATE = "Respond with True or False only.\nPassage: {passage}\nQuestion: {question}?\nAnswer:"
+
+
+def _decoded_token_arrays(run_dir) -> list[np.ndarray]:
+    """The token arrays the run says it decoded, read straight from its checkpoints."""
+    by_position = {}
+    for f in sorted((run_dir / "chunks").glob("*.npz")):
+        with np.load(f) as z:
+            for pos, arr in zip(z["positions"], np.split(z["tokens"], np.cumsum(z["n_tokens"])[:-1])):
+                by_position[int(pos)] = arr
+    return [by_position[i] for i in range(len(by_position))]
+
+
+@pytest.mark.slow
+def test_truncation_keeps_the_template_and_top_tokens_point_into_the_decoded_tokens(demo_path, boolq_path, tmp_path):
+    """n_ctx 64 on real BoolQ passages: the passage is cut, the instruction before it and the question
+    after it stay, and every top-activating token shown is the token at its position in what was decoded."""
+    import llama_cpp
+
+    from ggml_probe.analysis.neurons import NeuronAccumulator
+    from ggml_probe.pipeline.evaluation import NeuronSettings
+    from ggml_probe.pipeline.neurons import _top_tokens
+
+    n_ctx = 64
+    config = EvalConfig(task="boolq-passage-short", data_path=str(boolq_path), template=PASSAGE_TEMPLATE,
+                        labels=("True", "False"), gold_column="label", id_column="idx", limit=4, n_ctx=n_ctx,
+                        n_boot=10, neurons=NeuronSettings(layers="0,-1", redundancy=False))
+    summary = evaluate(demo_path, config, tmp_path / "run")
+    run_dir = summary.run_dir
+    rows = [json.loads(line) for line in boolq_path.open()][:4]
+    df = pd.read_parquet(run_dir / "predictions.parquet")
+    decoded = _decoded_token_arrays(run_dir)
+
+    ref = llama_cpp.Llama(model_path=str(demo_path), n_ctx=n_ctx, logits_all=True, verbose=False)
+    def tok(text, bos):
+        return ref.tokenize(text.encode(), add_bos=bos, special=True)
+    def piece(t):
+        return ref.detokenize([int(t)]).decode("utf-8", errors="replace")
+
+    head = "Respond with True or False only.\nPassage:"
+    head_tokens = tok(head, True)  # BOS first when the model adds one (SmolLM2 does not)
+    logits = np.load(run_dir / "logits.npy").astype(np.float32)
+    for i, (row, toks) in enumerate(zip(rows, decoded)):
+        tail = f"\nQuestion: {row['question']}?\nAnswer:"
+        full = tok(PASSAGE_TEMPLATE.format(passage=row["passage"], question=row["question"]), True)
+        assert len(full) > n_ctx and len(toks) <= n_ctx  # every one of these needed cutting
+        assert list(toks[: len(head_tokens)]) == head_tokens
+        text = ref.detokenize(list(toks)).decode()
+        assert text.startswith(head) and text.endswith(tail)
+        kept = text[len(head):-len(tail)].strip()
+        assert kept and row["passage"].startswith(kept) and len(kept) < len(row["passage"])
+        assert df["n_tokens"][i] == len(toks) and df["truncated_tokens"][i] == len(full) - len(toks)
+        # these tokens are what was decoded: llama.cpp's own API gives the run's logits for them
+        ref.reset()
+        ref.eval(list(toks))
+        assert np.abs(np.array(ref.scores[ref.n_tokens - 1]) - logits[i]).max() < 0.05  # float16 storage
+
+    def expected(prompt, pos, window=5):
+        toks = decoded[prompt]
+        return piece(toks[pos]), "".join(piece(t) for t in toks[max(0, pos - window):pos])
+
+    nj = json.loads((run_dir / "neurons.json").read_text())
+    shown = 0
+    for entry in nj["layers"]:
+        for rows_j in entry["top_tokens"].values():
+            for r in rows_j:
+                assert (r["token"], r["context"]) == expected(r["prompt"], r["position"])
+                shown += 1
+    assert shown > 0
+    # the study's lookup of chosen neurons (e.g. the salient ones) in layer 0
+    acc = NeuronAccumulator.load(sorted((run_dir / "neuron_state").glob("*.npz"))[-1])
+    top = acc.top[("act", 0)]
+    neurons = list(range(0, acc.n_ff, 7))  # a spread of 220 of the 1,536
+    looked_up = _top_tokens(run_dir, demo_path, "act", 0, neurons)
+    in_tail = 0
+    for j in neurons:
+        want = [[*expected(p, pos), v] for v, p, pos in top.for_neuron(j)]
+        assert looked_up[str(j)] == want
+        in_tail += sum(pos >= len(decoded[p]) - 8 for _, p, pos in top.for_neuron(j))
+    assert in_tail > 0  # positions after the cut are covered, where a re-tokenized prompt would be off
+
+
+def test_resume_with_another_batch_layout_is_refused(demo_path, boolq_path, tmp_path):
+    """A packed batch changes the logits (test_engine: batch-layout noise), so --batch is part of what a
+    resumed run must match: refused with one line, never mixed. The same --batch resumes."""
+    from click.testing import CliRunner
+
+    from ggml_probe.cli import cli
+
+    out = tmp_path / "run"
+    base = ["eval", "demo", "--task", "boolq", "--data", str(boolq_path), "--limit", "6", "-o", str(out)]
+    runner = CliRunner()
+    first = runner.invoke(cli, [*base, "--batch", "1"])
+    assert first.exit_code == 0, first.output
+    before = (out / "predictions.parquet").read_bytes()
+    again = runner.invoke(cli, [*base, "--resume", "--batch", "4"])
+    assert again.exit_code == 2, again.output
+    errors = [line for line in again.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "batch" in errors[0] and "Traceback" not in again.output
+    assert (out / "predictions.parquet").read_bytes() == before
+    assert json.loads((out / "manifest.json").read_text())["config"]["batch_prompts"] == 1
+    same = runner.invoke(cli, [*base, "--resume", "--batch", "1"])
+    assert same.exit_code == 0, same.output
+    redo = runner.invoke(cli, [*base, "--force", "--batch", "4"])
+    assert redo.exit_code == 0, redo.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["batch_prompts"] == 4 and manifest["identity"]["batch_prompts"] == 4
+
+
+def test_study_passes_batch_to_its_runs(demo_ladder, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from ggml_probe.cli import cli
+
+    monkeypatch.setenv("GGML_PROBE_MODELS", str(demo_ladder["F16"].parent))
+    out = tmp_path / "study"
+    res = CliRunner().invoke(cli, ["study", "demo", "--quants", "F16", "--task", "yesno-mini", "--limit", "6",
+                                   "--no-weights", "--no-neurons", "--batch", "4", "-q", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "runs" / "yesno-mini" / "F16" / "manifest.json").read_text())
+    assert manifest["config"]["batch_prompts"] == 4 and manifest["identity"]["batch_prompts"] == 4
+
+
+@pytest.fixture(scope="module")
+def boolq_vocab_spm(boolq_path):
+    p = boolq_path.parent / "vocab" / "ggml-vocab-llama-spm.gguf"  # Llama 2's tokenizer, no weights
+    if not p.exists():
+        pytest.skip(f"shared vocabulary files not found at {p.parent}")
+    return p
+
+
+class _VocabOnly:
+    """A tokenizer from llama-cpp-python's high-level API on a vocabulary-only GGUF (no weights)."""
+
+    def __init__(self, path):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+    def tokenize(self, text, add_special=True):
+        return np.array(self.llm.tokenize(text.encode(), add_bos=add_special, special=True), dtype=np.int32)
+
+    def detokenize(self, tokens):
+        return self.llm.detokenize([int(t) for t in tokens]).decode("utf-8", errors="replace")
+
+
+def test_fitting_keeps_bos_and_the_template_with_a_sentencepiece_vocabulary(boolq_path, boolq_vocab_spm):
+    """Llama 2's tokenizer adds BOS and a leading space; the cut passage must still be the passage's own
+    beginning, with BOS, the instruction and the question kept."""
+    from ggml_probe.tasks import make_task
+
+    tok = _VocabOnly(boolq_vocab_spm)
+    spec = make_task(PASSAGE_TEMPLATE, ["True", "False"], "label")
+    head, limit = "Respond with True or False only.\nPassage:", 64
+    for row in [json.loads(line) for line in boolq_path.open()][:5]:
+        fields = {"passage": row["passage"], "question": row["question"]}
+        fitted = spec.fit(fields, tok, limit)
+        full = tok.tokenize(PASSAGE_TEMPLATE.format(**fields))
+        assert len(full) > limit and len(fitted.tokens) <= limit and fitted.dropped == len(full) - len(fitted.tokens)
+        assert fitted.tokens[0] == tok.llm.token_bos()
+        tail = f"\nQuestion: {row['question']}?\nAnswer:"
+        assert fitted.text.startswith(head) and fitted.text.endswith(tail)
+        assert np.array_equal(fitted.tokens, tok.tokenize(fitted.text))
+        kept = fitted.text[len(head):-len(tail)].strip()
+        assert kept and row["passage"].startswith(kept)
+        assert len(tok.tokenize(spec.render({**fields, "passage": row["passage"][:len(kept) + 40]}))) > limit - 2
+
+
+def test_a_context_too_small_for_the_template_is_one_line(demo_path, jigsaw_path, tmp_path):
+    config = EvalConfig(task="jigsaw", data_path=str(jigsaw_path), limit=2, n_ctx=16, n_boot=10)
+    with pytest.raises(ProbeError, match=r"the prompt template alone takes \d+ tokens, more than the 16"):
+        evaluate(demo_path, config, tmp_path / "run")

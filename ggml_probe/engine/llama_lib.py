@@ -12,6 +12,7 @@ import ctypes
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -74,6 +75,110 @@ def last_error(default: str) -> str:
     return errors[0] if errors else default
 
 
+@dataclass(frozen=True)
+class CpuBudget:
+    """What this process may use of the machine's CPUs (Linux; elsewhere what os.cpu_count() says)."""
+
+    allowed: int  # CPUs in the affinity mask (taskset, a container's cpuset)
+    quota: int | None  # the cgroup CPU quota in whole CPUs (rounded down, at least 1); None: no quota
+    physical: int  # physical cores among the allowed CPUs; os.cpu_count() where /proc/cpuinfo does not say
+
+    @property
+    def threads(self) -> int:
+        # llama.cpp's threads spin at barriers: a second hyperthread of a core or a thread beyond the
+        # quota slows it down, so none of the three is exceeded.
+        return max(1, min(self.allowed, self.physical, self.quota or self.allowed))
+
+
+def cpu_budget(*, cpuinfo: Path = Path("/proc/cpuinfo"), cgroup_root: Path = Path("/sys/fs/cgroup"),
+               self_cgroup: str | None = None) -> CpuBudget:
+    """The CPUs this process may run on: affinity, cgroup quota (v2 cpu.max or v1 cfs files, the
+    process's own cgroup and its parents, the tightest wins) and the physical cores among them.
+
+    The paths and the text of /proc/self/cgroup can be given, to read another machine's files.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        cpus = list(range(os.cpu_count() or 1))
+    if self_cgroup is None:
+        try:
+            self_cgroup = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            self_cgroup = ""
+    return CpuBudget(allowed=len(cpus), quota=_cgroup_quota(cgroup_root, self_cgroup),
+                     physical=_physical_cores(cpuinfo, set(cpus)) or os.cpu_count() or len(cpus))
+
+
+def default_threads() -> int:
+    """The thread count used when none is given (llama.cpp's contexts and quantizer)."""
+    return cpu_budget().threads
+
+
+def _physical_cores(cpuinfo: Path, allowed: set[int]) -> int | None:
+    """Distinct (physical id, core id) pairs of the allowed processors in /proc/cpuinfo; None when it
+    does not name them (e.g. ARM) or cannot be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    cores = set()
+    for block in text.split("\n\n"):
+        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "processor" not in fields:
+            continue
+        if "core id" not in fields:
+            return None
+        if int(fields["processor"]) in allowed:
+            cores.add((fields.get("physical id", "0"), fields["core id"]))
+    return len(cores) or None
+
+
+def _cgroup_quota(root: Path, self_cgroup: str) -> int | None:
+    """The tightest CPU quota over the process's cgroup and its parents, in whole CPUs."""
+    v1_path = v2_path = None
+    for line in self_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2_path = parts[2]
+        elif "cpu" in parts[1].split(","):
+            v1_path = parts[2]
+    quotas: list[float] = []
+    for bases, path, read in (((root, root / "unified"), v2_path, _read_cpu_max),
+                              ((root / "cpu", root / "cpu,cpuacct"), v1_path, _read_cfs)):
+        if path is None:
+            continue
+        rel = Path(path.lstrip("/"))
+        for base in bases:
+            for folder in [base / p for p in (rel, *rel.parents)]:
+                q = read(folder)
+                if q is not None:
+                    quotas.append(q)
+    if not quotas:
+        return None
+    return max(1, int(min(quotas)))
+
+
+def _read_cpu_max(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _read_cfs(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else quota / period
+
+
 def versions() -> dict[str, str]:
     """llama-cpp-python version and llama.cpp's build/system info (for run manifests)."""
     lib = llama()
@@ -103,7 +208,7 @@ def quantize_file(
     """
     lib = llama()
     params = lib.llama_model_quantize_default_params()
-    params.nthread = nthread
+    params.nthread = nthread if nthread > 0 else default_threads()  # llama.cpp's 0 means every logical CPU
     params.ftype = ftype
     params.allow_requantize = allow_requantize
 

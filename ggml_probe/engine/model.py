@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import BadModelFile, ProbeError
 from ..formats.gguf import validate_gguf
 from .ggml_lib import devices, libggml
-from .llama_lib import _log_lines, clear_log, last_error, llama
+from .llama_lib import _log_lines, clear_log, default_threads, last_error, llama
 
 # An eval-callback probe: called with (tensor pointer, ask) exactly as llama.cpp calls cb_eval.
 EvalCallback = Callable[[int, bool], bool]
@@ -66,6 +66,14 @@ def parse_gpu_layers(value: str | int | None) -> int | None:
     return n
 
 
+def offload_layers(gpu_layers: str | int | None) -> int:
+    """The n_gpu_layers llama.cpp gets for a --gpu-layers value: 999 for all, 0 without a GPU backend."""
+    requested = parse_gpu_layers(gpu_layers)
+    if not llama().llama_supports_gpu_offload():
+        return 0
+    return 999 if requested is None or requested == -1 else requested
+
+
 class _VocabMethods:
     """Tokenizing with llama.cpp's own tokenizer (needs self._lib and self._vocab)."""
 
@@ -91,6 +99,18 @@ class _VocabMethods:
             buf = ctypes.create_string_buffer(-n)
             n = self._lib.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, True)
         return buf.raw[:n].decode("utf-8", errors="replace")
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of a token sequence (llama.cpp's detokenizer; special tokens as text)."""
+        arr = (self._lib.llama_token * max(1, len(tokens)))(*[int(t) for t in tokens])
+        n_max = 8 * len(tokens) + 16
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(n_max)
+            n = self._lib.llama_detokenize(self._vocab, arr, len(tokens), buf, n_max, False, True)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            n_max = -n  # buffer too small: -n is the size needed
+        raise ProbeError("llama.cpp could not detokenize a token sequence")
 
     def continuation_tokens(self, prompt: str, continuation: str) -> list[int]:
         """The tokens the model would emit for `continuation` right after `prompt`: prompt + continuation
@@ -167,8 +187,7 @@ class Engine(_VocabMethods):
         self._callback_ref = None
 
         offload = bool(lib.llama_supports_gpu_offload())
-        requested = parse_gpu_layers(gpu_layers)
-        n_gpu = (999 if offload else 0) if requested is None else (999 if requested == -1 else requested)
+        n_gpu = offload_layers(gpu_layers)
 
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu
@@ -186,7 +205,7 @@ class Engine(_VocabMethods):
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(model))
         self.add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
 
-        self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self.n_threads = n_threads or default_threads()
         self.n_seq_max = max(1, n_seq_max)
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = n_ctx
@@ -291,9 +310,18 @@ class Engine(_VocabMethods):
         )
 
     # ------------------------------------------------------------------ decoding
+    @property
+    def prompt_limit(self) -> int:
+        """The most tokens one prompt may have (its sequence's context, one batch)."""
+        return min(self.n_ctx, self.n_batch)
+
     def fit(self, tokens: np.ndarray) -> tuple[np.ndarray, int]:
-        """Truncate from the left so the prompt fits one sequence's context; returns (tokens, dropped)."""
-        limit = min(self.n_ctx, self.n_batch)
+        """Truncate from the left so the prompt fits one sequence's context; returns (tokens, dropped).
+
+        A last resort for token arrays made without the limit in mind: the pipeline fits prompts
+        itself (tasks.TaskSpec.fit keeps the template and cuts the content) and never gets here.
+        """
+        limit = self.prompt_limit
         if len(tokens) <= limit:
             return tokens, 0
         return tokens[-limit:], len(tokens) - limit
@@ -329,7 +357,7 @@ class Engine(_VocabMethods):
 
     def _pack(self, lengths: list[int]) -> Iterable[list[int]]:
         """Groups of prompt indices, in order, whose total tokens fit one batch."""
-        limit = min(self.n_batch, self.n_ctx)
+        limit = self.prompt_limit
         group: list[int] = []
         used = 0
         for i, n in enumerate(lengths):

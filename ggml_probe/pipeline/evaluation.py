@@ -22,7 +22,7 @@ from ..analysis.calibration import calibration_summary, plot_reliability, reliab
 from ..engine.ffn import model_ffn
 from ..engine.imatrix_capture import ImatrixProbe, SUPPORTED
 from ..engine.llama_lib import versions
-from ..engine.model import Engine
+from ..engine.model import Engine, offload_layers
 from ..engine.probes import ProbeSet, run_checked
 from ..errors import ProbeError, UnsupportedArchitecture
 from ..formats.imatrix import write_imatrix
@@ -35,10 +35,13 @@ from ..tasks import get_task, load_examples, make_task
 from .neuron_stats import NeuronProbe
 from .neurons import finalize_neurons
 from .rundir import directory_lock, read_json, save_npy, save_npz, write_json
+from .tokens import CHUNKS, example_tokens, pack_tokens
 
 
 MANIFEST = "manifest.json"
-CHUNKS = "chunks"
+# 2: prompts longer than the context keep their template (BOS, instruction, the tail up to the answer)
+# and lose the end of their longest field instead of their beginning; checkpoints store the tokens.
+DEFINITIONS_VERSION = 2
 NEURON_STATE = "neuron_state"
 IMATRIX_STATE = "imatrix_state"
 
@@ -75,6 +78,7 @@ class EvalConfig:
     threads: int | None = None
     gpu_layers: str | int = "auto"
     batch_prompts: int = 1  # sequences per llama_decode (1: results independent of batch layout)
+    flash_attn: bool = False  # llama.cpp's flash attention (moves the logits on CPU; see engine.model)
     chunk_size: int = 32  # examples per checkpoint
     save_logits: bool = True
     n_boot: int = 1000
@@ -82,11 +86,23 @@ class EvalConfig:
     imatrix_out: str | None = None  # also write an imatrix (llama.cpp's format) from this pass's own inputs
 
     def identity(self) -> dict[str, Any]:
-        """The settings that change results (a resumed run must match them)."""
+        """The settings that change results (a resumed run must match them).
+
+        The decode's numerics are part of it: the batch layout, flash attention and GPU offload each
+        move the logits (README, engine notes), so a run is never continued with other ones. Each
+        joins only when it differs from the CPU defaults, so runs made before still resume.
+        """
         out = {"task": self.task, "template": self.template, "labels": list(self.labels or []) or None,
                "gold_column": self.gold_column, "limit": self.limit,
                "neurons": asdict(self.neurons) if self.neurons else None, "seed": self.seed, "on_bad_row": self.on_bad_row,
                "n_ctx": self.n_ctx}
+        if self.batch_prompts != 1:
+            out["batch_prompts"] = self.batch_prompts
+        if self.flash_attn:
+            out["flash_attn"] = True
+        gpu = offload_layers(self.gpu_layers)  # what llama.cpp will offload here: 0 without a GPU backend
+        if gpu:
+            out["gpu_layers"] = gpu
         if self.imatrix_out:  # only when asked, so runs made before the option still resume
             out["imatrix"] = True  # the sums must cover every example: resuming without it is refused
         return out
@@ -161,6 +177,10 @@ def prepare_run_dir(run_dir: Path, identity: dict[str, Any], resume: bool, force
     if old.get("identity") != identity:
         changed = sorted(k for k in set(old.get("identity", {})) | set(identity)
                          if old.get("identity", {}).get(k) != identity.get(k))
+        if "definitions_version" in changed:
+            raise ProbeError(f"{run_dir} holds a run made by an older ggml-probe (definitions version "
+                             f"{old.get('identity', {}).get('definitions_version')}, now {identity.get('definitions_version')}); "
+                             "pass --force to redo it")
         raise ProbeError(f"{run_dir} holds a run with different settings ({', '.join(changed)}); use another --out or --force")
     if old.get("status") == "complete" and not resume:
         raise ProbeError(f"{run_dir} already holds a finished run; pass --resume to reuse it or --force to redo it")
@@ -188,7 +208,7 @@ def evaluate(
         raise ProbeError(f"task {config.task} has no examples to run")
     model_id = _model_identity(path)
     identity = {"model_sha256": model_id["sha256"], "data_sha256": data.data_sha256, **config.identity(),
-                "definitions_version": 1}
+                "definitions_version": DEFINITIONS_VERSION}
     identity = json.loads(json.dumps(identity))  # as it will read back from manifest.json (tuples → lists)
     run_dir = Path(run_dir)
     with directory_lock(run_dir):
@@ -228,7 +248,8 @@ def evaluate(
         if stateful:
             all_probes = ProbeSet(list(stateful.values()))
         engine = Engine(path, n_ctx=config.n_ctx, n_threads=config.threads, gpu_layers=config.gpu_layers,
-                        n_seq_max=config.batch_prompts, eval_callback=all_probes.eval_callback if all_probes else None)
+                        n_seq_max=config.batch_prompts, flash_attn=config.flash_attn,
+                        eval_callback=all_probes.eval_callback if all_probes else None)
         # The last layer's FFN is cut to the output rows unless every token is an output: the imatrix
         # (like llama-imatrix) counts every token, neuron statistics only need it when the last layer is analysed.
         all_outputs = imatrix_probe is not None or (probe is not None and engine.n_layer - 1 in probe.accumulator.layers)
@@ -257,8 +278,8 @@ def evaluate(
             chunk_no = _next_chunk_number(run_dir)
             for start in range(0, len(todo), config.chunk_size):
                 positions = todo[start : start + config.chunk_size]
-                arrays = _run_chunk(engine, [data.examples[i] for i in positions], label_toks, config, all_probes,
-                                    positions[0], all_outputs)
+                arrays = _run_chunk(engine, data.spec, [data.examples[i] for i in positions], label_toks, config,
+                                    all_probes, positions[0], all_outputs)
                 save_npz(run_dir / CHUNKS / f"{chunk_no:05d}.npz", positions=np.asarray(positions, dtype=np.int64), **arrays)
                 for folder, p in stateful.items():
                     _save_probe_state(run_dir, p, chunk_no, folder)
@@ -266,7 +287,7 @@ def evaluate(
                 if progress:
                     progress(resumed + start + len(positions), n_total)
             if probe is not None:
-                manifest["neurons"] = finalize_neurons(run_dir, probe.finish(), engine, data, config.neurons)
+                manifest["neurons"] = finalize_neurons(run_dir, probe.finish(), engine, config.neurons)
             if imatrix_probe is not None:
                 manifest["imatrix"] = _write_run_imatrix(run_dir, model_id, data, config, imatrix_probe)
         finally:
@@ -343,9 +364,10 @@ def _next_chunk_number(run_dir: Path) -> int:
     return max(names, default=-1) + 1
 
 
-def _run_chunk(engine, examples, label_toks: scoring.LabelTokens, config: EvalConfig, probe=None,
+def _run_chunk(engine, spec, examples, label_toks: scoring.LabelTokens, config: EvalConfig, probe=None,
                first_position: int = 0, all_outputs: bool = False) -> dict[str, np.ndarray]:
-    prompts = [engine.tokenize(ex.prompt) for ex in examples]
+    fitted = [example_tokens(engine, spec, ex, engine.prompt_limit) for ex in examples]
+    prompts = [f.tokens for f in fitted]
     if probe is None:
         results = engine.run(prompts)
     else:
@@ -355,9 +377,12 @@ def _run_chunk(engine, examples, label_toks: scoring.LabelTokens, config: EvalCo
     lab = scoring.label_logits(logits, label_toks)
     top = np.argmax(logits, axis=1)
     logp = scoring.log_softmax(logits)
+    if any(r.truncated for r in results):  # cannot happen: the prompts were fitted to the engine's limit
+        raise ProbeError("the engine cut a prompt the task had already fitted to the context")
     out = {
-        "n_tokens": np.array([r.n_tokens for r in results], dtype=np.int32),
-        "truncated": np.array([r.truncated for r in results], dtype=np.int32),
+        "n_tokens": np.array([len(t) for t in prompts], dtype=np.int32),
+        "tokens": pack_tokens(prompts),  # exactly what was decoded, for everything that points into it
+        "truncated": np.array([f.dropped for f in fitted], dtype=np.int32),
         "label_logits": lab.astype(np.float64),
         "top_token": top.astype(np.int32),
         "top_logprob": logp[np.arange(len(top)), top],
@@ -378,6 +403,7 @@ def _load_chunks(run_dir: Path) -> dict[str, np.ndarray]:
         with np.load(f, allow_pickle=False) as z:
             for k in z.files:
                 parts.setdefault(k, []).append(z[k])
+    parts.pop("tokens", None)  # one ragged array per chunk, not a row per example: read with decoded_tokens
     merged = {k: np.concatenate(v) for k, v in parts.items()}
     order = np.argsort(merged["positions"], kind="stable")
     return {k: v[order] for k, v in merged.items()}

@@ -21,6 +21,7 @@ from ..engine.ffn import model_ffn
 from ..engine.model import Vocab
 from ..errors import ProbeError
 from .rundir import read_json, save_npz, write_json
+from .tokens import decoded_tokens
 
 QUANTILES = (0, 10, 50, 90, 100)
 
@@ -60,9 +61,9 @@ TARGET_DEFINITIONS = {
 
 
 
-def finalize_neurons(run_dir: Path, acc, engine, data, settings) -> dict[str, Any]:
+def finalize_neurons(run_dir: Path, acc, engine, settings) -> dict[str, Any]:
     """Write neurons.json and neuron_stats.npz for a finished run; returns a short summary."""
-    prompt_tokens = [engine.tokenize(ex.prompt) for ex in data.examples]
+    prompt_tokens = decoded_tokens(run_dir)  # the arrays the run decoded: positions point into these
     piece_cache: dict[int, str] = {}
 
     def piece(token: int) -> str:
@@ -250,9 +251,9 @@ def _ablation_check(result: dict[str, Any], model_path: Path, prompts: list[str]
         }
 
 
-def _top_tokens(run_dir: Path, model_path: Path, prompts: list[str], definition: str, layer: int,
-                neurons: list[int]) -> dict[str, list]:
-    """Top-activating tokens (with left context) of chosen neurons, from the run's final neuron state."""
+def _top_tokens(run_dir: Path, model_path: Path, definition: str, layer: int, neurons: list[int]) -> dict[str, list]:
+    """Top-activating tokens (with left context) of chosen neurons, from the run's final neuron state,
+    looked up in the token arrays the run decoded."""
     states = sorted((run_dir / "neuron_state").glob("*.npz"))
     if not states or not neurons:
         return {}
@@ -260,8 +261,8 @@ def _top_tokens(run_dir: Path, model_path: Path, prompts: list[str], definition:
     top = acc.top.get((definition, layer))
     if top is None:
         return {}
+    tokens = decoded_tokens(run_dir)
     with Vocab(model_path) as vocab:
-        tokens = [vocab.tokenize(p) for p in prompts]
         out = {}
         for j in neurons:
             rows = top_token_contexts(top, j, tokens, vocab.token_to_piece)
@@ -308,7 +309,7 @@ def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, pr
         # Tokens of the most salient neurons, from the same run's activations of that layer.
         if config.neuron == "act":
             for k, v in per.items():
-                level["top_tokens"][k] = _top_tokens(run_dir, model_path, prompts, "act", int(k), v["ranking"][:5])
+                level["top_tokens"][k] = _top_tokens(run_dir, model_path, "act", int(k), v["ranking"][:5])
     for e in entries:  # other layers: the strongest neurons' tokens, as the run recorded them
         key = str(e["layer"])
         if key not in level["top_tokens"] and e.get("top_tokens"):

@@ -72,6 +72,7 @@ class StudyConfig:
     n_ctx: int = 2048
     threads: int | None = None
     gpu_layers: str | int = "auto"
+    batch_prompts: int = 1  # prompts per llama_decode (EvalConfig.batch_prompts)
     n_boot: int = 1000
 
     def apply_paper(self) -> None:
@@ -161,7 +162,7 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
             task_run, data_path, fallback_from = resolve_task_data(task, config)
             eval_config = EvalConfig(task=task_run, data_path=data_path, limit=config.limit, seed=config.seed,
                                      n_ctx=config.n_ctx, threads=config.threads, gpu_layers=config.gpu_layers,
-                                     n_boot=config.n_boot)
+                                     batch_prompts=config.batch_prompts, n_boot=config.n_boot)
             # The same flow as `eval --neurons`: each level's pass (resumable), the comparison, the neuron part.
             runs = run_level_files(files, eval_config, out / "runs" / task_run, reference=config.reference,
                                    resume=not force, force=force, progress=progress,

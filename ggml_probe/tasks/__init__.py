@@ -20,8 +20,10 @@ from .loading import (
 from .readers import SUPPORTED_SUFFIXES
 from .spec import (
     BuiltinSource,
+    FittedPrompt,
     HubSource,
     TaskSpec,
+    Tokenizer,
     get_task,
     list_tasks,
     load_task_file,
@@ -34,9 +36,11 @@ __all__ = [
     "BadRow",
     "BuiltinSource",
     "Example",
+    "FittedPrompt",
     "HubSource",
     "TaskData",
     "TaskSpec",
+    "Tokenizer",
     "fetch_hub_file",
     "get_task",
     "hub_offline",

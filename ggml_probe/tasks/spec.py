@@ -39,7 +39,9 @@ import string
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
 
 try:
     import tomllib
@@ -81,6 +83,23 @@ class BuiltinSource:
         return f"builtin:{self.file}"
 
 
+class Tokenizer(Protocol):
+    """What fitting a prompt to a context needs of a tokenizer (an Engine or a Vocab)."""
+
+    def tokenize(self, text: str, add_special: bool = True) -> np.ndarray: ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str: ...
+
+
+@dataclass(frozen=True)
+class FittedPrompt:
+    """An example's prompt as decoded: its tokens, and how many tokens of the full prompt it lacks."""
+
+    tokens: np.ndarray  # int32, what the model is given (BOS included when the model adds one)
+    dropped: int  # tokens of the full prompt left out (cut from the ends of its longest fields)
+    text: str  # the rendered prompt these tokens come from
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """A validated task definition. Build one with `get_task` or `make_task`, not directly."""
@@ -115,6 +134,53 @@ class TaskSpec:
     def render(self, fields: Mapping[str, str]) -> str:
         """The prompt for one example: the template with its fields filled in, nothing added."""
         return self.template.format_map({name: fields[name] for name in self.template_fields})
+
+    def fit(self, fields: Mapping[str, str], tokenizer: Tokenizer, limit: int) -> FittedPrompt:
+        """The prompt's tokens, at most `limit` of them: the template stays whole (BOS, the text before,
+        between and after the fields, so the prompt still ends where the answer goes) and the longest
+        field is cut token-wise from its end, then the next longest if that is not enough."""
+        text = self.render(fields)
+        full = tokenizer.tokenize(text)
+        if len(full) <= limit:
+            return FittedPrompt(full, 0, text)
+        values = dict(fields)
+        field_tokens = {name: tokenizer.tokenize(values[name], add_special=False) for name in self.template_fields}
+        for name in sorted(self.template_fields, key=lambda f: -len(field_tokens[f])):
+            toks = field_tokens[name]
+
+            def attempt(k: int) -> tuple[str, np.ndarray]:
+                trial = {**values, name: _token_prefix(tokenizer, values[name], toks, k)}
+                rendered = self.render(trial)
+                return rendered, tokenizer.tokenize(rendered)
+
+            best = attempt(0)
+            if len(best[1]) > limit:  # even without this field it is too long: drop it, cut the next
+                values[name] = ""
+                continue
+            lo, hi = 0, len(toks) + 1  # the longest prefix that fits: attempt(lo) fits, hi is past the field
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                trial = attempt(mid)
+                if len(trial[1]) <= limit:
+                    lo, best = mid, trial
+                else:
+                    hi = mid
+            return FittedPrompt(best[1], len(full) - len(best[1]), best[0])
+        empty = tokenizer.tokenize(self.render(dict.fromkeys(self.template_fields, "")))
+        raise ProbeError(f"task {self.name}: the prompt template alone takes {len(empty)} tokens, more than the "
+                         f"{limit} the context holds; raise --ctx")
+
+
+def _token_prefix(tokenizer: Tokenizer, text: str, tokens: np.ndarray, k: int) -> str:
+    """The text of a field's first k tokens, as a prefix of the field's own text where possible (a
+    detokenizer may add or drop a leading space, or end inside a multi-byte character)."""
+    if k <= 0:
+        return ""
+    piece = tokenizer.detokenize(tokens[:k]).rstrip("\ufffd")
+    for candidate in (piece, piece.lstrip()):
+        if text.startswith(candidate):
+            return candidate
+    return piece
 
 
 def normalize_gold_value(value: Any) -> str | None:

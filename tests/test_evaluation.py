@@ -187,7 +187,6 @@ def _decoded_token_arrays(run_dir) -> list[np.ndarray]:
     return [by_position[i] for i in range(len(by_position))]
 
 
-@pytest.mark.slow
 def test_truncation_keeps_the_template_and_top_tokens_point_into_the_decoded_tokens(demo_path, boolq_path, tmp_path):
     """n_ctx 64 on real BoolQ passages: the passage is cut, the instruction before it and the question
     after it stay, and every top-activating token shown is the token at its position in what was decoded."""

@@ -503,6 +503,71 @@ def dump_cmd(model, names, dequantize, output, force) -> None:
     _console().print(f"wrote {res.path} ({human_size(res.n_bytes)})" + (f", metadata in {res.sidecar}" if res.sidecar else ""))
 
 
+# --------------------------------------------------------------------------- kld
+
+@cli.command("kld")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--ref", "ref", default=None, help="The reference model (e.g. the F16 rung); not needed with --base.")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A plain-text file to score (e.g. wiki.test.raw); needs at least 2 × --ctx tokens.")
+@click.option("--base", "base_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A reference made by `llama-perplexity --kl-divergence-base` (or by this command): its tokens, "
+                   "ctx and log-probabilities are used, and --ref/--text are not needed.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk (llama-perplexity's -c).")
+@click.option("--chunks", type=int, default=None, help="Score at most this many chunks (default: the whole text).")
+@click.option("--batch", type=int, default=2048, show_default=True,
+              help="Tokens per llama_decode (llama-perplexity's -b): batch/ctx chunks decode together.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use).")
+@click.option("--gpu-layers", default="auto", show_default=True,
+              help="Layers to offload to CUDA/Metal: 'auto' (all, where a GPU backend exists), -1 (all) or N.")
+@click.option("--flash-attn", is_flag=True,
+              help="Flash attention on (llama-perplexity's CPU default; off here, as everywhere in ggml-probe).")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/kld"),
+              show_default=True, help="Where the reference base, partial state and kld.json go (reused by later runs).")
+@click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON, one object per model.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def kld_cmd(models, ref, text_file, base_file, ctx, chunks, batch, threads, gpu_layers, flash_attn, out, as_json,
+            quiet) -> None:
+    """llama-perplexity's quality figures of MODELS against --ref, computed in-process.
+
+    Exactly `llama-perplexity --kl-divergence`'s protocol and statistics: the text in chunks of --ctx
+    tokens (BOS as llama.cpp adds it), the second half of each chunk scored; PPL and ln(PPL(Q)/PPL(base))
+    with covariance-aware uncertainties, mean KLD ± its uncertainty and its percentiles, RMS Δp and
+    "same top p". The reference's log-probabilities are computed once (in llama-perplexity's base
+    format, readable by it) and reused; an interrupted run resumes by chunk.
+    """
+    from .pipeline.kld import KLDSettings, run_kld  # start-up time: numpy, llama_cpp
+    from .report.terminal import print_kld_summary
+
+    paths = {}
+    for m in models:
+        p = resolve_model(m)
+        paths[p.stem if p.stem not in paths else str(p)] = p
+    settings = KLDSettings(ctx=ctx, chunks=chunks, batch=batch, threads=threads, gpu_layers=gpu_layers,
+                           flash_attn=flash_attn)
+    text = None
+    if base_file is None:
+        if ref is None or text_file is None:
+            raise ProbeError("kld needs --ref REF and --text FILE, or --base FILE from llama-perplexity")
+        text = text_file.read_text(encoding="utf-8", errors="replace")
+    with _Progress(quiet or as_json) as bars:
+        trackers: dict[str, object] = {}
+
+        def progress(done: int, total: int, label: str) -> None:
+            if bars.progress is None:
+                return
+            if label not in trackers:
+                trackers[label] = bars.tracker(f"{label} · chunks")
+            trackers[label](done, total)
+
+        result = run_kld(paths, resolve_model(ref) if ref else None, text, out, settings, base_file=base_file,
+                         progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        print_kld_summary(_console(), result.to_dict())
+
+
 # --------------------------------------------------------------------------- study
 
 class _StudyProgress(_RunProgress):

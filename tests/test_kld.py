@@ -6,6 +6,7 @@ only by float32 rounding and by the base file's uint16 quantization of log-proba
 """
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,3 +222,63 @@ def test_kld_pipeline_equals_numpy_on_llama_cpps_logits(demo_ladder, boolq_path,
     again = run_kld({"Q4_0": q}, ref, text, tmp_path, s)  # the base is reused, not recomputed
     assert again.base_source == "cached" and again.base_file == res.base_file
     assert again.models["Q4_0"]["kld_mean"] == got["kld_mean"]
+
+
+@pytest.mark.slow
+def test_kld_cli_json_resume_and_llama_perplexity_base(demo_ladder, boolq_path, tmp_path):
+    """Through the CLI: --json keys, an interrupted run resumed by chunk to the same figures, a base file
+    given back with --base, and a text too short for one chunk refused in one line."""
+    import json
+
+    from click.testing import CliRunner
+
+    from ggml_probe.cli import cli
+    from ggml_probe.pipeline import kld as kld_pipeline
+
+    text = tmp_path / "text.txt"
+    text.write_text(_boolq_text(boolq_path, 12))
+    ref, q = str(demo_ladder["F16"]), str(demo_ladder["Q4_0"])
+    common = ["--ref", ref, "--text", str(text), "--ctx", "64", "--chunks", "6", "--batch", "128", "--threads", "2",
+              "--gpu-layers", "0", "--json"]
+    runner = CliRunner()
+    full = runner.invoke(cli, ["kld", q, *common, "-o", str(tmp_path / "full")])
+    assert full.exit_code == 0, full.output
+    doc = json.loads(full.output)
+    figures = doc["models"][Path(q).stem]
+    for key in ("ppl", "ppl_base", "ln_ppl_ratio", "ln_ppl_ratio_se", "kld_mean", "kld_mean_se", "kld_median",
+                "kld_p99", "kld_p999", "kld_max", "same_top_p", "same_top_p_se", "rms_dp", "rms_dp_se", "n_tokens"):
+        assert isinstance(figures[key], (int, float)), key
+    assert figures["n_tokens"] == 6 * (64 - 1 - 32)
+
+    # interrupt the scoring after its third chunk (a callback that raises, as Ctrl-C would), then rerun
+    out = tmp_path / "resumed"
+    calls = []
+
+    def stop_after_three(done, total, label):
+        calls.append((done, label))
+        if label == Path(q).name and done == 3:
+            raise KeyboardInterrupt
+
+    s = kld_pipeline.KLDSettings(ctx=64, chunks=6, batch=128, threads=2, gpu_layers=0)
+    with pytest.raises(KeyboardInterrupt):
+        kld_pipeline.run_kld({Path(q).stem: Path(q)}, Path(ref), text.read_text(), out, s, progress=stop_after_three)
+    states = list(out.glob("state-*.npz"))
+    assert len(states) == 1 and int(np.load(states[0])["chunks_done"]) == 2  # two chunks per decode: 2 kept
+    again = runner.invoke(cli, ["kld", q, *common, "-o", str(out)])
+    assert again.exit_code == 0, again.output
+    resumed = json.loads(again.output)["models"][Path(q).stem]
+    assert resumed["kld_mean"] == pytest.approx(figures["kld_mean"], rel=1e-12)
+    assert resumed["n_tokens"] == figures["n_tokens"] and resumed["same_top_p"] == figures["same_top_p"]
+    assert not list(out.glob("state-*.npz"))
+
+    # the base file this wrote is llama-perplexity's format: given back with --base, the same figures
+    base = json.loads(full.output)["base_file"]
+    given = runner.invoke(cli, ["kld", q, "--base", base, "--batch", "128", "--threads", "2", "--gpu-layers", "0",
+                                "--json", "-o", str(tmp_path / "given")])
+    assert given.exit_code == 0, given.output
+    assert json.loads(given.output)["models"][Path(q).stem]["kld_mean"] == pytest.approx(figures["kld_mean"])
+
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    bad = runner.invoke(cli, ["kld", q, "--ref", ref, "--text", str(short), "--ctx", "64", "-o", str(tmp_path / "s")])
+    assert bad.exit_code == 2 and "needs at least 128" in bad.output and len(bad.output.strip().splitlines()) == 1

@@ -123,6 +123,25 @@ class KLDAccumulator:
         self.kld_values.append(kld.astype(np.float32))
         self.p_diff_values.append(p_diff)
 
+    _SUMS = ("sum_nll", "sum_nll2", "sum_nll_base", "sum_nll_base2", "sum_nll_nll_base", "sum_kld", "sum_kld2",
+             "sum_p_diff", "sum_p_diff2", "sum_p_diff4", "max_p_diff")
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Everything needed to continue exactly where this accumulator stands (saved between chunks)."""
+        out = {k: np.array(getattr(self, k), dtype=np.float64) for k in self._SUMS}
+        out.update(n_same_top=np.array(self.n_same_top, np.int64), count=np.array(self.count, np.int64),
+                   kld_values=np.concatenate(self.kld_values) if self.kld_values else np.zeros(0, np.float32),
+                   p_diff_values=np.concatenate(self.p_diff_values) if self.p_diff_values else np.zeros(0, np.float32))
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> "KLDAccumulator":
+        acc = cls(**{k: float(state[k]) for k in cls._SUMS}, n_same_top=int(state["n_same_top"]),
+                  count=int(state["count"]))
+        acc.kld_values = [np.asarray(state["kld_values"], np.float32)]
+        acc.p_diff_values = [np.asarray(state["p_diff_values"], np.float32)]
+        return acc
+
     def result(self) -> dict[str, Any]:
         """Every figure llama-perplexity prints, under the keys `ggml-probe kld --json` uses."""
         n = self.count

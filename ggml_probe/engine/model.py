@@ -204,6 +204,7 @@ class Engine(_VocabMethods):
         self.n_layer = int(lib.llama_model_n_layer(model))
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(model))
         self.add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
+        self.bos = int(lib.llama_vocab_bos(self._vocab))
 
         self.n_threads = n_threads or default_threads()
         self.n_seq_max = max(1, n_seq_max)
@@ -308,6 +309,50 @@ class Engine(_VocabMethods):
             loaded_tensor_types=self.loaded_tensor_types,
             model_desc=buf.value.decode(errors="replace"),
         )
+
+    # ------------------------------------------------------------------ logits of whole sequences
+    def logits_from(self, sequences: Sequence[np.ndarray], first: int) -> list[np.ndarray]:
+        """Decode the sequences together (one llama_decode, each its own sequence) and return, per
+        sequence, the float32 logits of positions first … len−1, shape (len − first, n_vocab).
+
+        llama-perplexity's layout: only the positions it scores are outputs, so llama.cpp computes
+        the output matrix for those rows alone. No truncation: each sequence must fit n_ctx / n_seq_max.
+        """
+        lib = self._lib
+        lengths = [len(s) for s in sequences]
+        total = sum(lengths)
+        if len(sequences) > self.n_seq_max or total > self.n_batch or max(lengths, default=0) > self.n_ctx:
+            raise ProbeError(f"{len(sequences)} sequences of {max(lengths, default=0)} tokens do not fit one decode "
+                             f"(n_seq_max {self.n_seq_max}, n_batch {self.n_batch}, n_ctx {self.n_ctx})")
+        batch = lib.llama_batch_init(total, 0, 1)
+        try:
+            row = 0
+            for seq, toks in enumerate(sequences):
+                for pos, tok in enumerate(np.asarray(toks, dtype=np.int32).tolist()):
+                    batch.token[row] = tok
+                    batch.pos[row] = pos
+                    batch.n_seq_id[row] = 1
+                    batch.seq_id[row][0] = seq
+                    batch.logits[row] = pos >= first
+                    row += 1
+            batch.n_tokens = total
+            lib.llama_memory_clear(self._mem, True)
+            clear_log()
+            rc = lib.llama_decode(self._ctx, batch)
+            if rc != 0:
+                raise ProbeError(f"llama_decode failed (code {rc}): {last_error('no message')}")
+            # outputs are stored in batch order: each sequence's scored rows, one sequence after another
+            n_out = sum(max(0, n - first) for n in lengths)
+            ptr = lib.llama_get_logits(self._ctx)
+            every = np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+            out, start = [], 0
+            for n in lengths:
+                k = max(0, n - first)
+                out.append(every[start:start + k].copy())
+                start += k
+            return out
+        finally:
+            lib.llama_batch_free(batch)
 
     # ------------------------------------------------------------------ decoding
     @property

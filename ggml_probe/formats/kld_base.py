@@ -122,11 +122,12 @@ class KLDBaseReader:
             raise BadModelFile(f"{self.path}: truncated: {size} bytes, the header promises {expected}")
         return KLDBaseHeader(int(n_ctx), int(n_vocab), int(n_chunk), tokens.astype(np.int32))
 
-    def chunks(self) -> Iterator[np.ndarray]:
+    def chunks(self, start: int = 0) -> Iterator[np.ndarray]:
+        """The stored rows of chunk `start` onwards, one chunk at a time."""
         h = self.header
         n = h.rows_per_chunk * h.row_width
-        self._f.seek(20 + h.tokens.nbytes)
-        for _ in range(h.n_chunk):
+        self._f.seek(20 + h.tokens.nbytes + start * n * 2)
+        for _ in range(start, h.n_chunk):
             data = np.fromfile(self._f, dtype="<u2", count=n)
             if data.size != n:
                 raise BadModelFile(f"{self.path}: truncated log-probabilities")
@@ -142,6 +143,28 @@ class KLDBaseReader:
         self.close()
 
 
+def chunk_offset(n_ctx: int, n_vocab: int, tokens: np.ndarray, chunk: int) -> int:
+    """Byte offset where chunk `chunk`'s rows start."""
+    return 20 + 4 * len(tokens) + chunk * scored_rows(n_ctx) * row_width(n_vocab) * 2
+
+
+def complete_chunks(path: Path, n_ctx: int, n_vocab: int, tokens: np.ndarray) -> int:
+    """How many whole chunks a partly written base holds, if it was started for these very tokens (else 0)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+            if len(head) < 20 or head[:8] != MAGIC or struct.unpack("<Iii", head[8:]) != (n_ctx, n_vocab,
+                                                                                          len(tokens) // n_ctx):
+                return 0
+            if not np.array_equal(np.fromfile(f, dtype="<i4", count=len(tokens)), tokens):
+                return 0
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    per_chunk = scored_rows(n_ctx) * row_width(n_vocab) * 2
+    return max(0, min(len(tokens) // n_ctx, (size - chunk_offset(n_ctx, n_vocab, tokens, 0)) // per_chunk))
+
+
 class KLDBaseWriter:
     """Writes a base file llama-perplexity reads: the header and tokens first, then each chunk's rows."""
 
@@ -155,6 +178,15 @@ class KLDBaseWriter:
         f.write(struct.pack("<Iii", n_ctx, n_vocab, self.n_chunk))
         f.write(tokens.tobytes())
         self.written = 0
+
+    @classmethod
+    def resuming(cls, f: BinaryIO, n_ctx: int, n_vocab: int, tokens: np.ndarray, written: int) -> "KLDBaseWriter":
+        """A writer continuing a file whose header and first `written` chunks are already in place."""
+        self = cls.__new__(cls)
+        self._f, self.n_ctx, self.n_vocab = f, n_ctx, n_vocab
+        self.n_chunk = len(tokens) // n_ctx
+        self.written = written
+        return self
 
     def add_chunk(self, scored_logits: np.ndarray) -> None:
         """The logits of one chunk's scored positions, (n_ctx − 1 − n_ctx/2, n_vocab)."""

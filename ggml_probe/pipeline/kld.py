@@ -12,6 +12,7 @@ batch of chunks' logits at a time.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,9 @@ import numpy as np
 from ..analysis.kld import KLDAccumulator
 from ..engine.model import Engine, Vocab
 from ..errors import ProbeError
-from ..formats.kld_base import KLDBaseReader, KLDBaseWriter, decode_rows, scored_rows
-from ..fsutil import atomic_output, sha256_file
-from .rundir import write_json
+from ..formats.kld_base import KLDBaseReader, KLDBaseWriter, chunk_offset, complete_chunks, decode_rows, scored_rows
+from ..fsutil import sha256_file
+from .rundir import read_json, save_npz, write_json
 
 # Called as progress(done_chunks, total_chunks, label).
 ChunkProgress = Callable[[int, int, str], None]
@@ -102,35 +103,62 @@ def base_key(reference: Path, tokens: np.ndarray, s: KLDSettings) -> str:
 
 def write_base(reference: Path, tokens: np.ndarray, s: KLDSettings, path: Path,
                progress: ChunkProgress | None = None) -> Path:
-    """The reference's log-probabilities over the text, in llama-perplexity's base format (atomic)."""
-    with _engine(reference, s) as engine, atomic_output(path) as tmp, open(tmp, "wb") as f:
+    """The reference's log-probabilities over the text, in llama-perplexity's base format.
+
+    Written to PATH.partial chunk by chunk and renamed when complete: an interrupted run keeps the
+    finished chunks and continues after them.
+    """
+    partial = path.with_name(path.name + ".partial")
+    with _engine(reference, s) as engine:
         chunks = _chunk_inputs(tokens, s.ctx, engine.add_bos, engine.bos)
-        writer = KLDBaseWriter(f, s.ctx, engine.n_vocab, tokens)
-        for i, rows in _scored_logits(engine, chunks, s.ctx, max(1, s.batch // s.ctx)):
-            writer.add_chunk(rows)
-            if progress:
-                progress(i + 1, len(chunks), f"{reference.name} (reference)")
+        done = complete_chunks(partial, s.ctx, engine.n_vocab, tokens)
+        with open(partial, "r+b" if done else "wb") as f:
+            if done:
+                f.truncate(chunk_offset(s.ctx, engine.n_vocab, tokens, done))
+                f.seek(0, 2)
+                writer = KLDBaseWriter.resuming(f, s.ctx, engine.n_vocab, tokens, done)
+            else:
+                writer = KLDBaseWriter(f, s.ctx, engine.n_vocab, tokens)
+            for i, rows in _scored_logits(engine, chunks[done:], s.ctx, max(1, s.batch // s.ctx)):
+                writer.add_chunk(rows)
+                f.flush()
+                if progress:
+                    progress(done + i + 1, len(chunks), f"{reference.name} (reference)")
+    os.replace(partial, path)
     return path
 
 
-def score_model(model: Path, base: Path, s: KLDSettings, progress: ChunkProgress | None = None) -> dict[str, Any]:
-    """One model's figures against a base file (its tokens, ctx and the reference's log-probabilities)."""
-    acc = KLDAccumulator()
+def score_model(model: Path, base: Path, s: KLDSettings, progress: ChunkProgress | None = None,
+                state_file: Path | None = None) -> dict[str, Any]:
+    """One model's figures against a base file (its tokens, ctx and the reference's log-probabilities).
+
+    With `state_file`, the accumulated sums are saved after every decode, and a rerun continues after
+    the chunks they cover.
+    """
+    acc, done = KLDAccumulator(), 0
+    if state_file is not None and state_file.exists():
+        with np.load(state_file) as z:
+            acc, done = KLDAccumulator.from_state(dict(z)), int(z["chunks_done"])
     t0 = time.perf_counter()
     with KLDBaseReader(base) as reader, _engine(model, KLDSettings(**{**s.__dict__, "ctx": reader.header.n_ctx})) as engine:
         h = reader.header
         if engine.n_vocab != h.n_vocab:
-            raise ProbeError(f"{model.name}: vocabulary of {engine.n_vocab} tokens, the reference's has {h.n_vocab}")
+            raise ProbeError(f"{model.name} has a vocabulary of {engine.n_vocab} tokens, the reference "
+                             f"{reader.path.name} {h.n_vocab}: KLD needs the same vocabulary")
         chunks = _chunk_inputs(h.tokens, h.n_ctx, engine.add_bos, engine.bos)
         first = h.n_ctx // 2
-        base_rows = reader.chunks()
+        base_rows = reader.chunks(start=done)
         decoded = 0
-        for i, rows in _scored_logits(engine, chunks, h.n_ctx, max(1, s.batch // h.n_ctx)):
+        per_decode = max(1, s.batch // h.n_ctx)
+        for i, rows in _scored_logits(engine, chunks[done:], h.n_ctx, per_decode):
+            chunk = done + i
             base = decode_rows(next(base_rows), h.n_vocab)
-            acc.update(rows, base, h.chunk_tokens(i)[first + 1:])
+            acc.update(rows, base, h.chunk_tokens(chunk)[first + 1:])
             decoded += h.n_ctx
+            if state_file is not None and ((i + 1) % per_decode == 0 or chunk + 1 == len(chunks)):
+                save_npz(state_file, **acc.state(), chunks_done=np.array(chunk + 1))
             if progress:
-                progress(i + 1, len(chunks), model.name)
+                progress(chunk + 1, len(chunks), model.name)
     out = acc.result()
     seconds = time.perf_counter() - t0
     out.update(seconds=seconds, tokens_per_second=decoded / seconds if seconds else None)
@@ -161,7 +189,19 @@ def run_kld(models: dict[str, Path], reference: Path | None, text: str | None, o
     with KLDBaseReader(base) as reader:
         h = reader.header
     result = KLDResult(ref_name, base, source, h.n_ctx, h.n_chunk)
+    # A model already scored against this very base (same file name: same key) is not scored again.
+    previous = read_json(out / "kld.json") if (out / "kld.json").exists() else {}
+    kept = previous.get("models", {}) if previous.get("base_file") == str(base) else {}
     for name, path in models.items():
-        result.models[name] = score_model(Path(path), base, s, progress)
+        model_key = sha256_file(Path(path))[:16]
+        if name in kept and kept[name].get("model_sha256_16") == model_key:
+            result.models[name] = kept[name]
+            continue
+        state = out / f"state-{model_key}-{base.stem}.npz"
+        figures = score_model(Path(path), base, s, progress, state_file=state)
+        figures["model_sha256_16"] = model_key
+        result.models[name] = figures
+        write_json(out / "kld.json", result.to_dict())  # each finished model is kept at once
+        state.unlink(missing_ok=True)
     write_json(out / "kld.json", result.to_dict())
     return result

@@ -50,6 +50,7 @@ class NeuronAnalysis:
     threads: int | None = None
     gpu_layers: str | int = "auto"
 
+
 # What the salient neurons explain (--attribution-target): log p of this token at the answer position.
 TARGET_DEFINITIONS = {
     "label": ("the label the model chose under label-set scoring, as the first token it would emit for that "
@@ -58,7 +59,6 @@ TARGET_DEFINITIONS = {
                "models often not a label, e.g. the end of the turn)"),
     "gold": "the gold label, as the first token the model would emit for it after the prompt",
 }
-
 
 
 def finalize_neurons(run_dir: Path, acc, engine, settings) -> dict[str, Any]:

@@ -247,3 +247,25 @@ def print_neuron_summary(console: "Console", levels: dict, comparison: dict | No
                               f"mean |Σ attr − Δ log p| {d['completeness_error_mean']:.3g} nats against a mean "
                               f"|Δ log p| of {d['real_change_mean']:.3g}): its attributions, and so its salient set, are not "
                               f"findings; the ablation line is the causal test of its candidates[/]")
+
+
+def print_kld_summary(console: "Console", result: dict) -> None:
+    """`ggml-probe kld`: llama-perplexity's figures per model, as its final statistics print them."""
+    head = (f"reference {escape(result['reference'])} · {result['chunks']} chunks of {result['ctx']} tokens · "
+            f"base {result['base_source']}: {escape(result['base_file'])}")
+    table = Table(title=head, title_justify="left")
+    for col in ("model", "tokens", "PPL", "ln(PPL/PPL base)", "KLD mean", "KLD median", "KLD p99", "KLD p99.9",
+                "KLD max", "RMS Δp %", "same top p %"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, m in result["models"].items():
+        table.add_row(
+            escape(name), str(m["n_tokens"]), f"{m['ppl']:.4f} ±{m['ppl_se']:.4f}",
+            f"{m['ln_ppl_ratio']:+.5f} ±{m['ln_ppl_ratio_se']:.5f}", f"{m['kld_mean']:.6f} ±{m['kld_mean_se']:.6f}",
+            f"{m['kld_median']:.6f}", f"{m['kld_p99']:.5f}", f"{m['kld_p999']:.5f}", f"{m['kld_max']:.5f}",
+            f"{100 * m['rms_dp']:.3f} ±{100 * m['rms_dp_se']:.3f}",
+            f"{100 * m['same_top_p']:.3f} ±{100 * m['same_top_p_se']:.3f}")
+    console.print(table)
+    if result["models"]:
+        first = next(iter(result["models"].values()))
+        console.print(f"PPL(base) {first['ppl_base']:.4f} ±{first['ppl_base_se']:.4f} · "
+                      "definitions: llama-perplexity --kl-divergence (tools/perplexity/perplexity.cpp)")

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..analysis.salient import gauss_legendre_01
+from ..engine.llama_lib import default_threads
 from ..engine.model import Vocab
 from ..layerspec import resolve_layers
 from .torch_model import TorchModel, require_torch
@@ -46,8 +47,7 @@ def integrated_gradients(
     points go through the later layers at once (memory: batch × tokens × the model's width).
     """
     torch = require_torch()
-    if threads:
-        torch.set_num_threads(int(threads))
+    torch.set_num_threads(int(threads) if threads else default_threads())  # the engine's default, not torch's
     t0 = time.perf_counter()
     model = model or TorchModel(model_path, device=device, dtype=dtype)
     layers = sorted(set(resolve_layers(list(layers), model.hp.n_layer)))  # negatives count from the end

@@ -538,6 +538,7 @@ def _manifest_section(s: _Study) -> Section:
         li = s.levels_info.get(lvl) or {}
         eng = li.get("engine") or {}
         devices = ", ".join(f"{d.get('name')} ({d.get('description')})" for d in eng.get("devices") or []) or "—"
+        # the layers llama.cpp offloaded: its own "N/M" figure when it logs one, else the manifest's count (0 on CPU)
         gpu = eng.get("offloaded_layers") if eng.get("offloaded_layers") is not None else eng.get("gpu_layers_requested", "—")
         rows.append([lvl, Cell(str(li.get("sha256") or "—"), cls="mono"), str(li.get("path") or "—"),
                      ", ".join(f"{k}×{v}" for k, v in (li.get("tensor_types") or {}).items()) or "—",
@@ -546,7 +547,7 @@ def _manifest_section(s: _Study) -> Section:
     details: list[tuple[str, Any]] = []
     if rows:
         details.append(("table", Table(["level", "sha256", "file", "tensor types (file)", "tensor types (loaded)",
-                                        "devices", "GPU layers"], rows, cls="manifest")))
+                                        "devices", "GPU layers offloaded"], rows, cls="manifest")))
     for task, t in s.tasks.items():
         data = t.get("data") or {}
         if data:

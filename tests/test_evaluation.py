@@ -255,6 +255,47 @@ def test_truncation_keeps_the_template_and_top_tokens_point_into_the_decoded_tok
     assert in_tail > 0  # positions after the cut are covered, where a re-tokenized prompt would be off
 
 
+@pytest.mark.slow
+def test_salient_neurons_attribute_the_decoded_tokens_at_a_small_ctx(demo_path, boolq_path, tmp_path):
+    """At n_ctx 64 every passage prompt is fitted (template kept, passage cut): the salient-neuron pass
+    attributes and ablates exactly the token arrays the run decoded, not the prompt texts (which the
+    engine, given a text too long, would cut from the left, dropping the instruction)."""
+    from ggml_probe.attribution import ablation_effect, attribute
+    from ggml_probe.pipeline.evaluation import NeuronSettings
+    from ggml_probe.pipeline.neurons import NeuronAnalysis
+    from ggml_probe.pipeline.runs import run_level_files
+
+    n_ctx, n = 64, 2
+    config = EvalConfig(task="boolq-passage-short", data_path=str(boolq_path), template=PASSAGE_TEMPLATE,
+                        labels=("True", "False"), gold_column="label", id_column="idx", limit=n, n_ctx=n_ctx,
+                        threads=1, n_boot=10, neurons=NeuronSettings(layers="0,-1", redundancy=False, top_k=0))
+    analysis = NeuronAnalysis(layers="0,-1", salient_examples=n, attribution="exact", attribution_target="answer",
+                              ablate_top=1)
+    runs = run_level_files({None: demo_path}, config, tmp_path / "run", neurons=analysis)
+    run_dir = next(iter(runs.run_dirs.values()))
+    decoded = _decoded_token_arrays(run_dir)
+    df = pd.read_parquet(run_dir / "predictions.parquet")
+    assert len(decoded) == n and (df["truncated_tokens"] > 0).all()  # every prompt was cut to fit
+    sal = json.loads((run_dir / "salient.json").read_text())
+
+    # the same attribution and ablation, computed here on the decoded arrays
+    ref = attribute("exact", demo_path, decoded, [29], n_ctx=n_ctx, threads=1)
+    summary = ref.layers[29].salient(analysis.saliency)
+    layer = sal["layers"]["29"]
+    assert sal["targets"] == [int(t) for t in ref.target_tokens]
+    assert layer["union"] == [int(i) for i in summary.union]
+    assert layer["ranking"] == [int(i) for i in summary.ranking[:20]]
+    abl = ablation_effect(demo_path, decoded, 29, layer["ablation"]["neurons"], values=0.0, definition="act",
+                          targets=sal["targets"], n_ctx=n_ctx, n_threads=1)
+    assert layer["ablation"]["delta_logprob_mean"] == pytest.approx(float(abl.delta.mean()), abs=1e-9)
+
+    # and the texts would have given other attributions: the check above can tell the two apart
+    texts = [PASSAGE_TEMPLATE.format(**row) for row in
+             (json.loads(line) for line in list(boolq_path.open())[:n])]
+    left_cut = attribute("exact", demo_path, texts, [29], n_ctx=n_ctx, threads=1)
+    assert not np.allclose(left_cut.layers[29].attributions, ref.layers[29].attributions)
+
+
 def test_resume_with_another_batch_layout_is_refused(demo_path, boolq_path, tmp_path):
     """A packed batch changes the logits (test_engine: batch-layout noise), so --batch is part of what a
     resumed run must match: refused with one line, never mixed. The same --batch resumes."""

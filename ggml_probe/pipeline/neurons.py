@@ -179,13 +179,15 @@ def _target_summary(model_path: Path, prompts: list[str], labels, kind: str, tar
 
 def _salient(run_dir: Path, model_path: Path, prompts: list[str], layers: list[int], config, progress,
              targets: list[int] | None = None) -> dict[str, Any] | None:
-    """Salient neurons of this level by config.attribution, cached in RUN_DIR/salient.json."""
+    """Salient neurons of this level by config.attribution, cached in RUN_DIR/salient.json. The first
+    prompts are attributed (and ablated) as the run decoded them: its token arrays (pipeline.tokens), so a
+    prompt fitted to the context keeps its template here too; `prompts` only name the target tokens."""
     m = method(config.attribution)
     n = min(config.salient_examples, len(prompts))
     kind = _target_kind(config)
     key = {"method": m.name, "n_prompts": n, "threshold": config.saliency, "layers": sorted(layers),
            "target": kind, "targets": None if targets is None else [int(t) for t in targets[:n]],
-           "ablate_top": config.ablate_top, "definitions_version": 3}
+           "ablate_top": config.ablate_top, "definitions_version": 4}  # 4: the run's decoded tokens
     cache = run_dir / "salient.json"
     if cache.exists():
         cached = read_json(cache)
@@ -195,7 +197,8 @@ def _salient(run_dir: Path, model_path: Path, prompts: list[str], layers: list[i
     if progress:
         progress.step(f"salient neurons ({m.name}) on {n} prompts, layers {','.join(map(str, wanted))} · "
                       f"{run_dir.parent.name}/{run_dir.name}")
-    attr = attribute(m.name, model_path, prompts[:n], wanted, targets=None if targets is None else targets[:n],
+    tokens = decoded_tokens(run_dir)[:n]
+    attr = attribute(m.name, model_path, tokens, wanted, targets=None if targets is None else targets[:n],
                      n_ctx=config.n_ctx, threads=config.threads, gpu_layers=config.gpu_layers,
                      device=config.attribution_device)
     result: dict[str, Any] = {"key": key, "method": m.name, "label": m.label, "paper_method": m.paper,
@@ -216,7 +219,7 @@ def _salient(run_dir: Path, model_path: Path, prompts: list[str], layers: list[i
                          converged_prompts=int(ok.sum()), converged=bool(ok.all()))
         result["layers"][str(layer)] = entry
     if config.ablate_top > 0:
-        _ablation_check(result, model_path, prompts[:n], config)
+        _ablation_check(result, model_path, tokens, config)
     if attr.llama_real_change is not None:  # exact: the closed form against llama.cpp's own swap
         gap = attr.layers[max(attr.layers)].attributions.sum(axis=1) - attr.llama_real_change
         result.update(llama_gap_mean=float(np.abs(gap).mean()), llama_gap_max=float(np.abs(gap).max()))
@@ -224,10 +227,10 @@ def _salient(run_dir: Path, model_path: Path, prompts: list[str], layers: list[i
     return result
 
 
-def _ablation_check(result: dict[str, Any], model_path: Path, prompts: list[str], config) -> None:
+def _ablation_check(result: dict[str, Any], model_path: Path, tokens: list[np.ndarray], config) -> None:
     """A causal second opinion beside the attribution: switch the top candidates of each layer off
-    inside llama.cpp (act := 0 at every position) and measure the change of log p(target); the same
-    for as many random neurons of that layer (seeded), as a control."""
+    inside llama.cpp (act := 0 at every position) and measure the change of log p(target) on the same
+    token arrays; the same for as many random neurons of that layer (seeded), as a control."""
     n_ff = model_ffn(model_path).n_ff
     rng = np.random.default_rng(0)
     for key, entry in result["layers"].items():
@@ -238,7 +241,7 @@ def _ablation_check(result: dict[str, Any], model_path: Path, prompts: list[str]
         control = sorted(int(i) for i in rng.choice(others, size=len(top), replace=False))
         deltas = {}
         for name, ids in (("top", top), ("control", control)):
-            res = ablation_effect(model_path, prompts, int(key), ids, values=0.0, definition="act",
+            res = ablation_effect(model_path, tokens, int(key), ids, values=0.0, definition="act",
                                   targets=result["targets"], n_ctx=config.n_ctx, n_threads=config.threads,
                                   gpu_layers=config.gpu_layers)
             deltas[name] = res.delta
@@ -286,7 +289,8 @@ def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, pr
         "redundancy_groups": {str(e["layer"]): e["redundancy"]["groups"] for e in entries if "redundancy" in e},
         "redundancy_threshold": next((e["redundancy"]["threshold"] for e in entries if "redundancy" in e), None),
         "redundancy_hist": [int(x) for x in np.sum([e["redundancy"]["histogram"] for e in entries
-                                                    if "redundancy" in e], axis=0)] if entries else [],
+                                                    if "redundancy" in e], axis=0)]
+                            if any("redundancy" in e for e in entries) else [],  # a pass without redundancy: none
         "top_tokens": {},
     }
     last = max(level["layers"]) if level["layers"] else None

@@ -693,21 +693,16 @@ def imatrix_group() -> None:
 @_engine_options
 def imatrix_collect_cmd(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
                         out, force, n_ctx, threads, gpu_layers, batch_prompts) -> None:
-    """Collect Σx² per input channel of every layer's matmuls on the task's prompts (llama-imatrix's rule)."""
-    from .engine.imatrix_capture import collect_imatrix  # start-up time: llama_cpp, numpy
+    """Collect Σx² per input channel of every layer's matmuls on the task's prompts (llama-imatrix's rule),
+    each prompt fitted to --ctx as eval fits it (the template kept, the longest field cut)."""
     from .formats.imatrix import write_imatrix  # start-up time: numpy
-    from .pipeline.evaluation import task_spec  # start-up time: the pipeline
-    from .tasks import load_examples  # start-up time: ~40 ms
+    from .pipeline.imatrix import collect_task_imatrix  # start-up time: llama_cpp, numpy, the pipeline
 
     check_output(out, force)
     config = _eval_config(task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
                           n_ctx, threads, gpu_layers, batch_prompts)
-    data = load_examples(task_spec(config), data_path=config.data_path, limit=config.limit,
-                         on_bad_row=config.on_bad_row, seed=config.seed)
     with _Progress(False) as bars:
-        im = collect_imatrix(resolve_model(model), [ex.prompt for ex in data.examples], datasets=[data.source],
-                             n_ctx=n_ctx, n_threads=threads, gpu_layers=gpu_layers,
-                             progress=bars.tracker(f"imatrix · {task}"))
+        im, _ = collect_task_imatrix(resolve_model(model), config, progress=bars.tracker(f"imatrix · {task}"))
     write_imatrix(out, im)
     _console().print(f"wrote {out}: {len(im.entries)} matrices, {im.chunk_count} prompts")
 

@@ -121,3 +121,32 @@ def test_eval_writes_the_same_imatrix_in_its_own_pass_and_resumes(demo_ladder, b
     # the sums must cover every example: resuming without the option is refused
     with pytest.raises(ProbeError, match=r"different settings \(imatrix\)"):
         evaluate(path, replace(config, imatrix_out=None), tmp_path / "run", resume=True)
+
+
+def test_imatrix_collect_fits_long_prompts_as_eval_does(demo_path, boolq_path, tmp_path):
+    """At --ctx 64 every BoolQ passage prompt must be cut: `imatrix collect` fits each as an eval run
+    does (the template kept, the passage cut), so its matrix is the one the eval pass of the same task
+    and context writes. Prompts handed to the engine unfitted are refused, never cut from the left."""
+    import pandas as pd
+
+    from ggml_probe.errors import ProbeError
+    from ggml_probe.pipeline.evaluation import EvalConfig, evaluate
+    from ggml_probe.pipeline.imatrix import collect_task_imatrix
+
+    template = "Respond with True or False only.\nPassage: {passage}\nQuestion: {question}?\nAnswer:"
+    out = tmp_path / "eval.imatrix.gguf"
+    config = EvalConfig(task="boolq-passage-short", data_path=str(boolq_path), template=template,
+                        labels=("True", "False"), gold_column="label", id_column="idx", limit=2, n_ctx=64,
+                        threads=1, n_boot=10, imatrix_out=str(out))
+    summary = evaluate(demo_path, config, tmp_path / "run")
+    assert (pd.read_parquet(summary.run_dir / "predictions.parquet")["truncated_tokens"] > 0).all()
+
+    im, data = collect_task_imatrix(demo_path, config)
+    got = read_imatrix(out)
+    assert set(im.entries) == set(got.entries) and im.chunk_count == 2
+    for name, e in im.entries.items():
+        assert got.entries[name].counts[0] == e.counts[0], name
+        np.testing.assert_array_equal(got.entries[name].sums, e.sums.astype(np.float32), err_msg=name)
+
+    with pytest.raises(ProbeError, match="fit it first"):
+        collect_imatrix(demo_path, [ex.prompt for ex in data.examples], n_ctx=64, n_threads=1)

@@ -83,10 +83,14 @@ class ImatrixProbe(Probe):
         return Imatrix(entries, datasets=list(datasets), chunk_count=chunk_count, chunk_size=0)
 
 
-def collect_imatrix(model_path: str | os.PathLike, prompts: Sequence[str], *, datasets: Sequence[str] = ("prompts",),
-                    n_ctx: int = 2048, n_threads: int | None = None, gpu_layers: str | int = "auto",
-                    progress: Callable[[int, int], None] | None = None) -> Imatrix:
-    """Decode each prompt once and return the importance matrix of its matmul inputs (every token counts)."""
+def collect_imatrix(model_path: str | os.PathLike, prompts: Sequence[np.ndarray | str], *,
+                    datasets: Sequence[str] = ("prompts",), n_ctx: int = 2048, n_threads: int | None = None,
+                    gpu_layers: str | int = "auto", progress: Callable[[int, int], None] | None = None) -> Imatrix:
+    """Decode each prompt once and return the importance matrix of its matmul inputs (every token counts).
+
+    prompts: token arrays (a task's prompts fitted to the context as an eval run fits them:
+    pipeline.imatrix), or texts, tokenized whole. A prompt longer than the context is refused, never
+    cut here."""
     info = model_ffn(model_path)
     if info.arch not in SUPPORTED:
         raise UnsupportedArchitecture(f"{info.arch}: imatrix collection supports {', '.join(SUPPORTED)}")
@@ -94,7 +98,11 @@ def collect_imatrix(model_path: str | os.PathLike, prompts: Sequence[str], *, da
     with Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, hidden_states=False,
                 eval_callback=probe.eval_callback) as engine:
         for i, prompt in enumerate(prompts):
-            run_checked(engine, probe, [engine.tokenize(prompt)])
+            tokens = engine.tokenize(prompt) if isinstance(prompt, str) else np.asarray(prompt, dtype=np.int32)
+            if len(tokens) > engine.prompt_limit:
+                raise ProbeError(f"prompt {i} has {len(tokens)} tokens, more than the {engine.prompt_limit} the "
+                                 "context holds; fit it first (pipeline.imatrix) or raise --ctx")
+            run_checked(engine, probe, [tokens])
             if progress:
                 progress(i + 1, len(prompts))
     if not probe.sums:

@@ -116,7 +116,8 @@ def inspect_cmd(model: str, as_json: bool, show_tensors: bool) -> None:
               help="Allow an already-quantized source (errors compound; the output's metadata records it).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--skip-existing", is_flag=True, help="Keep outputs that already exist instead of refusing.")
-@click.option("--threads", type=int, default=0, show_default=True, help="Quantizer threads (0 = all cores).")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="Quantizer threads (0 = the cores this process may use, at most one per physical core).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def quantize_cmd(model, targets, out_dir, imatrix, allow_requantize, force, skip_existing, threads, as_json) -> None:
     """Build a quantization ladder with llama.cpp's own quantizer.
@@ -224,8 +225,10 @@ def _option_group(*options):
 
 _engine_options = _option_group(
     click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True,
-                 help="Context size; longer prompts are truncated from the left (counted in the results)."),
-    click.option("--threads", type=int, default=None, help="CPU threads (default: all cores)."),
+                 help="Context size; a longer prompt keeps its template (BOS, instruction, the text after the "
+                      "fields) and its longest field is cut token-wise (counted in the results)."),
+    click.option("--threads", type=int, default=None,
+                 help="CPU threads (default: the cores this process may use, at most one per physical core)."),
     click.option("--gpu-layers", default="auto", show_default=True,
                  help="Layers to offload to CUDA/Metal: 'auto' (all, where a GPU backend exists), -1 (all) or N."),
     click.option("--batch", "batch_prompts", type=int, default=1, show_default=True,
@@ -294,7 +297,8 @@ _neuron_options = _option_group(
                       "token (the paper's; on small models often no label). gold: the gold label's token."),
     click.option("--ablate-top", type=int, default=5, show_default=True,
                  help="Causal check of each attributed layer: switch its top-N salient candidates off inside "
-                      "llama.cpp and report the change of log p(answer), beside N random neurons (0: skip)."),
+                      "llama.cpp and report the change of log p(attributed target, see --attribution-target), "
+                      "beside N random neurons (0: skip)."),
 )
 
 
@@ -604,7 +608,7 @@ class _StudyProgress(_RunProgress):
                    "label, or answer with --paper.")
 @click.option("--ablate-top", type=int, default=5, show_default=True,
               help="Causal check: switch each attributed layer's top-N salient candidates off and report the change "
-                   "of log p(answer), beside N random neurons (0: skip).")
+                   "of log p(attributed target, see --attribution-target), beside N random neurons (0: skip).")
 @click.option("--no-weights", is_flag=True, help="Skip the weight-error analysis.")
 @click.option("--allow-requantize", is_flag=True, help="Allow a ladder from an already-quantized source (implied for demo).")
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,

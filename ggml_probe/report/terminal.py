@@ -133,7 +133,7 @@ def print_eval_summary(console: "Console", summaries: dict, comparison: dict | N
     for level, s in summaries.items():
         notes = []
         if s.truncated_examples:
-            notes.append(f"{s.truncated_examples} prompts truncated from the left")
+            notes.append(f"{s.truncated_examples} prompts cut to fit --ctx (template kept, longest field shortened)")
         if s.bad_rows:
             notes.append(f"{s.bad_rows} bad rows skipped")
         if s.resumed_examples:

@@ -9,8 +9,8 @@ On the demo ladder (F16 reference; Q8_0, Q4_K_M, Q4_0):
      rms       per-token RMS of (a_level − a_F16) over every token of the prompts (F16 and the level
                decoded in lockstep, prompt by prompt, captured inside llama.cpp) — the quantity the
                estimator predicts;
-     mean_abs  |Δ mean activation| and std_abs |Δ std| from the runs' neuron_stats.npz (what
-               `neurons --quants` reports as drift).
+     mean_abs  |Δ mean activation| and std_abs |Δ std| from the runs' neuron_stats.npz, raw (the
+               drift `neurons --quants` reports is |Δ mean| / F16's std, analysis.neurons.activation_drift).
    Also, for act only, the layer's own-weight change with the input held at F16's: RMS over tokens of
    δW_gate·x with x = F16's ffn_norm output (full input covariance, not the diagonal): separates the
    estimator's diagonal approximation from the error propagated by earlier layers.
@@ -268,7 +268,8 @@ def render(r: dict) -> str:
         "from the own imatrix (act: predicted RMS of the gate pre-activation; down_in: measured RMS of down_in) — "
         "whatever a prediction gains over it comes from the weight error. Measured: **rms** = per-token RMS of (activation at the level − at F16), F16 and the level "
         "decoded in lockstep; **mean_abs** / **std_abs** = |Δ mean| / |Δ std| per neuron from the runs' "
-        "neuron_stats.npz (the drift `neurons --quants` reports).", "",
+        "neuron_stats.npz, raw (the drift `neurons --quants` reports is standardised: |Δ mean| / F16's std, "
+        "`analysis.neurons.activation_drift`).", "",
         "A measured drift includes error propagated from every earlier layer (and this layer's attention); the "
         "prediction counts only this layer's own FFN weights. Layer 0 is the cleanest comparison (only its "
         "attention precedes it). The last block checks the estimator's own approximation: prediction vs the exact "

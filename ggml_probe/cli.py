@@ -610,6 +610,11 @@ class _StudyProgress(_RunProgress):
               help="Causal check: switch each attributed layer's top-N salient candidates off and report the change "
                    "of log p(attributed target, see --attribution-target), beside N random neurons (0: skip).")
 @click.option("--no-weights", is_flag=True, help="Skip the weight-error analysis.")
+@click.option("--kld-text", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A plain-text file for the text KLD (llama-perplexity's statistics); default: the tasks' own text.")
+@click.option("--kld-ctx", type=int, default=256, show_default=True, help="Tokens per chunk of the text KLD.")
+@click.option("--kld-chunks", type=int, default=8, show_default=True, help="At most this many chunks (0: all).")
+@click.option("--no-kld", is_flag=True, help="Skip the text KLD.")
 @click.option("--allow-requantize", is_flag=True, help="Allow a ladder from an already-quantized source (implied for demo).")
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Study directory (default: studies/<model>).")
@@ -618,7 +623,7 @@ class _StudyProgress(_RunProgress):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display (for scripts).")
 def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, reference, no_neurons, salient_examples,
-              attribution, attribution_target, ablate_top, no_weights,
+              attribution, attribution_target, ablate_top, no_weights, kld_text, kld_ctx, kld_chunks, no_kld,
               allow_requantize, out, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet) -> None:
     """The whole study: ladder, one pass per level and task, comparisons, weights, and a report.
 
@@ -649,7 +654,9 @@ def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, 
     config = StudyConfig(quants=[q.strip() for q in quants.split(",") if q.strip()], tasks=tasks, data=data_map,
                          data_dir=data_dir, limit=limit, seed=None if seed == -1 else seed, layers=layers, paper=paper, reference=reference,
                          neurons=not no_neurons, salient_examples=salient_examples, attribution=attribution,
-                         attribution_target=attribution_target, ablate_top=ablate_top, weights=not no_weights, allow_requantize=allow_requantize,
+                         attribution_target=attribution_target, ablate_top=ablate_top, weights=not no_weights,
+                         kld=not no_kld, kld_text=kld_text, kld_ctx=kld_ctx, kld_chunks=kld_chunks or None,
+                         allow_requantize=allow_requantize,
                          n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts)
     out = out or Path("studies") / ladder_stem(resolve_model(model))
     command = "ggml-probe " + " ".join(sys.argv[1:]) if sys.argv else ""
@@ -664,7 +671,9 @@ def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, 
 def study_summary_json(study: dict) -> dict:
     """The headline figures per task and level (the whole thing is in study.json)."""
     out = {"study": {k: study["study"][k] for k in ("model", "quants", "reference", "tasks", "mode", "seconds")},
-           "what_changed": study.get("what_changed", []), "tasks": {}}
+           "what_changed": study.get("what_changed", []), "tasks": {},
+           "kld": {level: {k: m.get(k) for k in ("kld_mean", "kld_p99", "same_top_p", "ppl_ratio", "rms_dp")}
+                   for level, m in ((study.get("kld") or {}).get("models") or {}).items()}}
     for task, t in study["tasks"].items():
         rows = {}
         for level, run in t["runs"].items():

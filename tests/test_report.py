@@ -20,7 +20,7 @@ import pytest
 
 from ggml_probe.pipeline.study import StudyConfig, run_study
 
-SECTION_IDS = ("header", "what-changed", "tables", "plots", "neurons", "weights", "manifest")
+SECTION_IDS = ("header", "what-changed", "tables", "text-kld", "plots", "neurons", "weights", "manifest")
 TASK = "boolq"
 N_BOOT = 200
 
@@ -254,6 +254,33 @@ def test_report_shows_the_runs_numbers(real_study):
 
 
 @pytest.mark.slow
+def test_text_kld_scores_the_sampled_passages_and_is_shown(real_study, boolq_path):
+    """The study's text KLD runs on the sampled BoolQ rows' passages (read here straight from the JSONL by
+    the rows the run recorded), in llama-perplexity's chunks, and the report shows its figures."""
+    from ggml_probe.engine.model import Vocab
+    from ggml_probe.formats.kld_base import KLDBaseReader
+
+    study, page, md = real_study["study"], real_study["html"], real_study["md"]
+    kld = study["kld"]
+    pred = pd.read_parquet(_run_dir(real_study, "F16") / "predictions.parquet")
+    lines = boolq_path.read_text(encoding="utf-8").splitlines()
+    passages = list(dict.fromkeys(json.loads(lines[row - 1])["passage"] for row in pred["row"]))
+    with Vocab(real_study["ladder"]["F16"]) as vocab:
+        tokens = vocab.tokenize("\n\n".join(passages), add_special=True)
+    ctx = kld["ctx"]
+    chunks = min(8, len(tokens) // ctx)
+    assert kld["chunks"] == chunks >= 2 and list(kld["models"]) == ["Q4_0"]
+    with KLDBaseReader(Path(kld["base_file"])) as base:  # llama-perplexity's format, over exactly these tokens
+        assert np.array_equal(base.header.tokens, tokens[:chunks * ctx])
+    m = kld["models"]["Q4_0"]
+    assert m["n_tokens"] == chunks * (ctx - 1 - ctx // 2)
+    assert 0 < m["kld_mean"] < m["kld_max"] and 0 < m["same_top_p"] < 1
+    section = _section(page, "text-kld")
+    for value in (f"{m['kld_mean']:.5f}", f"{m['kld_p99']:.4f}", f"{100 * m['same_top_p']:.2f}"):
+        assert value in section and value in md
+    assert any(item["metric"] == "text_kld_mean" for item in study["what_changed"])
+
+
 def test_weight_error_matches_independent_dequantization(real_study):
     import gguf
     from gguf.quants import dequantize

@@ -26,14 +26,16 @@ from ..analysis.calibration import DEFINITIONS as CAL, reliability_bins
 from ..analysis.neurons import DRIFT_DEFINITION
 from ..analysis.scoring import DEFINITIONS as SCORING
 from ..attribution import method
-from ..errors import HubError
+from ..errors import HubError, ProbeError
 from ..models.store import DEMO_NAME, resolve_model
 from ..report.changes import what_changed
 from ..report.render import render_report
 from ..tasks import OFFLINE_TASK, get_task, load_examples
+from ..tasks.readers import open_table
 from ..weights import compare_weights
 from .compare import reference_level
-from .evaluation import EvalConfig, ladder_files
+from .evaluation import EvalConfig, ladder_files, task_spec
+from .kld import KLDSettings, run_kld
 from .neurons import TARGET_DEFINITIONS, NeuronAnalysis
 from .rundir import directory_lock, read_json, write_json
 from .runs import RunProgress, run_level_files
@@ -74,6 +76,10 @@ class StudyConfig:
     gpu_layers: str | int = "auto"
     batch_prompts: int = 1  # prompts per llama_decode (EvalConfig.batch_prompts)
     n_boot: int = 1000
+    kld: bool = True  # llama-perplexity's text KLD of every level against the reference
+    kld_text: str | None = None  # a plain-text file; None: the tasks' own text (e.g. BoolQ passages)
+    kld_ctx: int = 256
+    kld_chunks: int | None = 8  # at most this many chunks of the text (None: all)
 
     def apply_paper(self) -> None:
         """The reference study's exact protocol (study-protocol.md)."""
@@ -158,6 +164,7 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
             progress.step("building the quantization ladder")
         files = ladder_files(src, config.quants, allow_requantize=allow)
         study: dict[str, Any] = {"tasks": {}, "levels": {}, "weights": {}}
+        task_texts: dict[str, str] = {}
         for task in config.tasks:
             task_run, data_path, fallback_from = resolve_task_data(task, config)
             eval_config = EvalConfig(task=task_run, data_path=data_path, limit=config.limit, seed=config.seed,
@@ -176,6 +183,7 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
                 "comparison": runs.comparison,
                 "reliability": {lvl: _reliability(d) for lvl, d in runs.run_dirs.items()},
             }
+            task_texts[task_run] = task_text(_examples(eval_config), data_path)
             if config.neurons:
                 study["tasks"][task_run]["neurons"] = runs.neurons
                 study["tasks"][task_run]["neuron_comparison"] = runs.neuron_comparison or {}
@@ -184,6 +192,8 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
         if config.weights:
             shas = {lvl: entry["sha256"] for lvl, entry in study["levels"].items()}
             study["weights"] = _weights_section(files, reference, out, force, progress, shas)
+        if config.kld:
+            study["kld"] = _kld_section(files, reference, config, out, task_texts, progress)
         study["study"] = {
             "model": str(model), "model_path": str(src), "quants": list(files), "reference": reference,
             "tasks": list(study["tasks"]), "mode": "paper" if config.paper else "default",
@@ -224,6 +234,60 @@ def _weights_section(files: dict[str, Path], reference: str, out: Path, force: b
     return section
 
 
+def _examples(eval_config: EvalConfig) -> list:
+    data = load_examples(task_spec(eval_config), data_path=eval_config.data_path, limit=eval_config.limit,
+                         on_bad_row=eval_config.on_bad_row, seed=eval_config.seed)
+    return data.examples
+
+
+def task_text(examples, data_path: str | None = None) -> str:
+    """A task's own running text for the text KLD: each sampled row's longest text column (BoolQ's passage,
+    a Jigsaw comment; read from the local data file, whose columns the prompt may not all use), each
+    distinct one once, in the sample's order. Without a local file: the longest template field."""
+    rows: dict[int, dict] = {}
+    if data_path:
+        table = open_table(Path(data_path))
+        rows = {n: r for n, r in table.records(table.columns) if isinstance(r, dict)}
+    seen, parts = set(), []
+    for ex in examples:
+        values = rows.get(ex.index) or ex.fields or {}
+        longest = max((v for v in values.values() if isinstance(v, str)), key=len, default=ex.prompt)
+        if longest not in seen:
+            seen.add(longest)
+            parts.append(longest)
+    return "\n\n".join(parts)
+
+
+def _kld_section(files: dict[str, Path], reference: str, config: StudyConfig, out: Path, task_texts: dict[str, str],
+                 progress: StudyProgress | None) -> dict[str, Any]:
+    """llama-perplexity's statistics of every level against the reference on one text (kld.py)."""
+    if config.kld_text:
+        text, source = Path(config.kld_text).read_text(encoding="utf-8", errors="replace"), config.kld_text
+    else:
+        text = "\n\n".join(task_texts.values())
+        source = f"the tasks' own text ({', '.join(task_texts)}: each sampled row's longest text column)"
+    settings = KLDSettings(ctx=config.kld_ctx, chunks=config.kld_chunks, batch=max(2048, config.kld_ctx),
+                           threads=config.threads, gpu_layers=config.gpu_layers)
+    levels = {lvl: path for lvl, path in files.items() if lvl != reference}
+    trackers: dict[str, Any] = {}
+
+    def chunk_progress(done: int, total: int, label: str) -> None:
+        if progress is None:
+            return
+        if label not in trackers:
+            trackers[label] = progress.run(f"text KLD · {label}")
+        if trackers[label]:
+            trackers[label](done, total)
+
+    if progress:
+        progress.step(f"text KLD against {reference} ({source})")
+    try:
+        result = run_kld(levels, files[reference], text, out / "kld", settings, progress=chunk_progress)
+    except ProbeError as exc:  # e.g. a text shorter than two chunks: say so, keep the rest of the study
+        return {"text_source": source, "note": str(exc)}
+    return {"text_source": source, **result.to_dict(), "settings": asdict(settings)}
+
+
 def _definitions(config: StudyConfig) -> dict[str, str]:
     return {
         "mode": ("paper: the reference study's protocol (question-only BoolQ prompts, full-vocabulary confidence, "
@@ -240,5 +304,9 @@ def _definitions(config: StudyConfig) -> dict[str, str]:
                         + TARGET_DEFINITIONS[config.attribution_target or "label"]
                         if config.attribution != "none" else "none (salient neurons not computed)"),
         "redundant": "pairs of neurons of a layer whose Pearson correlation over tokens has |corr| ≥ 0.9",
+        "text_kld": ("llama-perplexity --kl-divergence's statistics (tools/perplexity/perplexity.cpp): chunks of "
+                     f"{config.kld_ctx} tokens, the second half of each scored; KLD = Σ p_ref·(log p_ref − log p) "
+                     "over the reference's tokens above −16 nats; same top p = the share of positions whose argmax "
+                     "token equals the reference's; RMS Δp = RMS of the change in the actual next token's probability"),
         "weights": "per tensor: relative RMSE ‖W−W_ref‖/‖W_ref‖, SQNR 10·log10(‖W_ref‖²/‖W−W_ref‖²), cosine, max |ΔW|",
     }

@@ -38,7 +38,8 @@ def what_changed(study: Mapping[str, Any], max_items: int = 6) -> list[dict[str,
     Candidates, per task and non-reference level: the accuracy change (label-set scoring) with how many
     answers changed; the mean KL over the full vocabulary; the ACE and ECE changes (label-set scoring, or
     paper scoring in a paper-mode study), each with the paired interval of the difference; dead and salient
-    count changes with the salient-set Jaccard; per level, the worst weight-error layer.
+    count changes with the salient-set Jaccard; per level, the text KLD (llama-perplexity's) and the worst
+    weight-error layer.
     Ranked: significant first (a paired interval excluding 0), then by a unitless size (|Δ| of a fraction,
     1 − agreement, 1 − e^−KL, 1 − Jaccard, relative RMSE); every kind of change gets a place before a kind
     repeats. Returns [{"text", "metric", "level", "task", "value", "ci_low", "ci_high", "significant",
@@ -91,6 +92,7 @@ def what_changed(study: Mapping[str, Any], max_items: int = 6) -> list[dict[str,
                 add(f"{name}{scoring_note} on {task}: {values}change {signed(v, '.3f')} {interval(lo, hi, 1, '.3f')}"
                     f" (paired bootstrap), {_verdict(lo, hi)}.", key + "_delta", level, task, v, lo, hi, score=abs(v))
         _neuron_changes(t, task, ref, add)
+    _text_kld_changes(study, add)
     for level, w in (study.get("weights") or {}).items():
         rows = [r for r in (w or {}).get("layers") or [] if num(r.get("rel_rmse")) is not None]
         if not rows:
@@ -103,6 +105,25 @@ def what_changed(study: Mapping[str, Any], max_items: int = 6) -> list[dict[str,
                 + (f"; over all compared tensors {tot:.4f}." if tot is not None else "."))
         add(text, "weight_rel_rmse", level, None, worst["rel_rmse"], score=worst["rel_rmse"])
     return _rank(items, max_items)
+
+
+def _text_kld_changes(study: Mapping[str, Any], add) -> None:
+    """Per level, llama-perplexity's text KLD with its tail and same top p (the community's figures)."""
+    kld = study.get("kld") or {}
+    ref = (study.get("study") or {}).get("reference")
+    for level, m in (kld.get("models") or {}).items():
+        mean, se = num(m.get("kld_mean")), num(m.get("kld_mean_se"))
+        if mean is None:
+            continue
+        p99, same, ratio = num(m.get("kld_p99")), num(m.get("same_top_p")), num(m.get("ppl_ratio"))
+        text = (f"{level}'s text KLD against {ref} is {mean:.4f} ± {se or 0:.4f} nats per token"
+                + (f" (p99 {p99:.3f})" if p99 is not None else "")
+                + (f"; the top token matches {ref}'s at {100 * same:.1f}% of {m.get('n_tokens')} positions" if same
+                   is not None else "")
+                + (f"; PPL ratio {ratio:.4f}" if ratio is not None else "") + ".")
+        # a mean more than 2 standard errors above 0 is a real divergence, not rounding
+        add(text, "text_kld_mean", level, None, mean, mean - 2 * (se or 0), mean + 2 * (se or 0),
+            score=1 - math.exp(-mean))
 
 
 def _neuron_changes(t: Mapping[str, Any], task: str, ref: str | None, add) -> None:

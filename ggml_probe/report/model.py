@@ -140,7 +140,7 @@ def build_report(study: Mapping[str, Any]) -> Report:
                mode=mode, scoring="paper" if mode == "paper" else "label_set")
     changes = study.get("what_changed")
     sections = [_what_changed_section(s, what_changed(study) if changes is None else changes), _tables_section(s),
-                _figures_section(s), _neurons_section(s), _weights_section(s), _manifest_section(s)]
+                _text_kld_section(s, study.get("kld") or {}), _figures_section(s), _neurons_section(s), _weights_section(s), _manifest_section(s)]
     header = {"model": meta.get("model") or "—", "levels": levels, "reference": s.reference,
               "tasks": list(meta.get("tasks") or tasks), "mode": mode, "created": meta.get("created"),
               "seconds": meta.get("seconds"), "colors": s.colors,
@@ -374,6 +374,42 @@ def _tables_section(s: _Study) -> Section:
         if table is not None:
             sec.add("h3", f"Task {task}: neurons against {s.reference}")
             sec.add("table", table)
+    return sec
+
+
+# =============================================================================================
+# text KLD (llama-perplexity's statistics)
+
+
+def _text_kld_section(s: _Study, kld: Mapping[str, Any]) -> Section:
+    sec = Section("text-kld", "Text KLD against the reference (llama-perplexity's statistics)")
+    if not kld:
+        sec.add("note", f"Text KLD: {NOT_MEASURED}.")
+        return sec
+    if kld.get("note"):
+        sec.add("warn", f"Text KLD was not measured: {kld['note']}")
+        return sec
+    sec.add("p", f"Text: {kld.get('text_source', '—')} · {kld.get('chunks')} chunks of {kld.get('ctx')} tokens, the "
+                 f"second half of each scored · reference {kld.get('reference')} · base {kld.get('base_source')}")
+    rows = []
+    for lvl in s.levels:
+        m = (kld.get("models") or {}).get(lvl)
+        if not m:
+            continue
+        rows.append([Cell(lvl, cls="strong"), str(m.get("n_tokens")),
+                     Cell(fmt(m.get("ppl"), ".4f"), f"± {fmt(m.get('ppl_se'), '.4f')}"),
+                     Cell(fmt(m.get("ln_ppl_ratio"), "+.5f"), f"± {fmt(m.get('ln_ppl_ratio_se'), '.5f')}"),
+                     Cell(fmt(m.get("kld_mean"), ".5f"), f"± {fmt(m.get('kld_mean_se'), '.5f')}"),
+                     fmt(m.get("kld_median"), ".5f"), fmt(m.get("kld_p99"), ".4f"), fmt(m.get("kld_p999"), ".4f"),
+                     fmt(m.get("kld_max"), ".4f"),
+                     Cell(fmt(100 * m["rms_dp"], ".3f") if m.get("rms_dp") is not None else "—",
+                          f"± {fmt(100 * m['rms_dp_se'], '.3f')}" if m.get("rms_dp_se") is not None else ""),
+                     Cell(fmt(100 * m["same_top_p"], ".2f") if m.get("same_top_p") is not None else "—",
+                          f"± {fmt(100 * m['same_top_p_se'], '.2f')}" if m.get("same_top_p_se") is not None else "")])
+    sec.add("table", Table(["level", "tokens", "PPL", "ln(PPL/PPL ref)", "KLD mean", "KLD median", "KLD p99",
+                            "KLD p99.9", "KLD max", "RMS Δp %", "same top p %"], rows,
+                           caption="Definitions as llama-perplexity --kl-divergence prints them; ± is its standard "
+                                   "error (ln PPL ratio: covariance-aware)."))
     return sec
 
 

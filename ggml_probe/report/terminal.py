@@ -173,6 +173,19 @@ def print_study_summary(console: "Console", study: dict, out_dir) -> None:
         console.print(table)
         if has_neurons:  # what the salient neurons explain, per level
             _print_targets(console, t["neurons"], prefix=f"{task} ")
+    kld = study.get("kld") or {}
+    if kld.get("models"):
+        table = Table(title=f"text KLD vs {s['reference']} · {kld.get('chunks')}×{kld.get('ctx')} tokens · "
+                            f"text: {escape(str(kld.get('text_source')))}")
+        for c in ("level", "PPL ratio", "KLD mean", "KLD p99", "KLD max", "RMS Δp %", "same top p %"):
+            table.add_column(c, justify="left" if c == "level" else "right", no_wrap=True)
+        for level, m in kld["models"].items():
+            table.add_row(level, f"{m['ppl_ratio']:.4f}", f"{m['kld_mean']:.5f} ±{m['kld_mean_se']:.5f}",
+                          f"{m['kld_p99']:.4f}", f"{m['kld_max']:.4f}", f"{100 * m['rms_dp']:.3f}",
+                          f"{100 * m['same_top_p']:.2f}")
+        console.print(table)
+    elif kld.get("note"):
+        console.print(f"[yellow]text KLD not measured: {escape(kld['note'])}[/]")
     if study.get("what_changed"):
         console.print("[bold]What changed[/]")
         for item in study["what_changed"]:

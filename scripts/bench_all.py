@@ -10,6 +10,7 @@ every figure is a ratio against its baseline measured in the same run:
   fidelity       ggml-probe's attributions (ig every layer, exact last layer, dla) vs Captum (scripts/validate_attribution.py)
   imatrix_loop   Q4_0 / IQ4_NL with and without a ggml-probe imatrix, KL and accuracy vs F16 (scripts/imatrix_loop.py)
   sensitivity    static per-neuron sensitivity vs measured drift, Spearman (scripts/sensitivity_check.py)
+  kld            `ggml-probe kld` vs llama-perplexity --kl-divergence, figures and speed (scripts/bench_kld.py)
 plus a section comparing ggml-probe's time per example with the paper stack's.
 
     python scripts/bench_all.py                 # run all (tens of minutes), then write the page
@@ -30,10 +31,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
-ORDER = ["eval", "neurons", "weights", "paper_stack", "fidelity", "imatrix_loop", "sensitivity"]
+ORDER = ["eval", "neurons", "weights", "paper_stack", "fidelity", "imatrix_loop", "sensitivity", "kld"]
 SCRIPTS = {"eval": "bench_eval.py", "neurons": "bench_neurons.py", "weights": "bench_weights.py",
            "paper_stack": "paper_stack.py", "fidelity": "validate_attribution.py", "imatrix_loop": "imatrix_loop.py",
-           "sensitivity": "sensitivity_check.py"}
+           "sensitivity": "sensitivity_check.py", "kld": "bench_kld.py"}
 
 
 # ------------------------------------------------------------------ running
@@ -54,6 +55,7 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
                          "--threads", str(args.threads)],
         "sensitivity": [py, str(s / SCRIPTS["sensitivity"]), "--n", str(args.n_sensitivity), "--calib",
                         str(args.n_calib), "--threads", str(args.threads)],
+        "kld": [py, str(s / SCRIPTS["kld"]), "--chunks", str(args.kld_chunks), "--threads", str(args.threads)],
     }
 
 
@@ -319,6 +321,25 @@ def sensitivity_section(d: dict) -> tuple[list[str], list[tuple]]:
     return lines, summary
 
 
+def kld_section(d: dict) -> tuple[list[str], list[tuple]]:
+    lines = [f"Command: `{d['command']}` · {d['machine']} · {d.get('date', d['_mtime'])}", "",
+             f"{d['chunks']} chunks of {d['ctx']} tokens, batch {d['batch']}, {d['threads']} threads, flash attention "
+             f"{d.get('flash_attn', 'off')} on both sides; ggml-probe scored against llama-perplexity's own base file.",
+             "", "| level | PPL (llama / ours) | mean KLD (llama / ours) | same top p (llama / ours) | tok/s ratio |",
+             "|---|---|---|---|---:|"]
+    summary = []
+    for r in d["levels"]:
+        t, o = r["llama_perplexity"], r["ours_llama_base"]
+        ratio = o["tokens_per_second"] / r["llama_tokens_per_second"]
+        lines.append(f"| {r['level']} | {t['ppl']:.4f} / {o['ppl']:.4f} | {t['kld_mean']:.6f} / {o['kld_mean']:.6f} | "
+                     f"{100 * t['same_top_p']:.3f} / {100 * o['same_top_p']:.3f} | {ratio:.2f}× |")
+        rel = (o["kld_mean"] - t["kld_mean"]) / t["kld_mean"]
+        summary.append(("kld", f"`ggml-probe kld` {r['level']}: mean KLD vs llama-perplexity's (speed)",
+                        f"{rel:+.2%} ({ratio:.2f}× tok/s)", "llama-perplexity --kl-divergence",
+                        f"{o.get('peak_rss_mib', 0):.0f} MiB"))
+    return lines, summary
+
+
 SECTIONS = {
     "eval": ("Evaluation throughput: `ggml-probe eval` vs plain llama.cpp", eval_section),
     "neurons": ("Neuron pass vs plain llama.cpp decoding", neurons_section),
@@ -327,6 +348,7 @@ SECTIONS = {
     "fidelity": ("Fidelity: attributions vs Captum at every analysed layer", fidelity_section),
     "imatrix_loop": ("The imatrix loop: quantizing with a ggml-probe imatrix", imatrix_loop_section),
     "sensitivity": ("Static neuron sensitivity vs measured drift", sensitivity_section),
+    "kld": ("Quality statistics: `ggml-probe kld` vs llama-perplexity", kld_section),
 }
 
 
@@ -389,6 +411,7 @@ def main() -> None:
     ap.add_argument("--n-imatrix", type=int, default=150, help="imatrix loop: evaluation prompts")
     ap.add_argument("--n-calib", type=int, default=100, help="imatrix loop and sensitivity: imatrix prompts")
     ap.add_argument("--n-sensitivity", type=int, default=100)
+    ap.add_argument("--kld-chunks", type=int, default=16, help="kld: chunks of 512 tokens")
     args = ap.parse_args()
     status = None
     if not args.collect:

@@ -182,6 +182,11 @@ def test_paired_deltas_and_what_changed_recomputed_from_predictions(real_study):
     by_metric = {"accuracy_delta": "accuracy", "ace_paper_delta": "ace_paper", "ece_delta": "ece",
                  "brier_delta": "brier", "mean_confidence_delta": "mean_confidence"}
     for item in with_ci:
+        if item["metric"] == "text_kld_mean":  # the text KLD's interval: mean ± 2 standard errors
+            m = study["kld"]["models"][item["level"]]
+            assert (item["ci_low"], item["ci_high"]) == pytest.approx(
+                (m["kld_mean"] - 2 * m["kld_mean_se"], m["kld_mean"] + 2 * m["kld_mean_se"]))
+            continue
         d = deltas["label_set"][by_metric[item["metric"]]]
         assert (item["value"], item["ci_low"], item["ci_high"]) == (d["value"], d["ci_low"], d["ci_high"])
         assert item["significant"] == (d["ci_low"] > 0 or d["ci_high"] < 0)

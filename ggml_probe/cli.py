@@ -572,6 +572,107 @@ def kld_cmd(models, ref, text_file, base_file, ctx, chunks, batch, threads, gpu_
         print_kld_summary(_console(), result.to_dict())
 
 
+# --------------------------------------------------------------------------- pick
+
+@cli.command("pick")
+@click.argument("model")
+@click.option("--quants", default="F16,Q8_0,Q4_K_M,Q4_0", show_default=True,
+              help="Comma-separated ladder levels; the highest precision is the reference.")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A plain-text file for the KLD (e.g. wiki.test.raw).")
+@click.option("--task", default=None, help="A task: its own text for the KLD when no --text (BoolQ: its passages), "
+                                           "and its accuracy at every level with --max-accuracy-drop.")
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The task's data file (default: the Hugging Face hub).")
+@click.option("--limit", type=int, default=100, show_default=True, help="Task examples for the accuracy runs.")
+@click.option("--max-kld", type=float, default=0.1, show_default=True,
+              help="Budget: mean KLD (nats) against the reference. On llama.cpp's LLaMA 3 8B scoreboard Q4_K_M is "
+                   "0.03, Q3_K_M 0.10, Q2_K 0.45.")
+@click.option("--max-p99-kld", type=float, default=None, help="Budget: 99th percentile of the per-token KLD.")
+@click.option("--max-accuracy-drop", type=float, default=None,
+              help="Budget: accuracy points lost against the reference on --task (runs the task at every level).")
+@click.option("--memory", default=None, metavar="SIZE",
+              help="Memory budget: 8GiB, 16GB, 512MiB... (default: this machine's available memory). A level "
+                   "needs its file plus the KV cache and compute buffers at --run-ctx.")
+@click.option("--run-ctx", type=int, default=4096, show_default=True,
+              help="The context you plan to run with (its KV cache counts in each level's memory need).")
+@click.option("--prefer", type=click.Choice(["size", "speed"]), default="size", show_default=True,
+              help="Among the levels within the budget: the smallest file, or the fastest (needs --speed).")
+@click.option("--speed", "measure_speed", is_flag=True,
+              help="Also measure each level's speed as `bench` does (pp512, tg128, 5 repetitions): off by default.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="KLD: tokens per chunk (llama-perplexity's -c).")
+@click.option("--chunks", type=int, default=32, show_default=True, help="KLD: at most this many chunks (0: the whole text).")
+@click.option("--batch", type=int, default=2048, show_default=True, help="KLD: tokens per llama_decode.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use).")
+@click.option("--gpu-layers", default="auto", show_default=True,
+              help="Layers to offload to CUDA/Metal: 'auto' (all, where a GPU backend exists), -1 (all) or N.")
+@click.option("--allow-requantize", is_flag=True, help="Allow a ladder from an already-quantized source (implied for demo).")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the KLD base and scores, the task runs and pick.json go (default: runs/pick/<model>); reused.")
+@click.option("--json", "as_json", is_flag=True, help="Print every figure and the pick as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def pick_cmd(model, quants, text_file, task, data_path, limit, max_kld, max_p99_kld, max_accuracy_drop, memory,
+             run_ctx, prefer, measure_speed, ctx, chunks, batch, threads, gpu_layers, allow_requantize, out, as_json,
+             quiet) -> None:
+    """Which level should I run? The ladder's Pareto frontier and the pick within a budget.
+
+    Every level's KLD against the highest-precision one (llama-perplexity's statistics, on --text or the
+    task's own text), its size and bits per weight, its memory need at --run-ctx; the frontier over size ×
+    mean KLD (× accuracy, speed where measured); the smallest (or fastest) level within the quality budget
+    that fits the memory budget, and why. When no level fits, the answer says so and names the nearest
+    miss (exit code 0: it is an answer, not an error).
+
+    \b
+    Examples:
+      ggml-probe pick demo --quants F16,Q8_0,Q4_K_M,Q4_0 --task boolq --data ../shared/data/boolq_validation.jsonl
+      ggml-probe pick model-F16.gguf --quants F16,Q6_K,Q4_K_M,Q3_K_M --text wiki.test.raw --memory 8GiB --max-kld 0.05
+    """
+    from .analysis.pick import Budget, parse_size  # start-up time: numpy
+    from .pipeline.evaluation import EvalConfig  # start-up time: the pipeline (numpy, llama_cpp, ...)
+    from .pipeline.kld import KLDSettings
+    from .pipeline.pick import pick_levels
+    from .report.terminal import print_pick_summary  # start-up time: rich
+
+    budget = Budget(max_kld=max_kld, max_p99_kld=max_p99_kld, max_accuracy_drop=max_accuracy_drop,
+                    memory_bytes=parse_size(memory) if memory is not None else None)
+    eval_config = (EvalConfig(task=task, data_path=data_path, limit=limit, threads=threads, gpu_layers=gpu_layers)
+                   if task and max_accuracy_drop is not None else None)
+    text = text_file.read_text(encoding="utf-8", errors="replace") if text_file else None
+    settings = KLDSettings(ctx=ctx, chunks=chunks or None, batch=batch, threads=threads, gpu_layers=gpu_layers)
+    with _RunProgress(quiet or as_json) as bars:
+        trackers: dict[str, object] = {}
+
+        def track(label: str, done: int, total: int) -> None:
+            if bars.progress is None:
+                return
+            if label not in trackers:
+                trackers[label] = bars.tracker(label)
+            trackers[label](done, total)
+
+        def progress(done: int, total: int, label: str) -> None:
+            track(f"{label} · KLD chunks", done, total)
+
+        speed_measure = speed_source = None
+        if measure_speed:
+            from .pipeline.speed import BenchSettings, bench_files  # start-up time (and used only with --speed)
+
+            bench = BenchSettings(threads=threads, gpu_layers=gpu_layers)
+            speed_source = f"bench pp{bench.n_prompt}/tg{bench.n_gen}, {bench.reps} repetitions (llama-bench's protocol)"
+
+            def speed_measure(files):
+                return bench_files(files, bench, lambda label, done, total: track(f"{label} · speed", done, total)).speed()
+
+        result = pick_levels(model, [q for q in quants.split(",") if q.strip()], text=text, text_file=text_file,
+                             task=task, data_path=data_path, budget=budget, prefer=prefer, out=out,
+                             kld_settings=settings, run_ctx=run_ctx, allow_requantize=allow_requantize,
+                             eval_config=eval_config, measure_speed=speed_measure, speed_source=speed_source,
+                             progress=progress, eval_progress=bars)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        print_pick_summary(_console(), result.to_dict())
+
+
 # --------------------------------------------------------------------------- study
 
 class _StudyProgress(_RunProgress):

@@ -8,6 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..analysis.neurons import DRIFT_NAME
+from ..analysis.pick import OBJECTIVE_LABELS
 from ..fsutil import human_size
 from ..models.ggufinfo import GGUFInfo
 from ..models.quantize import QuantResult
@@ -282,3 +283,55 @@ def print_kld_summary(console: "Console", result: dict) -> None:
         first = next(iter(result["models"].values()))
         console.print(f"PPL(base) {first['ppl_base']:.4f} ±{first['ppl_base_se']:.4f} · "
                       "definitions: llama-perplexity --kl-divergence (tools/perplexity/perplexity.cpp)")
+
+
+def print_pick_summary(console: "Console", result: dict) -> None:
+    """`ggml-probe pick`: every level's size, bits per weight, memory need and text KLD against the
+    reference, whether it is on the Pareto frontier and within the budget; then the pick and why."""
+    p = result["pick"]
+    text = result["text"]
+    where = (f"{text['task']} {'/'.join(text['fields'])} from {text['data']}" if text["source"] == "task"
+             else text.get("path") or "the given text")
+    for note in result.get("notes", []):
+        console.print(f"[yellow]{escape(result['model'])}: {escape(note)}.[/]")
+    levels = result["levels"]
+    has_acc = any(d.get("accuracy_delta") is not None for d in levels.values())
+    has_pp = any(d.get("pp_tokens_per_s") is not None for d in levels.values())
+    has_tg = any(d.get("tg_tokens_per_s") is not None for d in levels.values())
+    title = (f"{escape(result['model'])} · KLD vs {result['reference']} on {escape(str(where))} · "
+             f"{text['chunks']} chunks of {text['ctx']} tokens · memory need at a {result['run_ctx']}-token context")
+    table = Table(title=title, title_justify="left")
+    cols = ["level", "size", "bits/weight", "memory need", "KLD mean", "KLD p99", "same top p %"]
+    cols += ["accuracy Δ"] * has_acc + ["pp t/s"] * has_pp + ["tg t/s"] * has_tg + ["frontier", "budget"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("level", "frontier", "budget") else "right")
+    for name, d in levels.items():
+        v = p["levels"][name]
+        ref = d.get("reference")
+        row = [f"[bold]{escape(name)}[/]" if name == p["pick"] else escape(name), human_size(d["size_bytes"]),
+               f"{d['bits_per_weight']:.2f}", human_size(v["memory_need_bytes"]),
+               "ref" if ref else f"{d['kld_mean']:.5f} ±{d['kld_mean_se']:.5f}",
+               "ref" if ref else f"{d['kld_p99']:.4f}", "ref" if ref else f"{100 * d['same_top_p']:.2f}"]
+        if has_acc:
+            a, ci = d.get("accuracy_delta"), d.get("accuracy_delta_ci")
+            row.append("—" if a is None else "ref" if ref else f"{a:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""))
+        for key, shown in (("pp_tokens_per_s", has_pp), ("tg_tokens_per_s", has_tg)):
+            if shown:
+                row.append("—" if d.get(key) is None else f"{d[key]:.1f}")
+        row.append("✓" if v["on_frontier"] else "dominated by " + ", ".join(v["dominated_by"]))
+        row.append("[green]✓[/]" if v["meets_budget"] else
+                   "[red]" + escape("; ".join(f["text"] for f in v["failures"])) + "[/]")
+        table.add_row(*row)
+    console.print(table)
+    objectives = " × ".join(OBJECTIVE_LABELS.get(o, o) for o in p["objectives"])
+    dropped = "; ".join(f"{OBJECTIVE_LABELS.get(k, k)} {why}" for k, why in p["dropped_objectives"].items())
+    console.print(f"[dim]frontier over {objectives}" + (f" (left out: {escape(dropped)})" if dropped else "")
+                  + f" · memory budget {human_size(p['budget']['memory_bytes'])}: "
+                  + escape(p["budget"]["memory_source"]) + "[/]")
+    if p["pick"] is not None:
+        why = p["reasons"][0].removeprefix(f"{p['pick']}: ")
+        console.print(f"[bold green]pick: {escape(p['pick'])}[/] — {escape(why)}")
+        for note in p["levels"][p["pick"]]["notes"]:
+            console.print(f"  [yellow]{escape(note)}[/]")
+    else:
+        console.print(f"[bold red]pick: none[/] — {escape(p['reasons'][0])}")

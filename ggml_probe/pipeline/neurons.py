@@ -20,6 +20,7 @@ from ..attribution import ablation_effect, attribute, method
 from ..engine.ffn import model_ffn
 from ..engine.model import Vocab
 from ..errors import ProbeError
+from ..tasks.answers import label_answers
 from .rundir import read_json, save_npz, write_json
 from .tokens import decoded_tokens
 
@@ -128,20 +129,10 @@ def _target_kind(config) -> str:
     return kind
 
 
-def label_continuation(prompt: str, word: str) -> str:
-    """A label word as the answer to `prompt`: ' True' after 'Answer:', the word alone after a space or newline."""
-    return word if not prompt or prompt[-1].isspace() else " " + word
-
-
 def label_target_tokens(vocab, prompt: str, labels) -> dict[str, int]:
-    """Per label, the first token the model would emit for it right after `prompt` (vocab: an Engine or Vocab)."""
-    out = {}
-    for word in labels:
-        tokens = vocab.continuation_tokens(prompt, label_continuation(prompt, word))
-        if not tokens:
-            raise ProbeError(f"the label {word!r} adds no token after the prompt; it cannot be attributed")
-        out[word] = tokens[0]
-    return out
+    """Per label, the first of its answer tokens after `prompt` — the token the model would emit first for
+    it, as the label-set scoring reads it (tasks.answers; vocab: an Engine or Vocab)."""
+    return {a.label: a.tokens[0] for a in label_answers(vocab, prompt, labels)}
 
 
 def neuron_targets(run_dir: Path, examples, config) -> list[int] | None:

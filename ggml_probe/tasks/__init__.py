@@ -17,6 +17,7 @@ from .loading import (
     hub_offline,
     load_examples,
 )
+from .answers import Answer, label_answers, label_continuation
 from .readers import SUPPORTED_SUFFIXES
 from .spec import (
     BuiltinSource,
@@ -32,6 +33,7 @@ from .spec import (
 
 __all__ = [
     "OFFLINE_TASK",
+    "Answer",
     "SUPPORTED_SUFFIXES",
     "BadRow",
     "BuiltinSource",
@@ -44,6 +46,8 @@ __all__ = [
     "fetch_hub_file",
     "get_task",
     "hub_offline",
+    "label_answers",
+    "label_continuation",
     "list_tasks",
     "load_examples",
     "load_task_file",

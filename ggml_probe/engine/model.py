@@ -354,6 +354,68 @@ class Engine(_VocabMethods):
         finally:
             lib.llama_batch_free(batch)
 
+    # ------------------------------------------------------------------ continuations after a shared prefix
+    def continuation_logits(self, prefix: Sequence[int] | np.ndarray,
+                            continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """For each continuation c, the float32 logits that predict its tokens after `prefix`: shape
+        (len(c), n_vocab), row j predicting c[j] (row 0 is the prefix's last position).
+
+        The prefix is decoded once into sequence 0; each continuation but its last token is then decoded
+        after it on the same KV cache, read, and removed again (llama_memory_seq_rm), so a label of
+        several tokens costs its own tokens, not the prompt again. The eval callback's probes and the
+        hidden-state read do not see these decodes: they are the scoring's, not the pass being probed.
+        """
+        lib = self._lib
+        head = np.ascontiguousarray(prefix, dtype=np.int32).ravel()
+        conts = [np.ascontiguousarray(c, dtype=np.int32).ravel() for c in continuations]
+        if len(head) == 0 or any(len(c) == 0 for c in conts):
+            raise ProbeError("a continuation and the prefix it follows need a token each at least")
+        longest = max((len(c) for c in conts), default=1)
+        if len(head) > self.n_batch or longest - 1 > self.n_batch or len(head) + longest - 1 > self.n_ctx:
+            raise ProbeError(f"a prefix of {len(head)} tokens and a continuation of {longest} do not fit the context "
+                             f"(n_ctx {self.n_ctx}, n_batch {self.n_batch})")
+        user, hidden = self._user_callback, self.hidden_states
+        self._user_callback, self.hidden_states = None, False
+        try:
+            lib.llama_memory_clear(self._mem, True)
+            last = self._decode_span(head, 0, every_row=False)
+            out = []
+            for c in conts:
+                if len(c) == 1:
+                    out.append(last.copy())
+                    continue
+                rows = self._decode_span(c[:-1], len(head), every_row=True)
+                out.append(np.concatenate([last, rows]))
+                if not lib.llama_memory_seq_rm(self._mem, 0, len(head), -1):  # a memory that cannot cut: start over
+                    lib.llama_memory_clear(self._mem, True)
+                    self._decode_span(head, 0, every_row=False)
+            return out
+        finally:
+            self._user_callback, self.hidden_states = user, hidden
+
+    def _decode_span(self, tokens: np.ndarray, start: int, every_row: bool) -> np.ndarray:
+        """Decode tokens into sequence 0 at positions start…, after what the cache holds; float32 logits of
+        every row (every_row) or of the last, shape (rows, n_vocab)."""
+        lib = self._lib
+        n = len(tokens)
+        batch = lib.llama_batch_init(n, 0, 1)
+        try:
+            for i, tok in enumerate(tokens.tolist()):
+                batch.token[i] = tok
+                batch.pos[i] = start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1 if (every_row or i == n - 1) else 0
+            batch.n_tokens = n
+            clear_log()
+            rc = lib.llama_decode(self._ctx, batch)
+            if rc != 0:
+                raise ProbeError(f"llama_decode failed (code {rc}): {last_error('no message')}")
+            rows = n if every_row else 1
+            return np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(rows, self.n_vocab)).copy()
+        finally:
+            lib.llama_batch_free(batch)
+
     # ------------------------------------------------------------------ decoding
     @property
     def prompt_limit(self) -> int:

@@ -240,11 +240,15 @@ _engine_options = _option_group(
 
 _task_options = _option_group(
     click.option("--task", default="boolq", show_default=True,
-                 help="Task name (boolq, boolq-passage, jigsaw, yesno-mini) or a task .toml file."),
+                 help="Task name (boolq, boolq-passage, jigsaw, yesno-mini) or a task .toml file; with --template, "
+                      "the generic task's own name (default: the data file's name)."),
     click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False), default=None,
                  help="Local data file (.jsonl, .json, .csv, .parquet) for the task."),
     click.option("--template", default=None, help="Generic task: prompt template over the data's columns, e.g. '{text}\\nAnswer:'."),
     click.option("--labels", default=None, help="Generic task: comma-separated label words, e.g. True,False."),
+    click.option("--label-map", default=None,
+                 help="Generic task: gold values → label words, e.g. 0=No,1=Yes (also gives the labels when --labels "
+                      "is absent). Without it, integer gold labels (SST-2, GLUE: 0/1) map by position in --labels."),
     click.option("--gold-column", default=None, help="Generic task: the column holding the gold label."),
     click.option("--id-column", default=None, help="Generic task: the column holding example ids."),
     click.option("--limit", type=int, default=None, help="Use the first N valid examples."),
@@ -255,13 +259,15 @@ _task_options = _option_group(
 
 
 def _eval_config(task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
-                 n_ctx, threads, gpu_layers, batch_prompts):
+                 n_ctx, threads, gpu_layers, batch_prompts, label_map=None):
     from .pipeline.evaluation import EvalConfig  # start-up time: numpy, llama_cpp
+    from .tasks.spec import parse_label_map  # start-up time: ggml_probe.tasks
 
     return EvalConfig(task=task, data_path=data_path, template=template,
                       labels=tuple(w.strip() for w in labels.split(",")) if labels else None,
                       gold_column=gold_column, id_column=id_column, limit=limit, seed=seed, on_bad_row=on_bad_row,
-                      n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts)
+                      n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts,
+                      label_map=tuple(parse_label_map(label_map).items()) if label_map else None)
 
 
 _run_options = _option_group(
@@ -410,8 +416,8 @@ def neurons_cmd(**options):
     _run_eval(with_neurons=True, **options)
 
 
-def _run_eval(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row, quants,
-              reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
+def _run_eval(model, task, data_path, template, labels, label_map, gold_column, id_column, limit, seed, on_bad_row,
+              quants, reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
               with_neurons, layers, neuron, tau, salient_examples, attribution, attribution_target, ablate_top,
               as_json, quiet, imatrix_out) -> None:
     """eval and neurons: the options arrive by name from click (neurons sets with_neurons)."""
@@ -420,7 +426,7 @@ def _run_eval(model, task, data_path, template, labels, gold_column, id_column, 
     from .report.terminal import print_eval_summary, print_neuron_summary  # start-up time: rich
 
     config = _eval_config(task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
-                          n_ctx, threads, gpu_layers, batch_prompts)
+                          n_ctx, threads, gpu_layers, batch_prompts, label_map)
     analysis = NeuronAnalysis(layers=layers, neuron=neuron, tau=tau, salient_examples=salient_examples,
                               attribution=attribution, attribution_target=attribution_target,
                               ablate_top=ablate_top) if with_neurons else None
@@ -805,8 +811,8 @@ def imatrix_group() -> None:
               help="Output imatrix file (llama.cpp's GGUF format; llama-quantize and `ggml-probe quantize --imatrix` read it).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @_engine_options
-def imatrix_collect_cmd(model, task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
-                        out, force, n_ctx, threads, gpu_layers, batch_prompts) -> None:
+def imatrix_collect_cmd(model, task, data_path, template, labels, label_map, gold_column, id_column, limit, seed,
+                        on_bad_row, out, force, n_ctx, threads, gpu_layers, batch_prompts) -> None:
     """Collect Σx² per input channel of every layer's matmuls on the task's prompts (llama-imatrix's rule),
     each prompt fitted to --ctx as eval fits it (the template kept, the longest field cut)."""
     from .formats.imatrix import write_imatrix  # start-up time: numpy
@@ -814,9 +820,9 @@ def imatrix_collect_cmd(model, task, data_path, template, labels, gold_column, i
 
     check_output(out, force)
     config = _eval_config(task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
-                          n_ctx, threads, gpu_layers, batch_prompts)
+                          n_ctx, threads, gpu_layers, batch_prompts, label_map)
     with _Progress(False) as bars:
-        im, _ = collect_task_imatrix(resolve_model(model), config, progress=bars.tracker(f"imatrix · {task}"))
+        im, _ = collect_task_imatrix(resolve_model(model), config, progress=bars.tracker(f"imatrix · {config.task}"))
     write_imatrix(out, im)
     _console().print(f"wrote {out}: {len(im.entries)} matrices, {im.chunk_count} prompts")
 

@@ -30,7 +30,7 @@ def test_label_probabilities_equal_llama_cpp_high_level_api(demo_path, boolq_pro
     import llama_cpp
 
     with Engine(demo_path, n_ctx=512) as engine:
-        lt = label_tokens_for(engine, ["True", "False"])
+        lt = label_tokens_for(engine, ["True", "False"], boolq_prompts[0])
         tokens = [engine.tokenize(p) for p in boolq_prompts]
         ours = np.stack([r.logits for r in engine.run(tokens)])
     ref_model = llama_cpp.Llama(model_path=str(demo_path), n_ctx=512, logits_all=True, verbose=False)
@@ -94,7 +94,7 @@ def test_a_packed_batch_agrees_with_separate_decodes_within_the_layout_noise(dem
     logits: dict[int, np.ndarray] = {}
     for n_seq in (1, 8):
         with Engine(demo_ladder["F16"], n_ctx=2048, n_seq_max=n_seq, hidden_states=False) as engine:
-            lt = label_tokens_for(engine, ["True", "False"])
+            lt = label_tokens_for(engine, ["True", "False"], prompts[0])
             tokens = [engine.tokenize(p) for p in prompts]
             seen: list[list[int]] = []
             res = engine.run(tokens, on_batch=lambda idx, arrays: seen.append(list(idx)))

@@ -1,8 +1,16 @@
 """Turning next-token logits into predictions and confidences, under two definitions.
 
-- label-set (default): softmax over the label words only. A label's logit is the log-sum-exp of
-  the logits of the distinct first tokens of its surface forms ("True" and " True": prompts end
-  with "Answer:", so a BPE model usually answers with the space-prefixed token).
+- label-set (default): softmax over the labels only. Each label is scored by what the model would
+  emit for it after the prompt, its answer tokens (tasks.answers: ' True' after 'Answer:', read by
+  tokenizing prompt + answer, so SentencePiece's '▁' + 'True' for ' True' alone does not arise):
+  - when every label's answer is one token right after the prompt (the usual case), a label's logit
+    is the log-sum-exp of the logits of its single-token surface forms there: the answer token
+    (' True') and the label glued to the prompt ('True') — the rule ggml-probe always had, so these
+    runs keep their numbers;
+  - otherwise every label is scored by its answer's log-likelihood, the sum of its tokens'
+    log-probabilities (lm-evaluation-harness's loglikelihood), and the label-set distribution is the
+    softmax over those. `acc_norm` divides each log-likelihood by the label's length in characters
+    before the argmax, as lm-evaluation-harness does.
 - paper: full-vocabulary softmax; prediction = argmax token, confidence = its probability,
   correct when the lower-cased gold label is a substring of the lower-cased predicted token
   (Singh & Sajjad 2025).
@@ -17,8 +25,11 @@ from scipy.special import log_softmax as _log_softmax, logsumexp
 
 DEFINITIONS = {
     "label_set": (
-        "softmax over the label words only; a label's logit = logsumexp over the first tokens of "
-        "its surface forms ('W' and ' W'); prediction = argmax, confidence = its probability"
+        "softmax over the labels only; prediction = argmax, confidence = its probability. A label's answer "
+        "tokens are what the model emits for it after the prompt (prompt + ' W' tokenized, the tokens after "
+        "the prompt's). When every label's answer is one token, a label's logit = logsumexp of the logits of "
+        "its single-token forms after the prompt (' W' and 'W'); otherwise a label's logit = its answer's "
+        "log-likelihood (sum of the tokens' log-probabilities)"
     ),
     "paper": (
         "full-vocabulary softmax at the last prompt position; prediction = argmax token, "
@@ -35,7 +46,7 @@ def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LabelTokens:
-    """For each label, the distinct token ids of its surface forms' first tokens."""
+    """For each label, the distinct token ids whose next-token logits stand for it (its single-token forms)."""
 
     labels: tuple[str, ...]
     token_ids: tuple[tuple[int, ...], ...]
@@ -48,6 +59,21 @@ def label_logits(logits: np.ndarray, label_tokens: LabelTokens) -> np.ndarray:
     for ids in label_tokens.token_ids:
         cols.append(logsumexp(x[:, list(ids)], axis=1))
     return np.stack(cols, axis=1)
+
+
+def continuation_loglik(logits: np.ndarray, tokens) -> float:
+    """Sum of log p(token j | everything before it): row j of `logits` (k, n_vocab) predicts tokens[j]."""
+    x = np.atleast_2d(np.asarray(logits, dtype=np.float64))
+    toks = np.asarray(tokens, dtype=np.int64)
+    if x.shape[0] != len(toks):
+        raise ValueError(f"{x.shape[0]} rows of logits for {len(toks)} tokens")
+    return float(log_softmax(x)[np.arange(len(toks)), toks].sum())
+
+
+def norm_prediction(loglik: np.ndarray, labels) -> np.ndarray:
+    """lm-evaluation-harness's acc_norm prediction: argmax over labels of loglik / len(label) in characters."""
+    chars = np.array([float(len(w)) for w in labels])
+    return np.argmax(np.atleast_2d(np.asarray(loglik, dtype=np.float64)) / chars, axis=1)
 
 
 def paper_correct(predicted_piece: str, gold_label: str) -> bool:

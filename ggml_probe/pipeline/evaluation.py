@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import __version__
 from ..analysis import scoring
-from ..analysis.calibration import calibration_summary, plot_reliability, reliability_bins
+from ..analysis.calibration import accuracy, bootstrap_ci, calibration_summary, plot_reliability, reliability_bins
 from ..engine.ffn import model_ffn
 from ..engine.imatrix_capture import ImatrixProbe, SUPPORTED
 from ..engine.llama_lib import versions
@@ -32,6 +32,8 @@ from ..models.quant_types import normalize_quant
 from ..models.quantize import ladder_stem, quantize_ladder
 from ..models.store import resolve_model
 from ..tasks import get_task, load_examples, make_task
+from ..tasks.spec import generic_task_name, positional_gold_values
+from ..tasks.answers import label_answers, single_token_forms
 from .neuron_stats import NeuronProbe
 from .neurons import finalize_neurons
 from .rundir import directory_lock, read_json, save_npy, save_npz, write_json
@@ -41,7 +43,9 @@ from .tokens import CHUNKS, example_tokens, pack_tokens
 MANIFEST = "manifest.json"
 # 2: prompts longer than the context keep their template (BOS, instruction, the tail up to the answer)
 # and lose the end of their longest field instead of their beginning; checkpoints store the tokens.
-DEFINITIONS_VERSION = 2
+# 3: labels are scored by their answer tokens after each prompt (tasks.answers), several-token answers
+# by their log-likelihood; checkpoints store the answer tokens and log-likelihoods.
+DEFINITIONS_VERSION = 3
 NEURON_STATE = "neuron_state"
 IMATRIX_STATE = "imatrix_state"
 
@@ -70,6 +74,9 @@ class EvalConfig:
     template: str | None = None  # a generic task: prompt template over the data's columns
     labels: tuple[str, ...] | None = None
     gold_column: str | None = None
+    # a generic task's gold values → label words, e.g. (("0", "No"), ("1", "Yes")); without it integer
+    # gold labels map by position in `labels` (tasks.spec.positional_gold_values)
+    label_map: tuple[tuple[str, str], ...] | None = None
     id_column: str | None = None
     limit: int | None = None
     seed: int | None = None
@@ -84,6 +91,13 @@ class EvalConfig:
     n_boot: int = 1000
     neurons: NeuronSettings | None = None
     imatrix_out: str | None = None  # also write an imatrix (llama.cpp's format) from this pass's own inputs
+
+    def __post_init__(self) -> None:
+        if self.template is not None:  # a generic task is named after itself, never after a shipped task
+            self.task = generic_task_name(self.task, self.data_path)
+        if self.label_map is not None:
+            self.label_map = tuple((str(k), str(v)) for k, v in (self.label_map.items() if isinstance(self.label_map, dict)
+                                                                 else self.label_map))
 
     def identity(self) -> dict[str, Any]:
         """The settings that change results (a resumed run must match them).
@@ -103,6 +117,8 @@ class EvalConfig:
         gpu = offload_layers(self.gpu_layers)  # what llama.cpp will offload here: 0 without a GPU backend
         if gpu:
             out["gpu_layers"] = gpu
+        if self.label_map:
+            out["label_map"] = [list(kv) for kv in self.label_map]
         if self.imatrix_out:  # only when asked, so runs made before the option still resume
             out["imatrix"] = True  # the sums must cover every example: resuming without it is refused
         return out
@@ -138,30 +154,35 @@ def _model_identity(path: Path) -> dict[str, Any]:
 
 
 def task_spec(config: EvalConfig):
-    """The task definition: a named/TOML task, or one built from --template/--labels/--gold-column."""
+    """The task definition: a named/TOML task, or one built from --template/--labels/--gold-column.
+
+    A generic task's gold values: label words as they are (case-insensitive), plus --label-map when
+    given, else integers by position in --labels (0 → the first word). Its labels are --labels, or the
+    words of --label-map in the order given."""
     if config.template is None:
+        if config.label_map:
+            raise ProbeError(f"--label-map is for a --template task; task {config.task} maps its gold values itself")
         return get_task(config.task)
-    if not config.labels or not config.gold_column:
-        raise ProbeError("a --template task also needs --labels and --gold-column")
+    mapping = dict(config.label_map or ())
+    labels = list(config.labels or dict.fromkeys(mapping.values()))
+    if not labels or not config.gold_column:
+        raise ProbeError(f"task {config.task}: a --template task also needs --labels (or --label-map) and --gold-column")
     if not config.data_path:
-        raise ProbeError("a --template task needs --data FILE")
-    return make_task(config.template, list(config.labels), config.gold_column, config.id_column,
-                     name=config.task or "custom")
+        raise ProbeError(f"task {config.task}: a --template task needs --data FILE")
+    gold_values = mapping or positional_gold_values(labels)
+    return make_task(config.template, labels, config.gold_column, config.id_column, name=config.task,
+                     gold_values=gold_values)
 
 
-def label_tokens_for(engine, labels: Sequence[str]) -> scoring.LabelTokens:
-    """First tokens of each label's surface forms ('W', ' W'); refuses labels that share a token."""
-    ids = []
-    for word in labels:
-        forms = {int(engine.tokenize(form, add_special=False)[0]) for form in (word, " " + word)}
-        ids.append(tuple(sorted(forms)))
-    seen: dict[int, str] = {}
-    for word, toks in zip(labels, ids):
-        for t in toks:
-            if t in seen:
-                raise ProbeError(f"labels {seen[t]!r} and {word!r} start with the same token; choose distinct label words")
-            seen[t] = word
-    return scoring.LabelTokens(tuple(labels), tuple(ids))
+def label_tokens_for(engine, labels: Sequence[str], prompt: str) -> scoring.LabelTokens:
+    """The tokens whose next-token logits stand for each label after `prompt` (its single-token forms:
+    the answer ' W' and the glued 'W', as tasks.answers reads them after the prompt). Refuses labels
+    whose answer after this prompt is not one token: those are scored by log-likelihood (_run_chunk)."""
+    tokens = engine.tokenize(prompt)
+    forms = single_token_forms(label_answers(engine, prompt, labels, tokens), len(tokens))
+    if forms is None:
+        raise ProbeError(f"after {prompt[-30:]!r} some label's answer is not one token; it is scored by its log-likelihood")
+    return scoring.LabelTokens(tuple(labels), forms)
 
 
 def prepare_run_dir(run_dir: Path, identity: dict[str, Any], resume: bool, force: bool) -> dict[str, Any] | None:
@@ -205,7 +226,7 @@ def evaluate(
     data = load_examples(task_spec(config), data_path=config.data_path, limit=config.limit,
                          on_bad_row=config.on_bad_row, seed=config.seed)
     if not data.examples:
-        raise ProbeError(f"task {config.task} has no examples to run")
+        raise ProbeError(f"task {data.spec.name} has no examples to run")
     model_id = _model_identity(path)
     identity = {"model_sha256": model_id["sha256"], "data_sha256": data.data_sha256, **config.identity(),
                 "definitions_version": DEFINITIONS_VERSION}
@@ -254,7 +275,6 @@ def evaluate(
         # (like llama-imatrix) counts every token, neuron statistics only need it when the last layer is analysed.
         all_outputs = imatrix_probe is not None or (probe is not None and engine.n_layer - 1 in probe.accumulator.layers)
         try:
-            label_toks = label_tokens_for(engine, data.labels)
             manifest = {
                 "status": "running",
                 "tool": {"ggml_probe": __version__, **versions(), "python": platform.python_version(),
@@ -265,7 +285,6 @@ def evaluate(
                 "task": data.describe(),
                 "config": asdict(config),
                 "engine": engine.info().to_dict(),
-                "label_tokens": {w: list(t) for w, t in zip(label_toks.labels, label_toks.token_ids)},
                 "definitions": {"scoring": scoring.DEFINITIONS},
             }
             write_json(run_dir / MANIFEST, manifest)
@@ -278,7 +297,7 @@ def evaluate(
             chunk_no = _next_chunk_number(run_dir)
             for start in range(0, len(todo), config.chunk_size):
                 positions = todo[start : start + config.chunk_size]
-                arrays = _run_chunk(engine, data.spec, [data.examples[i] for i in positions], label_toks, config,
+                arrays = _run_chunk(engine, data.spec, [data.examples[i] for i in positions], data.labels, config,
                                     all_probes, positions[0], all_outputs)
                 save_npz(run_dir / CHUNKS / f"{chunk_no:05d}.npz", positions=np.asarray(positions, dtype=np.int64), **arrays)
                 for folder, p in stateful.items():
@@ -293,7 +312,7 @@ def evaluate(
         finally:
             engine.close()
 
-        summary = finalize_run(run_dir, data, label_toks, manifest, config)
+        summary = finalize_run(run_dir, data, manifest, config)
         summary.resumed_examples = resumed
         summary.seconds = time.perf_counter() - t_start
         return summary
@@ -364,9 +383,32 @@ def _next_chunk_number(run_dir: Path) -> int:
     return max(names, default=-1) + 1
 
 
-def _run_chunk(engine, spec, examples, label_toks: scoring.LabelTokens, config: EvalConfig, probe=None,
+def _fit_with_answers(engine, spec, example, labels: Sequence[str]):
+    """An example's decoded tokens and its labels' answers (tasks.answers). All but the last token of the
+    longest answer is decoded after the prompt, so the prompt is fitted to leave room for it: no room
+    at all when every answer is one token, as before answers of several tokens were scored."""
+    answers = label_answers(engine, example.prompt, labels)
+    longest = max(len(a.tokens) for a in answers)
+    fitted = example_tokens(engine, spec, example, engine.prompt_limit - (longest - 1))
+    if fitted.dropped:  # the answers follow the prompt as decoded
+        answers = label_answers(engine, fitted.text, labels, fitted.tokens)
+        longest = max(len(a.tokens) for a in answers)
+        if len(fitted.tokens) + longest - 1 > engine.n_ctx:
+            raise ProbeError(f"task {spec.name}: a prompt cut to fit the context leaves no room for an answer of "
+                             f"{longest} tokens; raise --ctx")
+    return fitted, answers
+
+
+# How each example's labels were scored (chunks' label_mode, predictions' label_scoring).
+TOKEN, LOGLIK = 0, 1
+MODE_NAMES = {TOKEN: "token", LOGLIK: "loglik"}
+
+
+def _run_chunk(engine, spec, examples, labels: Sequence[str], config: EvalConfig, probe=None,
                first_position: int = 0, all_outputs: bool = False) -> dict[str, np.ndarray]:
-    fitted = [example_tokens(engine, spec, ex, engine.prompt_limit) for ex in examples]
+    pairs = [_fit_with_answers(engine, spec, ex, labels) for ex in examples]
+    fitted = [f for f, _ in pairs]
+    answers = [a for _, a in pairs]
     prompts = [f.tokens for f in fitted]
     if probe is None:
         results = engine.run(prompts)
@@ -374,16 +416,50 @@ def _run_chunk(engine, spec, examples, label_toks: scoring.LabelTokens, config: 
         probe.prompt_offset = first_position  # prompt indices in the neuron state are run positions
         results = run_checked(engine, probe, prompts, all_outputs=all_outputs)
     logits = np.stack([r.logits for r in results]).astype(np.float32)
-    lab = scoring.label_logits(logits, label_toks)
     top = np.argmax(logits, axis=1)
     logp = scoring.log_softmax(logits)
     if any(r.truncated for r in results):  # cannot happen: the prompts were fitted to the engine's limit
         raise ProbeError("the engine cut a prompt the task had already fitted to the context")
+
+    n, n_labels = len(examples), len(labels)
+    lab = np.empty((n, n_labels), dtype=np.float64)
+    loglik = np.empty((n, n_labels), dtype=np.float64)
+    mode = np.full(n, TOKEN, dtype=np.int8)
+    forms = np.full((n, n_labels, 2), -1, dtype=np.int32)
+    by_forms: dict[tuple, list[int]] = {}
+    for i, (toks, ans) in enumerate(zip(prompts, answers)):
+        sets = single_token_forms(ans, len(toks))
+        if sets is None:
+            mode[i] = LOGLIK
+            continue
+        by_forms.setdefault(sets, []).append(i)
+        for j, (a, ids) in enumerate(zip(ans, sets)):
+            forms[i, j, :len(ids)] = ids
+            loglik[i, j] = logp[i, a.tokens[0]]
+    # Every answer one token: the next-token logits of the main pass, each label's forms merged.
+    for sets, rows in by_forms.items():
+        lab[rows] = scoring.label_logits(logits[rows], scoring.LabelTokens(tuple(labels), sets))
+    # Otherwise each answer's log-likelihood, its tokens decoded after the prompt (one extra prompt decode).
+    for i in np.flatnonzero(mode == LOGLIK):
+        ans = answers[i]
+        k0 = min(a.context for a in ans)
+        conts = [np.concatenate([prompts[i][k0:a.context], np.asarray(a.tokens, dtype=np.int32)]) for a in ans]
+        rows = engine.continuation_logits(prompts[i][:k0], conts)
+        for j, (a, r) in enumerate(zip(ans, rows)):
+            loglik[i, j] = scoring.continuation_loglik(r[len(r) - len(a.tokens):], a.tokens)
+        lab[i] = loglik[i]
+
     out = {
         "n_tokens": np.array([len(t) for t in prompts], dtype=np.int32),
         "tokens": pack_tokens(prompts),  # exactly what was decoded, for everything that points into it
         "truncated": np.array([f.dropped for f in fitted], dtype=np.int32),
-        "label_logits": lab.astype(np.float64),
+        "label_logits": lab,
+        "loglik": loglik,
+        "label_mode": mode,
+        "label_forms": forms,
+        "answer_lengths": np.array([[len(a.tokens) for a in ans] for ans in answers], dtype=np.int32),
+        "answer_context": np.array([[a.context for a in ans] for ans in answers], dtype=np.int32),
+        "answer_tokens": np.array([t for ans in answers for a in ans for t in a.tokens], dtype=np.int32),
         "top_token": top.astype(np.int32),
         "top_logprob": logp[np.arange(len(top)), top],
         "entropy": -(np.exp(logp) * logp).sum(axis=1),
@@ -403,13 +479,48 @@ def _load_chunks(run_dir: Path) -> dict[str, np.ndarray]:
         with np.load(f, allow_pickle=False) as z:
             for k in z.files:
                 parts.setdefault(k, []).append(z[k])
+            parts.setdefault("answers", []).append(_answer_lists(z["answer_tokens"], z["answer_lengths"]))
     parts.pop("tokens", None)  # one ragged array per chunk, not a row per example: read with decoded_tokens
+    parts.pop("answer_tokens", None)  # ragged too: split into "answers" above
     merged = {k: np.concatenate(v) for k, v in parts.items()}
     order = np.argsort(merged["positions"], kind="stable")
     return {k: v[order] for k, v in merged.items()}
 
 
-def finalize_run(run_dir: Path, data, label_toks: scoring.LabelTokens, manifest: dict, config: EvalConfig) -> RunSummary:
+def _answer_lists(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """A chunk's packed answer tokens as one entry per example: a tuple per label of its token ids."""
+    cuts = np.cumsum(lengths.ravel())
+    pieces = np.split(flat, cuts[:-1]) if len(cuts) else []
+    out = np.empty(len(lengths), dtype=object)
+    for i in range(len(lengths)):
+        out[i] = tuple(tuple(int(t) for t in p) for p in pieces[i * lengths.shape[1]:(i + 1) * lengths.shape[1]])
+    return out
+
+
+def _answer_summary(model_path: str, labels: Sequence[str], answers: np.ndarray, forms: np.ndarray) -> dict[str, Any]:
+    """For the manifest: each label's answer tokens as they occurred (with their pieces and how many examples),
+    and `label_tokens`, every token that stood for the label (single-token forms, first answer tokens)."""
+    from ..engine.model import Vocab  # the model's tokenizer only, for the pieces
+
+    seen: dict[str, dict[tuple[int, ...], int]] = {w: {} for w in labels}
+    for per_label in answers:
+        for w, toks in zip(labels, per_label):
+            seen[w][toks] = seen[w].get(toks, 0) + 1
+    label_tokens = {}
+    for j, w in enumerate(labels):
+        ids = {int(t) for t in forms[:, j].ravel() if t >= 0} | {toks[0] for toks in seen[w]}
+        label_tokens[w] = sorted(ids)
+    with Vocab(model_path) as vocab:
+        listed = {w: [{"tokens": list(toks), "pieces": [vocab.token_to_piece(t) for t in toks], "examples": count}
+                      for toks, count in sorted(seen[w].items(), key=lambda kv: -kv[1])] for w in labels}
+    return {"label_tokens": label_tokens, "answers": listed}
+
+
+ACCURACY_NORM = ("accuracy_norm: lm-evaluation-harness's acc_norm, the fraction of examples whose argmax over labels of "
+                 "answer log-likelihood / len(label) in characters is the gold label")
+
+
+def finalize_run(run_dir: Path, data, manifest: dict, config: EvalConfig) -> RunSummary:
     """Merge checkpoints into the final tables, compute metrics, plot, mark the run complete."""
     import pandas as pd
 
@@ -427,6 +538,7 @@ def finalize_run(run_dir: Path, data, label_toks: scoring.LabelTokens, manifest:
     paper_pred = np.array([scoring.paper_prediction_index(p, tuple(labels)) for p in pieces], dtype=np.int64)
     paper_ok = np.array([scoring.paper_correct(p, labels[g]) for p, g in zip(pieces, gold)])
     paper_conf = np.exp(arrays["top_logprob"])
+    pred_norm = scoring.norm_prediction(arrays["loglik"], labels)
 
     table = {
         "position": np.arange(n),
@@ -446,9 +558,15 @@ def finalize_run(run_dir: Path, data, label_toks: scoring.LabelTokens, manifest:
         "paper_confidence": paper_conf,
         "paper_correct": paper_ok,
         "entropy": arrays["entropy"],
+        "label_scoring": [MODE_NAMES[int(m)] for m in arrays["label_mode"]],
+        "pred_norm_index": pred_norm,
+        "correct_norm": pred_norm == gold,
     }
     for j, w in enumerate(labels):
         table[f"p_{w}"] = label_p[:, j]
+    for j, w in enumerate(labels):
+        table[f"loglik_{w}"] = arrays["loglik"][:, j]
+        table[f"answer_{w}"] = [list(a[j]) for a in arrays["answers"]]
     df = pd.DataFrame(table)
     with atomic_output(run_dir / "predictions.parquet") as tmp:
         df.to_parquet(tmp, index=False)
@@ -458,6 +576,13 @@ def finalize_run(run_dir: Path, data, label_toks: scoring.LabelTokens, manifest:
         save_npy(run_dir / "hidden.npy", arrays["hidden"])
 
     label_set = calibration_summary(label_p, gold, n_boot=config.n_boot)
+    correct_norm = (pred_norm == gold).astype(np.float64)
+    low = high = None
+    if config.n_boot > 0:
+        low, high = bootstrap_ci(accuracy, correct_norm, n_boot=config.n_boot, alpha=label_set["alpha"],
+                                 seed=label_set["seed"])
+    label_set["accuracy_norm"] = {"value": float(accuracy(correct_norm)), "ci_low": low, "ci_high": high}
+    label_set["definitions"]["accuracy_norm"] = ACCURACY_NORM
     paper = calibration_summary(label_p, gold, pred_index=np.zeros(n, dtype=np.int64), confidence=paper_conf,
                                 correct=paper_ok, n_boot=config.n_boot)
     for k in ("brier", "nll"):  # defined on the label distribution only; not part of the paper mode
@@ -470,12 +595,15 @@ def finalize_run(run_dir: Path, data, label_toks: scoring.LabelTokens, manifest:
         "paper": paper,
         "truncated_examples": int(np.sum(arrays["truncated"] > 0)),
         "bad_rows": len(data.bad_rows),
+        # examples whose labels were scored by next-token logits (every answer one token) or by log-likelihood
+        "label_scoring": {name: int(np.sum(arrays["label_mode"] == m)) for m, name in MODE_NAMES.items()},
         "definitions": {"scoring": scoring.DEFINITIONS},
     }
     write_json(run_dir / "metrics.json", metrics)
     title = f"{manifest['quant']} · {data.spec.name}"
     plot_reliability({"label-set": reliability_bins(conf, pred == gold), "paper": reliability_bins(paper_conf, paper_ok)},
                      run_dir / "reliability.png", title=title)
+    manifest.update(_answer_summary(manifest["model"]["path"], labels, arrays["answers"], arrays["label_forms"]))
     manifest["status"] = "complete"
     manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(run_dir / MANIFEST, manifest)

@@ -29,6 +29,8 @@ from .spec import (
     list_tasks,
     load_task_file,
     make_task,
+    parse_label_map,
+    positional_gold_values,
 )
 
 __all__ = [
@@ -52,4 +54,6 @@ __all__ = [
     "load_examples",
     "load_task_file",
     "make_task",
+    "parse_label_map",
+    "positional_gold_values",
 ]

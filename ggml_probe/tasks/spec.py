@@ -35,6 +35,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import os
 import string
 from dataclasses import dataclass, field
 from importlib import resources
@@ -399,6 +400,46 @@ def get_task(name: str) -> TaskSpec:
     close = difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(lowered[c] for c in close)}? " if close else ""
     raise ProbeError(f"unknown task {name!r}; {hint}known tasks: {', '.join(sorted(specs))} (or give a task .toml file)")
+
+
+def parse_label_map(text: str) -> dict[str, str]:
+    """'0=No,1=Yes' → {'0': 'No', '1': 'Yes'}: gold values (as the data holds them) → label words."""
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        value, sep, word = item.partition("=")
+        value, word = value.strip(), word.strip()
+        if not sep or not value or not word:
+            raise ProbeError(f"--label-map: {item.strip()!r} is not VALUE=WORD (e.g. --label-map 0=No,1=Yes)")
+        if value in out and out[value] != word:
+            raise ProbeError(f"--label-map: {value!r} maps to both {out[value]!r} and {word!r}")
+        out[value] = word
+    return out
+
+
+def positional_gold_values(labels: Sequence[str]) -> dict[str, str]:
+    """Integer gold labels by position in the label list (0 → the first word, 1 → the second, ...), the
+    layout of most classification data sets (SST-2, GLUE: `label` 0/1). None when a label word is itself
+    an integer (star ratings '1'..'5'): such words match the data's values as they are."""
+    if any(_is_integer(w) for w in labels):
+        return {}
+    return {str(i): w for i, w in enumerate(labels)}
+
+
+def _is_integer(word: str) -> bool:
+    try:
+        int(word.strip())
+    except ValueError:
+        return False
+    return True
+
+
+def generic_task_name(task: str | None, data_path: str | os.PathLike | None) -> str:
+    """The name of a task built from --template: the --task given, unless that names a shipped task (the
+    CLI's default boolq), then the data file's name (sst2.csv → sst2), so its errors and run directories
+    never speak of a task it is not."""
+    if task and task not in _shipped_specs() and not task.endswith(".toml"):
+        return task
+    return Path(data_path).stem if data_path else "custom"
 
 
 def make_task(

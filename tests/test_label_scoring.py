@@ -304,3 +304,22 @@ def test_single_token_labels_keep_todays_numbers_on_the_demo(task, request, demo
     before = calibration_summary(p, preds["gold_index"].to_numpy(), n_boot=200)
     for key in ("accuracy", "mean_confidence", "ace_paper", "ece", "brier", "nll"):
         assert summary.metrics["label_set"][key] == before[key], key
+
+
+@pytest.mark.slow
+def test_neurons_attribute_the_answer_token_on_a_sentencepiece_model(tiny_models, boolq_path, tmp_path):
+    """`neurons` on the Llama 2 tokenizer: the salient neurons explain the chosen label's answer token
+    after the prompt ('▁True' / '▁False', as transformers tokenizes it), none of them '▁' alone."""
+    model = tiny_models("llama-spm")
+    hf = HFTokenizer(vocab_path("llama-spm"))
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["neurons", str(model), "--task", "boolq", "--data", str(boolq_path), "--limit", str(N),
+                                   "--layers", "-1", "--salient-examples", str(N), "--ablate-top", "0", "--threads", "2",
+                                   "-o", str(out), "-q", "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    salient = json.loads((out / "salient.json").read_text())
+    preds = pd.read_parquet(out / "predictions.parquet")
+    examples = load_examples("boolq", data_path=boolq_path, limit=N).examples
+    expected = [hf.after(ex.prompt, " " + w)[0][0] for ex, w in zip(examples, preds["pred"])]
+    assert salient["target"] == "label" and salient["targets"] == expected
+    assert salient["salient_targets"]["not_label"] == 0

@@ -722,6 +722,13 @@ class _StudyProgress(_RunProgress):
 @click.option("--kld-ctx", type=int, default=256, show_default=True, help="Tokens per chunk of the text KLD.")
 @click.option("--kld-chunks", type=int, default=8, show_default=True, help="At most this many chunks (0: all).")
 @click.option("--no-kld", is_flag=True, help="Skip the text KLD.")
+@click.option("--max-kld", type=float, default=0.1, show_default=True,
+              help="The pick's budget: mean text KLD against the reference.")
+@click.option("--max-p99-kld", type=float, default=None, help="The pick's budget: p99 text KLD.")
+@click.option("--max-accuracy-drop", type=float, default=None,
+              help="The pick's budget: accuracy drop in points on any task.")
+@click.option("--memory", "memory", default=None,
+              help="The pick's memory budget (e.g. 8GiB; default: this machine's available memory).")
 @click.option("--allow-requantize", is_flag=True, help="Allow a ladder from an already-quantized source (implied for demo).")
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Study directory (default: studies/<model>).")
@@ -731,7 +738,7 @@ class _StudyProgress(_RunProgress):
 @click.option("-q", "--quiet", is_flag=True, help="No progress display (for scripts).")
 def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, reference, no_neurons, salient_examples,
               attribution, attribution_target, ablate_top, no_weights, kld_text, kld_ctx, kld_chunks, no_kld,
-              allow_requantize, out, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet) -> None:
+              max_kld, max_p99_kld, max_accuracy_drop, memory, allow_requantize, out, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet) -> None:
     """The whole study: ladder, one pass per level and task, comparisons, weights, and a report.
 
     Resumable: rerun the same command after an interruption and finished levels are reused.
@@ -742,6 +749,7 @@ def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, 
       ggml-probe study demo --quants F16,Q8_0,Q4_K_M,Q4_0 --task boolq --task jigsaw --data-dir ../shared/data --limit 50
     """
     from .models.quantize import ladder_stem  # start-up time: gguf, numpy
+    from .analysis.pick import parse_size  # start-up time: numpy
     from .pipeline.study import StudyConfig, run_study  # start-up time: the whole pipeline
     from .report.terminal import print_study_summary  # start-up time: rich
 
@@ -763,6 +771,8 @@ def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, 
                          neurons=not no_neurons, salient_examples=salient_examples, attribution=attribution,
                          attribution_target=attribution_target, ablate_top=ablate_top, weights=not no_weights,
                          kld=not no_kld, kld_text=kld_text, kld_ctx=kld_ctx, kld_chunks=kld_chunks or None,
+                         max_kld=max_kld, max_p99_kld=max_p99_kld, max_accuracy_drop=max_accuracy_drop,
+                         memory_bytes=parse_size(memory) if memory is not None else None,
                          allow_requantize=allow_requantize,
                          n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts)
     out = out or Path("studies") / ladder_stem(resolve_model(model))
@@ -780,7 +790,9 @@ def study_summary_json(study: dict) -> dict:
     out = {"study": {k: study["study"][k] for k in ("model", "quants", "reference", "tasks", "mode", "seconds")},
            "what_changed": study.get("what_changed", []), "tasks": {},
            "kld": {level: {k: m.get(k) for k in ("kld_mean", "kld_p99", "same_top_p", "ppl_ratio", "rms_dp")}
-                   for level, m in ((study.get("kld") or {}).get("models") or {}).items()}}
+                   for level, m in ((study.get("kld") or {}).get("models") or {}).items()},
+           "pick": ((study.get("pick") or {}).get("result") or {}).get("pick"),
+           "pick_reasons": ((study.get("pick") or {}).get("result") or {}).get("reasons", [])}
     for task, t in study["tasks"].items():
         rows = {}
         for level, run in t["runs"].items():

@@ -20,7 +20,7 @@ import pytest
 
 from ggml_probe.pipeline.study import StudyConfig, run_study
 
-SECTION_IDS = ("header", "what-changed", "tables", "text-kld", "plots", "neurons", "weights", "manifest")
+SECTION_IDS = ("header", "what-changed", "tables", "pick", "text-kld", "plots", "neurons", "weights", "manifest")
 TASK = "boolq"
 N_BOOT = 200
 
@@ -284,6 +284,30 @@ def test_text_kld_scores_the_sampled_passages_and_is_shown(real_study, boolq_pat
     for value in (f"{m['kld_mean']:.5f}", f"{m['kld_p99']:.4f}", f"{100 * m['same_top_p']:.2f}"):
         assert value in section and value in md
     assert any(item["metric"] == "text_kld_mean" for item in study["what_changed"])
+
+
+def test_the_study_picks_a_level_from_its_own_figures(real_study):
+    """The study's pick: its records are the study's own sizes, text KLD and accuracy changes, and the pick
+    and frontier equal test_pick's independent brute force over them; the report and the terminal say it."""
+    from test_pick import brute_frontier, brute_objectives, brute_pick
+
+    study, page, md = real_study["study"], real_study["html"], real_study["md"]
+    section = study["pick"]
+    levels, result = section["levels"], section["result"]
+    for lvl, d in levels.items():
+        assert d["size_bytes"] == study["levels"][lvl]["size_bytes"]
+        if lvl != study["study"]["reference"]:
+            assert d["kld_mean"] == study["kld"]["models"][lvl]["kld_mean"]
+            acc = study["tasks"][TASK]["comparison"]["levels"][lvl]["accuracy_delta"]
+            assert d["accuracy_delta"] == pytest.approx(100 * acc["value"])
+    objectives = brute_objectives(levels)
+    assert result["objectives"] == objectives
+    frontier, dominated = brute_frontier(levels, objectives)
+    assert result["frontier"] == frontier
+    assert result["pick"] == brute_pick(levels, result["budget"], "size")
+    shown = result["pick"] or "none"
+    assert f"Pick: {shown}" in _section(page, "pick") or "No level fits" in _section(page, "pick")
+    assert "Which level to run" in md
 
 
 def test_weight_error_matches_independent_dequantization(real_study):

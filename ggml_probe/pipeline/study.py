@@ -24,9 +24,11 @@ from typing import Any
 from .. import __version__
 from ..analysis.calibration import DEFINITIONS as CAL, reliability_bins
 from ..analysis.neurons import DRIFT_DEFINITION
+from ..analysis.pick import DEFAULT_MAX_KLD, Budget, pick, records_from_dicts
 from ..analysis.scoring import DEFINITIONS as SCORING
 from ..attribution import method
 from ..errors import HubError, ProbeError
+from ..models.ggufinfo import inspect_gguf
 from ..models.store import DEMO_NAME, resolve_model
 from ..report.changes import what_changed
 from ..report.render import render_report
@@ -36,6 +38,7 @@ from ..weights import compare_weights
 from .compare import reference_level
 from .evaluation import EvalConfig, ladder_files, task_spec
 from .kld import KLDSettings, run_kld
+from .pick import DEFAULT_RUN_CTX, accuracy_from_comparison, level_context
 from .neurons import TARGET_DEFINITIONS, NeuronAnalysis
 from .rundir import directory_lock, read_json, write_json
 from .runs import RunProgress, run_level_files
@@ -80,6 +83,12 @@ class StudyConfig:
     kld_text: str | None = None  # a plain-text file; None: the tasks' own text (e.g. BoolQ passages)
     kld_ctx: int = 256
     kld_chunks: int | None = 8  # at most this many chunks of the text (None: all)
+    pick: bool = True  # which level to run (analysis.pick), from the text KLD, sizes and accuracy changes
+    max_kld: float | None = DEFAULT_MAX_KLD
+    max_p99_kld: float | None = None
+    max_accuracy_drop: float | None = None  # points, on any task
+    memory_bytes: int | None = None  # None: this machine's available memory
+    run_ctx: int = DEFAULT_RUN_CTX  # the context the pick's memory need assumes
 
     def apply_paper(self) -> None:
         """The reference study's exact protocol (study-protocol.md)."""
@@ -194,6 +203,8 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
             study["weights"] = _weights_section(files, reference, out, force, progress, shas)
         if config.kld:
             study["kld"] = _kld_section(files, reference, config, out, task_texts, progress)
+            if config.pick and (study["kld"].get("models") or len(files) == 1):
+                study["pick"] = _pick_section(files, reference, study, config)
         study["study"] = {
             "model": str(model), "model_path": str(src), "quants": list(files), "reference": reference,
             "tasks": list(study["tasks"]), "mode": "paper" if config.paper else "default",
@@ -288,6 +299,34 @@ def _kld_section(files: dict[str, Path], reference: str, config: StudyConfig, ou
     return {"text_source": source, **result.to_dict(), "settings": asdict(settings)}
 
 
+def _pick_section(files: dict[str, Path], reference: str, study: dict[str, Any],
+                  config: StudyConfig) -> dict[str, Any]:
+    """Which level to run: the smallest within the quality budget (text KLD; the worst accuracy change over
+    the tasks) that fits the memory budget, with the Pareto frontier and the reasons (analysis.pick)."""
+    kld = study["kld"].get("models") or {}
+    levels: dict[str, dict[str, Any]] = {}
+    for level, path in files.items():
+        entry = study["levels"][level]
+        context = level_context(inspect_gguf(path), config.run_ctx)
+        rec: dict[str, Any] = {"size_bytes": entry["size_bytes"], "bits_per_weight": entry["bits_per_weight"],
+                               "context_bytes": (context or {}).get("total_bytes", 0)}
+        if level == reference:
+            rec.update(kld_mean=0.0, kld_p99=0.0, same_top_p=1.0, reference=True)
+        elif level in kld:
+            rec.update({k: kld[level][k] for k in ("kld_mean", "kld_mean_se", "kld_p99", "same_top_p")})
+        # the worst accuracy change over the tasks, with its paired interval (points)
+        drops = [accuracy_from_comparison(t["comparison"]).get(level) for t in study["tasks"].values()
+                 if t.get("comparison")]
+        drops = [d for d in drops if d is not None]
+        if drops:
+            rec.update(min(drops, key=lambda d: d["accuracy_delta"]))
+        levels[level] = rec
+    budget = Budget(max_kld=config.max_kld, max_p99_kld=config.max_p99_kld,
+                    max_accuracy_drop=config.max_accuracy_drop, memory_bytes=config.memory_bytes)
+    result = pick(records_from_dicts(levels), budget)
+    return {"levels": levels, "run_ctx": config.run_ctx, "result": result.to_dict()}
+
+
 def _definitions(config: StudyConfig) -> dict[str, str]:
     return {
         "mode": ("paper: the reference study's protocol (question-only BoolQ prompts, full-vocabulary confidence, "
@@ -308,5 +347,8 @@ def _definitions(config: StudyConfig) -> dict[str, str]:
                      f"{config.kld_ctx} tokens, the second half of each scored; KLD = Σ p_ref·(log p_ref − log p) "
                      "over the reference's tokens above −16 nats; same top p = the share of positions whose argmax "
                      "token equals the reference's; RMS Δp = RMS of the change in the actual next token's probability"),
+        "pick": ("the smallest level whose text KLD (mean, p99) and worst accuracy change over the tasks stay within "
+                 "the budget and whose file plus KV cache and compute buffers at the run context fit the memory "
+                 "budget; the Pareto frontier over size × mean KLD (× accuracy where measured)"),
         "weights": "per tensor: relative RMSE ‖W−W_ref‖/‖W_ref‖, SQNR 10·log10(‖W_ref‖²/‖W−W_ref‖²), cosine, max |ΔW|",
     }

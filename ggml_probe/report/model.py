@@ -140,7 +140,8 @@ def build_report(study: Mapping[str, Any]) -> Report:
                mode=mode, scoring="paper" if mode == "paper" else "label_set")
     changes = study.get("what_changed")
     sections = [_what_changed_section(s, what_changed(study) if changes is None else changes), _tables_section(s),
-                _text_kld_section(s, study.get("kld") or {}), _figures_section(s), _neurons_section(s), _weights_section(s), _manifest_section(s)]
+                _pick_section(s, study.get("pick") or {}), _text_kld_section(s, study.get("kld") or {}),
+                _figures_section(s), _neurons_section(s), _weights_section(s), _manifest_section(s)]
     header = {"model": meta.get("model") or "—", "levels": levels, "reference": s.reference,
               "tasks": list(meta.get("tasks") or tasks), "mode": mode, "created": meta.get("created"),
               "seconds": meta.get("seconds"), "colors": s.colors,
@@ -374,6 +375,50 @@ def _tables_section(s: _Study) -> Section:
         if table is not None:
             sec.add("h3", f"Task {task}: neurons against {s.reference}")
             sec.add("table", table)
+    return sec
+
+
+# =============================================================================================
+# the pick
+
+
+def _pick_section(s: _Study, pick: Mapping[str, Any]) -> Section:
+    sec = Section("pick", "Which level to run")
+    if not pick:
+        sec.add("note", f"The pick: {NOT_MEASURED} (it needs the text KLD).")
+        return sec
+    result = pick.get("result") or {}
+    budget = result.get("budget") or {}
+    if result.get("pick"):
+        sec.add("p", f"Pick: {result['pick']} — {result['reasons'][0].removeprefix(result['pick'] + ': ')}")
+    else:
+        sec.add("warn", f"No level fits: {(result.get('reasons') or ['—'])[0]}")
+    rows = []
+    for lvl in s.levels:
+        d = (pick.get("levels") or {}).get(lvl)
+        verdict = (result.get("levels") or {}).get(lvl) or {}
+        if d is None:
+            continue
+        ref = d.get("reference")
+        acc, ci = d.get("accuracy_delta"), d.get("accuracy_delta_ci")
+        rows.append([Cell(lvl, cls="strong"), size(d.get("size_bytes")), fmt(d.get("bits_per_weight"), ".2f"),
+                     "ref" if ref else fmt(d.get("kld_mean"), ".5f"), "ref" if ref else fmt(d.get("kld_p99"), ".4f"),
+                     "ref" if ref else (fmt(100 * d["same_top_p"], ".2f") if d.get("same_top_p") is not None else "—"),
+                     "ref" if ref else (Cell(f"{acc:+.1f}", interval(ci[0] / 100, ci[1] / 100, 100) if ci else "")
+                                        if acc is not None else "—"),
+                     "✓" if verdict.get("on_frontier") else "dominated by " + ", ".join(verdict.get("dominated_by") or []),
+                     "✓" if verdict.get("meets_budget") else "; ".join(f["text"] for f in verdict.get("failures") or [])])
+    limits = [f"{name} ≤ {budget[key]}" for key, name in (("max_kld", "mean KLD"), ("max_p99_kld", "p99 KLD"),
+                                                          ("max_accuracy_drop", "accuracy drop (points)"))
+              if budget.get(key) is not None]
+    sec.add("table", Table(["level", "size", "bits/weight", "KLD mean", "KLD p99", "same top p %", "accuracy Δ points",
+                            "Pareto frontier", "within budget"], rows,
+                           caption="Budget: " + ", ".join(limits + [
+                               f"memory {size(budget.get('memory_bytes'))} ({budget.get('memory_source')}) for the file "
+                               f"plus a {pick.get('run_ctx')}-token context"]) + ". Accuracy: the worst change over the "
+                               "tasks, with its paired interval."))
+    if len(result.get("reasons") or []) > 1:
+        sec.add("list", [(text, False) for text in result["reasons"][1:]])
     return sec
 
 

@@ -187,6 +187,13 @@ def print_study_summary(console: "Console", study: dict, out_dir) -> None:
         console.print(table)
     elif kld.get("note"):
         console.print(f"[yellow]text KLD not measured: {escape(kld['note'])}[/]")
+    result = (study.get("pick") or {}).get("result")
+    if result:
+        if result["pick"] is not None:
+            why = result["reasons"][0].removeprefix(f"{result['pick']}: ")
+            console.print(f"[bold green]pick: {escape(result['pick'])}[/] — {escape(why)}")
+        else:
+            console.print(f"[bold red]pick: none[/] — {escape(result['reasons'][0])}")
     if study.get("what_changed"):
         console.print("[bold]What changed[/]")
         for item in study["what_changed"]:

@@ -578,6 +578,69 @@ def kld_cmd(models, ref, text_file, base_file, ctx, chunks, batch, threads, gpu_
         print_kld_summary(_console(), result.to_dict())
 
 
+# --------------------------------------------------------------------------- bench
+
+@cli.command("bench")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--quants", default=None,
+              help="Comma-separated levels (e.g. F16,Q8_0,Q4_0): each MODEL's ladder, missing files built first.")
+@click.option("--allow-requantize", is_flag=True, help="Allow building the ladder from an already-quantized source.")
+@click.option("-p", "--n-prompt", type=int, default=512, show_default=True,
+              help="Prompt tokens of the pp test (llama-bench -p); 0 skips it.")
+@click.option("-n", "--n-gen", type=int, default=128, show_default=True,
+              help="Generated tokens of the tg test (llama-bench -n); 0 skips it.")
+@click.option("-r", "--reps", type=int, default=5, show_default=True, help="Repetitions of each test (llama-bench -r).")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: the cores this process may use).")
+@click.option("--gpu-layers", default="auto", show_default=True,
+              help="Layers to offload to CUDA/Metal: 'auto' (all, where a GPU backend exists), -1 (all) or N.")
+@click.option("-b", "--batch", type=int, default=2048, show_default=True, help="Logical batch (llama-bench -b).")
+@click.option("--ubatch", type=int, default=512, show_default=True, help="Physical batch (llama-bench -ub).")
+@click.option("--flash-attn", is_flag=True,
+              help="Flash attention on (llama-bench's CPU default; off here, as everywhere in ggml-probe).")
+@click.option("--no-warmup", is_flag=True, help="Skip the warm-up run before each test (llama-bench --no-warmup).")
+@click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON, one object per level.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def bench_cmd(models, quants, allow_requantize, n_prompt, n_gen, reps, threads, gpu_layers, batch, ubatch, flash_attn,
+              no_warmup, as_json, quiet) -> None:
+    """Prompt-processing and generation speed of MODELS (or each level of --quants), as llama-bench
+    measures them, and the memory each level needs.
+
+    ppN: N random tokens decoded at once from an empty cache; tgN: N tokens decoded one at a time with
+    the KV cache kept. Each test: a warm-up run, then -r timed repetitions; tokens/s as the mean ± sample
+    sd of the repetitions' rates. Memory: the weights, KV cache and compute buffers llama.cpp allocates,
+    the process's peak RSS, and VRAM with --gpu-layers on a GPU build. Bits per weight from the file.
+
+    \b
+      ggml-probe bench demo --quants F16,Q8_0,Q4_0 -p 512 -n 128 -r 5
+      ggml-probe bench models/a-Q4_K_M.gguf models/a-Q8_0.gguf --threads 8 --json
+    """
+    from .models.quant_types import normalize_quant  # start-up time: gguf
+    from .pipeline.runs import implied_requantize  # start-up time: the pipeline (numpy, llama_cpp)
+    from .pipeline.speed import BenchSettings, bench_models
+    from .report.terminal import print_bench_summary  # start-up time: rich
+
+    levels = [normalize_quant(q) for q in quants.split(",") if q.strip()] if quants else None  # bad name: one line
+    settings = BenchSettings(n_prompt=n_prompt, n_gen=n_gen, reps=reps, threads=threads, gpu_layers=gpu_layers,
+                             batch=batch, ubatch=ubatch, flash_attn=flash_attn, warmup=not no_warmup)
+    if any(implied_requantize(m, levels, allow_requantize) for m in models) and not quiet and not as_json:
+        _console(stderr=True).print("[yellow]demo: the ladder is requantized from Q4_1 (the only precision shipped)[/]")
+    with _Progress(quiet or as_json) as bars:
+        tasks: dict[str, object] = {}
+
+        def progress(label: str, done: int, total: int) -> None:
+            if bars.progress is None:
+                return
+            if label not in tasks:
+                tasks[label] = bars.progress.add_task(f"{label} · runs", total=total, rate="")
+            bars.progress.update(tasks[label], completed=done, total=total)
+
+        result = bench_models(models, levels, settings, allow_requantize=allow_requantize, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        print_bench_summary(_console(), result.to_dict())
+
+
 # --------------------------------------------------------------------------- pick
 
 @cli.command("pick")

@@ -86,3 +86,57 @@ def devices() -> list[dict[str, str]]:
             "type": _DEV_TYPES.get(lib.ggml_backend_dev_type(dev), "?"),
         })
     return out
+
+
+def device_memory() -> list[dict[str, Any]]:
+    """Free and total memory of every backend device, in bytes, as ggml reports it now
+    (ggml_backend_dev_memory: a GPU's VRAM; the CPU device reports the host's memory)."""
+    lib = libggml()
+    fn = lib.ggml_backend_dev_memory
+    fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    fn.restype = None
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        fn(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append({"name": (lib.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
+                    "type": _DEV_TYPES.get(lib.ggml_backend_dev_type(dev), "?"),
+                    "free": int(free.value), "total": int(total.value)})
+    return out
+
+
+class ThreadpoolParams(ctypes.Structure):
+    """struct ggml_threadpool_params (ggml.h; GGML_MAX_N_THREADS = 512)."""
+
+    _fields_ = [
+        ("cpumask", ctypes.c_bool * 512),
+        ("n_threads", ctypes.c_int),
+        ("prio", ctypes.c_int),  # enum ggml_sched_priority, 0 = normal
+        ("poll", ctypes.c_uint32),  # 0: no polling … 100: aggressive
+        ("strict_cpu", ctypes.c_bool),
+        ("paused", ctypes.c_bool),
+    ]
+
+
+def threadpool_new(n_threads: int, poll: int = 50) -> int | None:
+    """A persistent CPU threadpool (ggml_threadpool_new with ggml's default parameters, the given poll
+    level), or None where the CPU backend's functions are not reachable (a build that loads backends
+    dynamically). Free it with threadpool_free after detaching it from every context."""
+    lib = libggml()
+    try:
+        init, new = lib.ggml_threadpool_params_init, lib.ggml_threadpool_new
+    except AttributeError:
+        return None
+    init.argtypes, init.restype = [ctypes.POINTER(ThreadpoolParams), ctypes.c_int], None
+    new.argtypes, new.restype = [ctypes.POINTER(ThreadpoolParams)], ctypes.c_void_p
+    params = ThreadpoolParams()
+    init(ctypes.byref(params), int(n_threads))
+    params.poll = int(poll)
+    return new(ctypes.byref(params)) or None
+
+
+def threadpool_free(threadpool: int) -> None:
+    fn = libggml().ggml_threadpool_free
+    fn.argtypes, fn.restype = [ctypes.c_void_p], None
+    fn(threadpool)

@@ -5,6 +5,7 @@ Everything that touches llama.cpp contexts, batches, offload and the eval callba
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -16,7 +17,7 @@ import numpy as np
 
 from ..errors import BadModelFile, ProbeError
 from ..formats.gguf import validate_gguf
-from .ggml_lib import devices, libggml
+from .ggml_lib import devices, libggml, threadpool_free, threadpool_new
 from .llama_lib import _log_lines, clear_log, default_threads, last_error, llama
 
 # An eval-callback probe: called with (tensor pointer, ask) exactly as llama.cpp calls cb_eval.
@@ -416,6 +417,119 @@ class Engine(_VocabMethods):
         finally:
             lib.llama_batch_free(batch)
 
+    # ------------------------------------------------------------------ decoding with the KV cache kept
+    def decode_at(self, tokens: Sequence[int] | np.ndarray, positions: int | Sequence[int] | np.ndarray | None = None,
+                  *, outputs: str = "last", seq: int = 0, read: bool = True) -> np.ndarray | None:
+        """Decode `tokens` into sequence `seq` at `positions`, keeping what the KV cache already holds
+        (generation one token at a time after a prompt; a prompt in pieces, as llama-bench decodes one
+        longer than a batch). Nothing is cleared: see clear_cache.
+
+        positions: one per token, a start position (consecutive from there), or None: right after the
+        sequence's last cached position. outputs: 'last', 'all' or 'none', the rows llama.cpp computes
+        logits for. Returns their float32 logits, shape (n_outputs, n_vocab), or None (read=False or no
+        outputs). The backend is synchronised before returning, so timing the call times the compute.
+        """
+        lib = self._lib
+        toks = np.ascontiguousarray(tokens, dtype=np.int32).ravel()
+        n = len(toks)
+        if n == 0:
+            raise ProbeError("nothing to decode: no tokens")
+        if n > self.n_batch:
+            raise ProbeError(f"{n} tokens do not fit one decode (n_batch {self.n_batch})")
+        if positions is None:
+            start = int(lib.llama_memory_seq_pos_max(self._mem, seq)) + 1  # −1 + 1 on an empty sequence
+            pos = np.arange(start, start + n, dtype=np.int32)
+        elif np.ndim(positions) == 0:
+            pos = np.arange(int(positions), int(positions) + n, dtype=np.int32)  # type: ignore[arg-type]
+        else:
+            pos = np.ascontiguousarray(positions, dtype=np.int32).ravel()
+            if len(pos) != n:
+                raise ProbeError(f"{n} tokens but {len(pos)} positions")
+        if pos.min() < 0 or pos.max() >= self.n_ctx:
+            raise ProbeError(f"positions {pos.min()}…{pos.max()} fall outside the context (n_ctx {self.n_ctx})")
+        flags = np.zeros(n, dtype=np.int8)
+        if outputs == "all":
+            flags[:] = 1
+        elif outputs == "last":
+            flags[-1] = 1
+        elif outputs != "none":
+            raise ValueError(f"outputs must be 'last', 'all' or 'none', not {outputs!r}")
+        batch = lib.llama_batch_init(n, 0, 1)
+        try:
+            np.ctypeslib.as_array(batch.token, shape=(n,))[:] = toks
+            np.ctypeslib.as_array(batch.pos, shape=(n,))[:] = pos
+            np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))[:] = 1
+            np.ctypeslib.as_array(batch.logits, shape=(n,))[:] = flags
+            for i in range(n):
+                batch.seq_id[i][0] = seq
+            batch.n_tokens = n
+            clear_log()
+            rc = lib.llama_decode(self._ctx, batch)
+            if rc != 0:
+                raise ProbeError(f"llama_decode failed (code {rc}): {last_error('no message')}")
+            lib.llama_synchronize(self._ctx)
+            n_out = int(flags.sum())
+            if not read or n_out == 0:
+                return None
+            return np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab)).copy()
+        finally:
+            lib.llama_batch_free(batch)
+
+    def clear_cache(self, data: bool = False) -> None:
+        """Empty the KV cache (every sequence); data=True also zeroes its buffers (llama-bench does not)."""
+        self._lib.llama_memory_clear(self._mem, data)
+
+    def eval_counts(self) -> tuple[int, int]:
+        """llama.cpp's own counts since the last reset_eval_counts: (prompt tokens, generated tokens).
+
+        llama.cpp adds a synchronised decode of one token to the second, of more to the first, and
+        reports a count of 0 as 1 (llama_perf_context), so ask only about work done.
+        """
+        data = self._lib.llama_perf_context(self._ctx)
+        return int(data.n_p_eval), int(data.n_eval)
+
+    @contextlib.contextmanager
+    def threadpool(self, poll: int = 50):
+        """Attach a persistent CPU threadpool of n_threads to the context for the block, as llama-bench
+        (poll 50, its default) and llama-cli run; without one, ggml starts and joins its threads for every
+        graph. Yields whether one was attached (False where the CPU backend's functions are unreachable)."""
+        tp = threadpool_new(self.n_threads, poll)
+        if tp is None:
+            yield False
+            return
+        raw = self._lib.llama_cpp._lib  # libllama: llama-cpp-python does not bind the threadpool calls
+        raw.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        raw.llama_attach_threadpool.restype = None
+        raw.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
+        raw.llama_detach_threadpool.restype = None
+        raw.llama_attach_threadpool(self._ctx, tp, tp)
+        try:
+            yield True
+        finally:
+            raw.llama_detach_threadpool(self._ctx)
+            threadpool_free(tp)
+
+    def reset_eval_counts(self) -> None:
+        self._lib.llama_perf_context_reset(self._ctx)
+
+    def model_size(self) -> tuple[int, int]:
+        """(bytes of the model's tensors, parameters) as llama.cpp counts them (llama-bench's size and params)."""
+        return int(self._lib.llama_model_size(self._model)), int(self._lib.llama_model_n_params(self._model))
+
+    def context_buffers(self) -> dict[str, dict[str, int]]:
+        """The KV, output and compute buffers llama.cpp allocated for this context, in bytes per device
+        ({'KV': {'CPU': …}, 'compute': {…}, 'output': {…}}), as its log reported them at creation.
+
+        Read from the captured log: call it right after construction, before anything else decodes or
+        loads (each clears the log); later it returns {}.
+        """
+        out: dict[str, dict[str, int]] = {}
+        for _level, text in _log_lines:
+            m = _BUFFER_RE.search(text)
+            if m:
+                out.setdefault(m.group(2), {})[m.group(1)] = int(round(float(m.group(3)) * 1024 * 1024))
+        return out
+
     # ------------------------------------------------------------------ decoding
     @property
     def prompt_limit(self) -> int:
@@ -530,6 +644,8 @@ def _loaded_types_from_log() -> dict[str, int]:
 
 
 _OFFLOAD_RE = re.compile(r"offloaded (\d+/\d+) layers to GPU")
+# e.g. "llama_kv_cache:        CPU KV buffer size =    16.88 MiB", "sched_reserve:      CUDA0 compute buffer size = …"
+_BUFFER_RE = re.compile(r"(\S+)\s+(KV|output|compute) buffer size =\s*([\d.]+) MiB")
 
 
 def _offload_from_log() -> str | None:

@@ -342,3 +342,36 @@ def print_pick_summary(console: "Console", result: dict) -> None:
             console.print(f"  [yellow]{escape(note)}[/]")
     else:
         console.print(f"[bold red]pick: none[/] — {escape(p['reasons'][0])}")
+
+
+def print_bench_summary(console: "Console", result: dict) -> None:
+    """`ggml-probe bench`: tokens/s per level and test (mean ± sd, llama-bench's figures) and memory."""
+    s = result["settings"]
+    first = next(iter(result["levels"].values()), None)
+    engine = first["engine"] if first else {}
+    head = (f"{s['reps']} repetitions · {s['threads']} threads · batch {s['batch']}/{s['ubatch']} · "
+            f"flash attention {'on' if s['flash_attn'] else 'off'} · gpu layers {engine.get('gpu_layers', '?')}"
+            + (f" ({engine['offloaded']} offloaded)" if engine.get("offloaded") else ""))
+    tests = list(first["tests"]) if first else []
+    table = Table(title=head, title_justify="left")
+    has_vram = any(lv["memory"].get("vram_used_bytes") for lv in result["levels"].values())
+    cols = ["level", "file", "bits/weight", *(f"{t} tok/s" for t in tests), "llama.cpp memory", "peak RSS"]
+    for col in cols + (["VRAM"] if has_vram else []):
+        table.add_column(col, justify="left" if col == "level" else "right", no_wrap=True)
+    for name, lv in result["levels"].items():
+        m = lv["memory"]
+        row = [escape(name), human_size(lv["file_bytes"]), f"{lv['bits_per_weight']:.2f}"]
+        for t in tests:
+            d = lv["tests"].get(t)
+            row.append("—" if d is None else f"{d['tokens_per_second']:.2f} ±{d['tokens_per_second_sd']:.2f}")
+        row.append(f"{human_size(m['llama_bytes'])} ({human_size(lv['model_bytes'])} + KV {human_size(m['kv_bytes'])}"
+                   f" + compute {human_size(m['compute_bytes'])})")
+        row.append(human_size(m["peak_rss_bytes"]) + ("" if m["peak_rss_scope"] == "level" else " (process)"))
+        if has_vram:
+            row.append(", ".join(f"{k} {human_size(v)}" for k, v in (m.get("vram_used_bytes") or {}).items()) or "—")
+        table.add_row(*row)
+    console.print(table)
+    console.print("[dim]definitions: llama-bench (tools/llama-bench/llama-bench.cpp): random tokens, a warm-up run, "
+                  "mean ± sample sd of each repetition's tokens/s; ppN one prompt from an empty cache, tgN one "
+                  "token at a time with the cache kept. llama.cpp memory: weights + KV cache + output and compute "
+                  "buffers as llama.cpp allocates them; peak RSS: this process while the level ran[/]")

@@ -177,6 +177,8 @@ class Engine(_VocabMethods):
         validate: bool = True,
         flash_attn: bool = False,
         kv_type: int | None = None,
+        n_ubatch: int | None = None,
+        kv_unified: bool = True,
     ) -> None:
         self.path = Path(model_path)
         if validate:
@@ -212,9 +214,13 @@ class Engine(_VocabMethods):
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch or n_ctx
-        cparams.n_ubatch = n_batch or n_ctx  # one graph per batch: the callback sees whole prompts
+        # One graph per batch by default: the callback sees whole prompts. Runs without probes (kld) may
+        # split it like llama.cpp's tools do (n_ubatch 512), which is faster for long batches.
+        cparams.n_ubatch = n_ubatch or n_batch or n_ctx
         cparams.n_seq_max = self.n_seq_max
-        cparams.kv_unified = True  # sequences share the cache, so a batch may be any mix of lengths
+        # Unified: sequences share the cache, so a batch may be any mix of lengths. Not unified: each of
+        # the n_seq_max sequences gets n_ctx / n_seq_max cells and attends over its own only (llama-perplexity).
+        cparams.kv_unified = kv_unified
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads
         # Hidden states come from the graph's result_norm through the eval callback: embeddings mode

@@ -87,9 +87,10 @@ def _scored_logits(engine: Engine, chunks: list[np.ndarray], ctx: int, per_decod
 
 def _engine(path: Path, s: KLDSettings) -> Engine:
     per_decode = max(1, s.batch // s.ctx)
+    # llama-perplexity's context: each chunk its own sequence of ctx cells (not unified), ubatches of 512
     return Engine(path, n_ctx=s.ctx * per_decode, n_batch=max(s.ctx, (s.batch // s.ctx) * s.ctx),
                   n_seq_max=per_decode, n_threads=s.threads, gpu_layers=s.gpu_layers, hidden_states=False,
-                  flash_attn=s.flash_attn)
+                  flash_attn=s.flash_attn, n_ubatch=min(512, s.ctx * per_decode), kv_unified=False)
 
 
 def base_key(reference: Path, tokens: np.ndarray, s: KLDSettings) -> str:
@@ -148,17 +149,18 @@ def score_model(model: Path, base: Path, s: KLDSettings, progress: ChunkProgress
         chunks = _chunk_inputs(h.tokens, h.n_ctx, engine.add_bos, engine.bos)
         first = h.n_ctx // 2
         base_rows = reader.chunks(start=done)
-        decoded = 0
         per_decode = max(1, s.batch // h.n_ctx)
-        for i, rows in _scored_logits(engine, chunks[done:], h.n_ctx, per_decode):
-            chunk = done + i
-            base = decode_rows(next(base_rows), h.n_vocab)
-            acc.update(rows, base, h.chunk_tokens(chunk)[first + 1:])
-            decoded += h.n_ctx
-            if state_file is not None and ((i + 1) % per_decode == 0 or chunk + 1 == len(chunks)):
-                save_npz(state_file, **acc.state(), chunks_done=np.array(chunk + 1))
-            if progress:
-                progress(chunk + 1, len(chunks), model.name)
+
+        for start in range(done, len(chunks), per_decode):
+            group = list(range(start, min(start + per_decode, len(chunks))))
+            for chunk, rows in zip(group, engine.logits_from([chunks[c] for c in group], first)):
+                base = decode_rows(next(base_rows), h.n_vocab)
+                acc.update(rows[:scored_rows(h.n_ctx)], base, h.chunk_tokens(chunk)[first + 1:])
+                if progress:
+                    progress(chunk + 1, len(chunks), model.name)
+            if state_file is not None:  # after each decode: a rerun continues after these chunks
+                save_npz(state_file, **acc.state(), chunks_done=np.array(group[-1] + 1))
+        decoded = (len(chunks) - done) * h.n_ctx
     out = acc.result()
     seconds = time.perf_counter() - t0
     out.update(seconds=seconds, tokens_per_second=decoded / seconds if seconds else None)

@@ -10,8 +10,7 @@ import numpy as np
 
 from ..engine.model import Engine
 from ..engine.probes import NeuronPatch, answer_logprob, run_checked
-from ..errors import ProbeError
-from .passes import tokens_of
+from .passes import resolve_targets, tokens_of
 
 
 @dataclass
@@ -56,12 +55,7 @@ def ablation_effect(
         clean = run_checked(engine, patch, tokens)
         patch.enabled = True
         patched = run_checked(engine, patch, tokens)
-    if targets is None:
-        target_tokens = np.array([int(np.argmax(r.logits)) for r in clean], dtype=np.int64)
-    else:
-        target_tokens = np.asarray(list(targets), dtype=np.int64)
-        if len(target_tokens) != len(tokens):
-            raise ProbeError(f"{len(target_tokens)} targets for {len(tokens)} prompts")
+    target_tokens = resolve_targets(clean, targets)
     lp_clean = np.array([answer_logprob(r.logits, tok) for r, tok in zip(clean, target_tokens)])
     lp_patched = np.array([answer_logprob(r.logits, tok) for r, tok in zip(patched, target_tokens)])
     return AblationResult(target_tokens, lp_clean, lp_patched, patch.patched)

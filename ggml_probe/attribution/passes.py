@@ -44,13 +44,17 @@ def prompt_and_baseline_passes(engine, switch, tap_input, tap_base, prompts, tar
     clean = run_checked(engine, tap_input, tokens)
     switch.current = tap_base
     run_checked(engine, tap_base, [np.zeros_like(t) for t in tokens])
+    return tokens, clean, resolve_targets(clean, targets)
+
+
+def resolve_targets(clean, targets: Sequence[int] | None) -> np.ndarray:
+    """The token attributed per prompt: `targets`, or the model's own answer (argmax of its clean logits)."""
     if targets is None:
-        target_tokens = np.array([int(np.argmax(r.logits)) for r in clean], dtype=np.int64)
-    else:
-        target_tokens = np.asarray(list(targets), dtype=np.int64)
-        if len(target_tokens) != len(tokens):
-            raise ProbeError(f"{len(target_tokens)} targets for {len(tokens)} prompts")
-    return tokens, clean, target_tokens
+        return np.array([int(np.argmax(r.logits)) for r in clean], dtype=np.int64)
+    target_tokens = np.asarray(list(targets), dtype=np.int64)
+    if len(target_tokens) != len(clean):
+        raise ProbeError(f"{len(target_tokens)} targets for {len(clean)} prompts")
+    return target_tokens
 
 
 def read_last_layer_head(model_path: str | os.PathLike, layer: int) -> LastLayerHead:

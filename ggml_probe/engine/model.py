@@ -331,35 +331,16 @@ class Engine(_VocabMethods):
         if len(sequences) > self.n_seq_max or total > self.n_batch or max(lengths, default=0) > self.n_ctx:
             raise ProbeError(f"{len(sequences)} sequences of {max(lengths, default=0)} tokens do not fit one decode "
                              f"(n_seq_max {self.n_seq_max}, n_batch {self.n_batch}, n_ctx {self.n_ctx})")
-        batch = lib.llama_batch_init(total, 0, 1)
-        try:
-            row = 0
-            for seq, toks in enumerate(sequences):
-                for pos, tok in enumerate(np.asarray(toks, dtype=np.int32).tolist()):
-                    batch.token[row] = tok
-                    batch.pos[row] = pos
-                    batch.n_seq_id[row] = 1
-                    batch.seq_id[row][0] = seq
-                    batch.logits[row] = pos >= first
-                    row += 1
-            batch.n_tokens = total
-            lib.llama_memory_clear(self._mem, True)
-            clear_log()
-            rc = lib.llama_decode(self._ctx, batch)
-            if rc != 0:
-                raise ProbeError(f"llama_decode failed (code {rc}): {last_error('no message')}")
-            # outputs are stored in batch order: each sequence's scored rows, one sequence after another
-            n_out = sum(max(0, n - first) for n in lengths)
-            ptr = lib.llama_get_logits(self._ctx)
-            every = np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
-            out, start = [], 0
-            for n in lengths:
-                k = max(0, n - first)
-                out.append(every[start:start + k].copy())
-                start += k
-            return out
-        finally:
-            lib.llama_batch_free(batch)
+        self._decode_fresh(sequences, lambda pos, n: pos >= first)
+        # outputs are stored in batch order: each sequence's scored rows, one sequence after another
+        n_out = sum(max(0, n - first) for n in lengths)
+        every = np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab))
+        out, start = [], 0
+        for n in lengths:
+            k = max(0, n - first)
+            out.append(every[start:start + k].copy())
+            start += k
+        return out
 
     # ------------------------------------------------------------------ continuations after a shared prefix
     def continuation_logits(self, prefix: Sequence[int] | np.ndarray,
@@ -596,22 +577,23 @@ class Engine(_VocabMethods):
         if group:
             yield group
 
-    def _decode_group(self, token_arrays: list[np.ndarray], all_outputs: bool):
+    def _decode_fresh(self, token_arrays: Sequence[np.ndarray], is_output: Callable[[int, int], bool]) -> None:
+        """One llama_decode of the arrays, each its own sequence from position 0, on a cleared cache;
+        `is_output(pos, length)` marks the rows whose logits llama.cpp computes."""
         lib = self._lib
         total = sum(len(t) for t in token_arrays)
         batch = lib.llama_batch_init(total, 0, 1)
         try:
-            last_rows = []
             row = 0
             for seq, toks in enumerate(token_arrays):
-                for pos, tok in enumerate(toks):
-                    batch.token[row] = int(tok)
+                n = len(toks)
+                for pos, tok in enumerate(np.asarray(toks, dtype=np.int32).tolist()):
+                    batch.token[row] = tok
                     batch.pos[row] = pos
                     batch.n_seq_id[row] = 1
                     batch.seq_id[row][0] = seq
-                    batch.logits[row] = 1 if (all_outputs or pos == len(toks) - 1) else 0
+                    batch.logits[row] = is_output(pos, n)
                     row += 1
-                last_rows.append(row - 1)
             batch.n_tokens = total
             self._hidden_rows = None
             lib.llama_memory_clear(self._mem, True)
@@ -619,21 +601,27 @@ class Engine(_VocabMethods):
             rc = lib.llama_decode(self._ctx, batch)
             if rc != 0:
                 raise ProbeError(f"llama_decode failed (code {rc}): {last_error('no message')}")
-            # result_norm holds one row per output token, in batch order.
-            n_outputs = total if all_outputs else len(last_rows)
-            out = []
-            for seq, r in enumerate(last_rows):
-                lp = lib.llama_get_logits_ith(self._ctx, r)
-                logits = np.ctypeslib.as_array(lp, shape=(self.n_vocab,)).copy()
-                hidden = None
-                if self.hidden_states:
-                    if self._hidden_rows is None or len(self._hidden_rows) != n_outputs:
-                        raise ProbeError("llama.cpp did not hand over result_norm for this batch")
-                    hidden = self._hidden_rows[r if all_outputs else seq].copy()
-                out.append((logits, hidden))
-            return out
         finally:
             lib.llama_batch_free(batch)
+
+    def _decode_group(self, token_arrays: list[np.ndarray], all_outputs: bool):
+        lib = self._lib
+        self._decode_fresh(token_arrays, lambda pos, n: all_outputs or pos == n - 1)
+        last_rows = list(np.cumsum([len(t) for t in token_arrays]) - 1)
+        total = sum(len(t) for t in token_arrays)
+        # result_norm holds one row per output token, in batch order.
+        n_outputs = total if all_outputs else len(last_rows)
+        out = []
+        for seq, r in enumerate(last_rows):
+            lp = lib.llama_get_logits_ith(self._ctx, int(r))
+            logits = np.ctypeslib.as_array(lp, shape=(self.n_vocab,)).copy()
+            hidden = None
+            if self.hidden_states:
+                if self._hidden_rows is None or len(self._hidden_rows) != n_outputs:
+                    raise ProbeError("llama.cpp did not hand over result_norm for this batch")
+                hidden = self._hidden_rows[r if all_outputs else seq].copy()
+            out.append((logits, hidden))
+        return out
 
 
 _LOADED_TYPE_RE = re.compile(r"- type\s+(\w+):\s+(\d+) tensors")

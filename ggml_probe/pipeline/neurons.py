@@ -284,7 +284,6 @@ def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, pr
                             if any("redundancy" in e for e in entries) else [],  # a pass without redundancy: none
         "top_tokens": {},
     }
-    last = max(level["layers"]) if level["layers"] else None
     sal = None
     if config.salient_examples > 0 and config.attribution != "none" and level["layers"]:
         try:

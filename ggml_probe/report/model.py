@@ -139,8 +139,9 @@ def build_report(study: Mapping[str, Any]) -> Report:
                reference=meta.get("reference") or (levels[0] if levels else None), colors=plots.level_colors(levels),
                mode=mode, scoring="paper" if mode == "paper" else "label_set")
     changes = study.get("what_changed")
-    sections = [_what_changed_section(s, what_changed(study) if changes is None else changes), _tables_section(s),
-                _pick_section(s, study.get("pick") or {}), _text_kld_section(s, study.get("kld") or {}),
+    # the pick first after what changed: "which level should I run?" is the question most readers bring
+    sections = [_what_changed_section(s, what_changed(study) if changes is None else changes),
+                _pick_section(s, study.get("pick") or {}), _tables_section(s), _text_kld_section(s, study.get("kld") or {}),
                 _figures_section(s), _neurons_section(s), _weights_section(s), _manifest_section(s)]
     header = {"model": meta.get("model") or "—", "levels": levels, "reference": s.reference,
               "tasks": list(meta.get("tasks") or tasks), "mode": mode, "created": meta.get("created"),
@@ -404,7 +405,7 @@ def _pick_section(s: _Study, pick: Mapping[str, Any]) -> Section:
         rows.append([Cell(lvl, cls="strong"), size(d.get("size_bytes")), fmt(d.get("bits_per_weight"), ".2f"),
                      "ref" if ref else fmt(d.get("kld_mean"), ".5f"), "ref" if ref else fmt(d.get("kld_p99"), ".4f"),
                      "ref" if ref else (fmt(100 * d["same_top_p"], ".2f") if d.get("same_top_p") is not None else "—"),
-                     "ref" if ref else (Cell(f"{acc:+.1f}", interval(ci[0] / 100, ci[1] / 100, 100) if ci else "")
+                     "ref" if ref else (Cell(signed(acc, ".1f"), interval(ci[0] / 100, ci[1] / 100, 100) if ci else "")
                                         if acc is not None else "—"),
                      "✓" if verdict.get("on_frontier") else "dominated by " + ", ".join(verdict.get("dominated_by") or []),
                      "✓" if verdict.get("meets_budget") else "; ".join(f["text"] for f in verdict.get("failures") or [])])

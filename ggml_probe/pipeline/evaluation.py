@@ -22,7 +22,7 @@ from ..analysis.calibration import accuracy, bootstrap_ci, calibration_summary, 
 from ..engine.ffn import model_ffn
 from ..engine.imatrix_capture import ImatrixProbe, SUPPORTED
 from ..engine.llama_lib import versions
-from ..engine.model import Engine, offload_layers
+from ..engine.model import Engine, Vocab, offload_layers
 from ..engine.probes import ProbeSet, run_checked
 from ..errors import ProbeError, UnsupportedArchitecture
 from ..formats.imatrix import write_imatrix
@@ -500,8 +500,6 @@ def _answer_lists(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def _answer_summary(model_path: str, labels: Sequence[str], answers: np.ndarray, forms: np.ndarray) -> dict[str, Any]:
     """For the manifest: each label's answer tokens as they occurred (with their pieces and how many examples),
     and `label_tokens`, every token that stood for the label (single-token forms, first answer tokens)."""
-    from ..engine.model import Vocab  # the model's tokenizer only, for the pieces
-
     seen: dict[str, dict[tuple[int, ...], int]] = {w: {} for w in labels}
     for per_label in answers:
         for w, toks in zip(labels, per_label):

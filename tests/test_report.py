@@ -211,8 +211,9 @@ def test_report_shows_the_runs_numbers(real_study):
     for name in figures:
         assert f'id="fig-{name}-{TASK}"' in page, name
     assert 'id="fig-weights-rel-rmse"' in page and 'id="fig-weights-sqnr"' in page
+    assert 'id="fig-pareto"' in _section(page, "pick")  # size against text KLD, the pick ringed
     srcs = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
-    assert len(srcs) == len(figures) + 2
+    assert len(srcs) == len(figures) + 3
     for s in srcs:  # each one a real PNG, inline
         assert s.startswith("data:image/png;base64,")
         assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"

@@ -409,6 +409,11 @@ def _pick_section(s: _Study, pick: Mapping[str, Any]) -> Section:
                                         if acc is not None else "—"),
                      "✓" if verdict.get("on_frontier") else "dominated by " + ", ".join(verdict.get("dominated_by") or []),
                      "✓" if verdict.get("meets_budget") else "; ".join(f["text"] for f in verdict.get("failures") or [])])
+    fig = s.figure("pareto", "File size against mean text KLD: the Pareto frontier, the budget and the pick",
+                   lambda: plots.pareto_png(pick.get("levels") or {}, result.get("frontier") or [], result.get("pick"),
+                                            colors=s.colors, budget_kld=budget.get("max_kld")))
+    if fig is not None:
+        sec.add("figures", [fig])
     limits = [f"{name} ≤ {budget[key]}" for key, name in (("max_kld", "mean KLD"), ("max_p99_kld", "p99 KLD"),
                                                           ("max_accuracy_drop", "accuracy drop (points)"))
               if budget.get(key) is not None]

@@ -315,3 +315,31 @@ def weight_error_png(weights: Mapping[str, Mapping[str, Any]], metric: str = "re
     if title:
         ax.set_title(title)
     return _png(fig)
+
+
+def pareto_png(levels: Mapping[str, Mapping[str, Any]], frontier: Sequence[str], pick: str | None,
+               colors: Mapping[str, str] | None = None, budget_kld: float | None = None) -> bytes:
+    """Size (MiB) against mean text KLD per level: the Pareto frontier joined, the budget as a line, the
+    pick ringed. The reference sits at KLD 0."""
+    pts = {lvl: (d["size_bytes"] / 2**20, d["kld_mean"]) for lvl, d in levels.items()
+           if _finite(d.get("size_bytes")) and _finite(d.get("kld_mean"))}
+    if len(pts) < 2:
+        raise ValueError("fewer than two levels with a size and a text KLD")
+    colors = colors or level_colors(list(pts))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    front = sorted((pts[lvl] for lvl in frontier if lvl in pts), key=lambda p: p[0])
+    if len(front) > 1:
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="#888", lw=1, zorder=1, label="Pareto frontier")
+    for lvl, (x, y) in pts.items():
+        ax.scatter([x], [y], color=colors.get(lvl, "#333"), s=36, zorder=2)
+        ax.annotate(lvl, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if pick in pts:
+        ax.scatter([pts[pick][0]], [pts[pick][1]], s=160, facecolors="none", edgecolors="#c0392b", lw=1.6, zorder=3,
+                   label=f"pick: {pick}")
+    if budget_kld is not None:
+        ax.axhline(budget_kld, color="#c0392b", ls="--", lw=0.8, label=f"budget: mean KLD ≤ {budget_kld:g}")
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel("mean text KLD vs reference (nats)")
+    _legend_outside(ax)
+    return _png(fig)

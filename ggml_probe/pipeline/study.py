@@ -14,7 +14,6 @@ Layout of a study directory:
 from __future__ import annotations
 
 import importlib.util
-
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,8 +37,8 @@ from ..weights import compare_weights
 from .compare import reference_level
 from .evaluation import EvalConfig, ladder_files, task_spec
 from .kld import KLDSettings, run_kld
-from .pick import DEFAULT_RUN_CTX, accuracy_from_comparison, level_context
 from .neurons import TARGET_DEFINITIONS, NeuronAnalysis
+from .pick import DEFAULT_RUN_CTX, accuracy_from_comparison, level_context
 from .rundir import directory_lock, read_json, write_json
 from .runs import RunProgress, run_level_files
 

@@ -52,7 +52,7 @@ def resolve_layers(spec: str | int | Sequence[int] | None, n_layer: int) -> list
     for layer in named:
         idx = layer + n_layer if layer < 0 else layer
         if not 0 <= idx < n_layer:
-            raise ProbeError(f"layer {layer} is out of range: the model has {n_layer} layers (0..{n_layer - 1})")
+            raise ProbeError(f"layer {layer} out of range: the model has {n_layer} layers (0..{n_layer - 1})")
         out.add(idx)
     if not out:
         raise ProbeError("no layers chosen")

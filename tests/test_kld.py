@@ -160,23 +160,11 @@ def _boolq_text(path, n):
         return "\n\n".join(json.loads(line)["passage"] for _, line in zip(range(n), f))
 
 
-def _full_logits_hl(model_path, tokens, n_ctx):
-    """Every position's logits through llama-cpp-python's high-level Llama (an independent code path)."""
-    from llama_cpp import Llama
-
-    llm = Llama(str(model_path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2)
-    try:
-        llm.reset()
-        llm.eval([int(t) for t in tokens])
-        return np.array(llm.scores[:len(tokens)], dtype=np.float64)
-    finally:
-        llm.close()
-
-
 @pytest.mark.slow
 def test_kld_pipeline_equals_numpy_on_llama_cpps_logits(demo_ladder, boolq_path, tmp_path):
     from ggml_probe.engine.model import Vocab
     from ggml_probe.pipeline.kld import KLDSettings, run_kld, text_tokens
+    from test_bench import _hl_logits  # llama-cpp-python's high-level Llama: an independent code path
 
     ctx, chunks = 128, 3
     text = _boolq_text(boolq_path, 12)
@@ -198,8 +186,8 @@ def test_kld_pipeline_equals_numpy_on_llama_cpps_logits(demo_ladder, boolq_path,
         chunk = tokens[c * ctx:(c + 1) * ctx].copy()
         if add_bos:
             chunk[0] = bos
-        lq = _full_logits_hl(q, chunk, ctx)[first:ctx - 1]
-        lb = _full_logits_hl(ref, chunk, ctx)[first:ctx - 1]
+        lq = _hl_logits(q, chunk, ctx)[first:ctx - 1]
+        lb = _hl_logits(ref, chunk, ctx)[first:ctx - 1]
         lq = lq - np.logaddexp.reduce(lq, axis=1, keepdims=True)
         lb = lb - np.logaddexp.reduce(lb, axis=1, keepdims=True)
         nxt = chunk[first + 1:]

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..errors import ProbeError
-from ..layerspec import parse_layer_spec
+from ..layerspec import parse_layer_spec, resolve_layers
 from ..models.store import resolve_model
 from .dequant import GGUFTensors, TensorRef, can_dequantize
 
@@ -229,17 +229,9 @@ def select_tensors(tensors: GGUFTensors, layers: str | Sequence[int] | None = No
     Wildcards select matrices only; a 1-D tensor (ffn_norm) is taken when named exactly.
     A pattern without wildcards that names nothing is refused with close matches.
     """
-    wanted_layers = parse_layer_spec(layers)
     pats = parse_patterns(patterns)
     n_layers = _n_layers(tensors)
-    if wanted_layers is not None:
-        resolved = set()
-        for layer in wanted_layers:
-            real = layer + n_layers if layer < 0 else layer
-            if not 0 <= real < n_layers:
-                raise ProbeError(f"layer {layer} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-            resolved.add(real)
-        wanted_layers = sorted(resolved)
+    wanted_layers = None if parse_layer_spec(layers) is None else resolve_layers(layers, n_layers)
 
     kinds = {split_name(n)[1] for n in tensors.names()}
     if pats:

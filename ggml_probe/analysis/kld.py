@@ -68,6 +68,51 @@ def median(sorted_values: np.ndarray) -> float:
 
 
 @dataclass
+class RowStatistics:
+    """Per scored token: what KLDAccumulator sums (float32 as llama.cpp computes them; kld float64)."""
+
+    nll: np.ndarray
+    nll_base: np.ndarray
+    kld: np.ndarray
+    p_diff: np.ndarray
+    same_top: np.ndarray  # bool
+
+    @classmethod
+    def concat(cls, parts: "list[RowStatistics]") -> "RowStatistics":
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("nll", "nll_base", "kld", "p_diff",
+                                                                                "same_top")))
+
+
+def row_statistics(logits: np.ndarray, base_logprobs: np.ndarray, next_tokens: np.ndarray) -> RowStatistics:
+    """llama-perplexity's per-token figures for rows of logits against the base's log-probabilities.
+
+    Written as few full passes over the (rows × vocabulary) arrays as NumPy allows, in place where it
+    can: at a few rows per call the temporaries stay in cache, which is most of the cost.
+    """
+    z = np.asarray(logits, dtype=np.float32)
+    b = np.asarray(base_logprobs, dtype=np.float32)
+    y = np.asarray(next_tokens, dtype=np.int64)
+    rows = np.arange(len(y))
+    imax = z.argmax(axis=1)
+    max_logit = z[rows, imax]
+    shifted = z - max_logit[:, None]
+    np.exp(shifted, out=shifted)
+    log_sum_exp = np.log(shifted.sum(axis=1, dtype=np.float64)).astype(np.float32)
+    log_norm = (max_logit + log_sum_exp).astype(np.float32)  # log_softmax(z)_i = z_i − log_norm
+    nll = (log_norm - z[rows, y]).astype(np.float32)
+    nll_base = (-b[rows, y]).astype(np.float32)
+    # KLD terms exp(b)·(b − z + log_norm) over the stored log-probabilities above the floor
+    terms = np.subtract(b, z, out=shifted)
+    terms += log_norm[:, None]
+    terms *= np.exp(b)
+    terms[b <= np.float32(-FLOOR_NATS)] = 0.0
+    kld = terms.sum(axis=1, dtype=np.float64)
+    p_diff = (np.exp(-nll) - np.exp(-nll_base)).astype(np.float32)
+    # llama.cpp's base argmax: the first index holding the largest stored log-probability
+    return RowStatistics(nll, nll_base, kld, p_diff, imax == b.argmax(axis=1))
+
+
+@dataclass
 class KLDAccumulator:
     """Sums of llama-perplexity's kl_divergence_result, fed one chunk's scored rows at a time."""
 
@@ -90,22 +135,13 @@ class KLDAccumulator:
     def update(self, logits: np.ndarray, base_logprobs: np.ndarray, next_tokens: np.ndarray) -> None:
         """logits (n, n_vocab) of the model, base_logprobs (n, n_vocab) decoded from the base file (float32,
         floor values included), next_tokens (n,) the token each row predicts."""
-        z = np.asarray(logits, dtype=np.float32)
-        b = np.asarray(base_logprobs, dtype=np.float32)
-        y = np.asarray(next_tokens, dtype=np.int64)
-        rows = np.arange(len(y))
-        imax = z.argmax(axis=1)
-        max_logit = z[rows, imax]
-        sum_exp = np.exp(z - max_logit[:, None]).sum(axis=1, dtype=np.float64)
-        log_sum_exp = np.log(sum_exp).astype(np.float32)
-        nll = (max_logit + log_sum_exp - z[rows, y]).astype(np.float32)
-        nll_base = (-b[rows, y]).astype(np.float32)
-        log_norm = (max_logit + log_sum_exp).astype(np.float32)  # log_softmax(z)_i = z_i − log_norm
-        keep = b > np.float32(-FLOOR_NATS)
-        terms = np.where(keep, np.exp(b) * (b - z + log_norm[:, None]), np.float32(0.0))
-        kld = terms.sum(axis=1, dtype=np.float64)
-        p_diff = (np.exp(-nll) - np.exp(-nll_base)).astype(np.float32)
-        nll64, base64, pd64 = nll.astype(np.float64), nll_base.astype(np.float64), p_diff.astype(np.float64)
+        self.add(row_statistics(logits, base_logprobs, next_tokens))
+
+    def add(self, rows: "RowStatistics") -> None:
+        """Adds scored rows' statistics (row_statistics of any split of the rows gives the same sums)."""
+        nll64, base64, pd64 = (rows.nll.astype(np.float64), rows.nll_base.astype(np.float64),
+                               rows.p_diff.astype(np.float64))
+        kld = rows.kld
         self.sum_nll += nll64.sum()
         self.sum_nll2 += (nll64 * nll64).sum()
         self.sum_nll_base += base64.sum()
@@ -116,12 +152,11 @@ class KLDAccumulator:
         self.sum_p_diff += pd64.sum()
         self.sum_p_diff2 += (pd64 * pd64).sum()
         self.sum_p_diff4 += (pd64 ** 4).sum()
-        self.max_p_diff = max(self.max_p_diff, float(np.abs(p_diff).max(initial=0.0)))
-        # llama.cpp's base argmax: the first index holding the largest stored log-probability
-        self.n_same_top += int((imax == b.argmax(axis=1)).sum())
-        self.count += len(y)
+        self.max_p_diff = max(self.max_p_diff, float(np.abs(rows.p_diff).max(initial=0.0)))
+        self.n_same_top += int(rows.same_top.sum())
+        self.count += len(rows.nll)
         self.kld_values.append(kld.astype(np.float32))
-        self.p_diff_values.append(p_diff)
+        self.p_diff_values.append(rows.p_diff)
 
     _SUMS = ("sum_nll", "sum_nll2", "sum_nll_base", "sum_nll_base2", "sum_nll_nll_base", "sum_kld", "sum_kld2",
              "sum_p_diff", "sum_p_diff2", "sum_p_diff4", "max_p_diff")

@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from ..analysis.kld import KLDAccumulator
+from ..analysis.kld import KLDAccumulator, RowStatistics, row_statistics
 from ..engine.model import Engine, Vocab
 from ..errors import ProbeError
 from ..formats.kld_base import KLDBaseReader, KLDBaseWriter, chunk_offset, complete_chunks, decode_rows, scored_rows
@@ -29,6 +30,11 @@ from .rundir import read_json, save_npz, write_json
 
 # Called as progress(done_chunks, total_chunks, label).
 ChunkProgress = Callable[[int, int, str], None]
+
+# Rows per statistics task: (32 × n_vocab) float32 temporaries stay near the cache, and the blocks
+# spread over the decode's threads (NumPy releases the GIL in its loops), as llama-perplexity spreads
+# its KL computation over its threads.
+STAT_ROWS = 32
 
 
 @dataclass
@@ -151,15 +157,23 @@ def score_model(model: Path, base: Path, s: KLDSettings, progress: ChunkProgress
         base_rows = reader.chunks(start=done)
         per_decode = max(1, s.batch // h.n_ctx)
 
-        for start in range(done, len(chunks), per_decode):
-            group = list(range(start, min(start + per_decode, len(chunks))))
-            for chunk, rows in zip(group, engine.logits_from([chunks[c] for c in group], first)):
-                base = decode_rows(next(base_rows), h.n_vocab)
-                acc.update(rows[:scored_rows(h.n_ctx)], base, h.chunk_tokens(chunk)[first + 1:])
-                if progress:
-                    progress(chunk + 1, len(chunks), model.name)
-            if state_file is not None:  # after each decode: a rerun continues after these chunks
-                save_npz(state_file, **acc.state(), chunks_done=np.array(group[-1] + 1))
+        def block_statistics(block: tuple[np.ndarray, np.ndarray, np.ndarray]) -> RowStatistics:
+            logits, stored, next_tokens = block
+            return row_statistics(logits, decode_rows(stored, h.n_vocab), next_tokens)
+
+        with ThreadPoolExecutor(max_workers=engine.n_threads) as pool:
+            for start in range(done, len(chunks), per_decode):
+                group = list(range(start, min(start + per_decode, len(chunks))))
+                for chunk, rows in zip(group, engine.logits_from([chunks[c] for c in group], first)):
+                    logits, stored = rows[:scored_rows(h.n_ctx)], next(base_rows)
+                    next_tokens = h.chunk_tokens(chunk)[first + 1:]
+                    blocks = [(logits[i:i + STAT_ROWS], stored[i:i + STAT_ROWS], next_tokens[i:i + STAT_ROWS])
+                              for i in range(0, len(logits), STAT_ROWS)]
+                    acc.add(RowStatistics.concat(list(pool.map(block_statistics, blocks))))
+                    if progress:
+                        progress(chunk + 1, len(chunks), model.name)
+                if state_file is not None:  # after each decode: a rerun continues after these chunks
+                    save_npz(state_file, **acc.state(), chunks_done=np.array(group[-1] + 1))
         decoded = (len(chunks) - done) * h.n_ctx
     out = acc.result()
     seconds = time.perf_counter() - t0

@@ -146,8 +146,8 @@ def score_model(model: Path, base: Path, s: KLDSettings, progress: ChunkProgress
     if state_file is not None and state_file.exists():
         with np.load(state_file) as z:
             acc, done = KLDAccumulator.from_state(dict(z)), int(z["chunks_done"])
-    t0 = time.perf_counter()
     with KLDBaseReader(base) as reader, _engine(model, KLDSettings(**{**s.__dict__, "ctx": reader.header.n_ctx})) as engine:
+        t0 = time.perf_counter()  # the scoring pass: model load excluded, as llama-perplexity's timings exclude it
         h = reader.header
         if engine.n_vocab != h.n_vocab:
             raise ProbeError(f"{model.name} has a vocabulary of {engine.n_vocab} tokens, the reference "

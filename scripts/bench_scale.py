@@ -163,6 +163,27 @@ def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return float(intercept), float(slope)
 
 
+def _derive(result: dict) -> None:
+    """The scaling fits and the extrapolation, from the measured speed and memory figures."""
+    import numpy as np
+
+    demo, one = result["speed"]["demo F16"], result["speed"]["1B F16"]
+    scaling = {"params": [demo["n_params"], one["n_params"]],
+               "seconds_per_token": [1 / demo["eval"]["marginal_tokens_per_s"], 1 / one["eval"]["marginal_tokens_per_s"]],
+               "file_bytes": [demo["file_bytes"], one["file_bytes"]],
+               "eval_peak_rss": [demo["eval"]["large"]["peak_rss"], one["eval"]["large"]["peak_rss"]],
+               # what the neuron pass adds to eval's peak on the 1B: its accumulators, n_ff² co-moments above all
+               "neurons_extra_rss_1b": one["neurons"]["large"]["peak_rss"] - one["eval"]["large"]["peak_rss"],
+               "n_ff_1b": SHAPES["1b"].n_ff}
+    # how the per-token cost of the 1B changes with its file size across levels: cost ∝ size^e
+    timed = [q for q in LEVELS if f"1B {q}" in result["speed"]]
+    sizes = [result["speed"][f"1B {q}"]["file_bytes"] for q in timed]
+    costs = [1 / result["speed"][f"1B {q}"]["eval"]["marginal_tokens_per_s"] for q in timed]
+    scaling["size_exponent"] = float(np.polyfit(np.log(sizes), np.log(costs), 1)[0])
+    result["scaling"] = scaling
+    result["extrapolation"] = _extrapolate(scaling, {q: f["bits_per_weight"] for q, f in result["files"].items()})
+
+
 def _extrapolate(scaling: dict, bits: dict[str, float]) -> list[dict]:
     """Per target shape and level: predicted eval tok/s and peak RSS; the fp32 reference stack's need."""
     c0, c1 = _fit_line(scaling["params"], scaling["seconds_per_token"])
@@ -178,6 +199,8 @@ def _extrapolate(scaling: dict, bits: dict[str, float]) -> list[dict]:
             seconds_per_token = (c0 + c1 * params) * (file_bytes / (params * bits["F16"] / 8)) ** scaling["size_exponent"]
             rows.append({"target": name, "params": params, "level": level, "file_bytes": file_bytes,
                          "eval_tokens_per_s": 1 / seconds_per_token, "peak_rss": m0 + m1 * file_bytes,
+                         "neurons_peak_rss": m0 + m1 * file_bytes
+                         + scaling["neurons_extra_rss_1b"] * (shape.n_ff / scaling["n_ff_1b"]) ** 2,
                          "reference_fp32_bytes": 4 * params + acts, "reference_activation_bytes": acts})
     return rows
 
@@ -192,8 +215,17 @@ def main() -> None:
     ap.add_argument("--kld-chunks", type=int, default=4)
     ap.add_argument("--reps", type=int, default=2, help="llama-bench repetitions")
     ap.add_argument("--models-dir", type=Path, default=None, help="default: $GGML_PROBE_MODELS or ./models")
+    ap.add_argument("--speed-levels", default=",".join(LEVELS), help="the 1B levels of the eval/neurons timing")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: speed, kld, memory")
+    ap.add_argument("--render", action="store_true", help="only rewrite scale.md from scale.json")
     args = ap.parse_args()
+    if args.render:  # the fits and the page again, from the recorded figures
+        result = json.loads((REPO / "benchmarks" / "scale.json").read_text())
+        if result.get("speed"):
+            _derive(result)
+        (REPO / "benchmarks" / "scale.json").write_text(json.dumps(result, indent=2, default=str))
+        (REPO / "benchmarks" / "scale.md").write_text(_markdown(result))
+        return
     skip = {s for s in args.skip.split(",") if s}
     store = args.models_dir or models_dir()
     t_start = time.perf_counter()
@@ -207,7 +239,8 @@ def main() -> None:
                                   "bits_per_weight": infos[q].bits_per_weight} for q, p in files.items()},
                     "speed": {}}
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    models = {"demo F16": demo_f16, **{f"1B {q}": p for q, p in files.items()}}
+    speed_levels = [q for q in LEVELS if q in args.speed_levels.split(",")]
+    models = {"demo F16": demo_f16, **{f"1B {q}": files[q] for q in speed_levels}}
     if "speed" not in skip:
         for label, path in models.items():
             row: dict = {"file_bytes": path.stat().st_size, "n_params": inspect_gguf(path).n_params}
@@ -246,19 +279,7 @@ def main() -> None:
             print(f"study {largest} --limit {limit}: peak RSS {r['peak_rss'] / GB:.2f} GB", flush=True)
         result["memory"] = mem
     if result["speed"]:
-        demo, one = result["speed"]["demo F16"], result["speed"]["1B F16"]
-        scaling = {"params": [demo["n_params"], one["n_params"]],
-                   "seconds_per_token": [1 / demo["eval"]["marginal_tokens_per_s"], 1 / one["eval"]["marginal_tokens_per_s"]],
-                   "file_bytes": [demo["file_bytes"], one["file_bytes"]],
-                   "eval_peak_rss": [demo["eval"]["large"]["peak_rss"], one["eval"]["large"]["peak_rss"]]}
-        # how the per-token cost of the 1B changes with its file size across levels: cost ∝ size^e
-        import numpy as np
-
-        sizes = [result["speed"][f"1B {q}"]["file_bytes"] for q in LEVELS]
-        costs = [1 / result["speed"][f"1B {q}"]["eval"]["marginal_tokens_per_s"] for q in LEVELS]
-        scaling["size_exponent"] = float(np.polyfit(np.log(sizes), np.log(costs), 1)[0])
-        result["scaling"] = scaling
-        result["extrapolation"] = _extrapolate(scaling, {q: infos[q].bits_per_weight for q in LEVELS})
+        _derive(result)
     result["system"]["load_after"] = os.getloadavg()
     result["seconds"] = time.perf_counter() - t_start
     bench = REPO / "benchmarks"
@@ -279,7 +300,8 @@ def _gb(x: float) -> str:
 def _markdown(r: dict) -> str:
     s = r["settings"]
     cmd = (f"python scripts/bench_scale.py --threads {s['threads']} --limit {s['limit']} --small {s['small']} "
-           f"--study-limits {s['study_limits']} --kld-ctx {s['kld_ctx']} --kld-chunks {s['kld_chunks']} --reps {s['reps']}")
+           f"--study-limits {s['study_limits']} --kld-ctx {s['kld_ctx']} --kld-chunks {s['kld_chunks']} --reps {s['reps']} "
+           f"--speed-levels {s['speed_levels']}")
     lines = ["# Bigger models: a 1B llama shape, and the extrapolation to 7B and 8B (scripts/bench_scale.py)", "",
              f"Command: `{cmd}` · {r['system']['platform']}, {r['system']['cpu_count']} cores shared with other "
              f"jobs (load average {r['system']['load_before'][0]:.1f} before, {r['system']['load_after'][0]:.1f} after) · "
@@ -342,21 +364,26 @@ def _markdown(r: dict) -> str:
     if "extrapolation" in r:
         sc = r["scaling"]
         lines += ["", "## Extrapolation to 7B and 8B", "",
-                  "| shape | params | level | file GB | eval tok/s (2 threads) | ggml-probe peak RSS GB | reference stack fp32 GB |",
-                  "|---|---:|---|---:|---:|---:|---:|"]
+                  f"| shape | params | level | file GB | eval tok/s ({s['threads']} thread(s)) | eval peak RSS GB | "
+                  "neurons peak RSS GB | reference stack fp32 GB |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|"]
         for row in r["extrapolation"]:
             lines.append(f"| {row['target']} | {row['params'] / 1e9:.2f} B | {row['level']} | {_gb(row['file_bytes'])} | "
-                         f"{row['eval_tokens_per_s']:.2f} | {_gb(row['peak_rss'])} | {_gb(row['reference_fp32_bytes'])} |")
+                         f"{row['eval_tokens_per_s']:.2f} | {_gb(row['peak_rss'])} | {_gb(row['neurons_peak_rss'])} | "
+                         f"{_gb(row['reference_fp32_bytes'])} |")
         lines += ["", "Assumptions, each a simplification:",
                   f"- eval's per-token cost is a straight line in the parameter count through the two F16 points "
                   f"measured here (demo 135M: {sc['seconds_per_token'][0] * 1e3:.2f} ms/token, 1B: "
                   f"{sc['seconds_per_token'][1] * 1e3:.2f} ms/token); same threads, same CPU, same load, prompts as short "
                   "as these (attention's cost, quadratic in length, is ignored).",
                   f"- a quantized level's cost is the F16 cost × (its size / the F16 size)^{sc['size_exponent']:.2f}, the "
-                  "exponent fitted on the 1B's three levels.",
+                  f"exponent fitted on the 1B's timed levels ({', '.join(k[3:] for k in r['speed'] if k.startswith('1B'))}).",
                   "- the file size is params × the 1B level's bits/weight / 8 (Llama 3's 128k embedding is the same type mix).",
                   "- ggml-probe's peak RSS is a straight line in the file size through the demo F16 and 1B F16 eval runs "
                   "(weights mmapped and resident; KV cache, buffers and accumulators grow with width, not only with size).",
+                  f"- the neuron pass adds to eval's peak what it added on the 1B F16 ({_gb(sc['neurons_extra_rss_1b'])} GB), "
+                  f"scaled by (n_ff / {sc['n_ff_1b']})²: its accumulators are dominated by the n_ff × n_ff co-moments of "
+                  "the redundancy analysis (float64, 3 layers).",
                   "- the reference stack (the paper's: transformers fp32, batch 16, act_fn hooks) needs 4 bytes per "
                   "parameter plus fp32 activations at batch 16 × 256 tokens: every layer's hidden state (output_hidden_states), "
                   "3 hooked FFN layers and one logit row per sequence position; its optimizer-free forward keeps no "

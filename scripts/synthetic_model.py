@@ -17,6 +17,7 @@ Existing files are kept (delete them to rebuild). Prints one line per file: path
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from ggml_probe.models.quantize import quantize_ladder
 from ggml_probe.models.store import models_dir
 from ggml_probe.models.synthetic import SHAPES, write_llama_gguf
 
-DEFAULT_VOCAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "vocab" / "ggml-vocab-llama-spm.gguf"
+SHARED = Path(os.environ.get("GGML_PROBE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data"
+DEFAULT_VOCAB = SHARED / "vocab" / "ggml-vocab-llama-spm.gguf"
 
 
 def build(shape_name: str, vocab: Path, out_dir: Path, quants: list[str], seed: int, threads: int) -> dict[str, Path]:

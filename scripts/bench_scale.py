@@ -3,12 +3,14 @@
 extrapolation to 7B and 8B.
 
 Same run, same threads, CPU only, flash attention off on every side:
-  eval, neurons   `ggml-probe eval` / `ggml-probe neurons` (the CLI, each its own process) on the built-in
-                  yes/no task, at --limit N and at --limit --small; the rate is the marginal one,
-                  (tokens(N) − tokens(small)) / (seconds(N) − seconds(small)), so start-up, model load
-                  and the fixed-cost analyses (salient neurons, ablation, report files) cancel; the
-                  whole-process rate is recorded too. Baseline: llama-bench pp at the mean prompt length
-                  (eval decodes one prompt per llama_decode, --batch 1).
+  eval, neurons   the eval pass (and with the neuron capture, at the paper's layers 0, 14, -1 with every
+                  statistic, redundancy included), ggml_probe.pipeline.evaluation.evaluate in a child
+                  process on the built-in yes/no task, one prompt per checkpoint with the time of each:
+                  the pass rate is the tokens of prompts 2..N over their time (start-up, model load, the
+                  first prompt and the final analyses excluded). The whole `ggml-probe neurons` command
+                  (salient neurons, their ablation check, top tokens) is timed as a process too.
+                  Baseline: llama-bench pp at the mean prompt length (eval decodes one prompt per
+                  llama_decode, --batch 1).
   kld             `ggml-probe kld` scoring each level against the F16 file, tokens/s of its scoring pass,
                   against llama-perplexity --kl-divergence on the same text, ctx and chunks (both: decode
                   time after load, as each reports it).
@@ -21,7 +23,7 @@ Same run, same threads, CPU only, flash attention off on every side:
 The machine is shared (2 cores, other jobs running): rates are noisy; ratios come from the same run.
 Results go to benchmarks/scale.md and benchmarks/scale.json.
 
-    python scripts/bench_scale.py --threads 2 --limit 20 --small 4 --kld-ctx 128 --kld-chunks 4
+    python scripts/bench_scale.py --threads 1 --limit 8 --study-limits 2,8 --kld-ctx 128 --kld-chunks 4
 """
 
 from __future__ import annotations
@@ -91,8 +93,39 @@ def _eval_like(command: str, model: Path, limit: int, threads: int, work: Path) 
             "tokens": int(tokens.sum()), "command": r["command"].split(" -m ", 1)[-1]}
 
 
-def _marginal(small: dict, large: dict) -> float:
-    return (large["tokens"] - small["tokens"]) / (large["seconds"] - small["seconds"])
+def _child(args) -> None:
+    """One eval pass (with the neuron capture for `neurons`) in this process, one prompt per checkpoint, the
+    time of every prompt recorded: the pass rate is the tokens of prompts 2..N over the time from the
+    end of the first to the end of the last (start-up, model load, the first prompt's warm-up and the
+    final analyses excluded). Prints a JSON line."""
+    import resource
+
+    import pandas as pd
+
+    from ggml_probe.pipeline.evaluation import EvalConfig, NeuronSettings, evaluate
+
+    done_at: list[float] = []
+    config = EvalConfig(task=TASK, limit=args.limit, threads=args.threads, gpu_layers=0, chunk_size=1,
+                        neurons=NeuronSettings() if args.child == "neurons" else None)
+    out = Path(tempfile.mkdtemp(prefix="bench-scale-child-")) / "run"
+    t0 = time.perf_counter()
+    summary = evaluate(args.model, config, out, progress=lambda done, total: done_at.append(time.perf_counter()))
+    seconds = time.perf_counter() - t0
+    tokens = pd.read_parquet(out / "predictions.parquet")["n_tokens"].to_numpy()
+    stamps = done_at[-len(tokens):]  # the first call reports 0 done, before any prompt
+    print(json.dumps({"seconds": seconds, "summary_seconds": summary.seconds, "prompts": int(len(tokens)),
+                      "tokens": int(tokens.sum()), "pass_tokens": int(tokens[1:].sum()),
+                      "pass_seconds": stamps[-1] - stamps[0],
+                      "pass_tokens_per_s": float(tokens[1:].sum() / (stamps[-1] - stamps[0])),
+                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def _pass(kind: str, model: Path, limit: int, threads: int) -> dict:
+    r = _run([sys.executable, __file__, "--child", kind, "--model", str(model), "--limit", str(limit),
+              "--threads", str(threads)], cwd=REPO)
+    res = json.loads(r["stdout"].strip().splitlines()[-1])
+    res["peak_rss"] = r["peak_rss"]  # the child's own, from wait4
+    return res
 
 
 def _llama_bench(model: Path, n_prompt: int, threads: int, reps: int) -> dict:
@@ -169,16 +202,16 @@ def _derive(result: dict) -> None:
 
     demo, one = result["speed"]["demo F16"], result["speed"]["1B F16"]
     scaling = {"params": [demo["n_params"], one["n_params"]],
-               "seconds_per_token": [1 / demo["eval"]["marginal_tokens_per_s"], 1 / one["eval"]["marginal_tokens_per_s"]],
+               "seconds_per_token": [1 / demo["eval"]["pass_tokens_per_s"], 1 / one["eval"]["pass_tokens_per_s"]],
                "file_bytes": [demo["file_bytes"], one["file_bytes"]],
-               "eval_peak_rss": [demo["eval"]["large"]["peak_rss"], one["eval"]["large"]["peak_rss"]],
+               "eval_peak_rss": [demo["eval"]["peak_rss"], one["eval"]["peak_rss"]],
                # what the neuron pass adds to eval's peak on the 1B: its accumulators, n_ff² co-moments above all
-               "neurons_extra_rss_1b": one["neurons"]["large"]["peak_rss"] - one["eval"]["large"]["peak_rss"],
+               "neurons_extra_rss_1b": one["neurons"]["peak_rss"] - one["eval"]["peak_rss"],
                "n_ff_1b": SHAPES["1b"].n_ff}
     # how the per-token cost of the 1B changes with its file size across levels: cost ∝ size^e
     timed = [q for q in LEVELS if f"1B {q}" in result["speed"]]
     sizes = [result["speed"][f"1B {q}"]["file_bytes"] for q in timed]
-    costs = [1 / result["speed"][f"1B {q}"]["eval"]["marginal_tokens_per_s"] for q in timed]
+    costs = [1 / result["speed"][f"1B {q}"]["eval"]["pass_tokens_per_s"] for q in timed]
     scaling["size_exponent"] = float(np.polyfit(np.log(sizes), np.log(costs), 1)[0])
     result["scaling"] = scaling
     result["extrapolation"] = _extrapolate(scaling, {q: f["bits_per_weight"] for q, f in result["files"].items()})
@@ -209,7 +242,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=20, help="prompts of the eval/neurons runs")
-    ap.add_argument("--small", type=int, default=4, help="prompts of the short runs whose cost is subtracted")
     ap.add_argument("--study-limits", default="4,16", help="two --limit values of the memory study")
     ap.add_argument("--kld-ctx", type=int, default=128)
     ap.add_argument("--kld-chunks", type=int, default=4)
@@ -218,7 +250,12 @@ def main() -> None:
     ap.add_argument("--speed-levels", default=",".join(LEVELS), help="the 1B levels of the eval/neurons timing")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: speed, kld, memory")
     ap.add_argument("--render", action="store_true", help="only rewrite scale.md from scale.json")
+    ap.add_argument("--child", choices=["eval", "neurons"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        _child(args)
+        return
     if args.render:  # the fits and the page again, from the recorded figures
         result = json.loads((REPO / "benchmarks" / "scale.json").read_text())
         if result.get("speed"):
@@ -245,12 +282,11 @@ def main() -> None:
         for label, path in models.items():
             row: dict = {"file_bytes": path.stat().st_size, "n_params": inspect_gguf(path).n_params}
             for command in ("eval", "neurons"):
-                small = _eval_like(command, path, args.small, args.threads, work)
-                large = _eval_like(command, path, args.limit, args.threads, work)
-                row[command] = {"small": small, "large": large, "marginal_tokens_per_s": _marginal(small, large),
-                                "process_tokens_per_s": large["tokens"] / large["seconds"]}
-                print(f"{label} {command}: {row[command]['marginal_tokens_per_s']:.1f} tok/s marginal", flush=True)
-            mean_prompt = round(row["eval"]["large"]["tokens"] / row["eval"]["large"]["prompts"])
+                row[command] = _pass(command, path, args.limit, args.threads)
+                print(f"{label} {command}: {row[command]['pass_tokens_per_s']:.1f} tok/s in the pass", flush=True)
+            # the whole command as users run it (neurons: + salient neurons, their ablation check, top tokens)
+            row["neurons_cli"] = _eval_like("neurons", path, args.limit, args.threads, work)
+            mean_prompt = round(row["eval"]["tokens"] / row["eval"]["prompts"])
             row["llama_bench"] = _llama_bench(path, mean_prompt, args.threads, args.reps)
             print(f"{label} llama-bench pp{mean_prompt}: {row['llama_bench']['tokens_per_s']:.1f} tok/s", flush=True)
             result["speed"][label] = row
@@ -299,7 +335,7 @@ def _gb(x: float) -> str:
 
 def _markdown(r: dict) -> str:
     s = r["settings"]
-    cmd = (f"python scripts/bench_scale.py --threads {s['threads']} --limit {s['limit']} --small {s['small']} "
+    cmd = (f"python scripts/bench_scale.py --threads {s['threads']} --limit {s['limit']} "
            f"--study-limits {s['study_limits']} --kld-ctx {s['kld_ctx']} --kld-chunks {s['kld_chunks']} --reps {s['reps']} "
            f"--speed-levels {s['speed_levels']}")
     lines = ["# Bigger models: a 1B llama shape, and the extrapolation to 7B and 8B (scripts/bench_scale.py)", "",
@@ -316,24 +352,22 @@ def _markdown(r: dict) -> str:
         lines.append(f"| {q} | {_gb(f['file_bytes'])} | {f['n_params'] / 1e9:.3f} B | {f['bits_per_weight']:.2f} |")
     if r["speed"]:
         lines += ["", "## Throughput against llama.cpp's own tools", "",
-                  f"`eval` and `neurons` on the built-in yes/no task: the marginal rate between `--limit {s['small']}` and "
-                  f"`--limit {s['limit']}` (start-up, model load and the fixed-cost analyses cancel), and the "
-                  f"whole-process rate at `--limit {s['limit']}`. Baseline: `llama-bench -p L -n 0 -r {s['reps']} -fa 0 "
-                  "-ngl 0` at L = the mean prompt length (eval decodes one prompt per llama_decode).", "",
-                  "| model | llama-bench ppL tok/s | eval tok/s (marginal) | **eval / llama-bench** | eval tok/s (process) "
-                  "| neurons tok/s (marginal) | **neurons / llama-bench** | neurons tok/s (process) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"`eval` and `neurons` on the built-in yes/no task, {s['limit']} prompts: the rate of the pass (prompts "
+                  "2..N, timed per prompt: start-up, model load, the first prompt and the final analyses excluded), and "
+                  "the whole `ggml-probe neurons` command as a process. Baseline: `llama-bench -p L -n 0 "
+                  f"-r {s['reps']} -fa 0 -ngl 0` at L = the mean prompt length (eval decodes one prompt per llama_decode).", "",
+                  "| model | llama-bench ppL tok/s | eval pass tok/s | **eval / llama-bench** | neurons pass tok/s "
+                  "| **neurons / llama-bench** | `neurons` command s (process) | eval peak RSS GB | neurons peak RSS GB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for label, row in r["speed"].items():
-            lb = row["llama_bench"]
-            e, n = row["eval"], row["neurons"]
+            lb, e, n = row["llama_bench"], row["eval"], row["neurons"]
             lines.append(f"| {label} | pp{lb['pp']}: {lb['tokens_per_s']:.1f} ±{lb['sd']:.1f} | "
-                         f"{e['marginal_tokens_per_s']:.1f} | **{e['marginal_tokens_per_s'] / lb['tokens_per_s']:.2f}** | "
-                         f"{e['process_tokens_per_s']:.1f} | {n['marginal_tokens_per_s']:.1f} | "
-                         f"**{n['marginal_tokens_per_s'] / lb['tokens_per_s']:.2f}** | {n['process_tokens_per_s']:.1f} |")
+                         f"{e['pass_tokens_per_s']:.1f} | **{e['pass_tokens_per_s'] / lb['tokens_per_s']:.2f}** | "
+                         f"{n['pass_tokens_per_s']:.1f} | **{n['pass_tokens_per_s'] / lb['tokens_per_s']:.2f}** | "
+                         f"{row['neurons_cli']['seconds']:.0f} | {_gb(e['peak_rss'])} | {_gb(n['peak_rss'])} |")
         lines += ["", "Commands (each its own process; seconds, tokens, peak RSS in scale.json):", ""]
         one = r["speed"]["1B F16"]
-        lines += [f"- `{one['eval']['large']['command']}`", f"- `{one['neurons']['large']['command']}`",
-                  f"- `{one['llama_bench']['command']}`"]
+        lines += [f"- `{one['neurons_cli']['command']}`", f"- `{one['llama_bench']['command']}`"]
     if "kld" in r:
         k = r["kld"]
         lines += ["", "## `kld` against `llama-perplexity --kl-divergence`", "",

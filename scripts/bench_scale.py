@@ -105,8 +105,10 @@ def _child(args) -> None:
     from ggml_probe.pipeline.evaluation import EvalConfig, NeuronSettings, evaluate
 
     done_at: list[float] = []
+    # the neuron pass at the paper's layers with every statistic but redundancy: its n_ff² co-moments
+    # need 3 GiB at n_ff 8192, over the accumulator's default budget, and the pass refuses (scale.md)
     config = EvalConfig(task=TASK, limit=args.limit, threads=args.threads, gpu_layers=0, chunk_size=1,
-                        neurons=NeuronSettings() if args.child == "neurons" else None)
+                        neurons=NeuronSettings(redundancy=False) if args.child == "neurons" else None)
     out = Path(tempfile.mkdtemp(prefix="bench-scale-child-")) / "run"
     t0 = time.perf_counter()
     summary = evaluate(args.model, config, out, progress=lambda done, total: done_at.append(time.perf_counter()))
@@ -249,7 +251,12 @@ def main() -> None:
     ap.add_argument("--models-dir", type=Path, default=None, help="default: $GGML_PROBE_MODELS or ./models")
     ap.add_argument("--speed-levels", default=",".join(LEVELS), help="the 1B levels of the eval/neurons timing")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: speed, kld, memory")
+    ap.add_argument("--study-args", default="--layers=-1",
+                    help="extra study options (default: the neuron analyses at the last layer only; at the paper's "
+                         "three layers the 1B's redundancy matrices need 3 GiB and the study refuses)")
+    ap.add_argument("--name", default="scale", help="benchmarks/NAME.json and .md")
     ap.add_argument("--render", action="store_true", help="only rewrite scale.md from scale.json")
+    ap.add_argument("--merge", default="", help="with --render: NAMEs of separate runs whose memory/kld parts to take")
     ap.add_argument("--child", choices=["eval", "neurons"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -258,6 +265,10 @@ def main() -> None:
         return
     if args.render:  # the fits and the page again, from the recorded figures
         result = json.loads((REPO / "benchmarks" / "scale.json").read_text())
+        for part in args.merge.split(","):  # parts measured by separate runs (--name)
+            if part:
+                other = json.loads((REPO / "benchmarks" / f"{part}.json").read_text())
+                result.update({k: v for k, v in other.items() if k in ("memory", "kld", "kld_error") and v})
         if result.get("speed"):
             _derive(result)
         (REPO / "benchmarks" / "scale.json").write_text(json.dumps(result, indent=2, default=str))
@@ -284,8 +295,6 @@ def main() -> None:
             for command in ("eval", "neurons"):
                 row[command] = _pass(command, path, args.limit, args.threads)
                 print(f"{label} {command}: {row[command]['pass_tokens_per_s']:.1f} tok/s in the pass", flush=True)
-            # the whole command as users run it (neurons: + salient neurons, their ablation check, top tokens)
-            row["neurons_cli"] = _eval_like("neurons", path, args.limit, args.threads, work)
             mean_prompt = round(row["eval"]["tokens"] / row["eval"]["prompts"])
             row["llama_bench"] = _llama_bench(path, mean_prompt, args.threads, args.reps)
             print(f"{label} llama-bench pp{mean_prompt}: {row['llama_bench']['tokens_per_s']:.1f} tok/s", flush=True)
@@ -304,6 +313,7 @@ def main() -> None:
         for limit in (int(x) for x in args.study_limits.split(",")):
             try:
                 r = _run(_probe("study", str(files[largest]), "--quants", largest, "--task", TASK, "--limit", str(limit),
+                                *args.study_args.split(),
                                 "--threads", str(args.threads), "--gpu-layers", "0", "--kld-ctx", str(args.kld_ctx),
                                 "--kld-chunks", str(args.kld_chunks), "-o", str(work / f"study-{limit}"), "--force",
                                 "--json", "-q"), cwd=REPO)
@@ -319,14 +329,14 @@ def main() -> None:
     result["system"]["load_after"] = os.getloadavg()
     result["seconds"] = time.perf_counter() - t_start
     bench = REPO / "benchmarks"
-    if skip and (bench / "scale.json").exists():  # parts skipped this time keep their earlier figures
-        earlier = json.loads((bench / "scale.json").read_text())
+    if skip and (bench / f"{args.name}.json").exists():  # parts skipped this time keep their earlier figures
+        earlier = json.loads((bench / f"{args.name}.json").read_text())
         for part in ("speed", "scaling", "extrapolation", "kld", "memory"):
             if not result.get(part) and earlier.get(part):
                 result[part] = earlier[part]
-    (bench / "scale.json").write_text(json.dumps(result, indent=2, default=str))
-    (bench / "scale.md").write_text(_markdown(result))
-    print((bench / "scale.md").read_text())
+    (bench / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=str))
+    (bench / f"{args.name}.md").write_text(_markdown(result))
+    print((bench / f"{args.name}.md").read_text())
 
 
 def _gb(x: float) -> str:
@@ -353,21 +363,21 @@ def _markdown(r: dict) -> str:
     if r["speed"]:
         lines += ["", "## Throughput against llama.cpp's own tools", "",
                   f"`eval` and `neurons` on the built-in yes/no task, {s['limit']} prompts: the rate of the pass (prompts "
-                  "2..N, timed per prompt: start-up, model load, the first prompt and the final analyses excluded), and "
-                  "the whole `ggml-probe neurons` command as a process. Baseline: `llama-bench -p L -n 0 "
+                  "2..N, timed per prompt: start-up, model load, the first prompt and the final analyses excluded), for "
+                  "the neuron pass at layers 0, 14, -1 with every statistic but redundancy (below). Baseline: `llama-bench -p L -n 0 "
                   f"-r {s['reps']} -fa 0 -ngl 0` at L = the mean prompt length (eval decodes one prompt per llama_decode).", "",
                   "| model | llama-bench ppL tok/s | eval pass tok/s | **eval / llama-bench** | neurons pass tok/s "
-                  "| **neurons / llama-bench** | `neurons` command s (process) | eval peak RSS GB | neurons peak RSS GB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| **neurons / llama-bench** | eval peak RSS GB | neurons peak RSS GB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for label, row in r["speed"].items():
             lb, e, n = row["llama_bench"], row["eval"], row["neurons"]
             lines.append(f"| {label} | pp{lb['pp']}: {lb['tokens_per_s']:.1f} ±{lb['sd']:.1f} | "
                          f"{e['pass_tokens_per_s']:.1f} | **{e['pass_tokens_per_s'] / lb['tokens_per_s']:.2f}** | "
                          f"{n['pass_tokens_per_s']:.1f} | **{n['pass_tokens_per_s'] / lb['tokens_per_s']:.2f}** | "
-                         f"{row['neurons_cli']['seconds']:.0f} | {_gb(e['peak_rss'])} | {_gb(n['peak_rss'])} |")
+                         f"{_gb(e['peak_rss'])} | {_gb(n['peak_rss'])} |")
         lines += ["", "Commands (each its own process; seconds, tokens, peak RSS in scale.json):", ""]
         one = r["speed"]["1B F16"]
-        lines += [f"- `{one['neurons_cli']['command']}`", f"- `{one['llama_bench']['command']}`"]
+        lines += [f"- `{one['llama_bench']['command']}`"]
     if "kld" in r:
         k = r["kld"]
         lines += ["", "## `kld` against `llama-perplexity --kl-divergence`", "",

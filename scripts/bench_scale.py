@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from llama_tools import tool  # noqa: E402
 from synthetic_model import DEFAULT_VOCAB, build  # noqa: E402
 
+from ggml_probe.analysis.neurons import CoMoment  # noqa: E402
 from ggml_probe.models.ggufinfo import inspect_gguf  # noqa: E402
 from ggml_probe.models.store import models_dir  # noqa: E402
 from ggml_probe.models.synthetic import SHAPES, LlamaShape  # noqa: E402
@@ -138,13 +139,13 @@ def _llama_bench(model: Path, n_prompt: int, threads: int, reps: int) -> dict:
             "n_params": t["model_n_params"], "command": r["command"]}
 
 
-def _perplexity_rate(text: str) -> float:
-    """tokens/s of llama-perplexity's decoding (llama_perf_context_print's prompt eval line)."""
-    m = re.search(r"prompt eval time =\s*[\d.]+ ms /\s*\d+ tokens \(\s*[\d.]+ ms per token,\s*([\d.]+) tokens per second",
-                  text)
+def _perplexity_rate(text: str, ctx: int, chunks: int, batch: int = 2048) -> float:
+    """tokens/s of llama-perplexity's decoding: its first pass (min(chunks, batch / ctx) chunks of ctx
+    tokens in one batch) over the seconds it prints for it ("X seconds per pass")."""
+    m = re.search(r"([\d.]+) seconds per pass", text)
     if not m:
-        raise SystemExit("llama-perplexity printed no prompt eval rate")
-    return float(m.group(1))
+        raise SystemExit("llama-perplexity printed no 'seconds per pass'")
+    return min(chunks, max(1, batch // ctx)) * ctx / float(m.group(1))
 
 
 def _kld(files: dict[str, Path], args, work: Path) -> dict:
@@ -157,7 +158,8 @@ def _kld(files: dict[str, Path], args, work: Path) -> dict:
     ref = _run([str(tool("llama-perplexity")), "-m", str(files["F16"]), "-f", str(text), "--kl-divergence-base",
                 str(base), *common])
     out: dict = {"text": "BoolQ passages (first 40, ../shared/data)", "ctx": args.kld_ctx, "chunks": args.kld_chunks,
-                 "llama_reference_tokens_per_s": _perplexity_rate(ref["stderr"] + ref["stdout"]), "levels": {}}
+                 "llama_reference_tokens_per_s": _perplexity_rate(ref["stderr"] + ref["stdout"], args.kld_ctx, args.kld_chunks),
+                 "levels": {}}
     ours = _run(_probe("kld", *(str(files[q]) for q in LEVELS[1:]), "--ref", str(files["F16"]), "--text", str(text),
                        "--ctx", str(args.kld_ctx), "--chunks", str(args.kld_chunks), "--threads", str(args.threads),
                        "--gpu-layers", "0", "-o", str(work / "kld"), "--json", "-q"), cwd=REPO)
@@ -169,7 +171,8 @@ def _kld(files: dict[str, Path], args, work: Path) -> dict:
                       "--kl-divergence", *common])
         mine = by_file[files[q].stem]
         out["levels"][q] = {"ggml_probe_tokens_per_s": mine["tokens_per_second"],
-                            "llama_perplexity_tokens_per_s": _perplexity_rate(llama["stderr"] + llama["stdout"]),
+                            "llama_perplexity_tokens_per_s": _perplexity_rate(llama["stderr"] + llama["stdout"],
+                                                                              args.kld_ctx, args.kld_chunks),
                             "kld_mean": mine.get("kld_mean"), "n_tokens": mine.get("n_tokens")}
     out["peak_rss"] = ours["peak_rss"]
     return out
@@ -235,7 +238,8 @@ def _extrapolate(scaling: dict, bits: dict[str, float]) -> list[dict]:
             rows.append({"target": name, "params": params, "level": level, "file_bytes": file_bytes,
                          "eval_tokens_per_s": 1 / seconds_per_token, "peak_rss": m0 + m1 * file_bytes,
                          "neurons_peak_rss": m0 + m1 * file_bytes
-                         + scaling["neurons_extra_rss_1b"] * (shape.n_ff / scaling["n_ff_1b"]) ** 2,
+                         + scaling["neurons_extra_rss_1b"] * shape.n_ff / scaling["n_ff_1b"],
+                         "redundancy_bytes": 3 * CoMoment.bytes_needed(shape.n_ff),
                          "reference_fp32_bytes": 4 * params + acts, "reference_activation_bytes": acts})
     return rows
 
@@ -268,7 +272,10 @@ def main() -> None:
         for part in args.merge.split(","):  # parts measured by separate runs (--name)
             if part:
                 other = json.loads((REPO / "benchmarks" / f"{part}.json").read_text())
-                result.update({k: v for k, v in other.items() if k in ("memory", "kld", "kld_error") and v})
+                taken = {k: v for k, v in other.items() if k in ("memory", "kld", "kld_error") and v}
+                result.update(taken)
+                result.setdefault("merged_runs", {})[part] = {"settings": other["settings"], "parts": sorted(taken),
+                                                              "seconds": other["seconds"], "system": other["system"]}
         if result.get("speed"):
             _derive(result)
         (REPO / "benchmarks" / "scale.json").write_text(json.dumps(result, indent=2, default=str))
@@ -339,20 +346,27 @@ def main() -> None:
     print((bench / f"{args.name}.md").read_text())
 
 
+def _command(s: dict) -> str:
+    return (f"python scripts/bench_scale.py --threads {s['threads']} --limit {s['limit']} "
+            f"--study-limits {s['study_limits']} --kld-ctx {s['kld_ctx']} --kld-chunks {s['kld_chunks']} --reps {s['reps']} "
+            f"--speed-levels {s['speed_levels']}" + (f" --skip {s['skip']}" if s.get("skip") else "")
+            + (f" --name {s['name']}" if s.get("name", "scale") != "scale" else ""))
+
+
 def _gb(x: float) -> str:
     return f"{x / GB:.2f}"
 
 
 def _markdown(r: dict) -> str:
     s = r["settings"]
-    cmd = (f"python scripts/bench_scale.py --threads {s['threads']} --limit {s['limit']} "
-           f"--study-limits {s['study_limits']} --kld-ctx {s['kld_ctx']} --kld-chunks {s['kld_chunks']} --reps {s['reps']} "
-           f"--speed-levels {s['speed_levels']}")
+    cmd = _command(s)
     lines = ["# Bigger models: a 1B llama shape, and the extrapolation to 7B and 8B (scripts/bench_scale.py)", "",
              f"Command: `{cmd}` · {r['system']['platform']}, {r['system']['cpu_count']} cores shared with other "
              f"jobs (load average {r['system']['load_before'][0]:.1f} before, {r['system']['load_after'][0]:.1f} after) · "
              f"{s['threads']} threads, CPU, flash attention off everywhere · whole run {r['seconds'] / 60:.1f} min · "
              f"written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+             *[f"Also merged from `{_command(m['settings'])}` ({', '.join(m['parts'])}; {m['seconds'] / 60:.1f} min, load "
+               f"average {m['system']['load_before'][0]:.1f} before)" for m in r.get("merged_runs", {}).values()], "",
              "Model: random weights N(0, 0.02²) in the shape of a 1B llama (16 layers, 2048 wide, FFN 8192, 32 heads, "
              "8 KV heads, 32k vocabulary with LLaMA's SentencePiece tokenizer from ggml-vocab-llama-spm.gguf, untied "
              "output), written by `scripts/synthetic_model.py` at F16 and quantized by `ggml-probe quantize`. Speed "
@@ -383,7 +397,7 @@ def _markdown(r: dict) -> str:
         lines += ["", "## `kld` against `llama-perplexity --kl-divergence`", "",
                   f"Text: {k['text']}; ctx {k['ctx']}, {k['chunks']} chunks, batch 2048, reference: the 1B F16. "
                   "Rates: each tool's own decode time after load (ggml-probe: `seconds` of its scoring pass; "
-                  "llama-perplexity: its prompt-eval line).", "",
+                  "llama-perplexity: the tokens of its pass over its printed 'seconds per pass').", "",
                   "| level | llama-perplexity tok/s | ggml-probe kld tok/s | **ratio** | KLD mean |", "|---|---:|---:|---:|---:|"]
         for q, v in k["levels"].items():
             lines.append(f"| {q} | {v['llama_perplexity_tokens_per_s']:.1f} | {v['ggml_probe_tokens_per_s']:.1f} | "
@@ -409,12 +423,12 @@ def _markdown(r: dict) -> str:
         sc = r["scaling"]
         lines += ["", "## Extrapolation to 7B and 8B", "",
                   f"| shape | params | level | file GB | eval tok/s ({s['threads']} thread(s)) | eval peak RSS GB | "
-                  "neurons peak RSS GB | reference stack fp32 GB |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|"]
+                  "neurons peak RSS GB (no redundancy) | + redundancy at 3 layers GB | reference stack fp32 GB |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
         for row in r["extrapolation"]:
             lines.append(f"| {row['target']} | {row['params'] / 1e9:.2f} B | {row['level']} | {_gb(row['file_bytes'])} | "
                          f"{row['eval_tokens_per_s']:.2f} | {_gb(row['peak_rss'])} | {_gb(row['neurons_peak_rss'])} | "
-                         f"{_gb(row['reference_fp32_bytes'])} |")
+                         f"+{_gb(row['redundancy_bytes'])} | {_gb(row['reference_fp32_bytes'])} |")
         lines += ["", "Assumptions, each a simplification:",
                   f"- eval's per-token cost is a straight line in the parameter count through the two F16 points "
                   f"measured here (demo 135M: {sc['seconds_per_token'][0] * 1e3:.2f} ms/token, 1B: "
@@ -425,9 +439,12 @@ def _markdown(r: dict) -> str:
                   "- the file size is params × the 1B level's bits/weight / 8 (Llama 3's 128k embedding is the same type mix).",
                   "- ggml-probe's peak RSS is a straight line in the file size through the demo F16 and 1B F16 eval runs "
                   "(weights mmapped and resident; KV cache, buffers and accumulators grow with width, not only with size).",
-                  f"- the neuron pass adds to eval's peak what it added on the 1B F16 ({_gb(sc['neurons_extra_rss_1b'])} GB), "
-                  f"scaled by (n_ff / {sc['n_ff_1b']})²: its accumulators are dominated by the n_ff × n_ff co-moments of "
-                  "the redundancy analysis (float64, 3 layers).",
+                  f"- the neuron pass without redundancy adds to eval's peak what it added on the 1B F16 "
+                  f"({_gb(sc['neurons_extra_rss_1b'])} GB), scaled by n_ff / {sc['n_ff_1b']} (per-neuron statistics and "
+                  "top tokens). The redundancy analysis adds its n_ff × n_ff co-moments, 2 × 8 × n_ff² bytes per layer "
+                  "(`CoMoment.bytes_needed`), at the paper's 3 layers: 3.2 GB at the 1B's n_ff 8192, over the "
+                  "accumulator's 2 GiB default budget, so `neurons`/`study` refuse it at layers 0,14,-1 on the 1B, "
+                  "the 7B and the 8B alike (one line naming the need; `--layers` with fewer layers passes on the 1B).",
                   "- the reference stack (the paper's: transformers fp32, batch 16, act_fn hooks) needs 4 bytes per "
                   "parameter plus fp32 activations at batch 16 × 256 tokens: every layer's hidden state (output_hidden_states), "
                   "3 hooked FFN layers and one logit row per sequence position; its optimizer-free forward keeps no "

@@ -11,7 +11,8 @@
 #
 # Environment: OUT (results, default ./gpu-check), PYTHON (a Python with ggml-probe's dependencies,
 # default python3), LLAMA_SDIST (a local llama_cpp_python-0.3.36.tar.gz for an offline machine; default:
-# the one scripts/llama_tools.py keeps, else pip downloads it), GGML_PROBE_MODELS (where models are
+# the one scripts/llama_tools.py keeps, else pip downloads it; offline, pip also needs the build backend
+# scikit-build-core where it can find it, e.g. PIP_FIND_LINKS=a wheel folder), GGML_PROBE_MODELS (where models are
 # built, default $OUT/models), LIMIT (prompts, 20), THREADS (CPU threads, all cores), SHARED (the
 # shared data folder holding boolq_validation.jsonl, default ../shared/data), BENCH_P, BENCH_N, BENCH_R
 # (the throughput tests: -p 128,512 -n 128 -r 3).
@@ -78,7 +79,12 @@ else
   unset CMAKE_ARGS FORCE_CMAKE
   "$DEV_PY" -c "import llama_cpp; assert llama_cpp.llama_supports_gpu_offload(), 'built without GPU offload'" >>"$LOG" 2>&1 \
     || die "the CUDA build of llama-cpp-python does not offload"
-  SRC=$("$PY" -c "import sys; sys.path.insert(0, '$REPO/scripts'); import llama_tools; print(llama_tools.source_dir())")
+  if [ -f "$SDIST" ]; then  # the vendored llama.cpp of the same sdist (no network needed)
+    mkdir -p "$OUT/src" && tar -xzf "$SDIST" -C "$OUT/src"
+    SRC=$OUT/src/llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp
+  else
+    SRC=$("$PY" -c "import sys; sys.path.insert(0, '$REPO/scripts'); import llama_tools; print(llama_tools.source_dir())")
+  fi
   step "llama-bench and llama-perplexity with CUDA (the same vendored source)" \
     cmake -S "$SRC" -B "$OUT/llama-cuda" -DGGML_CUDA=on -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
   step "  compiling" cmake --build "$OUT/llama-cuda" -j "$(nproc)" --target llama-bench llama-perplexity

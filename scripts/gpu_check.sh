@@ -35,7 +35,7 @@ for arg in "$@"; do
   case "$arg" in
     --cpu-only) CPU_ONLY=1 ;;
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
     *) echo "unknown option: $arg (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -261,6 +261,8 @@ def main() -> None:
     ap.add_argument("--name", default="scale", help="benchmarks/NAME.json and .md")
     ap.add_argument("--render", action="store_true", help="only rewrite scale.md from scale.json")
     ap.add_argument("--merge", default="", help="with --render: NAMEs of separate runs whose memory/kld parts to take")
+    ap.add_argument("--note", action="append", default=[],
+                    help="with --render: a reading of the figures, or one measured by hand (repeatable)")
     ap.add_argument("--child", choices=["eval", "neurons"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -276,6 +278,10 @@ def main() -> None:
                 result.update(taken)
                 result.setdefault("merged_runs", {})[part] = {"settings": other["settings"], "parts": sorted(taken),
                                                               "seconds": other["seconds"], "system": other["system"]}
+        if result.get("kld"):
+            result.pop("kld_error", None)
+        if args.note:
+            result["notes"] = args.note
         if result.get("speed"):
             _derive(result)
         (REPO / "benchmarks" / "scale.json").write_text(json.dumps(result, indent=2, default=str))
@@ -451,6 +457,8 @@ def _markdown(r: dict) -> str:
                   "gradients. It ignores the CUDA/PyTorch allocator's overhead.",
                   "- 7B: Llama 2's shape (32 layers, 4096, FFN 11008, MHA, 32k vocabulary); 8B: Llama 3's (32 layers, 4096, "
                   "FFN 14336, 8 KV heads, 128,256 vocabulary)."]
+    if r.get("notes"):
+        lines += ["", "## Reading it", ""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
 
 

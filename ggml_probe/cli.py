@@ -585,10 +585,10 @@ def kld_cmd(models, ref, text_file, base_file, ctx, chunks, batch, threads, gpu_
 @click.option("--quants", default=None,
               help="Comma-separated levels (e.g. F16,Q8_0,Q4_0): each MODEL's ladder, missing files built first.")
 @click.option("--allow-requantize", is_flag=True, help="Allow building the ladder from an already-quantized source.")
-@click.option("-p", "--n-prompt", type=int, default=512, show_default=True,
-              help="Prompt tokens of the pp test (llama-bench -p); 0 skips it.")
-@click.option("-n", "--n-gen", type=int, default=128, show_default=True,
-              help="Generated tokens of the tg test (llama-bench -n); 0 skips it.")
+@click.option("-p", "--n-prompt", default="512", show_default=True,
+              help="Prompt tokens of the pp test (llama-bench -p); a list (128,512) runs a test of each; 0 skips it.")
+@click.option("-n", "--n-gen", default="128", show_default=True,
+              help="Generated tokens of the tg test (llama-bench -n); a list (32,128) runs a test of each; 0 skips it.")
 @click.option("-r", "--reps", type=int, default=5, show_default=True, help="Repetitions of each test (llama-bench -r).")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: the cores this process may use).")
 @click.option("--gpu-layers", default="auto", show_default=True,
@@ -620,7 +620,7 @@ def bench_cmd(models, quants, allow_requantize, n_prompt, n_gen, reps, threads, 
     from .report.terminal import print_bench_summary  # start-up time: rich
 
     levels = [normalize_quant(q) for q in quants.split(",") if q.strip()] if quants else None  # bad name: one line
-    settings = BenchSettings(n_prompt=n_prompt, n_gen=n_gen, reps=reps, threads=threads, gpu_layers=gpu_layers,
+    settings = BenchSettings(n_prompt=_token_counts(n_prompt, "-p"), n_gen=_token_counts(n_gen, "-n"), reps=reps, threads=threads, gpu_layers=gpu_layers,
                              batch=batch, ubatch=ubatch, flash_attn=flash_attn, warmup=not no_warmup)
     if any(implied_requantize(m, levels, allow_requantize) for m in models) and not quiet and not as_json:
         _console(stderr=True).print("[yellow]demo: the ladder is requantized from Q4_1 (the only precision shipped)[/]")
@@ -639,6 +639,15 @@ def bench_cmd(models, quants, allow_requantize, n_prompt, n_gen, reps, threads, 
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
         print_bench_summary(_console(), result.to_dict())
+
+
+def _token_counts(value: str, flag: str) -> int | tuple[int, ...]:
+    """llama-bench's -p/-n: one count (512) or a comma list (128,512)."""
+    try:
+        counts = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise ProbeError(f"{flag} takes token counts like 512 or 128,512, not {value!r}") from None
+    return counts[0] if len(counts) == 1 else counts
 
 
 # --------------------------------------------------------------------------- pick

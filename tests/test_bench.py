@@ -222,3 +222,51 @@ def test_bench_bad_input_is_one_line_and_exit_2(runner, demo_path, args, message
     assert res.exit_code == 2
     assert message in res.output and "Traceback" not in res.output
     assert [line for line in res.output.splitlines() if line.strip()] == [res.output.strip()]
+
+
+def test_comma_lists_give_a_test_each_in_llama_benchs_order():
+    """-p 128,512 -n 32,128 as llama-bench takes them: every pp size, then every tg size; 0 skipped, a size
+    given twice run once; a single size stays the one test it was."""
+    s = BenchSettings(n_prompt=(16, 8, 16, 0), n_gen=(0, 2, 3))
+    assert [(t.name, t.n_prompt, t.n_gen) for t in s.tests()] == [("pp16", 16, 0), ("pp8", 8, 0), ("tg2", 0, 2),
+                                                                 ("tg3", 0, 3)]
+    assert [t.name for t in BenchSettings(n_prompt=512, n_gen=0).tests()] == ["pp512"]
+    with pytest.raises(ProbeError, match="-p or -n"):
+        BenchSettings(n_prompt=(0, 0), n_gen=0)
+    with pytest.raises(ProbeError, match="below 0"):
+        BenchSettings(n_prompt=(16, -1), n_gen=2)
+
+
+@pytest.mark.slow
+def test_bench_cli_comma_lists_run_every_test_with_llama_cpps_counts(runner, demo_path):
+    res = runner.invoke(cli, ["bench", "demo", "-p", "8,16", "-n", "2,3", "-r", "2", "-t", "2", "--gpu-layers", "0",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["settings"]["n_prompt"] == [8, 16] and out["settings"]["n_gen"] == [2, 3]
+    (lv,) = out["levels"].values()
+    assert list(lv["tests"]) == ["pp8", "pp16", "tg2", "tg3"]
+    for name, t in lv["tests"].items():  # llama.cpp's own eval counters: each test decoded what it names
+        assert t["tokens_counted"] == [int(name[2:])] * 2
+        rates = 1e9 * int(name[2:]) / np.array(t["samples_ns"], dtype=np.float64)
+        assert t["tokens_per_second"] == pytest.approx(rates.mean(), rel=1e-12)
+    # the headline pp/tg figures (pick's) are the first size of each
+    assert lv["pp_tokens_per_s"] == lv["tests"]["pp8"]["tokens_per_second"]
+    assert lv["tg_tokens_per_s"] == lv["tests"]["tg2"]["tokens_per_second"]
+    table = runner.invoke(cli, ["bench", "demo", "-p", "8,16", "-n", "0", "-r", "1", "-t", "2", "--gpu-layers", "0",
+                                "-q"])
+    assert table.exit_code == 0, table.output
+    assert "pp8 tok/s" in table.output and "pp16 tok/s" in table.output and "tg" not in table.output.split("definitions")[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "demo", "-p", "128,x"], "-p takes token counts like 512 or 128,512, not '128,x'"),
+    (["bench", "demo", "-n", "32,,128"], "-n takes token counts"),
+    (["bench", "demo", "-p", "0,0", "-n", "0"], "-p or -n"),
+    (["bench", "demo", "-p", "16,-1"], "below 0"),
+])
+def test_bench_bad_lists_are_one_line_and_exit_2(runner, demo_path, args, message):
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 2
+    assert message in res.output and "Traceback" not in res.output
+    assert [line for line in res.output.splitlines() if line.strip()] == [res.output.strip()]

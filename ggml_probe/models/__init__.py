@@ -17,6 +17,8 @@ _EXPORTS = {
     "list_repo_gguf": "fetch",
     "normalize_quant": "quant_types",
     "QUANT_TYPES": "quant_types",
+    "write_llama_gguf": "synthetic",
+    "LlamaShape": "synthetic",
 }
 
 

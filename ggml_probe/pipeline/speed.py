@@ -46,8 +46,8 @@ BenchProgress = Callable[[str, int, int], None]
 
 @dataclass
 class BenchSettings:
-    n_prompt: int = 512  # llama-bench -p
-    n_gen: int = 128  # llama-bench -n
+    n_prompt: int | tuple[int, ...] = 512  # llama-bench -p: one size, or several (-p 128,512), a pp test each
+    n_gen: int | tuple[int, ...] = 128  # llama-bench -n: likewise, a tg test each
     reps: int = 5  # llama-bench -r
     threads: int | None = None  # None: the cores this process may use
     gpu_layers: str | int = "auto"
@@ -58,12 +58,23 @@ class BenchSettings:
     seed: int = 0  # of the random tokens (llama-bench: std::rand, unseeded)
 
     def __post_init__(self) -> None:
-        if self.n_prompt < 0 or self.n_gen < 0 or self.n_prompt + self.n_gen == 0:
+        sizes = _sizes(self.n_prompt) + _sizes(self.n_gen)
+        if any(n < 0 for n in sizes) or not any(sizes):
             raise ProbeError("bench needs -p or -n above 0 (and neither below 0)")
         if self.reps < 1:
             raise ProbeError("bench needs -r 1 or more repetitions")
         if self.batch < 1 or self.ubatch < 1:
             raise ProbeError("--batch and --ubatch must be at least 1")
+
+    def tests(self) -> list["SpeedTest"]:
+        """The tests asked, as llama-bench runs them: every pp size, then every tg size (0 skipped, a size
+        given twice run once)."""
+        pp = [SpeedTest(f"pp{n}", n, 0) for n in dict.fromkeys(_sizes(self.n_prompt)) if n]
+        return pp + [SpeedTest(f"tg{n}", 0, n) for n in dict.fromkeys(_sizes(self.n_gen)) if n]
+
+
+def _sizes(value: int | Sequence[int]) -> tuple[int, ...]:
+    return (int(value),) if isinstance(value, (int, np.integer)) else tuple(int(v) for v in value)
 
 
 @dataclass
@@ -261,8 +272,7 @@ def bench_file(path: Path, s: BenchSettings, label: str = "", progress: BenchPro
     gpu_before = _gpu_free()
     rss_before = _rss_bytes()
     peak_scope = "level" if _reset_peak_rss() else "process"
-    tests = ([SpeedTest(f"pp{s.n_prompt}", s.n_prompt, 0)] if s.n_prompt else []) + \
-            ([SpeedTest(f"tg{s.n_gen}", 0, s.n_gen)] if s.n_gen else [])
+    tests = s.tests()
     total = len(tests) * (s.reps + int(s.warmup))
     done = 0
 

@@ -294,11 +294,12 @@ def test_neurons_attribute_the_chosen_choice(tiny_model, piqa_file, tmp_path):
 
 
 @pytest.mark.slow
-def test_study_with_a_choice_task_end_to_end(demo_path, piqa_file, tmp_path):
+def test_study_with_a_choice_task_end_to_end(demo_ladder, piqa_file, tmp_path, monkeypatch):
     """`study` with PIQA from --data-dir: two levels, neurons, the comparison over the choice distribution
     (label KL, flips), acc_norm in the terminal table and in the report."""
+    monkeypatch.setenv("GGML_PROBE_MODELS", str(demo_ladder["F16"].parent))
     out = tmp_path / "study"
-    res = CliRunner().invoke(cli, ["study", str(demo_path), "--quants", "F16,Q4_0", "--task", "piqa", "--data-dir",
+    res = CliRunner().invoke(cli, ["study", "demo", "--quants", "F16,Q4_0", "--task", "piqa", "--data-dir",
                                    str(piqa_file.parent), "--limit", "4", "--layers", "-1", "--salient-examples", "2",
                                    "--ablate-top", "0", "--no-weights", "--no-kld", "--threads", "2", "-o", str(out)],
                              catch_exceptions=False, terminal_width=250)

@@ -33,7 +33,9 @@ DEFINITIONS = {
         "tokens are what the model emits for it after the prompt (prompt + ' W' tokenized, the tokens after "
         "the prompt's). When every label's answer is one token, a label's logit = logsumexp of the logits of "
         "its single-token forms after the prompt (' W' and 'W'); otherwise a label's logit = its answer's "
-        "log-likelihood (sum of the tokens' log-probabilities)"
+        "log-likelihood (sum of the tokens' log-probabilities). A multiple-choice task's labels are each example's own "
+        "choices, always scored by their answer's log-likelihood after the prompt (' ' + choice; "
+        "lm-evaluation-harness's multiple_choice); acc_norm divides each by len(choice) in characters"
     ),
     "paper": (
         "full-vocabulary softmax at the last prompt position; prediction = argmax token, "
@@ -41,11 +43,6 @@ DEFINITIONS = {
         "(Singh & Sajjad 2025). A multiple-choice task has no label words to find in the token: there the "
         "prediction is the one choice whose answer starts with the argmax token (none or several: no answer), "
         "correct iff it is the gold choice"
-    ),
-    "multiple_choice": (
-        "each example's own choices are its labels: each scored by its answer's log-likelihood after the prompt "
-        "(' ' + choice; lm-evaluation-harness's multiple_choice), the label-set distribution is the softmax over "
-        "the choices' log-likelihoods, acc_norm divides each by len(choice) in characters"
     ),
 }
 

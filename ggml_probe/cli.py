@@ -251,6 +251,11 @@ _task_options = _option_group(
                       "is absent). Without it, integer gold labels (SST-2, GLUE: 0/1) map by position in --labels."),
     click.option("--gold-column", default=None, help="Generic task: the column holding the gold label."),
     click.option("--id-column", default=None, help="Generic task: the column holding example ids."),
+    click.option("--choices-column", default=None,
+                 help="Generic multiple-choice task: the column holding each example's list of choices (endings), or "
+                      "comma-separated columns, one per choice (sol1,sol2); --gold-column holds the right choice's "
+                      "0-based index and --labels may name the choices. Each choice is scored as the answer after the "
+                      "prompt (acc, and acc_norm per character as lm-evaluation-harness)."),
     click.option("--limit", type=int, default=None, help="Use the first N valid examples."),
     click.option("--seed", type=int, default=None, help="With --limit: a seeded random sample instead of the first N."),
     click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
@@ -259,7 +264,7 @@ _task_options = _option_group(
 
 
 def _eval_config(task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
-                 n_ctx, threads, gpu_layers, batch_prompts, label_map=None):
+                 n_ctx, threads, gpu_layers, batch_prompts, label_map=None, choices_column=None):
     from .pipeline.evaluation import EvalConfig  # start-up time: numpy, llama_cpp
     from .tasks.spec import parse_label_map  # start-up time: ggml_probe.tasks
 
@@ -267,7 +272,8 @@ def _eval_config(task, data_path, template, labels, gold_column, id_column, limi
                       labels=tuple(w.strip() for w in labels.split(",")) if labels else None,
                       gold_column=gold_column, id_column=id_column, limit=limit, seed=seed, on_bad_row=on_bad_row,
                       n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts,
-                      label_map=tuple(parse_label_map(label_map).items()) if label_map else None)
+                      label_map=tuple(parse_label_map(label_map).items()) if label_map else None,
+                      choices_columns=tuple(c.strip() for c in choices_column.split(",")) if choices_column else None)
 
 
 _run_options = _option_group(
@@ -416,7 +422,8 @@ def neurons_cmd(**options):
     _run_eval(with_neurons=True, **options)
 
 
-def _run_eval(model, task, data_path, template, labels, label_map, gold_column, id_column, limit, seed, on_bad_row,
+def _run_eval(model, task, data_path, template, labels, label_map, gold_column, id_column, choices_column, limit, seed,
+              on_bad_row,
               quants, reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
               with_neurons, layers, neuron, tau, salient_examples, attribution, attribution_target, ablate_top,
               as_json, quiet, imatrix_out) -> None:
@@ -426,7 +433,7 @@ def _run_eval(model, task, data_path, template, labels, label_map, gold_column, 
     from .report.terminal import print_eval_summary, print_neuron_summary  # start-up time: rich
 
     config = _eval_config(task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
-                          n_ctx, threads, gpu_layers, batch_prompts, label_map)
+                          n_ctx, threads, gpu_layers, batch_prompts, label_map, choices_column)
     analysis = NeuronAnalysis(layers=layers, neuron=neuron, tau=tau, salient_examples=salient_examples,
                               attribution=attribution, attribution_target=attribution_target,
                               ablate_top=ablate_top) if with_neurons else None
@@ -895,8 +902,8 @@ def imatrix_group() -> None:
               help="Output imatrix file (llama.cpp's GGUF format; llama-quantize and `ggml-probe quantize --imatrix` read it).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @_engine_options
-def imatrix_collect_cmd(model, task, data_path, template, labels, label_map, gold_column, id_column, limit, seed,
-                        on_bad_row, out, force, n_ctx, threads, gpu_layers, batch_prompts) -> None:
+def imatrix_collect_cmd(model, task, data_path, template, labels, label_map, gold_column, id_column, choices_column,
+                        limit, seed, on_bad_row, out, force, n_ctx, threads, gpu_layers, batch_prompts) -> None:
     """Collect Σx² per input channel of every layer's matmuls on the task's prompts (llama-imatrix's rule),
     each prompt fitted to --ctx as eval fits it (the template kept, the longest field cut)."""
     from .formats.imatrix import write_imatrix  # start-up time: numpy
@@ -904,7 +911,7 @@ def imatrix_collect_cmd(model, task, data_path, template, labels, label_map, gol
 
     check_output(out, force)
     config = _eval_config(task, data_path, template, labels, gold_column, id_column, limit, seed, on_bad_row,
-                          n_ctx, threads, gpu_layers, batch_prompts, label_map)
+                          n_ctx, threads, gpu_layers, batch_prompts, label_map, choices_column)
     with _Progress(False) as bars:
         im, _ = collect_task_imatrix(resolve_model(model), config, progress=bars.tracker(f"imatrix · {config.task}"))
     write_imatrix(out, im)

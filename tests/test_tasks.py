@@ -79,13 +79,15 @@ def jigsaw_rows(jigsaw_file) -> list[dict]:
 
 def test_shipped_tasks_parse_and_are_named_after_their_files():
     names = [spec.name for spec in list_tasks()]
-    assert names == ["boolq", "boolq-passage", "jigsaw", "yesno-mini"]
+    assert names == ["boolq", "boolq-passage", "hellaswag", "jigsaw", "piqa", "yesno-mini"]
     defs = sorted(p.stem for p in (REPO / "ggml_probe" / "tasks" / "defs").glob("*.toml"))
     assert names == defs
     for spec in list_tasks():
+        assert spec.description and spec.citation
+        if spec.multiple_choice:  # PIQA, HellaSwag: the examples carry their choices; data from --data/--data-dir
+            continue
         assert spec.labels == ("True", "False")
         assert spec.source is not None
-        assert spec.description and spec.citation
 
 
 def test_paper_prompts_are_byte_exact():
@@ -113,7 +115,7 @@ def test_unknown_task_names_list_the_known_ones_and_close_matches():
         get_task("boolqq")
     message = str(err.value)
     assert "did you mean boolq" in message
-    assert "known tasks: boolq, boolq-passage, jigsaw, yesno-mini" in message
+    assert "known tasks: boolq, boolq-passage, hellaswag, jigsaw, piqa, yesno-mini" in message
     assert "\n" not in message
     with pytest.raises(ProbeError, match="did you mean jigsaw"):
         get_task("jigsw")

@@ -14,6 +14,10 @@
 - paper: full-vocabulary softmax; prediction = argmax token, confidence = its probability,
   correct when the lower-cased gold label is a substring of the lower-cased predicted token
   (Singh & Sajjad 2025).
+- multiple choice (PIQA, HellaSwag): the example's own choices are its labels, each always scored by its
+  answer's log-likelihood (lm-evaluation-harness's multiple_choice: acc, and acc_norm by characters); the
+  paper's substring rule has no label word to look for, so paper scoring there asks whether the argmax
+  token is the first token of the gold choice's answer (`mc_paper_prediction`).
 """
 
 from __future__ import annotations
@@ -29,12 +33,16 @@ DEFINITIONS = {
         "tokens are what the model emits for it after the prompt (prompt + ' W' tokenized, the tokens after "
         "the prompt's). When every label's answer is one token, a label's logit = logsumexp of the logits of "
         "its single-token forms after the prompt (' W' and 'W'); otherwise a label's logit = its answer's "
-        "log-likelihood (sum of the tokens' log-probabilities)"
+        "log-likelihood (sum of the tokens' log-probabilities). A multiple-choice task's labels are each example's own "
+        "choices, always scored by their answer's log-likelihood after the prompt (' ' + choice; "
+        "lm-evaluation-harness's multiple_choice); acc_norm divides each by len(choice) in characters"
     ),
     "paper": (
         "full-vocabulary softmax at the last prompt position; prediction = argmax token, "
         "confidence = its probability; correct iff lower(gold) is a substring of lower(token) "
-        "(Singh & Sajjad 2025)"
+        "(Singh & Sajjad 2025). A multiple-choice task has no label words to find in the token: there the "
+        "prediction is the one choice whose answer starts with the argmax token (none or several: no answer), "
+        "correct iff it is the gold choice"
     ),
 }
 
@@ -70,10 +78,28 @@ def continuation_loglik(logits: np.ndarray, tokens) -> float:
     return float(log_softmax(x)[np.arange(len(toks)), toks].sum())
 
 
-def norm_prediction(loglik: np.ndarray, labels) -> np.ndarray:
-    """lm-evaluation-harness's acc_norm prediction: argmax over labels of loglik / len(label) in characters."""
-    chars = np.array([float(len(w)) for w in labels])
+def norm_prediction(loglik: np.ndarray, answers) -> np.ndarray:
+    """lm-evaluation-harness's acc_norm prediction: argmax over labels of loglik / len(answer) in characters.
+
+    answers: the label words (the same for every example), or one list per example of its own choices
+    (a multiple-choice task). lm-evaluation-harness divides by `float(len(choice))`, the choice's length
+    in characters (Python str length, code points; not bytes, not tokens), the choice without the ' '
+    that joins it to the prompt."""
+    chars = np.array([[float(len(w)) for w in row] for row in answers] if answers and not isinstance(answers[0], str)
+                     else [float(len(w)) for w in answers])
     return np.argmax(np.atleast_2d(np.asarray(loglik, dtype=np.float64)) / chars, axis=1)
+
+
+def mc_paper_prediction(top_tokens: np.ndarray, answers) -> np.ndarray:
+    """Paper scoring of a multiple-choice task: the index of the one choice whose answer starts with the
+    full-vocabulary argmax token, -1 when none or several do. answers: per example, per choice, its answer
+    tokens after the prompt."""
+    out = np.full(len(top_tokens), -1, dtype=np.int64)
+    for i, (top, per_choice) in enumerate(zip(top_tokens, answers)):
+        hits = [j for j, toks in enumerate(per_choice) if toks and int(toks[0]) == int(top)]
+        if len(hits) == 1:
+            out[i] = hits[0]
+    return out
 
 
 def paper_correct(predicted_piece: str, gold_label: str) -> bool:

@@ -32,6 +32,7 @@ from ..models.quant_types import normalize_quant
 from ..models.quantize import ladder_stem, quantize_ladder
 from ..models.store import resolve_model
 from ..tasks import get_task, load_examples, make_task
+from ..tasks.loading import choice_count
 from ..tasks.spec import generic_task_name, positional_gold_values
 from ..tasks.answers import label_answers, single_token_forms
 from .neuron_stats import NeuronProbe
@@ -78,6 +79,8 @@ class EvalConfig:
     # gold labels map by position in `labels` (tasks.spec.positional_gold_values)
     label_map: tuple[tuple[str, str], ...] | None = None
     id_column: str | None = None
+    # a generic multiple-choice task: one column holding each example's list of choices, or one column per choice
+    choices_columns: tuple[str, ...] | None = None
     limit: int | None = None
     seed: int | None = None
     on_bad_row: str = "fail"
@@ -119,6 +122,8 @@ class EvalConfig:
             out["gpu_layers"] = gpu
         if self.label_map:
             out["label_map"] = [list(kv) for kv in self.label_map]
+        if self.choices_columns:
+            out["choices_columns"] = list(self.choices_columns)
         if self.imatrix_out:  # only when asked, so runs made before the option still resume
             out["imatrix"] = True  # the sums must cover every example: resuming without it is refused
         return out
@@ -160,9 +165,12 @@ def task_spec(config: EvalConfig):
     given, else integers by position in --labels (0 → the first word). Its labels are --labels, or the
     words of --label-map in the order given."""
     if config.template is None:
-        if config.label_map:
-            raise ProbeError(f"--label-map is for a --template task; task {config.task} maps its gold values itself")
+        for given, option in ((config.label_map, "--label-map"), (config.choices_columns, "--choices-column")):
+            if given:
+                raise ProbeError(f"{option} is for a --template task; task {config.task} defines its own")
         return get_task(config.task)
+    if config.choices_columns:
+        return _choice_task_spec(config)
     mapping = dict(config.label_map or ())
     labels = list(config.labels or dict.fromkeys(mapping.values()))
     if not labels or not config.gold_column:
@@ -172,6 +180,25 @@ def task_spec(config: EvalConfig):
     gold_values = mapping or positional_gold_values(labels)
     return make_task(config.template, labels, config.gold_column, config.id_column, name=config.task,
                      gold_values=gold_values)
+
+
+def _choice_task_spec(config: EvalConfig):
+    """A generic multiple-choice task (--choices-column): one list column (its count from --labels, else from
+    the data's first row) or one column per choice; gold is the right choice's 0-based index."""
+    cols = config.choices_columns
+    if not config.gold_column or not config.data_path:
+        raise ProbeError(f"task {config.task}: a --template task with --choices-column also needs --gold-column "
+                         "(the right choice's 0-based index) and --data FILE")
+    if config.label_map:
+        raise ProbeError(f"task {config.task}: --label-map is for label words; a multiple-choice task's gold is the "
+                         "right choice's index")
+    if len(cols) == 1:
+        count = len(config.labels) if config.labels else choice_count(config.data_path, cols[0], config.task)
+        choices = {"column": cols[0], "count": count}
+    else:
+        choices = {"columns": list(cols)}
+    return make_task(config.template, config.labels, config.gold_column, config.id_column, name=config.task,
+                     choices=choices)
 
 
 def label_tokens_for(engine, labels: Sequence[str], prompt: str) -> scoring.LabelTokens:
@@ -384,14 +411,16 @@ def _next_chunk_number(run_dir: Path) -> int:
 
 
 def _fit_with_answers(engine, spec, example, labels: Sequence[str]):
-    """An example's decoded tokens and its labels' answers (tasks.answers). All but the last token of the
-    longest answer is decoded after the prompt, so the prompt is fitted to leave room for it: no room
-    at all when every answer is one token, as before answers of several tokens were scored."""
-    answers = label_answers(engine, example.prompt, labels)
+    """An example's decoded tokens and its labels' answers (tasks.answers; a multiple-choice example's
+    answers are its own choices). All but the last token of the longest answer is decoded after the
+    prompt, so the prompt is fitted to leave room for it: no room at all when every answer is one token,
+    as before answers of several tokens were scored."""
+    labels, distinct = example.answer_words(labels), not example.choices
+    answers = label_answers(engine, example.prompt, labels, distinct=distinct)
     longest = max(len(a.tokens) for a in answers)
     fitted = example_tokens(engine, spec, example, engine.prompt_limit - (longest - 1))
     if fitted.dropped:  # the answers follow the prompt as decoded
-        answers = label_answers(engine, fitted.text, labels, fitted.tokens)
+        answers = label_answers(engine, fitted.text, labels, fitted.tokens, distinct=distinct)
         longest = max(len(a.tokens) for a in answers)
         if len(fitted.tokens) + longest - 1 > engine.n_ctx:
             raise ProbeError(f"task {spec.name}: a prompt cut to fit the context leaves no room for an answer of "
@@ -427,8 +456,10 @@ def _run_chunk(engine, spec, examples, labels: Sequence[str], config: EvalConfig
     mode = np.full(n, TOKEN, dtype=np.int8)
     forms = np.full((n, n_labels, 2), -1, dtype=np.int32)
     by_forms: dict[tuple, list[int]] = {}
-    for i, (toks, ans) in enumerate(zip(prompts, answers)):
-        sets = single_token_forms(ans, len(toks))
+    for i, (toks, ans, ex) in enumerate(zip(prompts, answers, examples)):
+        # A multiple-choice example is always scored by its choices' log-likelihoods (lm-evaluation-harness's
+        # multiple_choice), never by merged single-token surface forms.
+        sets = None if ex.choices else single_token_forms(ans, len(toks))
         if sets is None:
             mode[i] = LOGLIK
             continue
@@ -442,6 +473,9 @@ def _run_chunk(engine, spec, examples, labels: Sequence[str], config: EvalConfig
     # Otherwise each answer's log-likelihood, its tokens decoded after the prompt (one extra prompt decode).
     for i in np.flatnonzero(mode == LOGLIK):
         ans = answers[i]
+        if all(a.single and a.context == len(prompts[i]) for a in ans):  # one token each: the main pass has them
+            loglik[i] = lab[i] = [logp[i, a.tokens[0]] for a in ans]
+            continue
         k0 = min(a.context for a in ans)
         conts = [np.concatenate([prompts[i][k0:a.context], np.asarray(a.tokens, dtype=np.int32)]) for a in ans]
         rows = engine.continuation_logits(prompts[i][:k0], conts)
@@ -497,9 +531,11 @@ def _answer_lists(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def _answer_summary(model_path: str, labels: Sequence[str], answers: np.ndarray, forms: np.ndarray) -> dict[str, Any]:
+def _answer_summary(model_path: str, labels: Sequence[str], answers: np.ndarray, forms: np.ndarray,
+                    multiple_choice: bool = False) -> dict[str, Any]:
     """For the manifest: each label's answer tokens as they occurred (with their pieces and how many examples),
-    and `label_tokens`, every token that stood for the label (single-token forms, first answer tokens)."""
+    and `label_tokens`, every token that stood for the label (single-token forms, first answer tokens). A
+    multiple-choice run lists no answers (each example has its own; predictions.parquet keeps them)."""
     seen: dict[str, dict[tuple[int, ...], int]] = {w: {} for w in labels}
     for per_label in answers:
         for w, toks in zip(labels, per_label):
@@ -508,6 +544,8 @@ def _answer_summary(model_path: str, labels: Sequence[str], answers: np.ndarray,
     for j, w in enumerate(labels):
         ids = {int(t) for t in forms[:, j].ravel() if t >= 0} | {toks[0] for toks in seen[w]}
         label_tokens[w] = sorted(ids)
+    if multiple_choice:
+        return {"label_tokens": label_tokens, "answers": {}}
     with Vocab(model_path) as vocab:
         listed = {w: [{"tokens": list(toks), "pieces": [vocab.token_to_piece(t) for t in toks], "examples": count}
                       for toks, count in sorted(seen[w].items(), key=lambda kv: -kv[1])] for w in labels}
@@ -515,7 +553,8 @@ def _answer_summary(model_path: str, labels: Sequence[str], answers: np.ndarray,
 
 
 ACCURACY_NORM = ("accuracy_norm: lm-evaluation-harness's acc_norm, the fraction of examples whose argmax over labels of "
-                 "answer log-likelihood / len(label) in characters is the gold label")
+                 "answer log-likelihood / len(label) in characters is the gold label (a multiple-choice task: "
+                 "len(choice), the example's own choice without the joining space)")
 
 
 def finalize_run(run_dir: Path, data, manifest: dict, config: EvalConfig) -> RunSummary:
@@ -533,10 +572,16 @@ def finalize_run(run_dir: Path, data, manifest: dict, config: EvalConfig) -> Run
     pred = np.argmax(label_p, axis=1)
     conf = label_p[np.arange(n), pred]
     pieces = [str(p) for p in arrays["top_piece"]]
-    paper_pred = np.array([scoring.paper_prediction_index(p, tuple(labels)) for p in pieces], dtype=np.int64)
-    paper_ok = np.array([scoring.paper_correct(p, labels[g]) for p, g in zip(pieces, gold)])
+    multiple_choice = data.spec.multiple_choice
+    if multiple_choice:  # no label words to find in the argmax token: does it start the gold choice's answer?
+        paper_pred = scoring.mc_paper_prediction(arrays["top_token"], arrays["answers"])
+        paper_ok = paper_pred == gold
+    else:
+        paper_pred = np.array([scoring.paper_prediction_index(p, tuple(labels)) for p in pieces], dtype=np.int64)
+        paper_ok = np.array([scoring.paper_correct(p, labels[g]) for p, g in zip(pieces, gold)])
     paper_conf = np.exp(arrays["top_logprob"])
-    pred_norm = scoring.norm_prediction(arrays["loglik"], labels)
+    pred_norm = scoring.norm_prediction(arrays["loglik"], [ex.choices for ex in data.examples] if multiple_choice
+                                        else labels)
 
     table = {
         "position": np.arange(n),
@@ -562,6 +607,9 @@ def finalize_run(run_dir: Path, data, manifest: dict, config: EvalConfig) -> Run
     }
     for j, w in enumerate(labels):
         table[f"p_{w}"] = label_p[:, j]
+    if multiple_choice:  # the choices each example was scored on
+        for j, w in enumerate(labels):
+            table[f"choice_{w}"] = [ex.choices[j] for ex in data.examples]
     for j, w in enumerate(labels):
         table[f"loglik_{w}"] = arrays["loglik"][:, j]
         table[f"answer_{w}"] = [list(a[j]) for a in arrays["answers"]]
@@ -597,11 +645,14 @@ def finalize_run(run_dir: Path, data, manifest: dict, config: EvalConfig) -> Run
         "label_scoring": {name: int(np.sum(arrays["label_mode"] == m)) for m, name in MODE_NAMES.items()},
         "definitions": {"scoring": scoring.DEFINITIONS},
     }
+    if multiple_choice:
+        metrics["multiple_choice"] = data.spec.choices.count
     write_json(run_dir / "metrics.json", metrics)
     title = f"{manifest['quant']} · {data.spec.name}"
     plot_reliability({"label-set": reliability_bins(conf, pred == gold), "paper": reliability_bins(paper_conf, paper_ok)},
                      run_dir / "reliability.png", title=title)
-    manifest.update(_answer_summary(manifest["model"]["path"], labels, arrays["answers"], arrays["label_forms"]))
+    manifest.update(_answer_summary(manifest["model"]["path"], labels, arrays["answers"], arrays["label_forms"],
+                                    multiple_choice))
     manifest["status"] = "complete"
     manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(run_dir / MANIFEST, manifest)

@@ -145,31 +145,42 @@ def neuron_targets(run_dir: Path, examples, config) -> list[int] | None:
     if kind == "label":
         import pandas as pd  # a heavy import, only where a run's predictions are read
 
-        preds = pd.read_parquet(run_dir / "predictions.parquet", columns=["position", "pred"]).sort_values("position")
+        preds = pd.read_parquet(run_dir / "predictions.parquet", columns=["position", "pred", "pred_index"]
+                                ).sort_values("position")
         if len(preds) != len(examples):
             raise ProbeError(f"{run_dir}: predictions.parquet has {len(preds)} rows for {len(examples)} examples")
         words = [str(w) for w in preds["pred"]]
+        chosen = [int(j) for j in preds["pred_index"]] if "pred_index" in preds else [None] * len(words)
     else:
         words = [ex.label for ex in examples]
+        chosen = [ex.gold for ex in examples]
+    # A multiple-choice example's label names a choice: its target is that choice's first answer token.
+    words = [ex.choices[j] if ex.choices else w for ex, w, j in zip(examples, words, chosen)]
     with Vocab(read_json(run_dir / "manifest.json")["model"]["path"]) as vocab:
         return [label_target_tokens(vocab, ex.prompt, [w])[w] for ex, w in zip(examples, words)]
 
 
-def _target_summary(model_path: Path, prompts: list[str], labels, kind: str, targets: list[int]) -> dict[str, Any]:
+def _target_summary(model_path: Path, prompts: list[str], labels, kind: str, targets: list[int],
+                    choices: list[tuple[str, ...]] | None = None) -> dict[str, Any]:
     """Which tokens were attributed (piece text → count, most frequent first) and how many are no label's
     token: neither the first token of a label's surface forms ('W', ' W', as the run's manifest records
-    them) nor the token the model would emit for a label after that prompt."""
-    label_ids = {int(t) for ids in labels.values() for t in ids}
+    them) nor the token the model would emit for a label after that prompt. A multiple-choice prompt's
+    labels are its own choices (`choices`, per prompt): a target is a label's when it starts one of them."""
     with Vocab(model_path) as vocab:
-        for p in prompts:
-            label_ids |= set(label_target_tokens(vocab, p, labels).values())
+        if choices and any(choices):
+            own = [set(label_target_tokens(vocab, p, c).values()) for p, c in zip(prompts, choices)]
+            not_label = sum(int(t) not in ids for t, ids in zip(targets, own))
+        else:
+            label_ids = {int(t) for ids in labels.values() for t in ids}
+            for p in prompts:
+                label_ids |= set(label_target_tokens(vocab, p, labels).values())
+            not_label = sum(int(t) not in label_ids for t in targets)
         pieces = Counter(vocab.token_to_piece(t) for t in targets)
-    return {"kind": kind, "tokens": dict(pieces.most_common()), "not_label": sum(int(t) not in label_ids for t in targets),
-            "n": len(targets)}
+    return {"kind": kind, "tokens": dict(pieces.most_common()), "not_label": not_label, "n": len(targets)}
 
 
 def _salient(run_dir: Path, model_path: Path, prompts: list[str], layers: list[int], config, progress,
-             targets: list[int] | None = None) -> dict[str, Any] | None:
+             targets: list[int] | None = None, choices: list[tuple[str, ...]] | None = None) -> dict[str, Any] | None:
     """Salient neurons of this level by config.attribution, cached in RUN_DIR/salient.json. The first
     prompts are attributed (and ablated) as the run decoded them: its token arrays (pipeline.tokens), so a
     prompt fitted to the context keeps its template here too; `prompts` only name the target tokens."""
@@ -196,7 +207,7 @@ def _salient(run_dir: Path, model_path: Path, prompts: list[str], layers: list[i
                               "n_prompts": n, "threshold": config.saliency, "target": kind,
                               "targets": [int(t) for t in attr.target_tokens], "layers": {}}
     result["salient_targets"] = _target_summary(model_path, prompts[:n], read_json(run_dir / "manifest.json")["label_tokens"],
-                                                kind, result["targets"])
+                                                kind, result["targets"], choices[:n] if choices else None)
     for layer, la in attr.layers.items():
         summary = la.salient(config.saliency)
         entry = {"union": [int(i) for i in summary.union], "count": int(len(summary.union)),
@@ -265,9 +276,10 @@ def _top_tokens(run_dir: Path, model_path: Path, definition: str, layer: int, ne
 
 
 def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, progress=None,
-                 targets: list[int] | None = None) -> dict[str, Any]:
+                 targets: list[int] | None = None, choices: list[tuple[str, ...]] | None = None) -> dict[str, Any]:
     """One level's neuron figures; targets: a token per prompt for the attribution (neuron_targets; None:
-    each prompt's own argmax). salient_targets says which tokens were attributed and how many are no label."""
+    each prompt's own argmax). salient_targets says which tokens were attributed and how many are no label
+    (choices: a multiple-choice task's choices per prompt, its labels)."""
     nj = read_json(run_dir / "neurons.json")
     entries = [e for e in nj["layers"] if e["definition"] == config.neuron]
     level: dict[str, Any] = {
@@ -287,7 +299,7 @@ def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, pr
     sal = None
     if config.salient_examples > 0 and config.attribution != "none" and level["layers"]:
         try:
-            sal = _salient(run_dir, model_path, prompts, level["layers"], config, progress, targets)
+            sal = _salient(run_dir, model_path, prompts, level["layers"], config, progress, targets, choices)
         except Exception as exc:  # an architecture or an extra the method lacks: say so, keep the rest
             if not isinstance(exc, ProbeError):
                 raise

@@ -124,7 +124,7 @@ def run_level_files(files: dict[str | None, Path], eval_config: EvalConfig, root
                                  on_bad_row=eval_config.on_bad_row, seed=eval_config.seed).examples
         prompts = [ex.prompt for ex in examples]
         result.neurons = {level: neuron_level(d, paths[level], prompts, neurons, progress,
-                                              neuron_targets(d, examples, neurons))
+                                              neuron_targets(d, examples, neurons), [ex.choices for ex in examples])
                           for level, d in result.run_dirs.items()}
         if result.reference is not None:
             result.neuron_comparison = compare_neuron_levels(result.run_dirs, result.reference, result.neurons)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..analysis.neurons import DRIFT_DEFINITION, DRIFT_NAME
 from . import plots
 from .changes import what_changed
-from .values import fmt, get, interval, layer_keys, num, quoted_piece, signed, significant, size, slug, visible
+from .values import fmt, get, interval, layer_keys, num, quoted_piece, shows_accuracy_norm, signed, significant, size, slug, visible
 
 NOT_MEASURED = "not measured in this study"
 
@@ -30,6 +30,8 @@ PERCENTILE_BIAS = ("A level's own percentile interval of ACE or ECE is biased up
 RUN_METRICS = (("accuracy", "accuracy", ".3f"), ("mean_confidence", "mean confidence", ".3f"),
                ("ace_paper", "ACE (paper)", ".3f"), ("ece", "ECE", ".3f"), ("brier", "Brier", ".3f"),
                ("nll", "NLL (nats)", ".3f"))
+# Shown under accuracy when a task has choices or answers of several tokens (values.shows_accuracy_norm)
+ACCURACY_NORM_LABEL = "acc_norm (lm-evaluation-harness: log-likelihood per character)"
 # Paired changes shown against the reference besides accuracy: (key, label)
 PAIRED_ROWS = (("ace_paper", "Δ ACE (paper)"), ("ece", "Δ ECE"), ("brier", "Δ Brier"),
                ("mean_confidence", "Δ mean confidence"))
@@ -270,6 +272,10 @@ def _metrics_table(s: _Study, t: Mapping[str, Any], task_levels: list[str]) -> T
         for key, label, spec in RUN_METRICS:
             if any(run_metric(lvl, sk, key) for lvl in task_levels):
                 rows.append([label] + [_metric_cell(run_metric(lvl, sk, key), spec) for lvl in task_levels])
+            if key == "accuracy" and sk == "label_set" and any(
+                    shows_accuracy_norm((runs.get(lvl) or {}).get("metrics")) for lvl in task_levels):
+                rows.append([ACCURACY_NORM_LABEL] + [_metric_cell(run_metric(lvl, sk, "accuracy_norm"), spec)
+                                                     for lvl in task_levels])
 
     rows.append(Group("Neurons"))
     if neurons:

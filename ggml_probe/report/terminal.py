@@ -12,6 +12,7 @@ from ..analysis.pick import OBJECTIVE_LABELS
 from ..fsutil import human_size
 from ..models.ggufinfo import GGUFInfo
 from ..models.quantize import QuantResult
+from .values import shows_accuracy_norm
 
 
 if TYPE_CHECKING:
@@ -104,17 +105,25 @@ def print_eval_summary(console: "Console", summaries: dict, comparison: dict | N
     first = next(iter(summaries.values()))
     task = first.manifest.get("task", {}) if first.manifest else {}
     table = Table(title=f"{task.get('task', 'task')} · n={first.n_examples} · data: {task.get('source', '?')}")
-    for c in ("level", "accuracy %", "confidence", "ACE (paper)", "ECE", "Brier", "NLL", "paper acc %", "paper conf"):
+    norm = any(shows_accuracy_norm(s.metrics) for s in summaries.values())  # choices or answers of several tokens
+    cols = ("level", "accuracy %", *(("acc_norm %",) if norm else ()), "confidence", "ACE (paper)", "ECE", "Brier",
+            "NLL", "paper acc %", "paper conf")
+    for c in cols:
         table.add_column(c, justify="left" if c == "level" else "right", no_wrap=True)
     for level, s in summaries.items():
         ls, pp = s.metrics["label_set"], s.metrics["paper"]
-        table.add_row(str(level or s.quant), _fmt_ci(ls["accuracy"], pct=True), _fmt_ci(ls["mean_confidence"]),
+        table.add_row(str(level or s.quant), _fmt_ci(ls["accuracy"], pct=True),
+                      *((_fmt_ci(ls.get("accuracy_norm"), pct=True),) if norm else ()), _fmt_ci(ls["mean_confidence"]),
                       _fmt_ci(ls["ace_paper"]), _fmt_ci(ls["ece"]), _fmt_ci(ls["brier"]), _fmt_ci(ls["nll"]),
                       f"{pp['accuracy']['value'] * 100:.1f}", f"{pp['mean_confidence']['value']:.3f}")
     console.print(table)
     console.print("[dim]label-set scoring (softmax over the label words); ± the wider side of the 95% bootstrap "
                   "interval (exact bounds in metrics.json). ACE (paper): 10 equal-count bins, top-label, unweighted. "
-                  "ECE: 15 equal-width bins, weighted. paper: full-vocabulary argmax, substring match.[/]")
+                  "ECE: 15 equal-width bins, weighted. paper: full-vocabulary argmax, substring match"
+                  + (" (multiple choice: the argmax token starts the gold choice)" if first.metrics.get("multiple_choice")
+                     else "")
+                  + (". acc_norm: lm-evaluation-harness's, log-likelihood per character of each answer" if norm else "")
+                  + ".[/]")
     if comparison:
         ref = comparison["reference"]
         cmp_table = Table(title=f"against the reference level {ref}")
@@ -151,7 +160,9 @@ def print_study_summary(console: "Console", study: dict, out_dir) -> None:
         data = t["data"]
         note = f" (stands in for {data['fallback_from']}: its data could not be reached)" if data.get("fallback_from") else ""
         table = Table(title=f"{task} · n={data.get('examples')} · data: {data.get('source')}{note}")
-        cols = ["level", "accuracy %", "conf", "ACE", "ECE", "Brier", "paper acc %", "agree %", "KL full", "flips"]
+        norm = any(shows_accuracy_norm(run["metrics"]) for run in t["runs"].values())  # choices, or long answers
+        cols = ["level", "accuracy %", *(["acc_norm %"] if norm else []), "conf", "ACE", "ECE", "Brier", "paper acc %",
+                "agree %", "KL full", "flips"]
         has_neurons = bool(t.get("neurons"))
         if has_neurons:
             cols += ["dead", "salient", "redundant"]
@@ -161,7 +172,8 @@ def print_study_summary(console: "Console", study: dict, out_dir) -> None:
         for level, run in t["runs"].items():
             ls = run["metrics"]["label_set"]
             c = comp.get(level)
-            row = [level, _fmt_ci(ls["accuracy"], pct=True), f"{ls['mean_confidence']['value']:.3f}",
+            row = [level, _fmt_ci(ls["accuracy"], pct=True), *([_fmt_ci(ls.get("accuracy_norm"), pct=True)] if norm else []),
+                   f"{ls['mean_confidence']['value']:.3f}",
                    f"{ls['ace_paper']['value']:.3f}", f"{ls['ece']['value']:.3f}", f"{ls['brier']['value']:.3f}",
                    f"{run['metrics']['paper']['accuracy']['value'] * 100:.1f}",
                    "ref" if c is None else f"{c['agreement'] * 100:.1f}",

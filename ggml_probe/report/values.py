@@ -83,3 +83,11 @@ def visible(token: str) -> str:
 def quoted_piece(piece: str) -> str:
     """A token piece in quotes, its spaces kept and line breaks and tabs made visible: ' True', '⏎'."""
     return "'" + str(piece).replace("\n", "⏎").replace("\t", "⇥") + "'"
+
+
+def shows_accuracy_norm(metrics: Mapping[str, Any] | None) -> bool:
+    """Whether a run's acc_norm says something accuracy does not: a multiple-choice task, or labels whose
+    answers were scored by log-likelihood (several tokens); with single-token labels both agree."""
+    m = metrics or {}
+    return bool(m.get("multiple_choice") or (m.get("label_scoring") or {}).get("loglik")) and \
+        "accuracy_norm" in (m.get("label_set") or {})

@@ -67,12 +67,14 @@ def _after_prompt(tokenizer: Tokenizer, head: np.ndarray, text: str) -> tuple[tu
 
 
 def label_answers(tokenizer: Tokenizer, prompt: str, labels: Sequence[str],
-                  prompt_tokens: np.ndarray | None = None) -> list[Answer]:
+                  prompt_tokens: np.ndarray | None = None, distinct: bool = True) -> list[Answer]:
     """Every label's answer to `prompt` (tokenizer: an Engine or a Vocab; prompt_tokens: the prompt's own
-    tokens, BOS included as the model gets them, when already at hand).
+    tokens, BOS included as the model gets them, when already at hand). `labels`: the label words, or a
+    multiple-choice example's choices.
 
-    Raises ProbeError when a label adds no token after the prompt, or when two labels have the same
-    answer tokens (the scoring could not tell them apart)."""
+    Raises ProbeError when a label adds no token after the prompt, or (with `distinct`, for label words)
+    when two labels have the same answer tokens (the scoring could not tell them apart). A multiple-choice
+    example may repeat a choice: both are scored, as lm-evaluation-harness does."""
     head = tokenizer.tokenize(prompt) if prompt_tokens is None else np.asarray(prompt_tokens)
     out = []
     for word in labels:
@@ -90,7 +92,7 @@ def label_answers(tokenizer: Tokenizer, prompt: str, labels: Sequence[str],
                     glued = g[0]
         out.append(Answer(word, text, tokens, k, glued))
     seen: dict[tuple[int, ...], str] = {}
-    for a in out:
+    for a in out if distinct else ():
         if a.tokens in seen:
             raise ProbeError(f"labels {seen[a.tokens]!r} and {a.label!r} are the same tokens after the prompt; "
                              "choose distinct label words")

@@ -7,11 +7,12 @@ import random
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from .. import hub
 from ..errors import HubError, ProbeError
 from ..fsutil import sha256_file
+from .preprocess import PREPROCESSORS
 from .readers import Table, open_table
 from .spec import BuiltinSource, HubSource, TaskSpec, get_task
 
@@ -28,6 +29,8 @@ class Example:
     index: where the row is in the data file (see readers: line number for jsonl/csv, else position).
     gold: index into the task's label words; label: that word.
     fields: the template fields' values, by template field name, exactly as put into the prompt.
+    choices: a multiple-choice example's answers, in label order (empty for a label-word task): each is
+    scored as that example's label word would be (tasks.answers).
     """
 
     id: str
@@ -36,6 +39,11 @@ class Example:
     gold: int
     label: str
     fields: Mapping[str, str]
+    choices: tuple[str, ...] = ()
+
+    def answer_words(self, labels: Sequence[str]) -> Sequence[str]:
+        """What is scored after the prompt, in label order: the example's own choices, else the label words."""
+        return self.choices or labels
 
 
 class BadRow(NamedTuple):
@@ -134,7 +142,8 @@ def load_examples(
 def _resolve_columns(spec: TaskSpec, table: Table, where: str) -> tuple[dict[str, str], str | None]:
     """Pick, for each logical name, the first candidate column the file has."""
     resolved: dict[str, str] = {}
-    for logical in (*spec.template_fields, spec.gold_column):
+    choice_columns = spec.choices.columns if spec.choices else ()
+    for logical in dict.fromkeys((*spec.template_fields, spec.gold_column, *choice_columns)):
         found = next((c for c in spec.candidates(logical) if c in table.columns), None)
         if found is None:
             looked = ", ".join(spec.candidates(logical))
@@ -167,7 +176,9 @@ def _load_file(
 ) -> TaskData:
     table = open_table(path)
     resolved, id_col = _resolve_columns(spec, table, source)
-    wanted = list(dict.fromkeys([*resolved.values(), *([id_col] if id_col else [])]))
+    pre = PREPROCESSORS[spec.choices.preprocess] if spec.choices and spec.choices.preprocess else None
+    reads = [c for c in (pre.reads if pre else ()) if c in table.columns]
+    wanted = list(dict.fromkeys([*resolved.values(), *([id_col] if id_col else []), *reads]))
     records = table.records(wanted)
 
     examples: list[Example] = []
@@ -179,8 +190,12 @@ def _load_file(
             continue
         reason = None
         fields: dict[str, str] = {}
+        derived = pre.derive(rec) if pre else {}
         for logical in spec.template_fields:
             column = resolved[logical]
+            if logical in derived:
+                fields[logical] = derived[logical]
+                continue
             if column not in rec:
                 reason = f"missing field '{column}'"
                 break
@@ -192,6 +207,9 @@ def _load_file(
                 reason = f"empty field '{column}'"
                 break
             fields[logical] = text
+        choices: tuple[str, ...] = ()
+        if reason is None and spec.choices:
+            choices, reason = _read_choices(spec, resolved, rec)
         gold = None
         if reason is None:
             gold_col = resolved[spec.gold_column]
@@ -230,6 +248,7 @@ def _load_file(
                 gold=gold,
                 label=spec.labels[gold],
                 fields=fields,
+                choices=choices,
             )
         )
 
@@ -264,6 +283,55 @@ def _load_file(
         seed=seed,
         local_path=str(path),
     )
+
+
+def choice_count(data_path: str | os.PathLike, column: str, task: str = "") -> int:
+    """How many choices the first row of a data file lists in `column` (a generic multiple-choice task's count)."""
+    path = Path(data_path).expanduser()
+    table = open_table(path)
+    if column not in table.columns:
+        raise ProbeError(f"task {task}: {path} has no column '{column}' for the choices; its columns: "
+                         f"{', '.join(table.columns[:20])}")
+    for _row, rec in table.records([column]):
+        if isinstance(rec, str):
+            continue
+        values = rec.get(column)
+        values = values.tolist() if hasattr(values, "tolist") and not isinstance(values, str) else values
+        if isinstance(values, (list, tuple)) and len(values) >= 2:
+            return len(values)
+        raise ProbeError(f"task {task}: column '{column}' of {path} holds no list of choices; name one column per "
+                         "choice instead (--choices-column sol1,sol2)")
+    raise ProbeError(f"task {task}: {path} has no rows")
+
+
+def _read_choices(spec: TaskSpec, resolved: Mapping[str, str],
+                  rec: Mapping[str, Any]) -> tuple[tuple[str, ...], str | None]:
+    """A multiple-choice row's choices (cleaned by the task's preprocess), or why the row cannot be used."""
+    ch = spec.choices
+    columns = [resolved[c] for c in ch.columns]
+    for column in columns:
+        if column not in rec:
+            return (), f"missing field '{column}'"
+    if ch.in_list:
+        values = rec[columns[0]]
+        if hasattr(values, "tolist") and not isinstance(values, str):  # parquet list cells arrive as NumPy arrays
+            values = values.tolist()
+        if not isinstance(values, (list, tuple)):
+            return (), f"field '{columns[0]}' is not a list of choices ({type(values).__name__})"
+        if len(values) != ch.count:
+            return (), f"field '{columns[0]}' has {len(values)} choices, the task expects {ch.count}"
+    else:
+        values = [rec[c] for c in columns]
+    out = []
+    for k, value in enumerate(values):
+        text = _as_text(value)
+        if text is not None and ch.preprocess:
+            text = PREPROCESSORS[ch.preprocess].text(text)
+        if text is None or not text.strip():
+            where = f"{columns[0]}[{k}]" if ch.in_list else columns[k]
+            return (), f"empty or non-text choice '{where}'"
+        out.append(text)
+    return tuple(out), None
 
 
 def _blank(value: Any) -> bool:

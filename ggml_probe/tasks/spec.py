@@ -18,6 +18,12 @@ A task is data, not code. Each file in `defs/` is one task, written in TOML::
     [columns]                             # logical name -> columns to look for, first match wins
     comment = ["comment", "comment_text", "text"]
 
+    [choices]                             # a multiple-choice task: each example carries its own answers
+    columns = ["sol1", "sol2"]            # one column per choice (PIQA) ...
+    # column = "endings"                  # ... or one column holding the list of choices (HellaSwag),
+    # count = 4                           #     with how many each example has
+    preprocess = "hellaswag"              # optional: a named text cleanup (tasks.preprocess.PREPROCESSORS)
+
     [source]                              # where the data comes from when no --data is given
     hub = "google/boolq"                  # a Hugging Face dataset repo ...
     file = "data/validation-00000-of-00001.parquet"
@@ -28,6 +34,10 @@ Gold values are compared after normalisation: booleans become "true"/"false", in
 their decimal digits, strings are stripped and lower-cased. Every label word matches itself
 case-insensitively, so bool gold values need no mapping when the labels are True/False.
 Template fields are plain names; write a literal brace as `{{` or `}}`.
+
+A multiple-choice task's labels name the choice positions (default: the choice columns, or
+`endings[0]`, `endings[1]`, … for a list column); its gold value is the 0-based index of the right
+choice (or a label name), and each choice is scored as that example's answer (tasks.answers).
 """
 
 from __future__ import annotations
@@ -50,12 +60,14 @@ except ModuleNotFoundError:  # Python 3.10: same parser under its PyPI name
     import tomli as tomllib  # type: ignore[no-redef]
 
 from ..errors import ProbeError
+from .preprocess import PREPROCESSORS, clean_text
 
 PROMPT_ORIGINS = ("paper", "ggml-probe", "user")
 _TOP_KEYS = {
     "name", "description", "template", "prompt_origin", "labels", "id_column",
-    "citation", "notes", "license", "gold", "columns", "source",
+    "citation", "notes", "license", "gold", "columns", "source", "choices",
 }
+_CHOICE_KEYS = {"columns", "column", "count", "preprocess"}
 _GOLD_KEYS = {"column", "values"}
 _SOURCE_KEYS = {"hub", "file", "revision", "split", "builtin"}
 
@@ -102,6 +114,19 @@ class FittedPrompt:
 
 
 @dataclass(frozen=True)
+class Choices:
+    """Where a multiple-choice task's examples keep their choices.
+
+    columns: one logical column per choice (resolved through [columns] like template fields), or with
+    `in_list` one column holding the list of `count` choices. preprocess: a tasks.preprocess name."""
+
+    columns: tuple[str, ...]
+    in_list: bool
+    count: int
+    preprocess: str | None = None
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """A validated task definition. Build one with `get_task` or `make_task`, not directly."""
 
@@ -122,6 +147,11 @@ class TaskSpec:
     license: str = ""
     definition: str | None = None  # the TOML file it came from, if any
     template_fields: tuple[str, ...] = field(default=())
+    choices: Choices | None = None  # a multiple-choice task: the examples carry their own answers
+
+    @property
+    def multiple_choice(self) -> bool:
+        return self.choices is not None
 
     def candidates(self, logical: str) -> tuple[str, ...]:
         """The data columns that may hold `logical`, in the order they are tried."""
@@ -133,8 +163,10 @@ class TaskSpec:
         return None if key is None else self.gold_values.get(key)
 
     def render(self, fields: Mapping[str, str]) -> str:
-        """The prompt for one example: the template with its fields filled in, nothing added."""
-        return self.template.format_map({name: fields[name] for name in self.template_fields})
+        """The prompt for one example: the template with its fields filled in, nothing added (but the
+        task's named text cleanup, when it has one: HellaSwag's, as lm-evaluation-harness applies it)."""
+        text = self.template.format_map({name: fields[name] for name in self.template_fields})
+        return clean_text(self.choices.preprocess, text) if self.choices and self.choices.preprocess else text
 
     def fit(self, fields: Mapping[str, str], tokenizer: Tokenizer, limit: int) -> FittedPrompt:
         """The prompt's tokens, at most `limit` of them: the template stays whole (BOS, the text before,
@@ -247,7 +279,12 @@ def spec_from_mapping(raw: Mapping[str, Any], where: str, definition: str | None
     template = _need_str(raw, "template", where)
     fields = parse_template(template, where)
 
+    choices = _parse_choices(raw.get("choices"), where)
     labels = raw.get("labels")
+    if labels is None and choices is not None:
+        labels = list(choices.columns) if not choices.in_list else [f"{choices.columns[0]}[{i}]" for i in range(choices.count)]
+    if choices is not None and isinstance(labels, (list, tuple)) and len(labels) != choices.count:
+        raise ProbeError(f"{where}: {len(labels)} labels for {choices.count} choices; name each choice once")
     if (
         not isinstance(labels, (list, tuple))
         or len(labels) < 2
@@ -265,6 +302,8 @@ def spec_from_mapping(raw: Mapping[str, Any], where: str, definition: str | None
     _check_keys(gold, _GOLD_KEYS, f"{where} [gold]")
     gold_column = _need_str(gold, "column", f"{where} [gold]")
     gold_values = {w: i for i, w in enumerate(folded)}
+    if choices is not None:  # the gold value of a multiple-choice example is the right choice's 0-based index
+        gold_values.update({str(i): i for i in range(choices.count)})
     extra = gold.get("values") or {}
     if not isinstance(extra, Mapping):
         raise ProbeError(f"{where} [gold]: 'values' must be a table of value = \"label word\"")
@@ -294,7 +333,7 @@ def spec_from_mapping(raw: Mapping[str, Any], where: str, definition: str | None
         if not isinstance(cands, (list, tuple)) or not cands or not all(isinstance(c, str) and c for c in cands):
             raise ProbeError(f"{where} [columns]: '{logical}' must be a column name or a non-empty list of them")
         columns[logical] = tuple(cands)
-    used = set(fields) | {gold_column} | ({id_column} if id_column else set())
+    used = set(fields) | {gold_column} | ({id_column} if id_column else set()) | set(choices.columns if choices else ())
     stray = sorted(set(columns) - used)
     if stray:
         raise ProbeError(f"{where} [columns]: {', '.join(stray)} is not a template field, the gold column or the id column")
@@ -325,8 +364,38 @@ def spec_from_mapping(raw: Mapping[str, Any], where: str, definition: str | None
         prompt_origin=origin,
         definition=definition,
         template_fields=fields,
+        choices=choices,
         **texts,
     )
+
+
+def _parse_choices(table: Any, where: str) -> Choices | None:
+    """[choices]: `columns` (one per choice) or `column` + `count` (a list column), and `preprocess`."""
+    if table is None:
+        return None
+    where = f"{where} [choices]"
+    if not isinstance(table, Mapping):
+        raise ProbeError(f"{where}: must be a table with 'columns' or 'column' and 'count'")
+    _check_keys(table, _CHOICE_KEYS, where)
+    preprocess = _need_str(table, "preprocess", where, required=False)
+    if preprocess is not None and preprocess not in PREPROCESSORS:
+        raise ProbeError(f"{where}: unknown preprocess {preprocess!r} (known: {', '.join(sorted(PREPROCESSORS))})")
+    if ("columns" in table) == ("column" in table):
+        raise ProbeError(f"{where}: give either 'columns' (one column per choice) or 'column' (a list of choices) "
+                         "with 'count'")
+    if "columns" in table:
+        cols = table["columns"]
+        if (not isinstance(cols, (list, tuple)) or len(cols) < 2 or len(set(cols)) != len(cols)
+                or not all(isinstance(c, str) and c.strip() for c in cols)):
+            raise ProbeError(f"{where}: 'columns' must list at least two distinct column names")
+        if "count" in table and table["count"] != len(cols):
+            raise ProbeError(f"{where}: 'count' is {table['count']} but 'columns' lists {len(cols)}")
+        return Choices(tuple(cols), False, len(cols), preprocess)
+    column = _need_str(table, "column", where)
+    count = table.get("count")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+        raise ProbeError(f"{where}: a list column needs 'count', how many choices each example has (at least 2)")
+    return Choices((column,), True, count, preprocess)
 
 
 def _parse_source(source: Any, where: str) -> HubSource | BuiltinSource | None:
@@ -444,7 +513,7 @@ def generic_task_name(task: str | None, data_path: str | os.PathLike | None) -> 
 
 def make_task(
     template: str,
-    labels: list[str] | tuple[str, ...],
+    labels: list[str] | tuple[str, ...] | None,
     gold_column: str,
     id_column: str | None = None,
     *,
@@ -452,6 +521,7 @@ def make_task(
     gold_values: Mapping[str, str] | None = None,
     columns: Mapping[str, list[str] | str] | None = None,
     description: str = "",
+    choices: Mapping[str, Any] | None = None,
 ) -> TaskSpec:
     """A task built from arguments, for a local data file (load it with `load_examples(spec, data_path)`).
 
@@ -459,11 +529,13 @@ def make_task(
     labels: the label words; gold values match them case-insensitively.
     gold_values: extra gold spellings, e.g. {"1": "True", "0": "False"}.
     columns: aliases, e.g. {"question": ["question", "query"]}.
+    choices: a multiple-choice task, as the [choices] table of a definition ({"columns": ["sol1", "sol2"]} or
+    {"column": "endings", "count": 4}); labels may then be None (named after the columns).
     """
     raw: dict[str, Any] = {
         "name": name,
         "template": template,
-        "labels": list(labels),
+        **({"labels": list(labels)} if labels else {}),
         "gold": {"column": gold_column, **({"values": dict(gold_values)} if gold_values else {})},
         "prompt_origin": "user",
         "description": description,
@@ -472,4 +544,6 @@ def make_task(
         raw["id_column"] = id_column
     if columns:
         raw["columns"] = dict(columns)
+    if choices:
+        raw["choices"] = dict(choices)
     return spec_from_mapping(raw, f"task {name!r}")

@@ -35,6 +35,7 @@ class FFNNames:
     act_fn: str | None  # applied to act_source here: "silu", "gelu_tanh", or None (already activated)
     down_in: str  # the input of ffn_down
     up: str | None  # the up projection (gated models): down_in = act · up
+    residual: str = "ffn_inp"  # the residual the FFN's output is added to (Gemma 2/3: after the attention post-norm)
 
 
 # Gated architectures whose build_ffn call is (up, gate, down, LLM_FFN_SILU|GELU, LLM_FFN_PAR); checked
@@ -42,6 +43,8 @@ class FFNNames:
 _GATED = {"llama": "silu", "qwen2": "silu", "qwen3": "silu", "gemma": "gelu_tanh", "gemma2": "gelu_tanh",
           "gemma3": "gelu_tanh"}
 _UNGATED_GELU = {"phi2"}
+# Graphs that name the FFN's residual input other than `ffn_inp` (src/models/gemma*.cpp: `sa_out`).
+_RESIDUAL = {"gemma": "sa_out", "gemma2": "sa_out", "gemma3": "sa_out"}
 SUPPORTED_ARCHITECTURES = tuple(sorted(set(_GATED) | _UNGATED_GELU))
 
 
@@ -70,7 +73,7 @@ def ffn_names(arch: str, tensor_names: Iterable[str] = ()) -> FFNNames:
         gate = "ffn_gate_b" if "blk.0.ffn_gate.bias" in names else "ffn_gate"
         up = "ffn_up_b" if "blk.0.ffn_up.bias" in names else "ffn_up"
         product = "ffn_swiglu" if _GATED[arch] == "silu" else "ffn_geglu"
-        return FFNNames(arch, gate, _GATED[arch], product, up)
+        return FFNNames(arch, gate, _GATED[arch], product, up, _RESIDUAL.get(arch, "ffn_inp"))
     if arch in _UNGATED_GELU:
         return FFNNames(arch, "ffn_gelu", None, "ffn_gelu", None)
     raise UnsupportedArchitecture(

@@ -28,6 +28,9 @@ transformers = pytest.importorskip("transformers")
 
 from ggml_probe.attribution import attribute  # noqa: E402
 from ggml_probe.attribution.ablation import ablation_effect  # noqa: E402
+from ggml_probe.analysis.salient import integrated_gradients as closed_form_ig  # noqa: E402
+from ggml_probe.attribution.exact import last_layer_attribution  # noqa: E402
+from ggml_probe.attribution.passes import read_last_layer_head  # noqa: E402
 from ggml_probe.attribution.ig import integrated_gradients  # noqa: E402
 from ggml_probe.attribution.torch_model import TorchModel  # noqa: E402
 from ggml_probe.models.convert import convert_hf_to_gguf  # noqa: E402
@@ -286,3 +289,128 @@ def test_ig_equals_autograd_on_transformers(families, family):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
         print(f"{family} layer {layer}: ig max |ours − autograd| / max |attr| = "
               f"{np.abs(got - ref).max() / np.abs(ref).max():.2e}")
+
+
+# ------------------------------------------------------------------ exact last layer, dla, ablation
+
+PROMPT_SLICES = (slice(0, 12), slice(4, 20))  # two prompts, one longer than the sliding window
+
+
+@pytest.mark.parametrize("family", family_params())
+def test_exact_last_layer_agrees_with_ig(families, family):
+    """The closed form from llama.cpp's passes (final norm, post-FFN norm, soft-cap, tied output as the
+    GGUF holds them) against the torch integral on the same file and target."""
+    fam = families(family)
+    prompts = [np.array(fam.token_ids[s], dtype=np.int32) for s in PROMPT_SLICES]
+    ig = attribute("ig", fam.gguf, prompts, [-1], threads=2, device="cpu")
+    # an f32 KV cache, so that f32 weights mean f32 all through llama.cpp
+    exact = last_layer_attribution(fam.gguf, prompts, targets=list(ig.target_tokens), n_threads=2, kv_type=0)
+    last = N_LAYER - 1
+    assert exact.layer == last
+    tm = TorchModel(fam.gguf, device="cpu", dtype="float64")
+    head = read_last_layer_head(fam.gguf, last)
+    for p in range(len(prompts)):
+        a, e = ig.layers[last].attributions[p], exact.attributions[p]
+        rho = spearman(a, e)
+        big = np.abs(e) > 0.01 * np.abs(e).max()
+        rho_big = spearman(a[big], e[big])
+        # the closed form fed the torch model's own last-layer state: the formula alone, no llama.cpp
+        _, state = tm.run(prompts[p], keep=[last])
+        _, base = tm.run(np.zeros_like(prompts[p]), keep=[last])
+        closed = closed_form_ig(head, state[last].act[-1].numpy(), base[last].act[-1].numpy(),
+                                state[last].up[-1].numpy(), state[last].residual[-1].numpy(),
+                                int(ig.target_tokens[p])).attributions
+        rho_closed = spearman(a, closed)
+        print(f"{family} prompt {p}: exact vs ig Spearman {rho:.6f} (|attr| > 1% of max: {rho_big:.6f}), "
+              f"max |Δ| / max |attr| {np.abs(a - e).max() / np.abs(e).max():.2e}; closed form on torch's "
+              f"state vs ig: Spearman {rho_closed:.6f}, max |Δ| / max {np.abs(a - closed).max() / np.abs(a).max():.1e}")
+        assert np.abs(e).max() > 1e-4
+        assert rho_closed >= 0.999 and np.abs(a - closed).max() < 1e-4 * np.abs(a).max()  # ig runs in f32
+        assert rho_big >= 0.999
+        # GELU models: llama.cpp's fp16-table GELU in the earlier layer moves the last layer's inputs by
+        # ~1e-4, enough to reorder neurons whose attributions are ~1e-3 of the largest
+        assert rho >= (0.998 if family in GELU_FAMILIES else 0.999)
+        # llama.cpp computes GELU by fp16 table (earlier layers' outputs differ by ~1e-4); torch is exact f32
+        assert np.abs(a - e).max() < 0.01 * np.abs(e).max()
+    assert np.abs(exact.completeness_error).max() < 1e-3  # the quadrature converged
+    # completeness against llama.cpp itself: the act swap inside llama.cpp changes log p by Σ attributions
+    np.testing.assert_allclose(exact.attributions.sum(axis=1), exact.real_change,
+                               atol=0.01 * np.abs(exact.real_change).max() + 1e-4)
+
+
+@pytest.mark.parametrize("family", family_params())
+def test_dla_equals_direct_autograd_on_transformers(families, family):
+    """(a − b) ⊙ ∂log p/∂a through only the layer's own down_proj (and post-FFN norm), the final norm,
+    lm_head and the soft-cap, by autograd on transformers' modules, for every layer."""
+    fam = families(family)
+    ids = fam.token_ids[:12]
+    ours = attribute("dla", fam.gguf, [np.array(ids, dtype=np.int32)], list(range(N_LAYER)), threads=2)
+    model = fam.load(ggml_gelu=True)
+    seen: dict = {}
+    hooks = [model.model.norm.register_forward_pre_hook(lambda _m, i: seen.__setitem__("r", i[0][0, -1].clone()))]
+    for L, layer in enumerate(model.model.layers):
+        hooks.append(layer.mlp.act_fn.register_forward_hook(
+            lambda _m, i, _o, L=L: seen.__setitem__(("gate", L), i[0][0, -1].clone())))
+        hooks.append(layer.mlp.up_proj.register_forward_hook(
+            lambda _m, _i, o, L=L: seen.__setitem__(("up", L), o[0, -1].clone())))
+    exact_act = (lambda x: torch.nn.functional.gelu(x, approximate="tanh")) if family in GELU_FAMILIES \
+        else torch.nn.functional.silu
+    with torch.no_grad():
+        model(torch.zeros((1, len(ids)), dtype=torch.long))
+        base = {L: exact_act(seen[("gate", L)]) for L in range(N_LAYER)}
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    for L in range(N_LAYER):
+        mlp, layer = model.model.layers[L].mlp, model.model.layers[L]
+        post = getattr(layer, "post_feedforward_layernorm", None)
+
+        def contribution(act):
+            out = mlp.down_proj(act * seen[("up", L)])
+            return post(out) if post is not None else out
+
+        a = exact_act(seen[("gate", L)]).clone().requires_grad_(True)
+        with torch.no_grad():
+            rest = seen["r"] - contribution(a)
+        z = model.lm_head(model.model.norm(rest + contribution(a)))
+        if cap:
+            z = cap * torch.tanh(z / cap)
+        target = int(ours.target_tokens[0])
+        torch.log_softmax(z, -1)[target].backward()
+        ref = ((a - base[L]) * a.grad).detach().numpy()
+        got = ours.layers[L].attributions[0]
+        assert np.abs(ref).max() > 1e-4
+        print(f"{family} layer {L}: dla max |ours − autograd| / max = {np.abs(got - ref).max() / np.abs(ref).max():.2e}")
+        np.testing.assert_allclose(got, ref, atol=1e-2 * np.abs(ref).max())
+        assert spearman(got, ref) > 0.999
+
+
+@pytest.mark.parametrize("family", family_params())
+def test_ablation_equals_transformers(families, family):
+    """Last-layer neurons zeroed inside llama.cpp (down_in := 0) against the same columns zeroed in
+    transformers' down_proj input: the same change of the answer's log-probability."""
+    fam = families(family)
+    prompts = [fam.token_ids[s] for s in PROMPT_SLICES]
+    last, neurons = N_LAYER - 1, list(range(0, N_FF, 3))
+    res = ablation_effect(fam.gguf, [np.array(p, dtype=np.int32) for p in prompts], last, neurons,
+                          n_threads=2, kv_type=0)
+    assert res.patched_tensors > 0
+    model = fam.load(torch.float32, ggml_gelu=True)
+
+    def zero(_m, inp):
+        x = inp[0].clone()
+        x[..., neurons] = 0.0
+        return (x,)
+
+    for p, toks in enumerate(prompts):
+        target = int(res.target_tokens[p])
+        with torch.no_grad():
+            clean = torch.log_softmax(model(torch.tensor([toks])).logits[0, -1], -1)[target]
+            handle = model.model.layers[last].mlp.down_proj.register_forward_pre_hook(zero)
+            patched = torch.log_softmax(model(torch.tensor([toks])).logits[0, -1], -1)[target]
+            handle.remove()
+        ref = float(patched - clean)
+        print(f"{family} prompt {p}: ablation Δlog p llama.cpp {res.delta[p]:+.6f} transformers {ref:+.6f}")
+        assert abs(ref) > 1e-4  # the ablation changes the answer measurably
+        assert abs(res.delta[p] - ref) < 0.01 * abs(ref) + 2e-6  # f32 log-probabilities on both sides

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..analysis.salient import direct_effect
-from ..engine.ffn import silu
+from ..engine.ffn import ACT_FUNCTIONS
 from ..engine.model import Engine
 from ..engine.probes import LastPositionTap, SwitchedProbe, answer_logprob
 from ..layerspec import resolve_layers
@@ -50,11 +50,15 @@ def direct_effect_attribution(
     out = Attribution("dla", target_tokens, np.array([answer_logprob(r.logits, int(t))
                                                       for r, t in zip(results, target_tokens)]), n_points=0)
     head = read_last_layer_head(model_path, info.n_layer - 1)
+    act_fn = ACT_FUNCTIONS[names.act_fn]
     with GGUFTensors(model_path) as tensors:
+        tensor_names = set(tensors.names())
         for L in layers:
             head.w_down = np.asarray(tensors.dequantize(f"blk.{L}.ffn_down.weight"), dtype=np.float64)
+            post = f"blk.{L}.post_ffw_norm.weight"  # Gemma 2/3: the FFN output's own norm
+            head.post_norm = np.asarray(tensors.dequantize(post), np.float64) if post in tensor_names else None
             gate = f"{names.act_source}-{L}"
-            attr = np.stack([direct_effect(head, silu(tap.rows[(gate, p)]), silu(tap_base.rows[(gate, p)]),
+            attr = np.stack([direct_effect(head, act_fn(tap.rows[(gate, p)]), act_fn(tap_base.rows[(gate, p)]),
                                            tap.rows[(f"{names.up}-{L}", p)], tap.rows[(final, p)],
                                            int(target_tokens[p])) for p in range(len(tokens))])
             out.layers[L] = LayerAttribution(L, attr, None, None)

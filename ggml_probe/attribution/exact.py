@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..analysis.salient import integrated_gradients, summarise_salient
-from ..engine.ffn import silu
+from ..engine.ffn import ACT_FUNCTIONS
 from ..engine.model import Engine
 from ..engine.probes import LastPositionTap, NeuronPatch, SwitchedProbe, answer_logprob, run_checked
 from .passes import prompt_and_baseline_passes, read_last_layer_head, require_closed_form
@@ -57,7 +57,8 @@ def last_layer_attribution(
     info = require_closed_form(model_path, "exact last-layer attribution")
     layer = info.n_layer - 1
     names = info.names
-    gate, up, resid = f"{names.act_source}-{layer}", f"{names.up}-{layer}", f"ffn_inp-{layer}"
+    gate, up, resid = f"{names.act_source}-{layer}", f"{names.up}-{layer}", f"{names.residual}-{layer}"
+    act_fn = ACT_FUNCTIONS[names.act_fn]
     tap_input, tap_base = LastPositionTap([gate, up, resid]), LastPositionTap([gate])
     switch = SwitchedProbe(tap_input)
 
@@ -70,8 +71,8 @@ def last_layer_attribution(
 
         attributions, completeness, closed = [], [], []
         for p in range(len(tokens)):
-            a = silu(tap_input.rows[(gate, p)])
-            b = silu(tap_base.rows[(gate, p)])
+            a = act_fn(tap_input.rows[(gate, p)])
+            b = act_fn(tap_base.rows[(gate, p)])
             res = integrated_gradients(head, a, b, tap_input.rows[(up, p)], tap_input.rows[(resid, p)],
                                        int(target_tokens[p]), n_points)
             attributions.append(res.attributions)
@@ -84,7 +85,7 @@ def last_layer_attribution(
             switch.current = patch
             swapped = []
             for p, toks in enumerate(tokens):
-                patch.values = silu(tap_base.rows[(gate, p)])
+                patch.values = act_fn(tap_base.rows[(gate, p)])
                 (r,) = run_checked(engine, patch, [toks])
                 swapped.append(answer_logprob(r.logits, int(target_tokens[p])))
             real = llama_lp - np.array(swapped)

@@ -18,15 +18,17 @@ from ..engine.probes import run_checked
 from ..errors import ProbeError, UnsupportedArchitecture
 from ..weights.dequant import GGUFTensors
 
-# Architectures whose last layer is `l_out = ffn_inp + W_down(act ⊙ up)` followed by one RMSNorm and the
-# output matrix, with no logit scaling or soft-capping: the closed form of analysis/salient.py holds.
-EXACT_IG_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# Architectures whose last layer is `l_out = residual + [post-norm](W_down(act ⊙ up))` followed by one RMSNorm,
+# the output matrix and [a soft-cap]: the closed form of analysis/salient.py holds.
+EXACT_IG_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+# llama.cpp's defaults when a Gemma 2 file does not say (src/models/gemma2.cpp reads them as optional)
+_DEFAULT_FINAL_SOFTCAP = {"gemma2": 30.0}
 
 
 def require_closed_form(model_path: str | os.PathLike, what: str):
     """The model's FFN facts, or UnsupportedArchitecture when the closed form does not hold for it."""
     info = model_ffn(model_path)
-    if info.arch not in EXACT_IG_ARCHITECTURES or info.names.act_fn != "silu":
+    if info.arch not in EXACT_IG_ARCHITECTURES or info.names.act_fn not in ("silu", "gelu_tanh"):
         raise UnsupportedArchitecture(f"{info.arch}: the {what} supports {', '.join(EXACT_IG_ARCHITECTURES)}")
     return info
 
@@ -70,5 +72,9 @@ def read_last_layer_head(model_path: str | os.PathLike, layer: int) -> LastLayer
         eps = tensors.summary.value(f"{info.arch}.attention.layer_norm_rms_epsilon")
         if eps is None:
             raise ProbeError(f"{model_path}: no RMSNorm epsilon in the metadata")
+        post = f"blk.{layer}.post_ffw_norm.weight"
+        softcap = tensors.summary.value(f"{info.arch}.final_logit_softcapping")
+        if softcap is None:
+            softcap = _DEFAULT_FINAL_SOFTCAP.get(info.arch, 0.0)
         return LastLayerHead(weight(f"blk.{layer}.ffn_down.weight"), weight("output_norm.weight"), float(eps),
-                             weight(out_name))
+                             weight(out_name), weight(post) if post in names else None, float(softcap))

@@ -414,3 +414,32 @@ def test_ablation_equals_transformers(families, family):
         print(f"{family} prompt {p}: ablation Δlog p llama.cpp {res.delta[p]:+.6f} transformers {ref:+.6f}")
         assert abs(ref) > 1e-4  # the ablation changes the answer measurably
         assert abs(res.delta[p] - ref) < 0.01 * abs(ref) + 2e-6  # f32 log-probabilities on both sides
+
+
+# ------------------------------------------------------------------ the whole study
+
+
+@pytest.mark.parametrize("family", family_params())
+def test_study_runs_end_to_end(families, family, tmp_path, boolq_path):
+    """`ggml-probe study` on the family's converted file: a level built from it, eval, neurons at both
+    layers, the exact salient neurons with their ablation check, the text KLD and the report."""
+    import json
+
+    from click.testing import CliRunner
+
+    from ggml_probe.cli import cli
+
+    fam = families(family)
+    out = tmp_path / "study"
+    args = ["study", str(fam.gguf), "--quants", "F16", "--task", "boolq", "--data", str(boolq_path), "--limit", "3",
+            "--layers", "0,-1", "--salient-examples", "2", "--ablate-top", "2", "--threads", "2", "-o", str(out), "-q"]
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    study = json.loads((out / "study.json").read_text())
+    neurons = study["tasks"]["boolq"]["neurons"]["F16"]
+    assert neurons["layers"] == [0, N_LAYER - 1] and neurons["n_ff"] == N_FF and neurons["tokens"] > 0
+    salient = json.loads((out / "runs" / "boolq" / "F16" / "salient.json").read_text())
+    assert salient["method"] == "exact"
+    last = salient["layers"][str(N_LAYER - 1)]
+    assert last["converged"] and last["count"] > 0 and "ablation" in last
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()

@@ -36,7 +36,7 @@ from ggml_probe.attribution.torch_model import TorchModel  # noqa: E402
 from ggml_probe.models.convert import convert_hf_to_gguf  # noqa: E402
 
 HIDDEN, N_FF, N_LAYER, WINDOW = 64, 96, 2, 8
-FAMILIES = ("mistral", "gemma", "gemma2", "gemma3")
+FAMILIES = ("mistral", "gemma", "gemma2", "gemma3", "phi3")
 QUICK = ("gemma2",)  # the quick subset's family; the others are slow-marked
 
 
@@ -71,6 +71,11 @@ def _config(family: str, n_vocab: int, tokenizer):
                                   "full_attention": {"rope_type": "default", "rope_theta": 1000.0}}
         config.architectures = ["Gemma3ForCausalLM"]
         return config, transformers.Gemma3ForCausalLM
+    if family == "phi3":  # fused qkv_proj and gate_up_proj; partial rotary
+        config = transformers.Phi3Config(sliding_window=None, partial_rotary_factor=0.5, tie_word_embeddings=False,
+                                         bos_token_id=1, eos_token_id=2, pad_token_id=2, **common)
+        set_rope(config, {"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 0.5})
+        return config, transformers.Phi3ForCausalLM
     raise ValueError(family)
 
 
@@ -111,8 +116,12 @@ class GGMLTableGELU(torch.nn.Module):
 
 
 def build(family: str, root: Path) -> Family:
-    folder = root / f"tiny-{family}"
-    tokenizer = sentencepiece_tokenizer(folder) if family == "mistral" else byte_level_tokenizer("smollm")
+    # llama.cpp gives special tokens of models *named* phi3 / phi-3 attributes by looking up "<|endoftext|>",
+    # which this tiny SentencePiece vocabulary lacks (llama-vocab.cpp): the phi3 folder is named otherwise
+    folder = root / ("tiny-p3" if family == "phi3" else f"tiny-{family}")
+    # SentencePiece where the real models use it (llama.cpp also refuses a phi3 file with a BPE vocabulary)
+    spm = family in ("mistral", "phi3")
+    tokenizer = sentencepiece_tokenizer(folder) if spm else byte_level_tokenizer("smollm")
     config, model_class = _config(family, len(tokenizer), tokenizer)
     torch.manual_seed(0)
     model = model_class(config).eval()

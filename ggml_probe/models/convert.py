@@ -42,13 +42,14 @@ _ARCH_BY_HF_NAME = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3",  # fused qkv_proj and gate_up_proj, as llama.cpp's phi3 graph reads them
 }
 # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by w, so the converter stores 1 + w (as llama.cpp's own does).
 _NORM_PLUS_ONE = {"gemma", "gemma2", "gemma3"}
 # The FFN activation each llama.cpp graph applies (HF config key hidden_act, or Gemma's hidden_activation).
 _ACTIVATION = {"llama": ("silu",), "qwen2": ("silu",),
                "gemma": ("gelu_pytorch_tanh", "gelu"), "gemma2": ("gelu_pytorch_tanh",),
-               "gemma3": ("gelu_pytorch_tanh",)}
+               "gemma3": ("gelu_pytorch_tanh",), "phi3": ("silu",)}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCH_BY_HF_NAME)
 
 OUTTYPES = ("f32", "f16", "bf16")
@@ -158,6 +159,7 @@ class _HParams:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     query_pre_attn_scalar: float | None = None
+    rope_dim: int = 0  # rotated dimensions per head (Phi-3's partial rotary); 0: head_dim
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -235,6 +237,7 @@ def _read_hparams(config: dict[str, Any], hf_dir: Path) -> _HParams:
         attn_softcap=config.get("attn_logit_softcapping"),
         final_softcap=config.get("final_logit_softcapping"),
         query_pre_attn_scalar=config.get("query_pre_attn_scalar"),
+        rope_dim=int(head_dim * float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor") or 1.0))),
     )
 
 
@@ -259,7 +262,7 @@ def _add_metadata(writer: gguf.GGUFWriter, hp: _HParams, model_name: str, outtyp
     writer.add_head_count_kv(hp.n_head_kv)
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_rope_freq_base(hp.rope_theta)
-    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_rope_dimension_count(hp.rope_dim or hp.head_dim)
     if hp.head_dim != hp.n_embd // hp.n_head:
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
@@ -431,7 +434,8 @@ def _plan_tensors(checkpoint: _SafetensorsCheckpoint, hp: _HParams, outtype: str
 
     if "token_embd.weight" not in seen:
         raise ProbeError("the checkpoint has no token embedding (model.embed_tokens.weight)")
-    missing = [f"blk.{i}.attn_q.weight" for i in range(hp.n_layers) if f"blk.{i}.attn_q.weight" not in seen]
+    attn_in = "attn_qkv" if hp.arch == "phi3" else "attn_q"  # phi3's fused q/k/v projection
+    missing = [f"blk.{i}.{attn_in}.weight" for i in range(hp.n_layers) if f"blk.{i}.{attn_in}.weight" not in seen]
     if missing:
         raise ProbeError(f"the checkpoint lacks {missing[0]}'s source tensor (incomplete shards?)")
 

@@ -4,7 +4,7 @@ Per family: a 2-layer, hidden-64 model (random weights large enough that norms, 
 visibly shape the logits), saved, converted to GGUF at F32 by `convert`, then
 
 - llama.cpp's logits equal transformers' (the conversion is right),
-- the captured `act` / `down_in` equal transformers' hooks on mlp.act_fn / down_proj's input,
+- the captured `act` / `down_in` equal transformers' hooks on the MLP's activation / down_proj's input,
 - `ig` (torch on the GGUF's weights) equals integrated gradients by autograd on the transformers model,
 - the exact last layer (llama.cpp passes + closed form) agrees with `ig` (Spearman ≥ 0.999),
 - `dla` at the last layer equals autograd through the transformers model's head,
@@ -100,6 +100,11 @@ class Family:
 GELU_FAMILIES = {"gemma", "gemma2", "gemma3"}
 
 
+def act_module(mlp):
+    """The MLP's activation module (Phi-3 calls it activation_fn)."""
+    return mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn
+
+
 class GGMLTableGELU(torch.nn.Module):
     """GELU as llama.cpp's CPU backend computes it (ggml-cpu/vec.h, GGML_GELU_FP16): the input rounded to
     fp16, looked up in a table of fp16-rounded tanh-GELU values; x ≤ −10 → 0, x ≥ 10 → x. Its error
@@ -186,7 +191,7 @@ def transformers_ffn(model, token_ids: list[int], exact_act) -> dict[str, dict[i
     out: dict[str, dict[int, np.ndarray]] = {"act": {}, "down_in": {}}
     hooks = []
     for i, layer in enumerate(model.model.layers):
-        hooks.append(layer.mlp.act_fn.register_forward_hook(
+        hooks.append(act_module(layer.mlp).register_forward_hook(
             lambda _m, inp, _o, i=i: out["act"].__setitem__(i, exact_act(inp[0][0].double()).numpy().copy())))
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(
             lambda _m, inp, i=i: out["down_in"].__setitem__(i, inp[0][0].double().numpy().copy())))
@@ -264,7 +269,7 @@ def transformers_layer_ig(model, token_ids: list[int], layer: int, target: int, 
     """Captum's LayerIntegratedGradients on one layer's act_fn output by plain autograd on transformers:
     the act replaced at every position along the straight path from the all-token-0 prompt's act,
     summed over positions."""
-    act_fn = model.model.layers[layer].mlp.act_fn
+    act_fn = act_module(model.model.layers[layer].mlp)
     seen = {}
     handle = act_fn.register_forward_hook(lambda _m, _i, out: seen.__setitem__("act", out.detach().clone()))
     with torch.no_grad():
@@ -358,10 +363,14 @@ def test_dla_equals_direct_autograd_on_transformers(families, family):
     seen: dict = {}
     hooks = [model.model.norm.register_forward_pre_hook(lambda _m, i: seen.__setitem__("r", i[0][0, -1].clone()))]
     for L, layer in enumerate(model.model.layers):
-        hooks.append(layer.mlp.act_fn.register_forward_hook(
+        hooks.append(act_module(layer.mlp).register_forward_hook(
             lambda _m, i, _o, L=L: seen.__setitem__(("gate", L), i[0][0, -1].clone())))
-        hooks.append(layer.mlp.up_proj.register_forward_hook(
-            lambda _m, _i, o, L=L: seen.__setitem__(("up", L), o[0, -1].clone())))
+        if hasattr(layer.mlp, "up_proj"):
+            hooks.append(layer.mlp.up_proj.register_forward_hook(
+                lambda _m, _i, o, L=L: seen.__setitem__(("up", L), o[0, -1].clone())))
+        else:  # Phi-3: gate_up_proj's output is [gate | up]
+            hooks.append(layer.mlp.gate_up_proj.register_forward_hook(
+                lambda _m, _i, o, L=L: seen.__setitem__(("up", L), o[0, -1].chunk(2, dim=-1)[1].clone())))
     exact_act = (lambda x: torch.nn.functional.gelu(x, approximate="tanh")) if family in GELU_FAMILIES \
         else torch.nn.functional.silu
     with torch.no_grad():

@@ -23,8 +23,8 @@ from ..errors import ProbeError, UnsupportedArchitecture
 from ..weights.dequant import GGUFTensors
 
 
-TORCH_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
-_NEOX_ROPE = {"qwen2", "qwen3", "gemma", "gemma2", "gemma3"}
+TORCH_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+_NEOX_ROPE = {"qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Family:
 
 FAMILIES = {"llama": Family(), "qwen2": Family(), "qwen3": Family(),
             "gemma": Family("gelu_tanh", True), "gemma2": Family("gelu_tanh", True, 2),
-            "gemma3": Family("gelu_tanh", True, 6)}
+            "gemma3": Family("gelu_tanh", True, 6), "phi3": Family()}
 
 
 def require_torch():
@@ -121,9 +121,18 @@ class TorchModel:
             self.layers = []
             for i in range(self.hp.n_layer):
                 p = f"blk.{i}."
-                self.layers.append({k: weight(p + k + ".weight")
-                                    for k in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-                                              "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")})
+                fused_qkv = p + "attn_qkv.weight" in names  # phi3: [q | k | v] in one matrix
+                fused_ffn = p + "ffn_gate.weight" not in names  # phi3: ffn_up holds [gate | up]
+                keys = ["attn_norm", "attn_output", "ffn_norm", "ffn_up", "ffn_down"]
+                keys += ["attn_qkv"] if fused_qkv else ["attn_q", "attn_k", "attn_v"]
+                keys += [] if fused_ffn else ["ffn_gate"]
+                layer = {k: weight(p + k + ".weight") for k in keys}
+                if fused_qkv:
+                    n_q, n_kv = self.hp.n_head * self.hp.head_dim, self.hp.n_head_kv * self.hp.head_dim
+                    layer["attn_q"], layer["attn_k"], layer["attn_v"] = layer.pop("attn_qkv").split([n_q, n_kv, n_kv])
+                if fused_ffn:
+                    layer["ffn_gate"], layer["ffn_up"] = layer["ffn_up"].chunk(2, dim=0)
+                self.layers.append(layer)
                 for k in ("attn_q", "attn_k", "attn_v"):  # qwen2's biases
                     self.layers[-1][k + "_bias"] = weight(p + k + ".bias", optional=True)
                 for k in ("attn_q_norm", "attn_k_norm",  # qwen3's and gemma3's per-head norms

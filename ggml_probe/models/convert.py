@@ -1,6 +1,7 @@
 """Hugging Face checkpoint folder → GGUF file that llama.cpp loads.
 
-Supports the llama family (Llama 2/3, SmolLM, TinyLlama, Mistral) and Qwen2. Everything
+Supports the llama family (Llama 2/3, SmolLM, TinyLlama, Mistral), Qwen2, Gemma, Gemma 2, Gemma 3 (text)
+and Phi-3. Everything
 architecture-specific that gguf-py already knows (tensor names, metadata keys, token types,
 special-token discovery) comes from gguf-py; this module adds only what a checkpoint folder
 does not say directly:

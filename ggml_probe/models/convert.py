@@ -1,10 +1,13 @@
 """Hugging Face checkpoint folder → GGUF file that llama.cpp loads.
 
-Supports the llama family (Llama 2/3, SmolLM, TinyLlama, Mistral), Qwen2, Gemma, Gemma 2, Gemma 3 (text)
-and Phi-3. Everything
-architecture-specific that gguf-py already knows (tensor names, metadata keys, token types,
-special-token discovery) comes from gguf-py; this module adds only what a checkpoint folder
-does not say directly:
+Supports the llama family (Llama 2/3, SmolLM, TinyLlama, Mistral), Qwen2, Gemma, Gemma 2,
+Gemma 3 (text) and Phi-3. Everything architecture-specific that gguf-py already knows (tensor
+names, metadata keys, token types, special-token discovery) comes from gguf-py; this module adds
+only what a checkpoint folder does not say directly:
+
+- Gemma's RMSNorm multiplies by (1 + w): the norm weights are stored as 1 + w, as llama.cpp's
+  own converter does; Gemma 2/3's soft-caps, sliding windows (which layers) and local rope base
+  are written as llama.cpp reads them.
 
 - llama.cpp's LLAMA architecture rotates adjacent pairs of q/k dimensions, while Hugging Face
   llama checkpoints rotate the two halves of each head ("rotate_half"), so q/k rows are

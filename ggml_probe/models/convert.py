@@ -8,7 +8,6 @@ only what a checkpoint folder does not say directly:
 - Gemma's RMSNorm multiplies by (1 + w): the norm weights are stored as 1 + w, as llama.cpp's
   own converter does; Gemma 2/3's soft-caps, sliding windows (which layers) and local rope base
   are written as llama.cpp reads them.
-
 - llama.cpp's LLAMA architecture rotates adjacent pairs of q/k dimensions, while Hugging Face
   llama checkpoints rotate the two halves of each head ("rotate_half"), so q/k rows are
   reordered per head. Qwen2 runs with NEOX rope in llama.cpp, which is rotate-half: no reorder.

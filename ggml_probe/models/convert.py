@@ -1,7 +1,7 @@
 """Hugging Face checkpoint folder → GGUF file that llama.cpp loads.
 
 Supports the llama family (Llama 2/3, SmolLM, TinyLlama, Mistral), Qwen2, Gemma, Gemma 2,
-Gemma 3 (text) and Phi-3. Everything architecture-specific that gguf-py already knows (tensor
+Gemma 3 (text), Phi-2 and Phi-3. Everything architecture-specific that gguf-py already knows (tensor
 names, metadata keys, token types, special-token discovery) comes from gguf-py; this module adds
 only what a checkpoint folder does not say directly:
 
@@ -46,13 +46,14 @@ _ARCH_BY_HF_NAME = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "Phi3ForCausalLM": "phi3",  # fused qkv_proj and gate_up_proj, as llama.cpp's phi3 graph reads them
+    "PhiForCausalLM": "phi2",  # LayerNorm with biases, parallel attention and FFN, ungated GELU
 }
 # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by w, so the converter stores 1 + w (as llama.cpp's own does).
 _NORM_PLUS_ONE = {"gemma", "gemma2", "gemma3"}
 # The FFN activation each llama.cpp graph applies (HF config key hidden_act, or Gemma's hidden_activation).
 _ACTIVATION = {"llama": ("silu",), "qwen2": ("silu",),
                "gemma": ("gelu_pytorch_tanh", "gelu"), "gemma2": ("gelu_pytorch_tanh",),
-               "gemma3": ("gelu_pytorch_tanh",), "phi3": ("silu",)}
+               "gemma3": ("gelu_pytorch_tanh",), "phi3": ("silu",), "phi2": ("gelu_new",)}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCH_BY_HF_NAME)
 
 OUTTYPES = ("f32", "f16", "bf16")
@@ -229,7 +230,7 @@ def _read_hparams(config: dict[str, Any], hf_dir: Path) -> _HParams:
         n_head_kv=n_head_kv,
         head_dim=head_dim,
         n_ctx=int(config.get("max_position_embeddings") or 4096),
-        rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rms_eps=float(config.get("rms_norm_eps", config.get("layer_norm_eps", 1e-6))),
         rope_theta=rope_theta,
         rope_type=rope_type,
         rope=rope,
@@ -263,7 +264,10 @@ def _add_metadata(writer: gguf.GGUFWriter, hp: _HParams, model_name: str, outtyp
     writer.add_feed_forward_length(hp.n_ff)
     writer.add_head_count(hp.n_head)
     writer.add_head_count_kv(hp.n_head_kv)
-    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    if hp.arch == "phi2":  # LayerNorm, not RMSNorm
+        writer.add_layer_norm_eps(hp.rms_eps)
+    else:
+        writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_rope_freq_base(hp.rope_theta)
     writer.add_rope_dimension_count(hp.rope_dim or hp.head_dim)
     if hp.head_dim != hp.n_embd // hp.n_head:

@@ -437,6 +437,18 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     assert set(SUPPORTED_ARCHITECTURES) >= {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 
 
+def test_new_families_refuse_a_foreign_activation_in_one_line(tmp_path):
+    """Gemma's graphs run tanh-GELU and Phi-3's SiLU: a checkpoint asking for another activation is refused."""
+    for arch, act in (("Gemma2ForCausalLM", {"hidden_activation": "relu"}), ("Phi3ForCausalLM", {"hidden_act": "gelu"}),
+                      ("PhiForCausalLM", {"hidden_act": "silu"})):
+        folder = write_config(tmp_path / arch, architectures=[arch], **act)
+        with pytest.raises(ProbeError) as err:
+            convert_hf_to_gguf(folder, tmp_path / "out.gguf")
+        assert "hidden activation" in str(err.value) and arch in str(err.value) and "\n" not in str(err.value)
+    assert {"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+            "PhiForCausalLM"} <= set(SUPPORTED_ARCHITECTURES)
+
+
 @pytest.mark.parametrize(
     "setup, needle",
     [

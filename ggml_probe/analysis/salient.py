@@ -29,12 +29,18 @@ from ..errors import ProbeError
 
 @dataclass
 class LastLayerHead:
-    """Weights of the closed-form path, float64: W_down (n_embd, n_ff), final norm, W_out (n_vocab, n_embd)."""
+    """Weights of the closed-form path, float64: W_down (n_embd, n_ff), final norm, W_out (n_vocab, n_embd).
+
+    Gemma 2/3 add a post-FFN RMSNorm (`post_norm`, on W_down(a ⊙ u) before the residual add) and Gemma 2
+    a final logit soft-cap (`softcap`: z ← c·tanh(z / c)); both stay None / 0 for llama-like heads.
+    """
 
     w_down: np.ndarray
     norm_weight: np.ndarray
     eps: float
     w_out: np.ndarray
+    post_norm: np.ndarray | None = None
+    softcap: float = 0.0
 
     def __post_init__(self) -> None:
         n_embd, n_ff = self.w_down.shape
@@ -42,9 +48,14 @@ class LastLayerHead:
             raise ProbeError(f"inconsistent head shapes: W_down {self.w_down.shape}, norm {self.norm_weight.shape}, "
                              f"W_out {self.w_out.shape}")
 
+    def contribution(self, acts: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """What the FFN adds to the residual for each row of acts (m, n_ff) → (m, n_embd)."""
+        m = (np.atleast_2d(acts) * up[None, :]) @ self.w_down.T
+        return m if self.post_norm is None else _rms(m, self.post_norm, self.eps)[0]
+
     def hidden(self, acts: np.ndarray, up: np.ndarray, residual: np.ndarray) -> np.ndarray:
         """h for each row of acts (m, n_ff) → (m, n_embd)."""
-        return residual[None, :] + (np.atleast_2d(acts) * up[None, :]) @ self.w_down.T
+        return residual[None, :] + self.contribution(acts, up)
 
     def logprob(self, acts: np.ndarray, up: np.ndarray, residual: np.ndarray, target: int) -> np.ndarray:
         """f(a) for each row of acts → (m,)."""
@@ -54,21 +65,40 @@ class LastLayerHead:
 
     def gradient(self, acts: np.ndarray, up: np.ndarray, residual: np.ndarray, target: int) -> np.ndarray:
         """∂f/∂a for each row of acts (m, n_ff) → (m, n_ff)."""
-        h = self.hidden(acts, up, residual)
-        n = h.shape[1]
-        s = 1.0 / np.sqrt((h * h).mean(axis=1) + self.eps)  # (m,)
-        z = (h * s[:, None] * self.norm_weight[None, :]) @ self.w_out.T
+        m = (np.atleast_2d(acts) * up[None, :]) @ self.w_down.T
+        if self.post_norm is None:
+            h = residual[None, :] + m
+        else:
+            p, s_m = _rms(m, self.post_norm, self.eps)
+            h = residual[None, :] + p
+        y, s_h = _rms(h, self.norm_weight, self.eps)
+        z = y @ self.w_out.T
+        if self.softcap:
+            t = np.tanh(z / self.softcap)
+            z = self.softcap * t
         dz = -softmax(z, axis=1)
         dz[:, target] += 1.0
-        dy = dz @ self.w_out  # (m, n_embd)
-        v = dy * self.norm_weight[None, :]
-        # y = g ⊙ h·s(h), s = (mean h² + eps)^(-1/2): dL/dh = s v − s³/n · h (h·v)
-        dh = s[:, None] * v - (s**3 / n)[:, None] * h * (h * v).sum(axis=1, keepdims=True)
-        return (dh @ self.w_down) * up[None, :]
+        if self.softcap:
+            dz = dz * (1.0 - t * t)
+        dh = _rms_backward(h, s_h, self.norm_weight, dz @ self.w_out)
+        dm = dh if self.post_norm is None else _rms_backward(m, s_m, self.post_norm, dh)
+        return (dm @ self.w_down) * up[None, :]
 
     def _logits(self, h: np.ndarray) -> np.ndarray:
-        s = 1.0 / np.sqrt((h * h).mean(axis=1) + self.eps)
-        return (h * s[:, None] * self.norm_weight[None, :]) @ self.w_out.T
+        z = _rms(h, self.norm_weight, self.eps)[0] @ self.w_out.T
+        return self.softcap * np.tanh(z / self.softcap) if self.softcap else z
+
+
+def _rms(x: np.ndarray, g: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """RMSNorm of each row, and the per-row scale s = (mean x² + eps)^(-1/2)."""
+    s = 1.0 / np.sqrt((x * x).mean(axis=1) + eps)
+    return x * s[:, None] * g[None, :], s
+
+
+def _rms_backward(x: np.ndarray, s: np.ndarray, g: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """dL/dx of y = g ⊙ x·s(x) given dL/dy: s v − s³/n · x (x·v), v = dy ⊙ g."""
+    v = dy * g[None, :]
+    return s[:, None] * v - (s**3 / x.shape[1])[:, None] * x * (x * v).sum(axis=1, keepdims=True)
 
 
 def gauss_legendre_01(n_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +134,7 @@ def direct_effect(head: LastLayerHead, act: np.ndarray, baseline: np.ndarray, up
     act, baseline = np.asarray(act, np.float64), np.asarray(baseline, np.float64)
     up, r = np.asarray(up, np.float64), np.asarray(final_residual, np.float64)
     # head.hidden(act) must give the final residual: take this layer's own contribution out of it.
-    grad = head.gradient(act[None], up, r - head.w_down @ (act * up), target)[0]
+    grad = head.gradient(act[None], up, r - head.contribution(act, up)[0], target)[0]
     return (act - baseline) * grad
 
 

@@ -12,12 +12,12 @@ from typing import Sequence
 import numpy as np
 
 from ..analysis.salient import direct_effect
-from ..engine.ffn import silu
 from ..engine.model import Engine
 from ..engine.probes import LastPositionTap, SwitchedProbe, answer_logprob
 from ..layerspec import resolve_layers
 from ..weights.dequant import GGUFTensors
-from .passes import prompt_and_baseline_passes, read_last_layer_head, require_closed_form
+from .passes import (act_of, act_up_residual, ffn_tap_names, prompt_and_baseline_passes, read_last_layer_head,
+                     require_closed_form)
 from .types import Attribution, LayerAttribution
 
 
@@ -41,8 +41,9 @@ def direct_effect_attribution(
     layers = resolve_layers(list(layers), info.n_layer)
     names = info.names
     final = f"l_out-{info.n_layer - 1}"
-    wanted = [final] + [f"{n}-{L}" for L in layers for n in (names.act_source, names.up)]
-    tap, tap_base = LastPositionTap(wanted), LastPositionTap([f"{names.act_source}-{L}" for L in layers])
+    wanted = [final] + [n for L in layers for n in ffn_tap_names(names, L, residual=False)]
+    tap = LastPositionTap(list(dict.fromkeys(wanted)))
+    tap_base = LastPositionTap([f"{names.act_source}-{L}" for L in layers])
     switch = SwitchedProbe(tap)
     with Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, hidden_states=False,
                 eval_callback=switch.eval_callback) as engine:
@@ -51,11 +52,16 @@ def direct_effect_attribution(
                                                       for r, t in zip(results, target_tokens)]), n_points=0)
     head = read_last_layer_head(model_path, info.n_layer - 1)
     with GGUFTensors(model_path) as tensors:
+        tensor_names = set(tensors.names())
         for L in layers:
             head.w_down = np.asarray(tensors.dequantize(f"blk.{L}.ffn_down.weight"), dtype=np.float64)
-            gate = f"{names.act_source}-{L}"
-            attr = np.stack([direct_effect(head, silu(tap.rows[(gate, p)]), silu(tap_base.rows[(gate, p)]),
-                                           tap.rows[(f"{names.up}-{L}", p)], tap.rows[(final, p)],
-                                           int(target_tokens[p])) for p in range(len(tokens))])
+            post = f"blk.{L}.post_ffw_norm.weight"  # Gemma 2/3: the FFN output's own norm
+            head.post_norm = np.asarray(tensors.dequantize(post), np.float64) if post in tensor_names else None
+            rows = []
+            for p in range(len(tokens)):
+                act, up, _ = act_up_residual(names, tap.rows, L, p, residual=False)
+                base = act_of(names, tap_base.rows, L, p)
+                rows.append(direct_effect(head, act, base, up, tap.rows[(final, p)], int(target_tokens[p])))
+            attr = np.stack(rows)
             out.layers[L] = LayerAttribution(L, attr, None, None)
     return out

@@ -14,10 +14,10 @@ from typing import Sequence
 import numpy as np
 
 from ..analysis.salient import integrated_gradients, summarise_salient
-from ..engine.ffn import silu
 from ..engine.model import Engine
 from ..engine.probes import LastPositionTap, NeuronPatch, SwitchedProbe, answer_logprob, run_checked
-from .passes import prompt_and_baseline_passes, read_last_layer_head, require_closed_form
+from .passes import (act_of, act_up_residual, ffn_tap_names, prompt_and_baseline_passes, read_last_layer_head,
+                     require_closed_form)
 
 
 @dataclass
@@ -57,8 +57,8 @@ def last_layer_attribution(
     info = require_closed_form(model_path, "exact last-layer attribution")
     layer = info.n_layer - 1
     names = info.names
-    gate, up, resid = f"{names.act_source}-{layer}", f"{names.up}-{layer}", f"ffn_inp-{layer}"
-    tap_input, tap_base = LastPositionTap([gate, up, resid]), LastPositionTap([gate])
+    tap_input = LastPositionTap(ffn_tap_names(names, layer))
+    tap_base = LastPositionTap([f"{names.act_source}-{layer}"])
     switch = SwitchedProbe(tap_input)
 
     head = read_last_layer_head(model_path, layer)
@@ -68,23 +68,23 @@ def last_layer_attribution(
                                                                   targets)
         llama_lp = np.array([answer_logprob(r.logits, t) for r, t in zip(clean, target_tokens)])
 
-        attributions, completeness, closed = [], [], []
+        attributions, completeness, closed, swaps = [], [], [], []
         for p in range(len(tokens)):
-            a = silu(tap_input.rows[(gate, p)])
-            b = silu(tap_base.rows[(gate, p)])
-            res = integrated_gradients(head, a, b, tap_input.rows[(up, p)], tap_input.rows[(resid, p)],
-                                       int(target_tokens[p]), n_points)
+            a, up, resid = act_up_residual(names, tap_input.rows, layer, p)
+            b = act_of(names, tap_base.rows, layer, p)
+            res = integrated_gradients(head, a, b, up, resid, int(target_tokens[p]), n_points)
             attributions.append(res.attributions)
             completeness.append(res.completeness_error)
             closed.append(res.logprob_input)
+            swaps.append(b * up)  # down_in with act := the baseline's, up kept (the prompt's)
 
         real = None
         if check_real_change:
-            patch = NeuronPatch(model_path, layer, range(info.n_ff), 1.0, definition="act", positions="last")
+            patch = NeuronPatch(model_path, layer, range(info.n_ff), 0.0, definition="down_in", positions="last")
             switch.current = patch
             swapped = []
             for p, toks in enumerate(tokens):
-                patch.values = silu(tap_base.rows[(gate, p)])
+                patch.values = swaps[p]
                 (r,) = run_checked(engine, patch, [toks])
                 swapped.append(answer_logprob(r.logits, int(target_tokens[p])))
             real = llama_lp - np.array(swapped)

@@ -13,22 +13,53 @@ from typing import Sequence
 import numpy as np
 
 from ..analysis.salient import LastLayerHead
-from ..engine.ffn import model_ffn
+from ..engine.ffn import ACT_FUNCTIONS, model_ffn, up_half
 from ..engine.probes import run_checked
 from ..errors import ProbeError, UnsupportedArchitecture
 from ..weights.dequant import GGUFTensors
 
-# Architectures whose last layer is `l_out = ffn_inp + W_down(act ⊙ up)` followed by one RMSNorm and the
-# output matrix, with no logit scaling or soft-capping: the closed form of analysis/salient.py holds.
-EXACT_IG_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# Architectures whose last layer is `l_out = residual + [post-norm](W_down(act ⊙ up))` followed by one RMSNorm,
+# the output matrix and [a soft-cap]: the closed form of analysis/salient.py holds.
+EXACT_IG_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+# llama.cpp's defaults when a Gemma 2 file does not say (src/models/gemma2.cpp reads them as optional)
+_DEFAULT_FINAL_SOFTCAP = {"gemma2": 30.0}
 
 
 def require_closed_form(model_path: str | os.PathLike, what: str):
     """The model's FFN facts, or UnsupportedArchitecture when the closed form does not hold for it."""
     info = model_ffn(model_path)
-    if info.arch not in EXACT_IG_ARCHITECTURES or info.names.act_fn != "silu":
+    if info.arch not in EXACT_IG_ARCHITECTURES or info.names.act_fn not in ("silu", "gelu_tanh", "silu_gate_half"):
         raise UnsupportedArchitecture(f"{info.arch}: the {what} supports {', '.join(EXACT_IG_ARCHITECTURES)}")
     return info
+
+
+def ffn_tap_names(names, layer: int, residual: bool = True) -> list[str]:
+    """The graph tensors whose last-position rows give `layer`'s act, up and (with residual) FFN residual."""
+    out = [f"{names.act_source}-{layer}"]
+    if not names.fused_gate_up:
+        out.append(f"{names.up}-{layer}")
+    if residual:
+        out += [f"{names.residual}-{layer}"] if names.residual else [f"l_out-{layer}", f"ffn_out-{layer}"]
+    return out
+
+
+def act_of(names, rows: dict, layer: int, p: int) -> np.ndarray:
+    """act (float64) of prompt p at `layer`'s last position, from a tap of names.act_source."""
+    return ACT_FUNCTIONS[names.act_fn](rows[(f"{names.act_source}-{layer}", p)])
+
+
+def act_up_residual(names, rows: dict, layer: int, p: int, residual: bool = True):
+    """act (the activation function applied here, float64), up and the FFN's residual input of prompt p at
+    `layer`'s last position, from a LastPositionTap's rows. Where the graph names no residual (phi3) it is
+    l_out − ffn_out."""
+    source = rows[(f"{names.act_source}-{layer}", p)]
+    act = ACT_FUNCTIONS[names.act_fn](source)
+    up = up_half(source) if names.fused_gate_up else rows[(f"{names.up}-{layer}", p)]
+    r = None
+    if residual:
+        r = rows[(f"{names.residual}-{layer}", p)] if names.residual else \
+            rows[(f"l_out-{layer}", p)] - rows[(f"ffn_out-{layer}", p)]
+    return act, np.asarray(up, np.float64), r
 
 
 def tokens_of(engine, prompts: Sequence[str | np.ndarray]) -> list[np.ndarray]:
@@ -70,5 +101,9 @@ def read_last_layer_head(model_path: str | os.PathLike, layer: int) -> LastLayer
         eps = tensors.summary.value(f"{info.arch}.attention.layer_norm_rms_epsilon")
         if eps is None:
             raise ProbeError(f"{model_path}: no RMSNorm epsilon in the metadata")
+        post = f"blk.{layer}.post_ffw_norm.weight"
+        softcap = tensors.summary.value(f"{info.arch}.final_logit_softcapping")
+        if softcap is None:
+            softcap = _DEFAULT_FINAL_SOFTCAP.get(info.arch, 0.0)
         return LastLayerHead(weight(f"blk.{layer}.ffn_down.weight"), weight("output_norm.weight"), float(eps),
-                             weight(out_name))
+                             weight(out_name), weight(post) if post in names else None, float(softcap))

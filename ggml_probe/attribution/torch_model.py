@@ -23,8 +23,22 @@ from ..errors import ProbeError, UnsupportedArchitecture
 from ..weights.dequant import GGUFTensors
 
 
-TORCH_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-_NEOX_ROPE = {"qwen2", "qwen3"}
+TORCH_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+_NEOX_ROPE = {"qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one architecture's blocks differ from llama's (llama.cpp's src/models/<arch>.cpp)."""
+
+    act: str = "silu"  # the FFN gate's activation: "silu" or "gelu_tanh"
+    embed_scale: bool = False  # token embeddings × sqrt(n_embd) (Gemma)
+    swa_pattern: int = 0  # default sliding-window pattern when the file names none: every n-th layer global
+
+
+FAMILIES = {"llama": Family(), "qwen2": Family(), "qwen3": Family(),
+            "gemma": Family("gelu_tanh", True), "gemma2": Family("gelu_tanh", True, 2),
+            "gemma3": Family("gelu_tanh", True, 6), "phi3": Family()}
 
 
 def require_torch():
@@ -60,6 +74,13 @@ class Hyper:
     rope_base: float
     rope_dim: int
     rope_scale: float  # positions are multiplied by this (linear scaling: 1 / factor)
+    family: Family = Family()
+    rope_base_swa: float = 0.0  # the rope base of sliding-window layers (Gemma 3's local base)
+    n_swa: int = 0  # sliding window (tokens a query sees, itself included); 0: none
+    swa_layers: tuple[bool, ...] = ()  # per layer: sliding-window attention
+    attn_softcap: float = 0.0  # Gemma 2: scores ← cap·tanh(scores / cap)
+    final_softcap: float = 0.0  # Gemma 2: logits ← cap·tanh(logits / cap)
+    attn_scale: float = 0.0  # queries × this (0: 1/sqrt(head_dim))
 
 
 @dataclass
@@ -100,33 +121,45 @@ class TorchModel:
             self.layers = []
             for i in range(self.hp.n_layer):
                 p = f"blk.{i}."
-                self.layers.append({k: weight(p + k + ".weight")
-                                    for k in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-                                              "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")})
+                fused_qkv = p + "attn_qkv.weight" in names  # phi3: [q | k | v] in one matrix
+                fused_ffn = p + "ffn_gate.weight" not in names  # phi3: ffn_up holds [gate | up]
+                keys = ["attn_norm", "attn_output", "ffn_norm", "ffn_up", "ffn_down"]
+                keys += ["attn_qkv"] if fused_qkv else ["attn_q", "attn_k", "attn_v"]
+                keys += [] if fused_ffn else ["ffn_gate"]
+                layer = {k: weight(p + k + ".weight") for k in keys}
+                if fused_qkv:
+                    n_q, n_kv = self.hp.n_head * self.hp.head_dim, self.hp.n_head_kv * self.hp.head_dim
+                    layer["attn_q"], layer["attn_k"], layer["attn_v"] = layer.pop("attn_qkv").split([n_q, n_kv, n_kv])
+                if fused_ffn:
+                    layer["ffn_gate"], layer["ffn_up"] = layer["ffn_up"].chunk(2, dim=0)
+                self.layers.append(layer)
                 for k in ("attn_q", "attn_k", "attn_v"):  # qwen2's biases
                     self.layers[-1][k + "_bias"] = weight(p + k + ".bias", optional=True)
-                for k in ("attn_q_norm", "attn_k_norm"):  # qwen3's per-head norms
+                for k in ("attn_q_norm", "attn_k_norm",  # qwen3's and gemma3's per-head norms
+                          "post_attention_norm", "post_ffw_norm"):  # gemma2/3's post-norms
                     self.layers[-1][k] = weight(p + k + ".weight", optional=True)
         hp = self.hp
-        theta = hp.rope_base ** (-torch.arange(0, hp.rope_dim, 2, dtype=torch.float64) / hp.rope_dim)
-        if factors is not None:
-            theta = theta / factors.double().cpu()
-        self._theta = theta
-        self._rope_cache: dict[int, tuple] = {}
+        self._theta = {}
+        for base in {hp.rope_base, hp.rope_base_swa or hp.rope_base}:
+            theta = base ** (-torch.arange(0, hp.rope_dim, 2, dtype=torch.float64) / hp.rope_dim)
+            if factors is not None:
+                theta = theta / factors.double().cpu()
+            self._theta[base] = theta
+        self._rope_cache: dict[tuple, tuple] = {}
 
     # pieces ---------------------------------------------------------------------------------
     def _rms(self, x, w):
         return x * self.torch.rsqrt((x * x).mean(-1, keepdim=True) + self.hp.eps) * w
 
-    def _rope(self, x, seq: int):
+    def _rope(self, x, seq: int, base: float):
         """Rotate x (batch, seq, heads, head_dim) by position, in llama.cpp's pairing for the arch."""
         torch, hp = self.torch, self.hp
-        if seq not in self._rope_cache:
+        if (seq, base) not in self._rope_cache:
             pos = torch.arange(seq, dtype=torch.float64) * hp.rope_scale
-            ang = pos[:, None] * self._theta[None, :]
-            self._rope_cache[seq] = (ang.cos().to(self.device, self.dtype)[None, :, None, :],
-                                     ang.sin().to(self.device, self.dtype)[None, :, None, :])
-        cos, sin = self._rope_cache[seq]
+            ang = pos[:, None] * self._theta[base][None, :]
+            self._rope_cache[(seq, base)] = (ang.cos().to(self.device, self.dtype)[None, :, None, :],
+                                             ang.sin().to(self.device, self.dtype)[None, :, None, :])
+        cos, sin = self._rope_cache[(seq, base)]
         rot, rest = x[..., :hp.rope_dim], x[..., hp.rope_dim:]
         if hp.arch in _NEOX_ROPE:
             half = hp.rope_dim // 2
@@ -137,9 +170,11 @@ class TorchModel:
             out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
         return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
 
-    def _attention(self, w: dict, x):
+    def _attention(self, w: dict, x, layer: int):
         torch, hp = self.torch, self.hp
         b, seq, _ = x.shape
+        swa = bool(hp.swa_layers and hp.swa_layers[layer] and hp.n_swa)
+        base = hp.rope_base_swa if swa and hp.rope_base_swa else hp.rope_base
         h = self._rms(x, w["attn_norm"])
         q, k, v = h @ w["attn_q"].T, h @ w["attn_k"].T, h @ w["attn_v"].T
         if w["attn_q_bias"] is not None:
@@ -149,24 +184,64 @@ class TorchModel:
         v = v.view(b, seq, hp.n_head_kv, hp.head_dim)
         if w["attn_q_norm"] is not None:
             q, k = self._rms(q, w["attn_q_norm"]), self._rms(k, w["attn_k_norm"])
-        q, k = self._rope(q, seq), self._rope(k, seq)
+        q, k = self._rope(q, seq, base), self._rope(k, seq, base)
         group = hp.n_head // hp.n_head_kv
         k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                             is_causal=True)
-        return o.transpose(1, 2).reshape(b, seq, hp.n_head * hp.head_dim) @ w["attn_output"].T
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if swa or hp.attn_softcap:
+            o = self._masked_attention(q, k, v, hp.n_swa if swa else 0)
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self._attn_scale())
+        o = o.transpose(1, 2).reshape(b, seq, hp.n_head * hp.head_dim) @ w["attn_output"].T
+        if w["post_attention_norm"] is not None:
+            o = self._rms(o, w["post_attention_norm"])
+        return o
+
+    def _attn_scale(self) -> float:
+        return self.hp.attn_scale or 1.0 / float(np.sqrt(self.hp.head_dim))
+
+    def _masked_attention(self, q, k, v, window: int):
+        """Causal attention with Gemma 2's score soft-cap and a sliding window (llama.cpp's
+        LLAMA_SWA_TYPE_STANDARD: a query at p sees keys at p − window < p' ≤ p)."""
+        torch, hp = self.torch, self.hp
+        seq = q.shape[2]
+        scores = (q @ k.transpose(-1, -2)) * self._attn_scale()
+        if hp.attn_softcap:
+            scores = hp.attn_softcap * torch.tanh(scores / hp.attn_softcap)
+        pos = torch.arange(seq, device=q.device)
+        allowed = pos[None, :] <= pos[:, None]
+        if window:
+            allowed = allowed & (pos[:, None] - pos[None, :] < window)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
 
     def _ffn_parts(self, w: dict, residual):
         h = self._rms(residual, w["ffn_norm"])
-        return self.torch.nn.functional.silu(h @ w["ffn_gate"].T), h @ w["ffn_up"].T
+        gate = h @ w["ffn_gate"].T
+        if self.hp.family.act == "gelu_tanh":
+            act = self.torch.nn.functional.gelu(gate, approximate="tanh")
+        else:
+            act = self.torch.nn.functional.silu(gate)
+        return act, h @ w["ffn_up"].T
 
     def _block_from_act(self, w: dict, residual, act, up):
-        return residual + (act * up) @ w["ffn_down"].T
+        out = (act * up) @ w["ffn_down"].T
+        if w["post_ffw_norm"] is not None:
+            out = self._rms(out, w["post_ffw_norm"])
+        return residual + out
 
     def _head(self, x):
         """log-softmax at the last position, (batch, vocab)."""
         z = self._rms(x[:, -1, :], self.out_norm) @ self.out.T
+        if self.hp.final_softcap:
+            z = self.hp.final_softcap * self.torch.tanh(z / self.hp.final_softcap)
         return self.torch.log_softmax(z, dim=-1)
+
+    def _embed(self, tokens):
+        x = self.embed[self.torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.device)][None]
+        if self.hp.family.embed_scale:
+            x = x * float(np.float32(np.sqrt(np.float32(self.hp.n_embd))))  # llama.cpp's sqrtf(n_embd)
+        return x
 
     # what IG uses ---------------------------------------------------------------------------
     def run(self, tokens: Sequence[int], keep: Sequence[int] = ()) -> tuple["object", dict[int, LayerState]]:
@@ -175,9 +250,9 @@ class TorchModel:
         keep = set(keep)
         states: dict[int, LayerState] = {}
         with torch.no_grad():
-            x = self.embed[torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.device)][None]
+            x = self._embed(tokens)
             for i, w in enumerate(self.layers):
-                residual = x + self._attention(w, x)
+                residual = x + self._attention(w, x, i)
                 act, up = self._ffn_parts(w, residual)
                 if i in keep:
                     states[i] = LayerState(residual[0], act[0], up[0])
@@ -188,8 +263,9 @@ class TorchModel:
         """log p(target) at the last position for a batch of replacement acts (batch, seq, n_ff) of
         `layer`, everything before that FFN (residual, up) held at the prompt's values."""
         x = self._block_from_act(self.layers[layer], state.residual[None], acts, state.up[None])
-        for w in self.layers[layer + 1:]:
-            residual = x + self._attention(w, x)
+        for i in range(layer + 1, self.hp.n_layer):
+            w = self.layers[i]
+            residual = x + self._attention(w, x, i)
             act, up = self._ffn_parts(w, residual)
             x = self._block_from_act(w, residual, act, up)
         return self._head(x)[:, target]
@@ -215,7 +291,28 @@ def _hyper(tensors) -> Hyper:
         if scaling != "linear":
             raise UnsupportedArchitecture(f"{tensors.path}: rope scaling {scaling!r} is not supported by --attribution ig")
         scale = 1.0 / float(meta("rope.scaling.factor"))
-    return Hyper(arch=arch, n_layer=int(meta("block_count")), n_embd=n_embd, n_ff=int(meta("feed_forward_length")),
+    n_layer = int(meta("block_count"))
+    family = FAMILIES[arch]
+    n_swa = int(meta("attention.sliding_window", 0)) if family.swa_pattern else 0
+    swa_layers: tuple[bool, ...] = ()
+    if n_swa:
+        # llama.cpp's load_swa_pattern: a per-layer bool array, or a period n (layer i global when i % n == n − 1)
+        pattern = s.value(f"{arch}.attention.sliding_window_pattern")
+        pattern = pattern.tolist() if hasattr(pattern, "tolist") else pattern
+        if isinstance(pattern, list):
+            swa_layers = tuple(bool(v) for v in pattern)
+        else:
+            n = int(pattern or family.swa_pattern)
+            swa_layers = tuple(i % n < n - 1 for i in range(n_layer))
+    rope_base = float(meta("rope.freq_base", 10000.0))
+    # llama.cpp scales the 27B Gemmas' queries by 1/sqrt(n_embd/n_head), not 1/sqrt(head_dim) (src/models/gemma2.cpp)
+    big = (arch, n_layer) in (("gemma2", 46), ("gemma3", 62))
+    attn_scale = 1.0 / float(np.sqrt(n_embd // n_head)) if big else 0.0
+    return Hyper(arch=arch, n_layer=n_layer, n_embd=n_embd, n_ff=int(meta("feed_forward_length")),
                  n_head=n_head, n_head_kv=int(meta("attention.head_count_kv", n_head)), head_dim=head_dim,
-                 eps=float(meta("attention.layer_norm_rms_epsilon")), rope_base=float(meta("rope.freq_base", 10000.0)),
-                 rope_dim=int(meta("rope.dimension_count", head_dim)), rope_scale=scale)
+                 eps=float(meta("attention.layer_norm_rms_epsilon")), rope_base=rope_base,
+                 rope_dim=int(meta("rope.dimension_count", head_dim)), rope_scale=scale, family=family,
+                 rope_base_swa=float(meta("rope.freq_base_swa", rope_base)), n_swa=n_swa, swa_layers=swa_layers,
+                 attn_softcap=float(meta("attn_logit_softcapping", 50.0 if arch == "gemma2" else 0.0)),
+                 final_softcap=float(meta("final_logit_softcapping", 30.0 if arch == "gemma2" else 0.0)),
+                 attn_scale=attn_scale)

@@ -35,6 +35,9 @@ class FFNNames:
     act_fn: str | None  # applied to act_source here: "silu", "gelu_tanh", or None (already activated)
     down_in: str  # the input of ffn_down
     up: str | None  # the up projection (gated models): down_in = act · up
+    residual: str = "ffn_inp"  # the residual the FFN's output is added to (Gemma: after the attention post-norm);
+    # "" where the graph names none (phi3): it is l_out − ffn_out
+    fused_gate_up: bool = False  # phi3: one ffn_up tensor holds [gate | up]; act_fn reads the gate half
 
 
 # Gated architectures whose build_ffn call is (up, gate, down, LLM_FFN_SILU|GELU, LLM_FFN_PAR); checked
@@ -42,7 +45,11 @@ class FFNNames:
 _GATED = {"llama": "silu", "qwen2": "silu", "qwen3": "silu", "gemma": "gelu_tanh", "gemma2": "gelu_tanh",
           "gemma3": "gelu_tanh"}
 _UNGATED_GELU = {"phi2"}
-SUPPORTED_ARCHITECTURES = tuple(sorted(set(_GATED) | _UNGATED_GELU))
+# Graphs that name the FFN's residual input other than `ffn_inp` (src/models/gemma*.cpp: `sa_out`).
+_RESIDUAL = {"gemma": "sa_out", "gemma2": "sa_out", "gemma3": "sa_out"}
+# Gate and up in one matmul, [gate | up] (src/models/phi3.cpp: build_ffn(ffn_up, …, LLM_FFN_SWIGLU, LLM_FFN_SEQ)).
+_FUSED_GATE_UP = {"phi3": "silu_gate_half"}
+SUPPORTED_ARCHITECTURES = tuple(sorted(set(_GATED) | _UNGATED_GELU | set(_FUSED_GATE_UP)))
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,9 @@ def ffn_names(arch: str, tensor_names: Iterable[str] = ()) -> FFNNames:
         gate = "ffn_gate_b" if "blk.0.ffn_gate.bias" in names else "ffn_gate"
         up = "ffn_up_b" if "blk.0.ffn_up.bias" in names else "ffn_up"
         product = "ffn_swiglu" if _GATED[arch] == "silu" else "ffn_geglu"
-        return FFNNames(arch, gate, _GATED[arch], product, up)
+        return FFNNames(arch, gate, _GATED[arch], product, up, _RESIDUAL.get(arch, "ffn_inp"))
+    if arch in _FUSED_GATE_UP:
+        return FFNNames(arch, "ffn_up", _FUSED_GATE_UP[arch], "ffn_swiglu", "ffn_up", "", fused_gate_up=True)
     if arch in _UNGATED_GELU:
         return FFNNames(arch, "ffn_gelu", None, "ffn_gelu", None)
     raise UnsupportedArchitecture(
@@ -125,7 +134,18 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
 
 
+def gate_half(fused: np.ndarray) -> np.ndarray:
+    """The gate columns of a fused [gate | up] row block."""
+    return fused[..., : fused.shape[-1] // 2]
+
+
+def up_half(fused: np.ndarray) -> np.ndarray:
+    """The up columns of a fused [gate | up] row block."""
+    return fused[..., fused.shape[-1] // 2:]
+
+
 ACT_FUNCTIONS: dict[str | None, Callable[[np.ndarray], np.ndarray]] = {
     "silu": silu, "gelu_tanh": gelu_tanh, None: lambda x: np.asarray(x, dtype=np.float64),
+    "silu_gate_half": lambda x: silu(gate_half(x)),
 }
 

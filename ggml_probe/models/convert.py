@@ -1,10 +1,13 @@
 """Hugging Face checkpoint folder → GGUF file that llama.cpp loads.
 
-Supports the llama family (Llama 2/3, SmolLM, TinyLlama, Mistral) and Qwen2. Everything
-architecture-specific that gguf-py already knows (tensor names, metadata keys, token types,
-special-token discovery) comes from gguf-py; this module adds only what a checkpoint folder
-does not say directly:
+Supports the llama family (Llama 2/3, SmolLM, TinyLlama, Mistral), Qwen2, Gemma, Gemma 2,
+Gemma 3 (text), Phi-2 and Phi-3. Everything architecture-specific that gguf-py already knows (tensor
+names, metadata keys, token types, special-token discovery) comes from gguf-py; this module adds
+only what a checkpoint folder does not say directly:
 
+- Gemma's RMSNorm multiplies by (1 + w): the norm weights are stored as 1 + w, as llama.cpp's
+  own converter does; Gemma 2/3's soft-caps, sliding windows (which layers) and local rope base
+  are written as llama.cpp reads them.
 - llama.cpp's LLAMA architecture rotates adjacent pairs of q/k dimensions, while Hugging Face
   llama checkpoints rotate the two halves of each head ("rotate_half"), so q/k rows are
   reordered per head. Qwen2 runs with NEOX rope in llama.cpp, which is rotate-half: no reorder.
@@ -39,7 +42,18 @@ _ARCH_BY_HF_NAME = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3",  # fused qkv_proj and gate_up_proj, as llama.cpp's phi3 graph reads them
+    "PhiForCausalLM": "phi2",  # LayerNorm with biases, parallel attention and FFN, ungated GELU
 }
+# Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by w, so the converter stores 1 + w (as llama.cpp's own does).
+_NORM_PLUS_ONE = {"gemma", "gemma2", "gemma3"}
+# The FFN activation each llama.cpp graph applies (HF config key hidden_act, or Gemma's hidden_activation).
+_ACTIVATION = {"llama": ("silu",), "qwen2": ("silu",),
+               "gemma": ("gelu_pytorch_tanh", "gelu"), "gemma2": ("gelu_pytorch_tanh",),
+               "gemma3": ("gelu_pytorch_tanh",), "phi3": ("silu",), "phi2": ("gelu_new",)}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCH_BY_HF_NAME)
 
 OUTTYPES = ("f32", "f16", "bf16")
@@ -142,6 +156,14 @@ class _HParams:
     rope_type: str
     rope: dict[str, Any]
     tied_embeddings: bool
+    # Gemma 2/3 only (None/empty elsewhere)
+    rope_theta_swa: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None
+    rope_dim: int = 0  # rotated dimensions per head (Phi-3's partial rotary); 0: head_dim
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -178,12 +200,19 @@ def _read_hparams(config: dict[str, Any], hf_dir: Path) -> _HParams:
         head_dim = n_embd // n_head  # Qwen2 has no head_dim setting; a stray key must not win
     if n_head % n_head_kv:
         raise ProbeError(f"num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_head_kv}")
-    act = config.get("hidden_act", "silu")
-    if act != "silu":
-        raise ProbeError(f"hidden_act {act!r} is not supported (llama.cpp's {hf_arch} graph uses silu)")
+    arch = _ARCH_BY_HF_NAME[hf_arch]
+    act = config.get("hidden_activation") or config.get("hidden_act") or "silu"
+    if act not in _ACTIVATION[arch]:
+        raise ProbeError(f"hidden activation {act!r} is not supported (llama.cpp's {hf_arch} graph uses "
+                         f"{_ACTIVATION[arch][0]})")
 
     # transformers >= 5 writes rope_parameters (with rope_theta inside); older ones rope_scaling.
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope_swa = None
+    if "full_attention" in rope:  # Gemma 3: one rope setting per layer type
+        rope_swa = rope.get("sliding_attention") or {}
+        rope = dict(rope["full_attention"])
+        rope_swa = float(rope_swa.get("rope_theta", config.get("rope_local_base_freq", 10000.0)))
     rope_type = str(rope.get("rope_type") or rope.get("type") or "default")
     if rope_type not in ("default", "linear", "llama3"):
         raise ProbeError(f"rope scaling {rope_type!r} is not supported (supported: linear, llama3)")
@@ -201,11 +230,18 @@ def _read_hparams(config: dict[str, Any], hf_dir: Path) -> _HParams:
         n_head_kv=n_head_kv,
         head_dim=head_dim,
         n_ctx=int(config.get("max_position_embeddings") or 4096),
-        rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rms_eps=float(config.get("rms_norm_eps", config.get("layer_norm_eps", 1e-6))),
         rope_theta=rope_theta,
         rope_type=rope_type,
         rope=rope,
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        tied_embeddings=bool(config.get("tie_word_embeddings", arch in _NORM_PLUS_ONE)),
+        rope_theta_swa=rope_swa,
+        sliding_window=int(config["sliding_window"]) if config.get("sliding_window") else None,
+        layer_types=tuple(config.get("layer_types") or ()),
+        attn_softcap=config.get("attn_logit_softcapping"),
+        final_softcap=config.get("final_logit_softcapping"),
+        query_pre_attn_scalar=config.get("query_pre_attn_scalar"),
+        rope_dim=int(head_dim * float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor") or 1.0))),
     )
 
 
@@ -228,15 +264,39 @@ def _add_metadata(writer: gguf.GGUFWriter, hp: _HParams, model_name: str, outtyp
     writer.add_feed_forward_length(hp.n_ff)
     writer.add_head_count(hp.n_head)
     writer.add_head_count_kv(hp.n_head_kv)
-    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    if hp.arch == "phi2":  # LayerNorm, not RMSNorm
+        writer.add_layer_norm_eps(hp.rms_eps)
+    else:
+        writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_rope_freq_base(hp.rope_theta)
-    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_rope_dimension_count(hp.rope_dim or hp.head_dim)
     if hp.head_dim != hp.n_embd // hp.n_head:
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
     if hp.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(hp.rope["factor"]))
+    if hp.arch in ("gemma2", "gemma3"):
+        _add_gemma_metadata(writer, hp)
+
+
+def _add_gemma_metadata(writer: gguf.GGUFWriter, hp: _HParams) -> None:
+    """Sliding windows (which layers, how wide), soft-capping and the local rope base."""
+    if hp.query_pre_attn_scalar is not None and float(hp.query_pre_attn_scalar) != float(hp.head_dim):
+        # llama.cpp scales queries by 1/sqrt(head_dim) (the 27B's n_embd/n_head aside)
+        raise ProbeError(f"query_pre_attn_scalar {hp.query_pre_attn_scalar} ≠ head_dim {hp.head_dim} is not "
+                         "supported (llama.cpp scales queries by 1/sqrt(head_dim))")
+    if hp.sliding_window:
+        writer.add_sliding_window(hp.sliding_window)
+        if hp.layer_types:
+            writer.add_array(f"{hp.arch}.attention.sliding_window_pattern",
+                             [t == "sliding_attention" for t in hp.layer_types])
+    if hp.attn_softcap:
+        writer.add_attn_logit_softcapping(float(hp.attn_softcap))
+    if hp.final_softcap:
+        writer.add_final_logit_softcapping(float(hp.final_softcap))
+    if hp.rope_theta_swa is not None:
+        writer.add_float32(f"{hp.arch}.rope.freq_base_swa", hp.rope_theta_swa)
 
 
 # --------------------------------------------------------------------------- tensors
@@ -336,6 +396,7 @@ class _PlannedTensor:
     nbytes: int
     interleave_heads: int  # >0: reorder rotary halves into pairs for this many heads
     generated: np.ndarray | None = None
+    norm_plus_one: bool = False  # Gemma's (1 + w) RMSNorm weight
 
 
 def _plan_tensors(checkpoint: _SafetensorsCheckpoint, hp: _HParams, outtype: str) -> list[_PlannedTensor]:
@@ -374,11 +435,14 @@ def _plan_tensors(checkpoint: _SafetensorsCheckpoint, hp: _HParams, outtype: str
                 f"{hf_name} has {stored.shape[0]} rows, expected {interleave} heads × head_dim {hp.head_dim}"
             )
         qtype = weight_qtype if len(stored.shape) >= 2 else gguf.GGMLQuantizationType.F32
-        plan.append(_PlannedTensor(gguf_name, hf_name, stored.shape, qtype, _nbytes(stored.shape, qtype), interleave))
+        plus_one = hp.arch in _NORM_PLUS_ONE and gguf_name.endswith("norm.weight")
+        plan.append(_PlannedTensor(gguf_name, hf_name, stored.shape, qtype, _nbytes(stored.shape, qtype), interleave,
+                                   norm_plus_one=plus_one))
 
     if "token_embd.weight" not in seen:
         raise ProbeError("the checkpoint has no token embedding (model.embed_tokens.weight)")
-    missing = [f"blk.{i}.attn_q.weight" for i in range(hp.n_layers) if f"blk.{i}.attn_q.weight" not in seen]
+    attn_in = "attn_qkv" if hp.arch == "phi3" else "attn_q"  # phi3's fused q/k/v projection
+    missing = [f"blk.{i}.{attn_in}.weight" for i in range(hp.n_layers) if f"blk.{i}.{attn_in}.weight" not in seen]
     if missing:
         raise ProbeError(f"the checkpoint lacks {missing[0]}'s source tensor (incomplete shards?)")
 
@@ -430,6 +494,8 @@ def _materialise(t: _PlannedTensor, checkpoint: _SafetensorsCheckpoint, outtype:
     data = checkpoint.load_f32(t.hf_name)
     if t.interleave_heads:
         data = _rotary_halves_to_pairs(data, t.interleave_heads)
+    if t.norm_plus_one:
+        data = data + np.float32(1.0)
     if t.qtype == gguf.GGMLQuantizationType.F32:
         return np.ascontiguousarray(data, dtype=np.float32)
     if t.qtype == gguf.GGMLQuantizationType.F16:

@@ -73,7 +73,7 @@ def _paper(args) -> dict:
     """The paper's capture at batch 16: transformers fp32, hooks on act_fn of layers 0, 14, 29."""
     import torch
 
-    model, tokenizer = common.load_transformers(Path(args.model), args.threads)
+    model, tokenizer = _paper_model(Path(args.model), args.threads)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -95,6 +95,28 @@ def _paper(args) -> dict:
     assert len(kept) == len(batches) * len(common.PAPER_LAYERS)
     return {"prompts": len(prompts), "tokens": n_tokens, "pass_seconds": seconds,
             "tokens_per_s": n_tokens / seconds, "ms_per_prompt": 1000 * seconds / len(prompts)}
+
+
+def _paper_model(gguf: Path, threads: int):
+    """transformers' fp32 model of the GGUF: dequantized once (slow), its weights saved and reloaded from
+    there (transformers will not save_pretrained a model it loaded from a GGUF)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    saved = gguf.parent / (gguf.stem + "-hf-fp32")
+    if not (saved / "weights.pt").exists():
+        model, tokenizer = common.load_transformers(gguf, threads)
+        saved.mkdir(exist_ok=True)
+        tokenizer.save_pretrained(saved)
+        model.config.to_json_file(saved / "config.json")
+        torch.save(model.state_dict(), saved / "weights.pt.tmp")
+        (saved / "weights.pt.tmp").rename(saved / "weights.pt")
+        return model, tokenizer
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(saved), dtype=torch.float32)
+    model.load_state_dict(torch.load(saved / "weights.pt"))
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(saved)
 
 
 def _llama_bench(model: Path, n_prompt: int, threads: int, reps: int) -> dict:

@@ -55,9 +55,26 @@ class LastLayerHead:
     def gradient(self, acts: np.ndarray, up: np.ndarray, residual: np.ndarray, target: int) -> np.ndarray:
         """∂f/∂a for each row of acts (m, n_ff) → (m, n_ff)."""
         h = self.hidden(acts, up, residual)
-        n = h.shape[1]
         s = 1.0 / np.sqrt((h * h).mean(axis=1) + self.eps)  # (m,)
         z = (h * s[:, None] * self.norm_weight[None, :]) @ self.w_out.T
+        return self._backward(h, s, z, up, target)
+
+    def gradient_on_line(self, start: np.ndarray, step: np.ndarray, alphas: np.ndarray, up: np.ndarray,
+                         residual: np.ndarray, target: int) -> np.ndarray:
+        """gradient(start + α·step) for each α → (len(alphas), n_ff). Along a line h is linear in α, and so
+        are the logits before the norm's per-row scale: two vector products with W_out instead of one per α."""
+        h_start = self.hidden(start, up, residual)[0]
+        h_step = (np.asarray(step) * up) @ self.w_down.T
+        h = h_start[None, :] + alphas[:, None] * h_step[None, :]
+        s = 1.0 / np.sqrt((h * h).mean(axis=1) + self.eps)
+        z_start = (h_start * self.norm_weight) @ self.w_out.T
+        z_step = (h_step * self.norm_weight) @ self.w_out.T
+        z = s[:, None] * (z_start[None, :] + alphas[:, None] * z_step[None, :])
+        return self._backward(h, s, z, up, target)
+
+    def _backward(self, h: np.ndarray, s: np.ndarray, z: np.ndarray, up: np.ndarray, target: int) -> np.ndarray:
+        """∂f/∂a from the forward's h (m, n_embd), its norm scale s (m,) and logits z (m, n_vocab)."""
+        n = h.shape[1]
         dz = -softmax(z, axis=1)
         dz[:, target] += 1.0
         dy = dz @ self.w_out  # (m, n_embd)
@@ -90,8 +107,7 @@ def integrated_gradients(head: LastLayerHead, act: np.ndarray, baseline: np.ndar
     act, baseline = np.asarray(act, np.float64), np.asarray(baseline, np.float64)
     up, residual = np.asarray(up, np.float64), np.asarray(residual, np.float64)
     alphas, weights = gauss_legendre_01(n_points)
-    path = baseline[None, :] + alphas[:, None] * (act - baseline)[None, :]
-    grads = head.gradient(path, up, residual, target)
+    grads = head.gradient_on_line(baseline, act - baseline, alphas, up, residual, target)
     attr = (act - baseline) * (weights @ grads)
     ends = head.logprob(np.stack([act, baseline]), up, residual, target)
     return IGResult(attr, float(ends[0]), float(ends[1]), float(attr.sum() - (ends[0] - ends[1])))

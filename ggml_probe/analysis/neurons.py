@@ -52,10 +52,11 @@ class NeuronStats:
         batch = NeuronStats(self.n_ff)
         batch.count = n
         batch.mean = x.mean(axis=0)
-        batch.m2 = ((x - batch.mean) ** 2).sum(axis=0)
+        centred = x - batch.mean
+        batch.m2 = np.einsum("ij,ij->j", centred, centred)
         batch.min = x.min(axis=0)
         batch.max = x.max(axis=0)
-        batch.maxabs = np.abs(x).max(axis=0)
+        batch.maxabs = np.maximum(batch.max, -batch.min)  # max |x| without another pass
         batch.n_pos = (x > 0).sum(axis=0).astype(np.int64)
         batch.sumsq = np.einsum("ij,ij->j", x, x)
         self.merge(batch)

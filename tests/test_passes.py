@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ggml_probe.analysis.neurons import _best_rows
-from ggml_probe.engine.model import common_prefix_length
+from ggml_probe.engine.model import MIN_SHARED_ROWS, common_prefix_length
 
 # logits of a packed or prefix-shared batch against one prompt per decode: llama.cpp's CPU kernels
 # depend on the batch layout (test_engine's BATCH_NOISE_*; measured here on the demo F16 at 20 BoolQ
@@ -104,7 +104,11 @@ def test_a_shared_prefix_counts_every_prompts_tokens_as_the_unshared_pass(tiny):
     for g in groups:
         n = min(len(os.path.commonprefix([list(tokens[i]) for i in g])), min(len(tokens[i]) for i in g) - 1)
         assert n >= 8  # the instruction is most of it
-        expect_calls += [(g, [n], {"shared": True}), (g, [len(tokens[i]) - n for i in g], {"start": n})]
+        if n * (len(g) - 1) >= MIN_SHARED_ROWS:
+            expect_calls += [(g, [n], {"shared": True}), (g, [len(tokens[i]) - n for i in g], {"start": n})]
+        else:  # too little to save for a decode of its own
+            expect_calls.append((g, [len(tokens[i]) for i in g], {}))
+    assert expect_calls[0][2] == {"shared": True}  # the first group at least was shared
     assert shared["calls"] == expect_calls
     assert [c[0] for c in whole["calls"]] == groups
     # the consumer saw the same rows, prompt by prompt and position by position, as without sharing
@@ -157,7 +161,9 @@ def test_shared_prefix_logits_agree_with_one_prompt_per_decode_on_the_demo(demo_
 
 
 @pytest.mark.slow
-def test_eval_is_batched_by_default_and_agrees_with_batch_1(demo_path, boolq_path, tmp_path):
+def test_eval_is_batched_by_default_and_agrees_with_batch_1(demo_ladder, boolq_path, tmp_path):
+    """On the F16 file: the shipped Q4_1's logits move more with the layout (README, engine notes; here
+    up to 0.025 in a label probability over these 40 prompts)."""
     import pandas as pd
     from click.testing import CliRunner
 
@@ -165,7 +171,7 @@ def test_eval_is_batched_by_default_and_agrees_with_batch_1(demo_path, boolq_pat
     from ggml_probe.pipeline.tokens import decoded_tokens
 
     runner = CliRunner()
-    base = ["eval", str(demo_path), "--task", "boolq", "--data", str(boolq_path), "--limit", "40", "-q"]
+    base = ["eval", str(demo_ladder["F16"]), "--task", "boolq", "--data", str(boolq_path), "--limit", "40", "-q"]
     default = runner.invoke(cli, [*base, "-o", str(tmp_path / "default")])
     single = runner.invoke(cli, [*base, "--batch", "1", "-o", str(tmp_path / "single")])
     assert default.exit_code == 0 and single.exit_code == 0, default.output + single.output

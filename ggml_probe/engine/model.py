@@ -564,7 +564,7 @@ class Engine(_VocabMethods):
         for group in self._pack([len(t) for t, _ in fitted]):
             toks = [fitted[i][0] for i in group]
             n_shared = common_prefix_length(toks) if share_prefix and len(toks) > 1 else 0
-            if n_shared:
+            if n_shared * (len(toks) - 1) >= MIN_SHARED_ROWS:
                 outs = self._decode_shared(toks, n_shared, all_outputs, group, on_batch)
             else:
                 if on_batch is not None:
@@ -666,6 +666,12 @@ class Engine(_VocabMethods):
                 hidden = self._hidden_rows[r if all_outputs else seq].copy()
             out.append((logits, hidden))
         return out
+
+
+# The prefix's own decode costs about one pass over the weights, so sharing is worth it only when it
+# saves enough token rows; 32 is a guess (a pass over the weights costs a few dozen tokens' compute on
+# CPU), not tuned.
+MIN_SHARED_ROWS = 32
 
 
 def common_prefix_length(token_arrays: Sequence[np.ndarray]) -> int:

@@ -129,6 +129,7 @@ class Probe:
     """
 
     needs_all_outputs = False  # True: the last layer must hold every token's row (batch.logits[i] = 1)
+    shares_prefix = False  # True: handles Engine.run's share_prefix decodes (BatchLayout.shared_by / prefix)
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
@@ -147,8 +148,6 @@ class Probe:
 
     def handle(self, t: int, name: str) -> None:
         raise NotImplementedError
-
-    shares_prefix = False  # True: handles Engine.run's share_prefix decodes (BatchLayout.shared_by / prefix)
 
     def on_batch(self, indices: list[int], token_arrays: list[np.ndarray], start: int = 0,
                  shared: bool = False) -> None:

@@ -187,3 +187,14 @@ def test_eval_is_batched_by_default_and_agrees_with_batch_1(demo_ladder, boolq_p
     assert np.abs(d["p_True"] - s["p_True"]).max() < LAYOUT_NOISE_LABEL_P
     clear = (s["p_True"] - s["p_False"]).abs() > 2 * LAYOUT_NOISE_LABEL_P
     assert clear.sum() >= 30 and (d["pred"][clear] == s["pred"][clear]).all()
+
+
+def test_sequences_are_capped_at_a_batch_s_rows(demo_path):
+    """--batch 32 with a tiny --ctx: llama.cpp asserts (aborts the process) when a context allows more
+    sequences than a batch has rows; the engine caps them instead."""
+    from ggml_probe.engine.model import Engine
+
+    with Engine(demo_path, n_ctx=16, n_seq_max=32, n_threads=1, hidden_states=False) as engine:
+        assert engine.n_seq_max == 16 and engine.n_batch == 16
+        (res,) = engine.run([engine.tokenize("Is the sky blue?")])
+        assert np.isfinite(res.logits).all()

@@ -217,6 +217,8 @@ class Engine(_VocabMethods):
         # One graph per batch by default: the callback sees whole prompts. Runs without probes (kld) may
         # split it like llama.cpp's tools do (n_ubatch 512), which is faster for long batches.
         cparams.n_ubatch = n_ubatch or n_batch or n_ctx
+        # no more sequences than one batch has rows (llama.cpp asserts on it: a tiny --ctx with --batch 32)
+        self.n_seq_max = min(self.n_seq_max, int(cparams.n_ubatch))
         cparams.n_seq_max = self.n_seq_max
         # Unified: sequences share the cache, so a batch may be any mix of lengths. Not unified: each of
         # the n_seq_max sequences gets n_ctx / n_seq_max cells and attends over its own only (llama-perplexity).

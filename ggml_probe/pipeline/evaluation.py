@@ -84,7 +84,9 @@ class EvalConfig:
     n_ctx: int = 2048
     threads: int | None = None
     gpu_layers: str | int = "auto"
-    batch_prompts: int = 32  # sequences per llama_decode, one checkpoint chunk (1: one prompt per decode)
+    # sequences per llama_decode (1: results independent of batch layout); the CLI's --batch default is 32,
+    # one checkpoint chunk (benchmarks/passes.md)
+    batch_prompts: int = 1
     # a batch's common prefix (the task's instruction) decoded once, its KV cells shared (batch_prompts > 1)
     share_prefix: bool = True
     flash_attn: bool = False  # llama.cpp's flash attention (moves the logits on CPU; see engine.model)

@@ -231,9 +231,10 @@ _engine_options = _option_group(
                  help="CPU threads (default: the cores this process may use, at most one per physical core)."),
     click.option("--gpu-layers", default="auto", show_default=True,
                  help="Layers to offload to CUDA/Metal: 'auto' (all, where a GPU backend exists), -1 (all) or N."),
-    click.option("--batch", "batch_prompts", type=int, default=1, show_default=True,
-                 help="Prompts decoded together in one llama_decode (each in its own sequence). Faster on "
-                      "unquantized models, but llama.cpp's CPU kernels make logits depend slightly on the "
+    click.option("--batch", "batch_prompts", type=int, default=32, show_default=True,
+                 help="Prompts decoded together in one llama_decode (each in its own sequence; their common "
+                      "prefix, e.g. the task's instruction, decoded once and its KV cache shared). Faster "
+                      "(benchmarks/passes.md), but llama.cpp's CPU kernels make logits depend slightly on the "
                       "batch layout; 1 gives each prompt the same result as decoding it alone."),
 )
 

@@ -52,10 +52,11 @@ class NeuronStats:
         batch = NeuronStats(self.n_ff)
         batch.count = n
         batch.mean = x.mean(axis=0)
-        batch.m2 = ((x - batch.mean) ** 2).sum(axis=0)
+        centred = x - batch.mean
+        batch.m2 = np.einsum("ij,ij->j", centred, centred)
         batch.min = x.min(axis=0)
         batch.max = x.max(axis=0)
-        batch.maxabs = np.abs(x).max(axis=0)
+        batch.maxabs = np.maximum(batch.max, -batch.min)  # max |x| without another pass
         batch.n_pos = (x > 0).sum(axis=0).astype(np.int64)
         batch.sumsq = np.einsum("ij,ij->j", x, x)
         self.merge(batch)
@@ -302,7 +303,7 @@ class TopActivations:
                     and bool(np.all((np.diff(row_prompt) > 0) | ((np.diff(row_prompt) == 0) & (np.diff(row_pos) > 0)))))
         if n > self.k:  # pre-select the batch's best k per neuron (same order as the final merge)
             if in_order:
-                order = np.argsort(-score, axis=0, kind="stable")[: self.k]
+                order = _best_rows(score, self.k)
             else:
                 rp, ps = np.broadcast_to(row_prompt[:, None], (n, m)), np.broadcast_to(row_pos[:, None], (n, m))
                 order = np.lexsort((ps, rp, -score), axis=0)[: self.k]
@@ -537,6 +538,30 @@ class NeuronAccumulator:
                 return cls.from_state({k: data[k] for k in data.files})
         except (OSError, ValueError, KeyError) as exc:
             raise ProbeError(f"{path}: not a neuron-state file ({exc})") from None
+
+
+def _best_rows(score: np.ndarray, k: int) -> np.ndarray:
+    """Per column, the rows of the k largest scores, best first, ties to the earlier row: what
+    np.argsort(-score, axis=0, kind="stable")[:k] gives, without sorting every row.
+
+    A partition finds each column's k-th largest score; where exactly k rows reach it (no tie at the
+    boundary, no NaN) those k rows are sorted alone; other columns take the full stable sort.
+    """
+    n, m = score.shape
+    kth = np.partition(score, n - k, axis=0)[n - k]
+    reach = score >= kth
+    exact = reach.sum(axis=0) == k
+    order = np.empty((k, m), dtype=np.int64)
+    if exact.any():
+        cols = np.flatnonzero(exact)
+        _, rows = np.nonzero(reach[:, cols].T)  # column by column, rows ascending within each
+        rows = rows.reshape(len(cols), k).T
+        ranked = np.argsort(-np.take_along_axis(score[:, cols], rows, 0), axis=0, kind="stable")
+        order[:, cols] = np.take_along_axis(rows, ranked, 0)
+    if not exact.all():
+        cols = np.flatnonzero(~exact)
+        order[:, cols] = np.argsort(-score[:, cols], axis=0, kind="stable")[:k]
+    return order
 
 
 def _as_batch(x: np.ndarray, n_ff: int) -> np.ndarray:

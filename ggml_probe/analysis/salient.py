@@ -67,12 +67,33 @@ class LastLayerHead:
         """∂f/∂a for each row of acts (m, n_ff) → (m, n_ff)."""
         m = (np.atleast_2d(acts) * up[None, :]) @ self.w_down.T
         if self.post_norm is None:
-            h = residual[None, :] + m
+            h, s_m = residual[None, :] + m, None
         else:
             p, s_m = _rms(m, self.post_norm, self.eps)
             h = residual[None, :] + p
         y, s_h = _rms(h, self.norm_weight, self.eps)
-        z = y @ self.w_out.T
+        return self._backward(m, s_m, h, s_h, y @ self.w_out.T, up, target)
+
+    def gradient_on_line(self, start: np.ndarray, step: np.ndarray, alphas: np.ndarray, up: np.ndarray,
+                         residual: np.ndarray, target: int) -> np.ndarray:
+        """gradient(start + α·step) for each α → (len(alphas), n_ff). Along a line h is linear in α, and so
+        are the logits before the norm's per-row scale: two vector products with W_out instead of one per α.
+        A post-FFN norm (Gemma 2/3) makes h nonlinear in α: there, every point is computed in full."""
+        if self.post_norm is not None:
+            return self.gradient(start[None, :] + alphas[:, None] * step[None, :], up, residual, target)
+        h_start = self.hidden(start, up, residual)[0]
+        h_step = (np.asarray(step) * up) @ self.w_down.T
+        h = h_start[None, :] + alphas[:, None] * h_step[None, :]
+        s = 1.0 / np.sqrt((h * h).mean(axis=1) + self.eps)
+        z_start = (h_start * self.norm_weight) @ self.w_out.T
+        z_step = (h_step * self.norm_weight) @ self.w_out.T
+        z = s[:, None] * (z_start[None, :] + alphas[:, None] * z_step[None, :])
+        return self._backward(None, None, h, s, z, up, target)
+
+    def _backward(self, m: np.ndarray | None, s_m: np.ndarray | None, h: np.ndarray, s_h: np.ndarray,
+                  z: np.ndarray, up: np.ndarray, target: int) -> np.ndarray:
+        """∂f/∂a from the forward: the FFN output m and its post-norm scale s_m (post-norm heads only), the
+        hidden state h (m, n_embd), its final-norm scale s_h (m,) and the logits z before any soft-cap."""
         if self.softcap:
             t = np.tanh(z / self.softcap)
             z = self.softcap * t
@@ -120,8 +141,7 @@ def integrated_gradients(head: LastLayerHead, act: np.ndarray, baseline: np.ndar
     act, baseline = np.asarray(act, np.float64), np.asarray(baseline, np.float64)
     up, residual = np.asarray(up, np.float64), np.asarray(residual, np.float64)
     alphas, weights = gauss_legendre_01(n_points)
-    path = baseline[None, :] + alphas[:, None] * (act - baseline)[None, :]
-    grads = head.gradient(path, up, residual, target)
+    grads = head.gradient_on_line(baseline, act - baseline, alphas, up, residual, target)
     attr = (act - baseline) * (weights @ grads)
     ends = head.logprob(np.stack([act, baseline]), up, residual, target)
     return IGResult(attr, float(ends[0]), float(ends[1]), float(attr.sum() - (ends[0] - ends[1])))

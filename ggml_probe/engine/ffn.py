@@ -124,8 +124,10 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    e = np.exp(-np.abs(x))  # ≤ 1: no overflow on either side
-    return np.where(x >= 0, 1.0, e) / (1.0 + e)
+    out = np.tanh(0.5 * x)  # σ(x) = (1 + tanh(x/2)) / 2: one transcendental, no overflow on either side
+    out *= 0.5
+    out += 0.5
+    return out
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:

@@ -217,6 +217,8 @@ class Engine(_VocabMethods):
         # One graph per batch by default: the callback sees whole prompts. Runs without probes (kld) may
         # split it like llama.cpp's tools do (n_ubatch 512), which is faster for long batches.
         cparams.n_ubatch = n_ubatch or n_batch or n_ctx
+        # no more sequences than one batch has rows (llama.cpp asserts on it: a tiny --ctx with --batch 32)
+        self.n_seq_max = min(self.n_seq_max, int(cparams.n_ubatch))
         cparams.n_seq_max = self.n_seq_max
         # Unified: sequences share the cache, so a batch may be any mix of lengths. Not unified: each of
         # the n_seq_max sequences gets n_ctx / n_seq_max cells and attends over its own only (llama-perplexity).
@@ -539,7 +541,8 @@ class Engine(_VocabMethods):
         prompts: Sequence[np.ndarray],
         *,
         all_outputs: bool = False,
-        on_batch: Callable[[list[int], list[np.ndarray]], None] | None = None,
+        on_batch: Callable[..., None] | None = None,
+        share_prefix: bool = False,
     ) -> list[PromptResult]:
         """Decode each prompt (token arrays) and return its last-position logits and hidden state.
 
@@ -548,6 +551,12 @@ class Engine(_VocabMethods):
         is marked as an output (the last layer's FFN then covers all tokens, for neuron probes).
         `on_batch(indices, token_arrays)` is called before each decode, so an eval-callback probe
         knows which rows of the batch belong to which prompt.
+
+        `share_prefix`: when a group's prompts begin with the same tokens (a task's instruction), that
+        prefix is decoded once into sequence 0 and its KV cells shared with the other sequences
+        (llama_memory_seq_cp), then the rest of every prompt is decoded in one batch after it. The
+        callback then sees two decodes per group: on_batch(indices, [prefix], shared=True) — rows that
+        stand for every prompt of the group — and on_batch(indices, rests, start=len(prefix)).
         """
         fitted = [self.fit(np.asarray(p, dtype=np.int32)) for p in prompts]
         for i, (toks, _) in enumerate(fitted):
@@ -556,12 +565,35 @@ class Engine(_VocabMethods):
         results: list[PromptResult | None] = [None] * len(fitted)
         for group in self._pack([len(t) for t, _ in fitted]):
             toks = [fitted[i][0] for i in group]
-            if on_batch is not None:
-                on_batch(group, toks)
-            outs = self._decode_group(toks, all_outputs)
+            n_shared = common_prefix_length(toks) if share_prefix and len(toks) > 1 else 0
+            if n_shared * (len(toks) - 1) >= MIN_SHARED_ROWS:
+                outs = self._decode_shared(toks, n_shared, all_outputs, group, on_batch)
+            else:
+                if on_batch is not None:
+                    on_batch(group, toks)
+                outs = self._decode_group(toks, all_outputs)
             for i, (logits, hidden) in zip(group, outs):
                 results[i] = PromptResult(len(fitted[i][0]), fitted[i][1], logits, hidden)
         return results  # type: ignore[return-value]
+
+    def _decode_shared(self, token_arrays: list[np.ndarray], n_shared: int, all_outputs: bool, group: list[int],
+                       on_batch: Callable[..., None] | None):
+        """The group's common prefix once into sequence 0, its cells shared with sequences 1…, then the
+        rests in one decode; returns (logits, hidden) per prompt as _decode_group does."""
+        lib = self._lib
+        head = np.asarray(token_arrays[0][:n_shared], dtype=np.int32)
+        rests = [np.asarray(t[n_shared:], dtype=np.int32) for t in token_arrays]
+        if on_batch is not None:
+            on_batch(group, [head], shared=True)
+        # every prefix row is an output when all rows must be (the last layer's FFN covers them); else
+        # none is needed, but one keeps llama.cpp on its usual path
+        self._decode_fresh([head], lambda pos, n: all_outputs or pos == n - 1)
+        for seq in range(1, len(token_arrays)):
+            lib.llama_memory_seq_cp(self._mem, 0, seq, -1, -1)
+        if on_batch is not None:
+            on_batch(group, rests, start=n_shared)
+        self._decode_batch(rests, n_shared, lambda pos, n: all_outputs or pos == n - 1)
+        return self._group_outputs(rests, all_outputs)
 
     def _pack(self, lengths: list[int]) -> Iterable[list[int]]:
         """Groups of prompt indices, in order, whose total tokens fit one batch."""
@@ -580,23 +612,33 @@ class Engine(_VocabMethods):
     def _decode_fresh(self, token_arrays: Sequence[np.ndarray], is_output: Callable[[int, int], bool]) -> None:
         """One llama_decode of the arrays, each its own sequence from position 0, on a cleared cache;
         `is_output(pos, length)` marks the rows whose logits llama.cpp computes."""
+        self._lib.llama_memory_clear(self._mem, True)
+        self._decode_batch(token_arrays, 0, is_output)
+
+    def _decode_batch(self, token_arrays: Sequence[np.ndarray], start: int,
+                      is_output: Callable[[int, int], bool]) -> None:
+        """One llama_decode of the arrays, array s into sequence s at positions start…, after what the
+        cache holds; `is_output(pos, length)` (pos counted from 0 in the array) marks the output rows."""
         lib = self._lib
-        total = sum(len(t) for t in token_arrays)
+        lengths = [len(t) for t in token_arrays]
+        total = sum(lengths)
         batch = lib.llama_batch_init(total, 0, 1)
         try:
+            # whole columns through NumPy views of the batch's arrays: no Python loop over tokens but seq_id
+            np.ctypeslib.as_array(batch.token, shape=(total,))[:] = np.concatenate(
+                [np.asarray(t, dtype=np.int32) for t in token_arrays])
+            np.ctypeslib.as_array(batch.pos, shape=(total,))[:] = np.concatenate(
+                [np.arange(start, start + n, dtype=np.int32) for n in lengths])
+            np.ctypeslib.as_array(batch.n_seq_id, shape=(total,))[:] = 1
+            np.ctypeslib.as_array(batch.logits, shape=(total,))[:] = [
+                bool(is_output(pos, n)) for n in lengths for pos in range(n)]
             row = 0
-            for seq, toks in enumerate(token_arrays):
-                n = len(toks)
-                for pos, tok in enumerate(np.asarray(toks, dtype=np.int32).tolist()):
-                    batch.token[row] = tok
-                    batch.pos[row] = pos
-                    batch.n_seq_id[row] = 1
-                    batch.seq_id[row][0] = seq
-                    batch.logits[row] = is_output(pos, n)
-                    row += 1
+            for seq, n in enumerate(lengths):
+                for r in range(row, row + n):
+                    batch.seq_id[r][0] = seq
+                row += n
             batch.n_tokens = total
             self._hidden_rows = None
-            lib.llama_memory_clear(self._mem, True)
             clear_log()
             rc = lib.llama_decode(self._ctx, batch)
             if rc != 0:
@@ -605,8 +647,12 @@ class Engine(_VocabMethods):
             lib.llama_batch_free(batch)
 
     def _decode_group(self, token_arrays: list[np.ndarray], all_outputs: bool):
-        lib = self._lib
         self._decode_fresh(token_arrays, lambda pos, n: all_outputs or pos == n - 1)
+        return self._group_outputs(token_arrays, all_outputs)
+
+    def _group_outputs(self, token_arrays: Sequence[np.ndarray], all_outputs: bool):
+        """(logits, hidden) at each array's last row of the decode just done."""
+        lib = self._lib
         last_rows = list(np.cumsum([len(t) for t in token_arrays]) - 1)
         total = sum(len(t) for t in token_arrays)
         # result_norm holds one row per output token, in batch order.
@@ -622,6 +668,23 @@ class Engine(_VocabMethods):
                 hidden = self._hidden_rows[r if all_outputs else seq].copy()
             out.append((logits, hidden))
         return out
+
+
+# The prefix's own decode costs about one pass over the weights, so sharing is worth it only when it
+# saves enough token rows; 32 is a guess (a pass over the weights costs a few dozen tokens' compute on
+# CPU), not tuned.
+MIN_SHARED_ROWS = 32
+
+
+def common_prefix_length(token_arrays: Sequence[np.ndarray]) -> int:
+    """How many leading tokens every array shares, leaving each at least one token of its own."""
+    shortest = min(len(t) for t in token_arrays)
+    limit = shortest - 1
+    if limit <= 0:
+        return 0
+    stacked = np.stack([np.asarray(t[:limit]) for t in token_arrays])
+    differs = np.flatnonzero(np.any(stacked != stacked[0], axis=0))
+    return int(differs[0]) if len(differs) else limit
 
 
 _LOADED_TYPE_RE = re.compile(r"- type\s+(\w+):\s+(\d+) tensors")

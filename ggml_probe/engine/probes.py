@@ -29,12 +29,19 @@ from .ggml_lib import GGML_TYPE_F32, libggml, tensor_shape, tensor_type
 
 @dataclass
 class BatchLayout:
-    """Which prompt and position each row of the current batch's tensors belongs to."""
+    """Which prompt and position each row of the current batch's tensors belongs to.
+
+    After a shared prefix (Engine.run's share_prefix) a group takes two decodes: the prefix's, whose
+    rows stand for every prompt in `shared_by`, then the rests', whose rows start at position `prefix`.
+    unshare() turns the two into the rows the group would have given decoded whole.
+    """
 
     prompt_indices: list[int]  # global prompt indices (the run's indices + the probe's prompt_offset)
     lengths: list[int]
     row_prompt: np.ndarray  # int64 (n_rows,)
     row_pos: np.ndarray  # int64 (n_rows,)
+    shared_by: list[int] | None = None  # a shared prefix's decode: the prompts its rows stand for
+    prefix: int = 0  # the rests after a shared prefix of this many tokens
 
     @property
     def n_rows(self) -> int:
@@ -46,12 +53,32 @@ class BatchLayout:
         return np.cumsum(self.lengths) - 1
 
     @classmethod
-    def build(cls, indices: Sequence[int], token_arrays: Sequence[np.ndarray], offset: int = 0) -> "BatchLayout":
+    def build(cls, indices: Sequence[int], token_arrays: Sequence[np.ndarray], offset: int = 0,
+              start: int = 0) -> "BatchLayout":
         lengths = [len(t) for t in token_arrays]
         prompts = [offset + int(i) for i in indices]
         row_prompt = np.repeat(np.asarray(prompts, dtype=np.int64), lengths)
-        row_pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths]) if lengths else np.zeros(0, np.int64)
-        return cls(prompts, lengths, row_prompt, row_pos)
+        row_pos = (np.concatenate([np.arange(start, start + n, dtype=np.int64) for n in lengths]) if lengths
+                   else np.zeros(0, np.int64))
+        return cls(prompts, lengths, row_prompt, row_pos, prefix=start)
+
+    @classmethod
+    def shared(cls, indices: Sequence[int], prefix: np.ndarray, offset: int = 0) -> "BatchLayout":
+        """A shared prefix's decode: its rows are attributed to the group's first prompt until unshared."""
+        out = cls.build(list(indices)[:1], [prefix], offset)
+        out.shared_by = [offset + int(i) for i in indices]
+        return out
+
+    def unshare(self, prefix_rows: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, "BatchLayout"]:
+        """The rests' rows after `prefix_rows` (the shared prefix's decode): every prompt's prefix rows
+        then its own, in prompt order, and their layout, as one decode of the whole prompts gives them."""
+        n_prefix = len(prefix_rows)
+        starts = n_prefix + np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+        gather = np.concatenate([np.concatenate([np.arange(n_prefix), s + np.arange(n)])
+                                 for s, n in zip(starts, self.lengths)])
+        whole = [n_prefix + n for n in self.lengths]
+        layout = BatchLayout.build(self.prompt_indices, [np.empty(n) for n in whole])
+        return np.concatenate([prefix_rows, rows])[gather], layout
 
 
 class TensorReader:
@@ -102,6 +129,7 @@ class Probe:
     """
 
     needs_all_outputs = False  # True: the last layer must hold every token's row (batch.logits[i] = 1)
+    shares_prefix = False  # True: handles Engine.run's share_prefix decodes (BatchLayout.shared_by / prefix)
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
@@ -121,8 +149,12 @@ class Probe:
     def handle(self, t: int, name: str) -> None:
         raise NotImplementedError
 
-    def on_batch(self, indices: list[int], token_arrays: list[np.ndarray]) -> None:
-        self.layout = BatchLayout.build(indices, token_arrays, self.prompt_offset)
+    def on_batch(self, indices: list[int], token_arrays: list[np.ndarray], start: int = 0,
+                 shared: bool = False) -> None:
+        if shared:
+            self.layout = BatchLayout.shared(indices, token_arrays[0], self.prompt_offset)
+        else:
+            self.layout = BatchLayout.build(indices, token_arrays, self.prompt_offset, start)
 
     def require_layout(self) -> BatchLayout:
         if self.layout is None:
@@ -160,6 +192,7 @@ class FFNCapture(Probe):
     """
 
     needs_all_outputs = True
+    shares_prefix = True  # a shared prefix's rows are kept and handed over with every prompt's own
 
     def __init__(
         self,
@@ -187,6 +220,7 @@ class FFNCapture(Probe):
                 src = names.act_source if d == "act" else names.down_in
                 self.wanted.setdefault(f"{src}-{layer}", []).append((layer, d))
         self.extra = set(extra)
+        self._prefix_rows: dict[str, np.ndarray] = {}  # a shared prefix's rows, per tensor, until the rests come
 
     @property
     def tensor_names(self) -> list[str]:
@@ -204,6 +238,14 @@ class FFNCapture(Probe):
                 f"{name} holds {raw.shape[0]} rows for a batch of {layout.n_rows} tokens: "
                 "run the engine with all_outputs=True so the last layer covers every token"
             )
+        if layout.shared_by is not None:  # a shared prefix: counted with every prompt once the rests arrive
+            self._prefix_rows[name] = raw.copy()
+            return
+        if layout.prefix:
+            prefix_rows = self._prefix_rows.pop(name, None)
+            if prefix_rows is None:
+                raise ProbeError(f"{name}: the rests of a group arrived without their shared prefix")
+            raw, layout = layout.unshare(prefix_rows, raw)
         if name in self.extra and self.on_extra is not None:
             self.on_extra(name, raw, layout)
         targets = self.wanted.get(name)
@@ -344,10 +386,14 @@ class ProbeSet:
             if hasattr(p, "prompt_offset"):
                 p.prompt_offset = value
 
-    def on_batch(self, indices: list[int], token_arrays: list[np.ndarray]) -> None:
+    @property
+    def shares_prefix(self) -> bool:
+        return all(getattr(p, "shares_prefix", False) for p in self.probes)
+
+    def on_batch(self, indices: list[int], token_arrays: list[np.ndarray], **where) -> None:
         for p in self.probes:
             if getattr(p, "on_batch", None) is not None:
-                p.on_batch(indices, token_arrays)
+                p.on_batch(indices, token_arrays, **where)
 
     def eval_callback(self, t: int, ask: bool) -> bool:
         if ask:
@@ -372,12 +418,15 @@ class SwitchedProbe:
         return self.current.eval_callback(t, ask)
 
 
-def run_checked(engine, probe, tokens: Sequence[np.ndarray], all_outputs: bool | None = None):
-    """engine.run with the probe's on_batch; an error raised inside the callback is re-raised as itself."""
+def run_checked(engine, probe, tokens: Sequence[np.ndarray], all_outputs: bool | None = None,
+                share_prefix: bool = False):
+    """engine.run with the probe's on_batch; an error raised inside the callback is re-raised as itself.
+    share_prefix is used only when the probe handles it (`shares_prefix`)."""
     if all_outputs is None:
         all_outputs = bool(getattr(probe, "needs_all_outputs", False))
+    share_prefix = share_prefix and bool(getattr(probe, "shares_prefix", False))
     try:
-        results = engine.run(tokens, all_outputs=all_outputs, on_batch=probe.on_batch)
+        results = engine.run(tokens, all_outputs=all_outputs, on_batch=probe.on_batch, share_prefix=share_prefix)
     except ProbeError:
         probe.check()  # the callback's own error explains the failed decode better
         raise

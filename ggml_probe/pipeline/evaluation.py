@@ -87,7 +87,11 @@ class EvalConfig:
     n_ctx: int = 2048
     threads: int | None = None
     gpu_layers: str | int = "auto"
-    batch_prompts: int = 1  # sequences per llama_decode (1: results independent of batch layout)
+    # sequences per llama_decode (1: results independent of batch layout); the CLI's --batch default is 32,
+    # one checkpoint chunk (benchmarks/passes.md)
+    batch_prompts: int = 1
+    # a batch's common prefix (the task's instruction) decoded once, its KV cells shared (batch_prompts > 1)
+    share_prefix: bool = True
     flash_attn: bool = False  # llama.cpp's flash attention (moves the logits on CPU; see engine.model)
     chunk_size: int = 32  # examples per checkpoint
     save_logits: bool = True
@@ -115,6 +119,8 @@ class EvalConfig:
                "n_ctx": self.n_ctx}
         if self.batch_prompts != 1:
             out["batch_prompts"] = self.batch_prompts
+            if self.share_prefix:
+                out["share_prefix"] = True
         if self.flash_attn:
             out["flash_attn"] = True
         gpu = offload_layers(self.gpu_layers)  # what llama.cpp will offload here: 0 without a GPU backend
@@ -439,11 +445,12 @@ def _run_chunk(engine, spec, examples, labels: Sequence[str], config: EvalConfig
     fitted = [f for f, _ in pairs]
     answers = [a for _, a in pairs]
     prompts = [f.tokens for f in fitted]
+    share = config.share_prefix and config.batch_prompts > 1
     if probe is None:
-        results = engine.run(prompts)
+        results = engine.run(prompts, share_prefix=share)
     else:
         probe.prompt_offset = first_position  # prompt indices in the neuron state are run positions
-        results = run_checked(engine, probe, prompts, all_outputs=all_outputs)
+        results = run_checked(engine, probe, prompts, all_outputs=all_outputs, share_prefix=share)
     logits = np.stack([r.logits for r in results]).astype(np.float32)
     top = np.argmax(logits, axis=1)
     logp = scoring.log_softmax(logits)

@@ -32,6 +32,7 @@ class NeuronProbe:
     """
 
     needs_all_outputs = True
+    shares_prefix = True  # FFNCapture counts a shared prefix's rows with every prompt
 
     def __init__(
         self,

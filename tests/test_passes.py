@@ -1,0 +1,200 @@
+"""Faster passes (issue 14): a shared prompt prefix decoded once, batched eval by default, the
+top-activation pre-selection. Each against the path it replaces, computed independently."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ggml_probe.analysis.neurons import _best_rows
+from ggml_probe.engine.model import MIN_SHARED_ROWS, common_prefix_length
+
+# logits of a packed or prefix-shared batch against one prompt per decode: llama.cpp's CPU kernels
+# depend on the batch layout (test_engine's BATCH_NOISE_*; measured here on the demo F16 at 20 BoolQ
+# prompts: 0.068 in a logit with the prefix shared by 16 prompts)
+LAYOUT_NOISE_LOGIT = 0.2
+LAYOUT_NOISE_LABEL_P = 0.005
+
+
+def test_common_prefix_length_leaves_every_prompt_a_token():
+    a, b, c = np.array([1, 2, 3, 4]), np.array([1, 2, 3, 9, 9]), np.array([1, 2, 3])
+    assert common_prefix_length([a, b]) == 3
+    assert common_prefix_length([a, b, c]) == 2  # c keeps its last token to itself
+    assert common_prefix_length([a, np.array([7, 2, 3, 4])]) == 0
+    assert common_prefix_length([a, a.copy()]) == 3
+    for arrays in ([a, b], [b, a, c], [a, a]):  # against os.path.commonprefix on the lists
+        expect = min(len(os.path.commonprefix([list(t) for t in arrays])), min(map(len, arrays)) - 1)
+        assert common_prefix_length(arrays) == expect
+
+
+def test_best_rows_is_the_stable_sort_with_ties():
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        n, m, k = int(rng.integers(11, 200)), int(rng.integers(1, 40)), int(rng.integers(1, 11))
+        x = rng.standard_normal((n, m))
+        if trial % 3 == 0:
+            x = np.round(x, 1)  # many ties, some at the k-th place
+        if trial % 4 == 0:
+            x[:, 0] = 0.0  # a column of equal values
+        np.testing.assert_array_equal(_best_rows(x, k), np.argsort(-x, axis=0, kind="stable")[:k])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    import neurons_tiny
+
+    from ggml_probe.models.convert import convert_hf_to_gguf
+
+    root = tmp_path_factory.mktemp("passes-tiny")
+    neurons_tiny.build_hf(root / "hf")
+    return convert_hf_to_gguf(root / "hf", root / "tiny-f32.gguf", outtype="f32")
+
+
+INSTRUCTION = "Respond with True or False only.\n"
+QUESTIONS = ["is the sky blue", "do fish fly", "can a dog read 12345 books", "is water wet",
+             "are cats mammals", "is zero odd", "does the sun rise in the west"]
+
+
+def _tiny_pass(gguf, share: bool):
+    """Every prompt's FFN rows as the consumer got them, the on_batch calls, the statistics, the logits."""
+    from ggml_probe.engine.model import Engine
+    from ggml_probe.engine.probes import FFNCapture, ProbeSet, run_checked
+    from ggml_probe.pipeline.neuron_stats import NeuronProbe
+
+    rows: dict = {}
+    layouts: list = []
+
+    def keep(layer, definition, values, layout):
+        layouts.append((layer, definition, layout.row_prompt.tolist(), layout.row_pos.tolist()))
+        for p in layout.prompt_indices:
+            rows[(definition, layer, p)] = values[layout.row_prompt == p].copy()
+
+    capture = FFNCapture(gguf, keep, layers="all")
+    stats = NeuronProbe(gguf, "all", redundancy=True, top_k=3)
+    probes = ProbeSet([capture, stats])
+    calls: list = []
+
+    def on_batch(indices, arrays, **where):
+        calls.append((list(indices), [len(a) for a in arrays], where))
+        original(indices, arrays, **where)
+
+    probes.on_batch, original = on_batch, probes.on_batch
+    with Engine(gguf, n_ctx=512, n_threads=1, n_seq_max=4, kv_type=0, hidden_states=True,
+                eval_callback=probes.eval_callback) as engine:
+        tokens = [engine.tokenize(INSTRUCTION + q) for q in QUESTIONS]
+        results = run_checked(engine, probes, tokens, share_prefix=share)
+    return {"rows": rows, "layouts": layouts, "acc": stats.finish(), "calls": calls, "tokens": tokens,
+            "logits": np.stack([r.logits for r in results]), "hidden": np.stack([r.hidden for r in results]),
+            "n_tokens": [r.n_tokens for r in results]}
+
+
+@pytest.mark.slow
+def test_a_shared_prefix_counts_every_prompts_tokens_as_the_unshared_pass(tiny):
+    whole, shared = _tiny_pass(tiny, False), _tiny_pass(tiny, True)
+    tokens = whole["tokens"]
+    # the prefix really was shared: per group of four, the instruction's tokens once, then the rests
+    groups = [list(range(0, 4)), list(range(4, 7))]
+    expect_calls = []
+    for g in groups:
+        n = min(len(os.path.commonprefix([list(tokens[i]) for i in g])), min(len(tokens[i]) for i in g) - 1)
+        assert n >= 8  # the instruction is most of it
+        if n * (len(g) - 1) >= MIN_SHARED_ROWS:
+            expect_calls += [(g, [n], {"shared": True}), (g, [len(tokens[i]) - n for i in g], {"start": n})]
+        else:  # too little to save for a decode of its own
+            expect_calls.append((g, [len(tokens[i]) for i in g], {}))
+    assert expect_calls[0][2] == {"shared": True}  # the first group at least was shared
+    assert shared["calls"] == expect_calls
+    assert [c[0] for c in whole["calls"]] == groups
+    # the consumer saw the same rows, prompt by prompt and position by position, as without sharing
+    assert shared["layouts"] == whole["layouts"]
+    assert shared["rows"].keys() == whole["rows"].keys()
+    for key, values in whole["rows"].items():
+        assert values.shape == shared["rows"][key].shape
+        np.testing.assert_allclose(shared["rows"][key], values, rtol=1e-4, atol=1e-4)
+    a, b = whole["acc"], shared["acc"]
+    assert a.n_prompts == b.n_prompts == len(QUESTIONS)
+    for key in a.stats:
+        sa, sb = a.stats[key], b.stats[key]
+        assert sa.count == sb.count == sum(len(t) for t in tokens)
+        np.testing.assert_array_equal(sa.n_pos, sb.n_pos)
+        np.testing.assert_array_equal(sa.dead(0.1), sb.dead(0.1))
+        np.testing.assert_allclose(sb.mean, sa.mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(sb.variance, sa.variance, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(sb.maxabs, sa.maxabs, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(b.correlation(*key), a.correlation(*key), atol=1e-4)
+        np.testing.assert_allclose(b.top[key].value, a.top[key].value, rtol=1e-4, atol=1e-5)
+    assert shared["n_tokens"] == whole["n_tokens"]
+    np.testing.assert_allclose(shared["logits"], whole["logits"], atol=1e-3)
+    np.testing.assert_allclose(shared["hidden"], whole["hidden"], atol=1e-3)
+
+
+def _boolq(path, n):
+    rows = [json.loads(line) for line in path.open()][:n]
+    return [f"Respond with True or False only.\n{r['question']}\nAnswer:" for r in rows]
+
+
+@pytest.mark.slow
+def test_shared_prefix_logits_agree_with_one_prompt_per_decode_on_the_demo(demo_ladder, boolq_path):
+    from ggml_probe.analysis.scoring import label_logits, log_softmax
+    from ggml_probe.engine.model import Engine
+    from ggml_probe.pipeline.evaluation import label_tokens_for
+
+    prompts = _boolq(boolq_path, 20)
+    out = {}
+    for n_seq, share in ((1, False), (16, True)):
+        with Engine(demo_ladder["F16"], n_ctx=2048, n_seq_max=n_seq, hidden_states=False) as engine:
+            lt = label_tokens_for(engine, ["True", "False"], prompts[0])
+            tokens = [engine.tokenize(p) for p in prompts]
+            out[share] = np.stack([r.logits for r in engine.run(tokens, share_prefix=share)])
+    shared, alone = out[True], out[False]
+    assert np.abs(shared - alone).max() < LAYOUT_NOISE_LOGIT
+    p_shared, p_alone = (np.exp(log_softmax(label_logits(x, lt))) for x in (shared, alone))
+    assert np.abs(p_shared - p_alone).max() < LAYOUT_NOISE_LABEL_P
+    clear = np.abs(p_alone[:, 0] - p_alone[:, 1]) > 2 * LAYOUT_NOISE_LABEL_P
+    assert clear.sum() >= 15 and np.array_equal(p_shared.argmax(1)[clear], p_alone.argmax(1)[clear])
+
+
+@pytest.mark.slow
+def test_eval_is_batched_by_default_and_agrees_with_batch_1(demo_ladder, boolq_path, tmp_path):
+    """On the F16 file: the shipped Q4_1's logits move more with the layout (README, engine notes; here
+    up to 0.025 in a label probability over these 40 prompts)."""
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from ggml_probe.cli import cli
+    from ggml_probe.pipeline.tokens import decoded_tokens
+
+    runner = CliRunner()
+    base = ["eval", str(demo_ladder["F16"]), "--task", "boolq", "--data", str(boolq_path), "--limit", "40", "-q"]
+    default = runner.invoke(cli, [*base, "-o", str(tmp_path / "default")])
+    single = runner.invoke(cli, [*base, "--batch", "1", "-o", str(tmp_path / "single")])
+    assert default.exit_code == 0 and single.exit_code == 0, default.output + single.output
+    manifest = json.loads((tmp_path / "default" / "manifest.json").read_text())
+    assert manifest["identity"]["batch_prompts"] == 32 and manifest["identity"]["share_prefix"] is True
+    assert "batch_prompts" not in json.loads((tmp_path / "single" / "manifest.json").read_text())["identity"]
+    # the same tokens decoded, exactly; the answers within the layout noise
+    for a, b in zip(decoded_tokens(tmp_path / "default"), decoded_tokens(tmp_path / "single")):
+        np.testing.assert_array_equal(a, b)
+    d = pd.read_parquet(tmp_path / "default" / "predictions.parquet")
+    s = pd.read_parquet(tmp_path / "single" / "predictions.parquet")
+    assert (d["n_tokens"] == s["n_tokens"]).all()
+    assert np.abs(d["p_True"] - s["p_True"]).max() < LAYOUT_NOISE_LABEL_P
+    clear = (s["p_True"] - s["p_False"]).abs() > 2 * LAYOUT_NOISE_LABEL_P
+    assert clear.sum() >= 30 and (d["pred"][clear] == s["pred"][clear]).all()
+
+
+def test_sequences_are_capped_at_a_batch_s_rows(demo_path):
+    """--batch 32 with a tiny --ctx: llama.cpp asserts (aborts the process) when a context allows more
+    sequences than a batch has rows; the engine caps them instead."""
+    from ggml_probe.engine.model import Engine
+
+    with Engine(demo_path, n_ctx=16, n_seq_max=32, n_threads=1, hidden_states=False) as engine:
+        assert engine.n_seq_max == 16 and engine.n_batch == 16
+        (res,) = engine.run([engine.tokenize("Is the sky blue?")])
+        assert np.isfinite(res.logits).all()

@@ -849,6 +849,8 @@ class _StudyProgress(_RunProgress):
 @click.option("--kld-ctx", type=int, default=256, show_default=True, help="Tokens per chunk of the text KLD.")
 @click.option("--kld-chunks", type=int, default=8, show_default=True, help="At most this many chunks (0: all).")
 @click.option("--no-kld", is_flag=True, help="Skip the text KLD.")
+@click.option("--trace-tokens", type=int, default=128, show_default=True,
+              help="Tokens of the text KLD's text traced per level for 'where the error enters' (`trace`; 0: skip).")
 @click.option("--max-kld", type=float, default=0.1, show_default=True,
               help="The pick's budget: mean text KLD against the reference.")
 @click.option("--max-p99-kld", type=float, default=None, help="The pick's budget: p99 text KLD.")
@@ -865,7 +867,8 @@ class _StudyProgress(_RunProgress):
 @click.option("-q", "--quiet", is_flag=True, help="No progress display (for scripts).")
 def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, reference, no_neurons, salient_examples,
               attribution, attribution_target, ablate_top, no_weights, kld_text, kld_ctx, kld_chunks, no_kld,
-              max_kld, max_p99_kld, max_accuracy_drop, memory, allow_requantize, out, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet) -> None:
+              max_kld, max_p99_kld, max_accuracy_drop, memory, allow_requantize, out, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet,
+              trace_tokens) -> None:
     """The whole study: ladder, one pass per level and task, comparisons, weights, and a report.
 
     Resumable: rerun the same command after an interruption and finished levels are reused.
@@ -902,6 +905,8 @@ def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, 
                          memory_bytes=parse_size(memory) if memory is not None else None,
                          allow_requantize=allow_requantize,
                          n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts)
+    config.trace, config.trace_tokens = trace_tokens > 0, max(trace_tokens, 1)
+    config.trace_ctx = min(config.trace_ctx, config.trace_tokens)
     out = out or Path("studies") / ladder_stem(resolve_model(model))
     command = "ggml-probe " + " ".join(sys.argv[1:]) if sys.argv else ""
     with _StudyProgress(quiet or as_json) as bars:

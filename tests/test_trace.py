@@ -299,3 +299,57 @@ def test_demo_trace_against_itself_is_exactly_zero(demo_path):
             assert row[sub]["rel_err"] == 0.0 and row[sub]["cos"] == 1.0
         assert row["kl_upto"] == 0.0
     assert result["kl"]["full"] == 0.0
+
+
+# ------------------------------------------------------------------ study and report
+
+
+def test_study_trace_section_is_saved_and_reused(tiny_pair, tmp_path):
+    from ggml_probe.fsutil import sha256_file
+    from ggml_probe.pipeline.study import StudyConfig, _trace_section
+    from ggml_probe.pipeline.trace import TraceSettings, run_trace
+
+    files = {"F32": tiny_pair["ref"], "NOISY": tiny_pair["quant"]}
+    levels = {lvl: {"sha256": sha256_file(p)} for lvl, p in files.items()}
+    config = StudyConfig(trace_ctx=32, trace_tokens=64, threads=1)
+
+    class Steps:
+        def __init__(self):
+            self.steps = []
+
+        def step(self, label):
+            self.steps.append(label)
+
+        def run(self, label):
+            return None
+
+    first, second = Steps(), Steps()
+    section = _trace_section(files, "F32", config, tmp_path, {"t": TEXT}, levels, False, first)
+    assert list(section["levels"]) == ["NOISY"] and (tmp_path / "trace" / "NOISY.json").exists()
+    direct = run_trace(files["NOISY"], files["F32"], TEXT, TraceSettings(ctx=32, tokens=64, threads=1))
+    assert section["levels"]["NOISY"]["kl"]["full"] == pytest.approx(direct["kl"]["full"], rel=1e-12)
+    again = _trace_section(files, "F32", config, tmp_path, {"t": TEXT}, levels, False, second)
+    assert any("trace NOISY" in s for s in first.steps) and not any("trace" in s for s in second.steps)
+    assert again["levels"]["NOISY"] == section["levels"]["NOISY"]
+
+    short = _trace_section(files, "F32", StudyConfig(trace_ctx=4096, trace_tokens=4096), tmp_path, {"t": "short"},
+                           levels, False, None)
+    assert not short["levels"] and "needs at least 4096" in short["note"]
+
+
+def test_report_shows_where_the_error_enters(tiny_pair, tmp_path):
+    from ggml_probe.pipeline.trace import TraceSettings, run_trace
+    from ggml_probe.report.render import render_report
+
+    trace = run_trace(tiny_pair["quant"], tiny_pair["ref"], TEXT, TraceSettings(ctx=32, tokens=32, threads=1))
+    study = {"study": {"model": "tiny", "quants": ["F32", "NOISY"], "reference": "F32"},
+             "trace": {"text_source": "test text", "levels": {"NOISY": json.loads(json.dumps(trace))}}}
+    paths = render_report(study, tmp_path)
+    md = paths["md"].read_text()
+    assert "Where the error enters" in md
+    top = trace["summary"]["largest_kl_step"]
+    assert f"the error enters most at {top['part']}" in md
+    assert f"{trace['kl']['full']:.5f}" in md
+    assert (tmp_path / "plots" / "trace-NOISY.png").stat().st_size > 1000
+    html = paths["html"].read_text()
+    assert "Where the error enters" in html and "data:image/png;base64" in html

@@ -30,7 +30,6 @@ from ..engine.model import Engine
 from ..engine.probes import SwitchedProbe
 from ..engine.trace import EMBEDDING, RESIDUAL, SUBLAYERS, TensorCapture, TensorPatch, graph_name
 from ..errors import ProbeError
-from ..fsutil import sha256_file
 from ..layerspec import resolve_layers
 
 # Called as progress(done_chunks, total_chunks).
@@ -159,11 +158,11 @@ def run_trace(model: Path, reference: Path, text: str, settings: TraceSettings |
             "seconds": time.perf_counter() - t0, "definitions": DEFINITIONS}
 
 
-def trace_key(model: Path, reference: Path, text: str, s: TraceSettings) -> str:
-    """What a trace depends on: both files, the text and the settings that change what is measured."""
+def trace_key(model_sha256: str, reference_sha256: str, text: str, s: TraceSettings) -> str:
+    """What a trace depends on: both files (their SHA-256), the text and the settings that change what is measured."""
     h = hashlib.sha256()
-    for p in (model, reference):
-        h.update(sha256_file(Path(p)).encode())
+    for digest in (model_sha256, reference_sha256):
+        h.update(digest.encode())
     h.update(text.encode("utf-8", errors="replace"))
-    h.update(f"ctx={s.ctx} tokens={s.tokens} layers={s.layers} kl={s.kl} sub={list(s.sublayers)}".encode())
+    h.update(f"ctx={s.ctx} tokens={s.tokens} layers={s.layers} kl={s.kl} sub={list(s.sublayers)} kv={s.kv_type}".encode())
     return h.hexdigest()[:16]

@@ -31,6 +31,8 @@ def trace_png(trace: Mapping[str, Any], title: str = "") -> bytes:
     if not subs and not kl_rows:
         raise ValueError("no per-block error or KL to plot")
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator  # matplotlib is loaded by _pyplot (Agg backend first)
+
     panels = 2 if kl_rows else 1
     fig, axes = plt.subplots(panels, 1, figsize=(FIGSIZE[0], FIGSIZE[1] * (1.6 if panels == 2 else 1)), sharex=True)
     axes = list(axes) if panels == 2 else [axes]
@@ -55,6 +57,7 @@ def trace_png(trace: Mapping[str, Any], title: str = "") -> bytes:
         ax.set_ylabel("KL vs reference (nats)")
         _legend_outside(ax)
     axes[-1].set_xlabel("block k")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     return _png(fig)
 
 

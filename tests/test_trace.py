@@ -353,3 +353,19 @@ def test_report_shows_where_the_error_enters(tiny_pair, tmp_path):
     assert (tmp_path / "plots" / "trace-NOISY.png").stat().st_size > 1000
     html = paths["html"].read_text()
     assert "Where the error enters" in html and "data:image/png;base64" in html
+
+
+def test_cli_task_text_and_no_kl(tiny_pair, boolq_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["trace", str(tiny_pair["quant"]), "--ref", str(tiny_pair["ref"]), "--task", "boolq",
+                              "--data", str(boolq_path), "--limit", "3", "--ctx", "32", "--tokens", "32", "--no-kl",
+                              "--threads", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["tokens"] == 32 and data["chunks"] == 1
+    assert all("kl_upto" not in r for r in data["layers"]) and data["kl"]["embd"] is None
+    assert data["kl"]["full"] > 0 and data["layers"][0]["l_out"]["rel_err"] > 0
+    assert "largest_kl_step" not in data["summary"]
+    res = runner.invoke(cli, ["trace", str(tiny_pair["quant"]), "--ref", str(tiny_pair["ref"]), "--task", "boolq",
+                              "--text", str(tiny_pair["text"])])
+    assert res.exit_code == 2 and "not both" in res.output

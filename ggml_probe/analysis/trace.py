@@ -188,7 +188,7 @@ def _kl_steps(points: Sequence[Any], kl: dict[Any, dict[str, Any]], n_layer: int
 def _summary(layers: list[dict[str, Any]], steps: list[dict[str, Any]], full: float | None,
              sublayers: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    if steps and full is not None:
+    if len(steps) > 1 and full is not None:  # one step (no KL points) would name the whole model
         top = max(steps, key=lambda s: s["step"])
         out["largest_kl_step"] = {"part": top["part"], "step": top["step"],
                                   "share": top["step"] / full if full > 0 else None}

@@ -140,7 +140,7 @@ def run_trace(model: Path, reference: Path, text: str, settings: TraceSettings |
                         acc.update_tensor(sub, k, ref_capture.tensors[name], quant_capture.tensors[name])
                 ref_capture.clear()
                 switched.current = patch
-                for point in acc.kl_points[:-1]:
+                for point in (acc.kl_points[:-1] if s.kl else []):
                     target = EMBEDDING if point == EMBEDDING_POINT else graph_name(RESIDUAL, point)
                     patch.set(target, quant_capture.tensors[target])
                     logits = _logits(ref, patch, chunk)

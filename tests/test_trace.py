@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ggml_probe.analysis.trace import EMBEDDING_POINT, FULL_POINT, TensorErrorSums, TraceAccumulator
+from ggml_probe.analysis.trace import EMBEDDING_POINT, FULL_POINT, TensorErrorSums, TraceAccumulator, log_probs
 from ggml_probe.cli import cli
 
 TEXT = ("The quick brown fox jumps over the lazy dog while the river runs past the old mill. "
@@ -59,7 +59,7 @@ def test_kl_steps_add_up_and_name_the_parts():
     kls = {}
     for scale, point in zip((0.01, 0.1, 0.3, 0.2, 0.5), acc.kl_points):
         logits = ref + scale * rng.standard_normal(ref.shape)
-        acc.update_kl(point, ref, logits)
+        acc.update_kl(point, log_probs(ref), logits)
         lp, lq = ref - np.log(np.exp(ref).sum(1, keepdims=True)), logits - np.log(np.exp(logits).sum(1, keepdims=True))
         kls[point] = float((np.exp(lp) * (lp - lq)).sum(1).mean())
     for k in (0, 2, 4):

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-
-from .agreement import kl_divergence_from_logits
+from scipy.special import log_softmax
 
 EMBEDDING_POINT = "embd"
 FULL_POINT = "full"
@@ -38,6 +37,11 @@ DEFINITIONS = {
                 "model's: the embedding and blocks ≤ k quantized, the rest at the reference's precision"),
     "kl_step": "KL up to this part minus KL up to the part before: the steps add up to the quantized model's KL",
 }
+
+
+def log_probs(logits: np.ndarray) -> np.ndarray:
+    """Rows of logits as float64 log-probabilities (log-softmax with the row maximum subtracted)."""
+    return log_softmax(np.asarray(logits, dtype=np.float64), axis=-1)
 
 
 @dataclass
@@ -88,8 +92,13 @@ class KLSums:
     total2: float = 0.0
     max: float = 0.0
 
-    def update(self, ref_logits: np.ndarray, logits: np.ndarray) -> None:
-        kl = kl_divergence_from_logits(ref_logits, logits)
+    def update(self, ref_log_probs: np.ndarray, logits: np.ndarray) -> None:
+        """Add one chunk's rows: the reference's log-probabilities (log_probs, computed once per chunk for every
+        KL point) and the other model's logits."""
+        lq = log_probs(logits)
+        p = np.exp(ref_log_probs)
+        # a token impossible under the reference adds nothing (0 · −inf would be nan)
+        kl = np.where(p > 0, p * (ref_log_probs - lq), 0.0).sum(axis=-1)
         self.n += len(kl)
         self.total += float(kl.sum())
         self.total2 += float((kl * kl).sum())
@@ -136,8 +145,8 @@ class TraceAccumulator:
     def update_tensor(self, sublayer: str, layer: int, ref: np.ndarray, quant: np.ndarray) -> None:
         self.errors[(sublayer, int(layer))].update(ref, quant)
 
-    def update_kl(self, point: Any, ref_logits: np.ndarray, logits: np.ndarray) -> None:
-        self.kl[point].update(ref_logits, logits)
+    def update_kl(self, point: Any, ref_log_probs: np.ndarray, logits: np.ndarray) -> None:
+        self.kl[point].update(ref_log_probs, logits)
 
     def result(self) -> dict[str, Any]:
         """Per-layer rows, the KL decomposition into parts, and a summary of where the error enters."""

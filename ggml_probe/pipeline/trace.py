@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..analysis.trace import DEFINITIONS, EMBEDDING_POINT, FULL_POINT, TraceAccumulator
+from ..analysis.trace import DEFINITIONS, EMBEDDING_POINT, FULL_POINT, TraceAccumulator, log_probs
 from ..engine.model import Engine
 from ..engine.probes import SwitchedProbe
 from ..engine.trace import EMBEDDING, RESIDUAL, SUBLAYERS, TensorCapture, TensorPatch, graph_name
@@ -129,10 +129,10 @@ def run_trace(model: Path, reference: Path, text: str, settings: TraceSettings |
             for i, chunk in enumerate(chunks):
                 switched.current = ref_capture
                 ref_capture.clear()
-                ref_logits = _logits(ref, ref_capture, chunk)
+                ref_lp = log_probs(_logits(ref, ref_capture, chunk))  # once per chunk, for every KL point
                 _missing(ref_capture, reference)
                 quant_capture.clear()
-                acc.update_kl(FULL_POINT, ref_logits, _logits(quant, quant_capture, chunk))
+                acc.update_kl(FULL_POINT, ref_lp, _logits(quant, quant_capture, chunk))
                 _missing(quant_capture, model)
                 for sub in sublayers:
                     for k in layers:
@@ -147,7 +147,7 @@ def run_trace(model: Path, reference: Path, text: str, settings: TraceSettings |
                     if patch.patched != 1:
                         raise ProbeError(f"{reference.name}: the graph tensor {target} was written {patch.patched} "
                                          "times, not once; the KL attribution cannot patch it")
-                    acc.update_kl(point, ref_logits, logits)
+                    acc.update_kl(point, ref_lp, logits)
                 if progress:
                     progress(i + 1, len(chunks))
     result = acc.result()

@@ -389,5 +389,9 @@ def _definitions(config: StudyConfig) -> dict[str, str]:
         "pick": ("the smallest level whose text KLD (mean, p99) and worst accuracy change over the tasks stay within "
                  "the budget and whose file plus KV cache and compute buffers at the run context fit the memory "
                  "budget; the Pareto frontier over size × mean KLD (× accuracy where measured)"),
+        "trace": ("where the error enters (ggml-probe trace): per block, the relative error ‖q−r‖/‖r‖ and cosine of "
+                  "kqv_out, attn_out, ffn_out and l_out against the reference's (mean over tokens); KL ≤ k = the KL of "
+                  "the reference model run with its residual stream after block k replaced by the level's (embedding "
+                  "and blocks ≤ k quantized); its steps add up to the level's KL"),
         "weights": "per tensor: relative RMSE ‖W−W_ref‖/‖W_ref‖, SQNR 10·log10(‖W_ref‖²/‖W−W_ref‖²), cosine, max |ΔW|",
     }

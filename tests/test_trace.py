@@ -52,7 +52,10 @@ def test_identical_tensors_give_exact_zero_and_one():
     assert out["rel_err"] == 0.0 and out["rel_err_total"] == 0.0 and out["cos"] == 1.0
 
 
-def test_kl_steps_add_up_and_name_the_parts():
+def test_kl_steps_add_up_and_name_the_parts(monkeypatch):
+    from ggml_probe.analysis import trace as trace_stats
+
+    monkeypatch.setattr(trace_stats, "_BLOCK_ELEMENTS", 80)  # two rows per block: the blocked sum is exercised
     rng = np.random.default_rng(2)
     ref = rng.standard_normal((6, 40))
     acc = TraceAccumulator(["l_out"], [0, 2, 4], [0, 2, 4], n_layer=5)

@@ -53,7 +53,7 @@ class TensorCapture(Probe):
         return name in self.names
 
     def handle(self, t: int, name: str) -> None:
-        self.tensors[name] = self.reader.read(t, name).copy()
+        self.tensors[name] = self.reader.read(t, "capture").copy()  # one reused read buffer: the copy is kept
 
     def missing(self) -> list[str]:
         """Names asked for that the last decode's graph did not hold."""

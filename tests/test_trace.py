@@ -353,6 +353,9 @@ def test_report_shows_where_the_error_enters(tiny_pair, tmp_path):
     top = trace["summary"]["largest_kl_step"]
     assert f"the error enters most at {top['part']}" in md
     assert f"{trace['kl']['full']:.5f}" in md
+    rows = [(r["layer"], r["l_out"]["rel_err"]) for r in trace["layers"]]
+    layer, rise = max(((b[0], b[1] - a[1]) for a, b in zip(rows, rows[1:])), key=lambda x: x[1])
+    assert trace["summary"]["l_out_largest_rise"]["layer"] == layer and f"it grows most at block {layer} " in md
     assert (tmp_path / "plots" / "trace-NOISY.png").stat().st_size > 1000
     html = paths["html"].read_text()
     assert "Where the error enters" in html and "data:image/png;base64" in html

@@ -211,6 +211,11 @@ def _summary(layers: list[dict[str, Any]], steps: list[dict[str, Any]], full: fl
     if residual:
         out["l_out_rel_err_first"] = {"layer": residual[0][0], "rel_err": residual[0][1]}
         out["l_out_rel_err_last"] = {"layer": residual[-1][0], "rel_err": residual[-1][1]}
+        # where it grows: the largest rise of the residual stream's error from one compared block to the next
+        rises = [(b[0], b[1] - a[1], a[1], b[1]) for a, b in zip(residual, residual[1:])]
+        if rises:
+            layer, rise, before, after = max(rises, key=lambda r: r[1])
+            out["l_out_largest_rise"] = {"layer": layer, "rise": rise, "from": before, "to": after}
         worst = {}
         for sub in sublayers:
             vals = [(r["layer"], r[sub]["rel_err"]) for r in layers if sub in r and r[sub]["rel_err"] is not None]

@@ -503,6 +503,10 @@ def _trace_section(s: _Study, trace: Mapping[str, Any]) -> Section:
         if a and b and a["layer"] != b["layer"]:
             facts.append(f"the residual stream's relative error grows from {fmt(a['rel_err'], '.4f')} after block "
                          f"{a['layer']} to {fmt(b['rel_err'], '.4f')} after block {b['layer']}")
+        rise = summary.get("l_out_largest_rise")
+        if rise and rise["rise"] > 0:
+            facts.append(f"it grows most at block {rise['layer']} (the residual stream's relative error "
+                         f"{fmt(rise['from'], '.4f')} → {fmt(rise['to'], '.4f')})")
         sec.add("list", [(f, False) for f in facts])
         fig = s.figure(f"trace-{slug(lvl)}", f"Where the error enters, {lvl} vs {t.get('reference')}: relative error "
                        "per block and sublayer; KL with blocks ≤ k quantized", lambda: trace_png(t))

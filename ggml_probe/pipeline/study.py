@@ -322,8 +322,9 @@ def _trace_section(files: dict[str, Path], reference: str, config: StudyConfig, 
             continue
         cache = out / "trace" / f"{level}.json"
         key = trace_key(levels[level]["sha256"], levels[reference]["sha256"], text, settings)
-        if cache.exists() and not force and read_json(cache).get("key") == key:
-            section["levels"][level] = read_json(cache)["trace"]
+        cached = read_json(cache) if cache.exists() and not force else {}
+        if cached.get("key") == key:
+            section["levels"][level] = cached["trace"]
             continue
         if progress:
             progress.step(f"trace {level} vs {reference}: where the error enters")

@@ -759,6 +759,70 @@ def pick_cmd(model, quants, text_file, task, data_path, limit, max_kld, max_p99_
         print_pick_summary(_console(), result.to_dict())
 
 
+# --------------------------------------------------------------------------- trace
+
+@cli.command("trace")
+@click.argument("model")
+@click.option("--ref", "ref", required=True, help="The reference model (e.g. the F16 rung of the ladder).")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A plain-text file to trace (at least --ctx tokens).")
+@click.option("--task", default=None, help="Trace a task's own text instead (BoolQ: its passages).")
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The task's data file (default: the Hugging Face hub).")
+@click.option("--limit", type=int, default=100, show_default=True, help="Task rows whose text is read (with --task).")
+@click.option("--ctx", type=int, default=256, show_default=True, help="Tokens per chunk (one decode, a fresh sequence).")
+@click.option("--tokens", type=int, default=1024, show_default=True,
+              help="Trace at most this many tokens of the text (whole chunks).")
+@click.option("--layers", default=None,
+              help="Blocks to compare and to patch for the KL: all, 0,14,-1 or 3-7 (default: all).")
+@click.option("--no-kl", "no_kl", is_flag=True,
+              help="Skip the KL attribution (it costs one more reference decode per chosen block and chunk).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use).")
+@click.option("--gpu-layers", default="auto", show_default=True,
+              help="Layers to offload to CUDA/Metal: 'auto' (all, where a GPU backend exists), -1 (all) or N.")
+@click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def trace_cmd(model, ref, text_file, task, data_path, limit, ctx, tokens, layers, no_kl, threads, gpu_layers, as_json,
+              quiet) -> None:
+    """Where does MODEL's quantization error enter, and where does it grow? (against --ref)
+
+    The same tokens go through both models, chunk by chunk. Per block: the relative error ‖q−r‖/‖r‖ and
+    the cosine of the attention output (kqv_out: before attn_output; attn_out: after), the FFN output
+    (ffn_out) and the residual stream after the block (l_out) against the reference's tensors. And how
+    much each block adds to the final KL: the reference model is run with its residual stream after
+    block k replaced by MODEL's, which is the KL with the embedding and blocks ≤ k quantized; the steps
+    from block to block add up to MODEL's own KL.
+
+    \b
+    Examples:
+      ggml-probe trace models/SmolLM2-135M-Instruct-Q4_0.gguf --ref models/SmolLM2-135M-Instruct-F16.gguf --text wiki.test.raw
+      ggml-probe trace m-Q4_K_M.gguf --ref m-F16.gguf --task boolq --data ../shared/data/boolq_validation.jsonl --layers 0-7
+    """
+    from .pipeline.pick import task_text  # start-up time: the pipeline (numpy, llama_cpp, ...)
+    from .pipeline.trace import TraceSettings, run_trace
+    from .report.trace import print_trace_summary  # start-up time: rich
+
+    if (text_file is None) == (task is None):
+        raise ProbeError("trace needs a text: --text FILE, or --task TASK [--data FILE] (its own text), not both")
+    text = (text_file.read_text(encoding="utf-8", errors="replace") if text_file
+            else task_text(task, data_path, limit=limit)[0])
+    settings = TraceSettings(ctx=ctx, tokens=tokens, layers=layers, kl=not no_kl, threads=threads, gpu_layers=gpu_layers)
+    with _Progress(quiet or as_json) as bars:
+        trackers: list = []
+
+        def progress(done: int, total: int) -> None:
+            if not trackers:  # the bar starts with the first chunk: bad input gets its one line alone
+                trackers.append(bars.tracker(f"{Path(model).name} · chunks"))
+            if trackers[0]:
+                trackers[0](done, total)
+
+        result = run_trace(resolve_model(model), resolve_model(ref), text, settings, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        print_trace_summary(_console(), result)
+
+
 # --------------------------------------------------------------------------- study
 
 class _StudyProgress(_RunProgress):
@@ -802,6 +866,8 @@ class _StudyProgress(_RunProgress):
 @click.option("--kld-ctx", type=int, default=256, show_default=True, help="Tokens per chunk of the text KLD.")
 @click.option("--kld-chunks", type=int, default=8, show_default=True, help="At most this many chunks (0: all).")
 @click.option("--no-kld", is_flag=True, help="Skip the text KLD.")
+@click.option("--trace-tokens", type=int, default=128, show_default=True,
+              help="Tokens of the text KLD's text traced per level for 'where the error enters' (`trace`; 0: skip).")
 @click.option("--max-kld", type=float, default=0.1, show_default=True,
               help="The pick's budget: mean text KLD against the reference.")
 @click.option("--max-p99-kld", type=float, default=None, help="The pick's budget: p99 text KLD.")
@@ -818,7 +884,8 @@ class _StudyProgress(_RunProgress):
 @click.option("-q", "--quiet", is_flag=True, help="No progress display (for scripts).")
 def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, reference, no_neurons, salient_examples,
               attribution, attribution_target, ablate_top, no_weights, kld_text, kld_ctx, kld_chunks, no_kld,
-              max_kld, max_p99_kld, max_accuracy_drop, memory, allow_requantize, out, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet) -> None:
+              max_kld, max_p99_kld, max_accuracy_drop, memory, allow_requantize, out, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet,
+              trace_tokens) -> None:
     """The whole study: ladder, one pass per level and task, comparisons, weights, and a report.
 
     Resumable: rerun the same command after an interruption and finished levels are reused.
@@ -855,6 +922,8 @@ def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, 
                          memory_bytes=parse_size(memory) if memory is not None else None,
                          allow_requantize=allow_requantize,
                          n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts)
+    config.trace, config.trace_tokens = trace_tokens > 0, max(trace_tokens, 1)
+    config.trace_ctx = min(config.trace_ctx, config.trace_tokens)
     out = out or Path("studies") / ladder_stem(resolve_model(model))
     command = "ggml-probe " + " ".join(sys.argv[1:]) if sys.argv else ""
     with _StudyProgress(quiet or as_json) as bars:

@@ -41,6 +41,7 @@ from .neurons import TARGET_DEFINITIONS, NeuronAnalysis
 from .pick import DEFAULT_RUN_CTX, accuracy_from_comparison, level_context
 from .rundir import directory_lock, read_json, write_json
 from .runs import RunProgress, run_level_files
+from .trace import TraceSettings, run_trace, trace_key
 
 
 DEFAULT_QUANTS = ["F16", "Q8_0", "Q4_K_M", "Q4_0"]
@@ -88,6 +89,10 @@ class StudyConfig:
     max_accuracy_drop: float | None = None  # points, on any task
     memory_bytes: int | None = None  # None: this machine's available memory
     run_ctx: int = DEFAULT_RUN_CTX  # the context the pick's memory need assumes
+    trace: bool = True  # where the error enters (pipeline.trace), per level, on the text KLD's text
+    trace_ctx: int = 128  # tokens per chunk of the trace
+    trace_tokens: int = 128  # tokens traced per level: one chunk keeps the study fast (2 + n_layer + 1 decodes)
+    trace_layers: str | None = None  # blocks compared and patched (layerspec); None: every block
 
     def apply_paper(self) -> None:
         """The reference study's exact protocol (study-protocol.md)."""
@@ -204,6 +209,8 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
             study["kld"] = _kld_section(files, reference, config, out, task_texts, progress)
             if config.pick and (study["kld"].get("models") or len(files) == 1):
                 study["pick"] = _pick_section(files, reference, study, config)
+        if config.trace:
+            study["trace"] = _trace_section(files, reference, config, out, task_texts, study["levels"], force, progress)
         study["study"] = {
             "model": str(model), "model_path": str(src), "quants": list(files), "reference": reference,
             "tasks": list(study["tasks"]), "mode": "paper" if config.paper else "default",
@@ -298,6 +305,40 @@ def _kld_section(files: dict[str, Path], reference: str, config: StudyConfig, ou
     return {"text_source": source, **result.to_dict(), "settings": asdict(settings)}
 
 
+def _trace_section(files: dict[str, Path], reference: str, config: StudyConfig, out: Path, task_texts: dict[str, str],
+                   levels: dict[str, Any], force: bool, progress: StudyProgress | None) -> dict[str, Any]:
+    """Where each level's error enters (pipeline.trace) on the text KLD's text; each level's trace is saved in
+    trace/<LEVEL>.json under a key of both files, the text and the settings, and reused on a rerun."""
+    if config.kld_text:
+        text, source = Path(config.kld_text).read_text(encoding="utf-8", errors="replace"), config.kld_text
+    else:
+        text = "\n\n".join(task_texts.values())
+        source = f"the tasks' own text ({', '.join(task_texts)}: each sampled row's longest text column)"
+    settings = TraceSettings(ctx=config.trace_ctx, tokens=config.trace_tokens, layers=config.trace_layers,
+                             threads=config.threads, gpu_layers=config.gpu_layers)
+    section: dict[str, Any] = {"text_source": source, "settings": asdict(settings), "levels": {}}
+    for level, path in files.items():
+        if level == reference:
+            continue
+        cache = out / "trace" / f"{level}.json"
+        key = trace_key(levels[level]["sha256"], levels[reference]["sha256"], text, settings)
+        cached = read_json(cache) if cache.exists() and not force else {}
+        if cached.get("key") == key:
+            section["levels"][level] = cached["trace"]
+            continue
+        if progress:
+            progress.step(f"trace {level} vs {reference}: where the error enters")
+        tracker = progress.run(f"trace · {level}") if progress else None
+        try:
+            trace = run_trace(path, files[reference], text, settings, progress=tracker or None)
+        except ProbeError as exc:  # e.g. a text shorter than one chunk: say so, keep the rest of the study
+            section["note"] = str(exc)
+            break
+        write_json(cache, {"key": key, "trace": trace})
+        section["levels"][level] = trace
+    return section
+
+
 def _pick_section(files: dict[str, Path], reference: str, study: dict[str, Any],
                   config: StudyConfig) -> dict[str, Any]:
     """Which level to run: the smallest within the quality budget (text KLD; the worst accuracy change over
@@ -349,5 +390,9 @@ def _definitions(config: StudyConfig) -> dict[str, str]:
         "pick": ("the smallest level whose text KLD (mean, p99) and worst accuracy change over the tasks stay within "
                  "the budget and whose file plus KV cache and compute buffers at the run context fit the memory "
                  "budget; the Pareto frontier over size × mean KLD (× accuracy where measured)"),
+        "trace": ("where the error enters (ggml-probe trace): per block, the relative error ‖q−r‖/‖r‖ and cosine of "
+                  "kqv_out, attn_out, ffn_out and l_out against the reference's (mean over tokens); KL ≤ k = the KL of "
+                  "the reference model run with its residual stream after block k replaced by the level's (embedding "
+                  "and blocks ≤ k quantized); its steps add up to the level's KL"),
         "weights": "per tensor: relative RMSE ‖W−W_ref‖/‖W_ref‖, SQNR 10·log10(‖W_ref‖²/‖W−W_ref‖²), cosine, max |ΔW|",
     }

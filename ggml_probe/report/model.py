@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..analysis.neurons import DRIFT_DEFINITION, DRIFT_NAME
 from . import plots
 from .changes import what_changed
+from .trace import trace_png
 from .values import fmt, get, interval, layer_keys, num, quoted_piece, shows_accuracy_norm, signed, significant, size, slug, visible
 
 NOT_MEASURED = "not measured in this study"
@@ -144,7 +145,7 @@ def build_report(study: Mapping[str, Any]) -> Report:
     # the pick first after what changed: "which level should I run?" is the question most readers bring
     sections = [_what_changed_section(s, what_changed(study) if changes is None else changes),
                 _pick_section(s, study.get("pick") or {}), _tables_section(s), _text_kld_section(s, study.get("kld") or {}),
-                _figures_section(s), _neurons_section(s), _weights_section(s), _manifest_section(s)]
+                _trace_section(s, study.get("trace") or {}), _figures_section(s), _neurons_section(s), _weights_section(s), _manifest_section(s)]
     header = {"model": meta.get("model") or "—", "levels": levels, "reference": s.reference,
               "tasks": list(meta.get("tasks") or tasks), "mode": mode, "created": meta.get("created"),
               "seconds": meta.get("seconds"), "colors": s.colors,
@@ -467,6 +468,66 @@ def _text_kld_section(s: _Study, kld: Mapping[str, Any]) -> Section:
                             "KLD p99.9", "KLD max", "RMS Δp %", "same top p %"], rows,
                            caption="Definitions as llama-perplexity --kl-divergence prints them; ± is its standard "
                                    "error (ln PPL ratio: covariance-aware)."))
+    return sec
+
+
+# =============================================================================================
+# where the error enters (the divergence trace)
+
+
+def _trace_section(s: _Study, trace: Mapping[str, Any]) -> Section:
+    sec = Section("trace", "Where the error enters")
+    levels = trace.get("levels") or {}
+    if not levels:
+        sec.add("warn" if trace.get("note") else "note",
+                f"The divergence trace was not measured: {trace['note']}" if trace.get("note")
+                else f"The divergence trace: {NOT_MEASURED}.")
+        return sec
+    first = next(iter(levels.values()))
+    sec.add("p", f"Text: {trace.get('text_source', '—')} · {first.get('chunks')} chunk(s) of {first.get('ctx')} "
+                 f"tokens · reference {first.get('reference')}. Per block, the relative error ‖q−r‖/‖r‖ (mean over "
+                 "tokens) of the attention heads' output (kqv_out), the attention output (attn_out), the FFN output "
+                 "(ffn_out) and the residual stream after the block (l_out); and the KL of the output when the "
+                 "embedding and blocks ≤ k run quantized and the rest at the reference's precision (the reference "
+                 "model with its residual stream after block k replaced by the level's): its steps add up to the "
+                 "level's own KL.")
+    for lvl in s.levels:
+        t = levels.get(lvl)
+        if not t:
+            continue
+        sec.add("h3", f"{lvl} against {t.get('reference')}")
+        kl, summary = t.get("kl") or {}, t.get("summary") or {}
+        top = summary.get("largest_kl_step")
+        facts = [f"KL of {lvl}: {fmt(kl.get('full'), '.5f')} ± {fmt(kl.get('full_se'), '.5f')} nats per token "
+                 f"({kl.get('tokens')} tokens)"]
+        if top:
+            share = f", {100 * top['share']:.0f}% of the KL" if top.get("share") is not None else ""
+            facts.append(f"the error enters most at {top['part']} (KL step {fmt(top['step'], '+.5f')}{share})")
+        ends = [p for p in (t.get("kl_steps") or []) if p["part"] == "token embedding" or "output" in p["part"]]
+        facts += [f"{p['part']}: KL step {fmt(p['step'], '+.5f')}" for p in ends]
+        a, b = summary.get("l_out_rel_err_first"), summary.get("l_out_rel_err_last")
+        if a and b and a["layer"] != b["layer"]:
+            facts.append(f"the residual stream's relative error grows from {fmt(a['rel_err'], '.4f')} after block "
+                         f"{a['layer']} to {fmt(b['rel_err'], '.4f')} after block {b['layer']}")
+        rise = summary.get("l_out_largest_rise")
+        if rise and rise["rise"] > 0:
+            facts.append(f"it grows most at block {rise['layer']} (the residual stream's relative error "
+                         f"{fmt(rise['from'], '.4f')} → {fmt(rise['to'], '.4f')})")
+        sec.add("list", [(f, False) for f in facts])
+        fig = s.figure(f"trace-{slug(lvl)}", f"Where the error enters, {lvl} vs {t.get('reference')}: relative error "
+                       "per block and sublayer; KL with blocks ≤ k quantized", lambda: trace_png(t))
+        if fig is not None:
+            sec.add("figures", [fig])
+        subs = list(t.get("sublayers") or [])
+        rows = [[str(r["layer"])] + [fmt((r.get(sub) or {}).get("rel_err"), ".4f") for sub in subs]
+                + [fmt((r.get("l_out") or {}).get("cos"), ".5f"), fmt(r.get("kl_upto"), ".5f"),
+                   fmt(r.get("kl_step"), "+.5f")] for r in t.get("layers") or []]
+        sec.add("table", Table(["block", *subs, "l_out cos", "KL ≤ k", "Δ KL"], rows, cls="compact",
+                               caption="rel. error ‖q−r‖/‖r‖ per sublayer (mean over tokens), the residual stream's "
+                                       "cosine, the KL with blocks ≤ k quantized and its step from the block before."))
+    missing = [n for n in s.plot_notes if n.startswith("Where the error enters")]
+    if missing:
+        sec.add("note", "; ".join(missing) + ".")
     return sec
 
 

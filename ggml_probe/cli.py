@@ -622,10 +622,11 @@ def kld_cmd(models, ref, text_file, base_file, ctx, chunks, batch, threads, gpu_
 @click.option("--chunks", type=int, default=8, show_default=True, help="KLD chunks scored (each probe scores them).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Probe cache, stock file and mix.json (default: OUT's folder, <stem>.mix-work).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use).")
 @click.option("--force", is_flag=True, help="Overwrite an existing OUT.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"mix": {...}, "stock": {...}} with sizes and KLD.')
 def mix_cmd(model, ref, low_type, budget_of, bpw, text_file, out, imatrix, per_layer_kinds, ctx, chunks, work_dir,
-            force, as_json) -> None:
+            threads, force, as_json) -> None:
     """Choose per-tensor types under a size budget from measured sensitivity, write the file, and compare
     its text KLD with the stock file of the same budget.
 
@@ -648,7 +649,7 @@ def mix_cmd(model, ref, low_type, budget_of, bpw, text_file, out, imatrix, per_l
     try:
         result = run_mix(resolve_model(model), resolve_model(ref), text, low_type, out, budget_of=budget_of, bpw=bpw,
                          work_dir=work_dir, imatrix=imatrix, per_layer_kinds=per_layer_kinds,
-                         settings=KLDSettings(ctx=ctx, chunks=chunks), force=force,
+                         settings=KLDSettings(ctx=ctx, chunks=chunks, threads=threads), force=force,
                          progress=(lambda msg: status.update(f"mix: {msg}")) if status is not None else None)
     finally:
         if status is not None:

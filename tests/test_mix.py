@@ -30,7 +30,18 @@ SETTINGS = KLDSettings(ctx=64, chunks=4, batch=256)
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    return tiny.write_tiny_llama(tmp_path_factory.mktemp("mix") / "tiny.gguf", tiny.self_made_vocab(), seed=3)
+    """The tiny llama with its (tied) embeddings scaled by 0.1: as written, its logits are so large that every
+    position puts all mass on one token and no weight change moves the KLD off 0."""
+    path = tiny.write_tiny_llama(tmp_path_factory.mktemp("mix") / "tiny.gguf", tiny.self_made_vocab(), seed=3)
+    reader = gguf.GGUFReader(path)
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert embd.tensor_type == gguf.GGMLQuantizationType.F16
+    values = np.memmap(path, dtype=np.float16, mode="r+", offset=reader.data_offset + embd.data_offset,
+                       shape=(int(embd.n_elements),))
+    values[:] = (values.astype(np.float32) * 0.1).astype(np.float16)
+    values.flush()
+    del values, reader
+    return path
 
 
 @pytest.fixture(scope="module")

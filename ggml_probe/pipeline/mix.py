@@ -36,6 +36,9 @@ CANDIDATE_TYPES = ("Q2_K", "Q3_K", "Q4_0", "IQ4_NL", "Q4_1", "Q4_K", "Q5_0", "Q5
 STOCK_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_K_S", "Q5_K_M",
                "Q6_K", "Q8_0")
 _ALIGN = 32  # GGUF's default data alignment
+# The output's header holds the source's keys plus ggml-probe's (provenance, the overrides' summary of at
+# most 127 bytes): reserved so that the written file stays under the budget.
+_HEADER_SLACK = 512
 
 Progress = Callable[[str], None]
 
@@ -103,7 +106,7 @@ def run_mix(source: str | Path, reference: str | Path, text: str, low_type: str,
     empty = [u for u, options in size.items() if not options]
     if empty:
         raise ProbeError(f"no candidate type fits the rows of {empty[0]} ({by_name[empty[0]].shape[0]} columns)")
-    fixed = info.size_bytes - sum(_aligned(by_name[u].n_bytes) for u in units)
+    fixed = info.size_bytes - sum(_aligned(by_name[u].n_bytes) for u in units) + _HEADER_SLACK
 
     # The budget, and the stock file it is compared with (quantized for real: its KLD is measured).
     if budget_of is not None:
@@ -111,14 +114,14 @@ def run_mix(source: str | Path, reference: str | Path, text: str, low_type: str,
         stock_path = work / f"stock-{sha256_file(source)[:8]}-{stock_quant}.gguf"
         say(f"stock {stock_quant}")
         stock = quantize_ladder(source, [stock_quant], out_file=stock_path, allow_requantize=True,
-                                skip_existing=True, imatrix=imatrix)[0]
+                                skip_existing=True, imatrix=imatrix, nthread=s.threads or 0)[0]
         budget_bytes, budget_label = stock.info.size_bytes, stock_quant
     else:
         data_bytes = int(bpw * info.n_params / 8)
         budget_bytes = data_bytes + (info.size_bytes - sum(_aligned(t.n_bytes) for t in info.tensors))
         budget_label = f"{bpw:g} bpw"
         planned = quantize_ladder(source, list(STOCK_TYPES), out_dir=work, allow_requantize=True, dry_run=True,
-                                  imatrix=imatrix)
+                                  imatrix=imatrix, nthread=s.threads or 0)
         fitting = [r for r in planned if r.info.size_bytes <= budget_bytes]
         stock_quant = max(fitting, key=lambda r: r.info.size_bytes).quant if fitting else None
         stock = None
@@ -126,7 +129,7 @@ def run_mix(source: str | Path, reference: str | Path, text: str, low_type: str,
             stock_path = work / f"stock-{sha256_file(source)[:8]}-{stock_quant}.gguf"
             say(f"stock {stock_quant}")
             stock = quantize_ladder(source, [stock_quant], out_file=stock_path, allow_requantize=True,
-                                    skip_existing=True, imatrix=imatrix)[0]
+                                    skip_existing=True, imatrix=imatrix, nthread=s.threads or 0)[0]
     smallest = fixed + smallest_size(size)
     if smallest > budget_bytes:
         raise ProbeError(f"the budget of {budget_bytes} bytes ({budget_label}) is below the smallest possible file: "
@@ -146,7 +149,7 @@ def run_mix(source: str | Path, reference: str | Path, text: str, low_type: str,
     options = MixOptions([(tensor_pattern(u), t) for u, t in allocation.types.items()])
     ftype = stock_quant if stock_quant in QUANT_TYPES else "Q8_0"
     written = quantize_ladder(source, [ftype], mix=options, out_file=out, allow_requantize=True, force=True,
-                              imatrix=imatrix)[0]
+                              imatrix=imatrix, nthread=s.threads or 0)[0]
     got = {t.name: t.type for t in written.info.tensors}
     wrong = {u: (t, got.get(u)) for u, t in allocation.types.items() if got.get(u) != t}
     if wrong:

@@ -121,7 +121,7 @@ def measure_group(source: Path, source_sha: str, group: str, pattern: str, low_t
         return GroupMeasure(**{**hit, "cached": True})
     probe = work_dir / "probe.gguf"
     result = quantize_ladder(source, [_PROBE_FTYPE], mix=options, out_file=probe, allow_requantize=True,
-                             force=True, imatrix=imatrix)[0]
+                             force=True, imatrix=imatrix, nthread=settings.threads or 0)[0]
     regex = re.compile(pattern)
     low_types = {t.name: t.type for t in result.info.tensors if regex.search(t.name)}
     try:

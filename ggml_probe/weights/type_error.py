@@ -6,7 +6,9 @@ the imatrix's mean squares m = E[x²] of the matmul's input channels:
     E(W, type) = Σ_j Σ_i δW[j,i]² · m_i
 the predicted mean square change of the matmul's outputs summed over them (weights/sensitivity.py's
 e(W)², summed over rows; m = 1 without an imatrix). Types whose block does not divide a tensor's row
-length are left out for that tensor (llama.cpp would fall back to another type).
+length are left out for that tensor (llama.cpp would fall back to another type). A tensor of more than
+`max_rows` rows (token embeddings: one row per vocabulary entry) is estimated from every k-th row, the sum
+scaled by rows / sampled rows (unbiased: rows are quantized independently).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def type_errors(
     types: Mapping[str, int],
     imatrix: Mapping[str, np.ndarray] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    max_rows: int | None = 4096,
 ) -> dict[str, dict[str, float]]:
     """E(W, type) of every named tensor at every type (name → type name → value) that fits its rows."""
     out: dict[str, dict[str, float]] = {}
@@ -41,6 +44,10 @@ def type_errors(
             ref = tensors.ref(name)
             n_per_row = ref.row_length
             weights = tensors.dequantize(name).reshape(-1, n_per_row)
+            n_rows = weights.shape[0]
+            if max_rows and n_rows > max_rows:
+                weights = weights[:: -(-n_rows // max_rows)]
+            scale = n_rows / weights.shape[0]
             m = imatrix.get(name) if imatrix else None
             m = None if m is None else np.asarray(m, dtype=np.float32).reshape(-1)
             if m is not None and m.size != n_per_row:
@@ -57,7 +64,7 @@ def type_errors(
                     back = dequantize_bytes(blocks, type_id, rows.size).reshape(rows.shape)
                     err2 = np.square(back - rows, dtype=np.float64)
                     total += float((err2 @ m.astype(np.float64)).sum() if m is not None else err2.sum())
-                per_type[type_name] = total
+                per_type[type_name] = total * scale
             out[name] = per_type
             if progress:
                 progress(k + 1, len(names), name)

@@ -622,11 +622,13 @@ def kld_cmd(models, ref, text_file, base_file, ctx, chunks, batch, threads, gpu_
 @click.option("--chunks", type=int, default=8, show_default=True, help="KLD chunks scored (each probe scores them).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Probe cache, stock file and mix.json (default: OUT's folder, <stem>.mix-work).")
+@click.option("--candidates", default=None, metavar="TYPES",
+              help="Comma-separated types a tensor may get (default: Q2_K,Q3_K,Q4_0,IQ4_NL,Q4_1,Q4_K,Q5_0,Q5_1,Q5_K,Q6_K,Q8_0).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use).")
 @click.option("--force", is_flag=True, help="Overwrite an existing OUT.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"mix": {...}, "stock": {...}} with sizes and KLD.')
 def mix_cmd(model, ref, low_type, budget_of, bpw, text_file, out, imatrix, per_layer_kinds, ctx, chunks, work_dir,
-            threads, force, as_json) -> None:
+            candidates, threads, force, as_json) -> None:
     """Choose per-tensor types under a size budget from measured sensitivity, write the file, and compare
     its text KLD with the stock file of the same budget.
 
@@ -639,7 +641,7 @@ def mix_cmd(model, ref, low_type, budget_of, bpw, text_file, out, imatrix, per_l
           --text boolq.txt -o models/m-mix.gguf --json
     """
     from .pipeline.kld import KLDSettings  # start-up time: numpy, llama_cpp
-    from .pipeline.mix import run_mix
+    from .pipeline.mix import CANDIDATE_TYPES, run_mix
 
     text = text_file.read_text(encoding="utf-8", errors="replace")
     console = _console(stderr=True)
@@ -649,6 +651,7 @@ def mix_cmd(model, ref, low_type, budget_of, bpw, text_file, out, imatrix, per_l
     try:
         result = run_mix(resolve_model(model), resolve_model(ref), text, low_type, out, budget_of=budget_of, bpw=bpw,
                          work_dir=work_dir, imatrix=imatrix, per_layer_kinds=per_layer_kinds,
+                         candidates=tuple(t.strip().upper() for t in candidates.split(",")) if candidates else CANDIDATE_TYPES,
                          settings=KLDSettings(ctx=ctx, chunks=chunks, threads=threads), force=force,
                          progress=(lambda msg: status.update(f"mix: {msg}")) if status is not None else None)
     finally:

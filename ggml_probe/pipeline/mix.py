@@ -95,6 +95,9 @@ def run_mix(source: str | Path, reference: str | Path, text: str, low_type: str,
     say = progress or (lambda _msg: None)
     if out.exists() and not force:
         raise ProbeError(f"{out} exists (pass --force to overwrite)")
+    unknown = [t for t in candidates if t not in GGML_TYPES]
+    if unknown:
+        raise ProbeError(f"unknown candidate type {unknown[0]!r}; valid: {', '.join(CANDIDATE_TYPES)}, F16, ...")
     types = {t: GGML_TYPES[t] for t in candidates}
     info = inspect_gguf(source)
     units = quantizable_names(info)

@@ -15,7 +15,6 @@ gets its kind's KLD split over the layers in proportion to the static estimate
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -237,13 +236,15 @@ def _bytes_saved(info: GGUFInfo, m: GroupMeasure, base_type: str) -> int:
 def _static_errors(source: Path, source_sha: str, names: list[str], types: Mapping[str, int],
                    im: Mapping[str, np.ndarray] | None, imatrix: str | Path | None, out_dir: Path,
                    say: Progress) -> dict[str, dict[str, float]]:
-    """E(W, type) for every tensor and type, cached by (source, imatrix file, types)."""
+    """E(W, type) for every tensor and type, cached by (source, imatrix file); only types not yet done are computed."""
     im_key = sha256_file(Path(imatrix))[:16] if imatrix else "none"
-    types_key = hashlib.sha256(",".join(sorted(types)).encode()).hexdigest()[:8]
-    path = out_dir / f"type-errors-{source_sha[:16]}-{im_key}-{types_key}.json"
-    if path.exists():
-        return read_json(path)
-    say("static error of every tensor at every type")
-    errors = type_errors(source, names, types, im)
-    write_json(path, errors)
-    return errors
+    path = out_dir / f"type-errors-{source_sha[:16]}-{im_key}.json"
+    cached = read_json(path) if path.exists() else {"types_done": [], "errors": {}}
+    missing = {t: tid for t, tid in types.items() if t not in cached["types_done"]}
+    if missing:
+        say(f"static error of every tensor at {', '.join(missing)}")
+        for name, per_type in type_errors(source, names, missing, im).items():
+            cached["errors"].setdefault(name, {}).update(per_type)
+        cached["types_done"] = sorted({*cached["types_done"], *missing})
+        write_json(path, cached)
+    return {n: {t: v for t, v in cached["errors"].get(n, {}).items() if t in types} for n in names}

@@ -122,6 +122,26 @@ def _markdown(r: dict) -> str:
         lows = ", ".join(sorted(set(g["low_types"].values())))
         lines.append(f"| {g['group']} | {len(g['tensors'])} | {lows} | {g['kld_mean']:.5f} | "
                      f"{100 * g['same_top_p']:.2f} | {g['static']:.4g} |")
+    lines += ["", "## Reading", ""]
+    for run in r["runs"]:
+        m, st = run["mix"], run["stock"]
+        verdict = "goal met" if m["size_bytes"] <= st["size_bytes"] and m["kld_mean"] < st["kld_mean"] else "goal missed"
+        lines.append(f"- {run['budget']}, {run['variant']}: mix {m['size_bytes'] / st['size_bytes']:.3f}× the stock size, "
+                     f"mean KLD {m['kld_mean'] / st['kld_mean']:.2f}× the stock's ({verdict}); the allocation predicted "
+                     f"{m['predicted_kld']:.3g}, measured {m['kld_mean']:.3g}.")
+    lines += [
+        "- The demo's F16 file is dequantized from the shipped Q4_1, so Q4_1 (the same 4-bit grid per 32 values) "
+        "reproduces its weights almost exactly and the mix puts nearly every matrix at Q4_1: a real gain on this "
+        "file, but one a true F16 source would not give. The rows without Q4_1 and Q5_1 leave those types out; "
+        "Q4_K (which the stock files use for ffn_down too) still fits that grid closely.",
+        "- SmolLM2's rows of 576 values are not a multiple of 256, so llama.cpp's Q4_K_M and Q3_K_M fall back to "
+        "Q5_0 and Q4_0 for every attention, gate and up matrix by fixed rules; the mix spends bytes by measured "
+        "KLD per byte instead (the group table: attn_v and token_embd cost the most KLD per byte).",
+        "- The static estimate is unweighted here (no imatrix): Σ δW² says how much a matrix's weights move, not "
+        "how much that matters downstream, which depends on where the matrix sits (attn_v's 192 rows feed every "
+        "head's output). Its rank agreement with the measured KLD is the figure below; the mix uses measured KLD "
+        "per group and the static error only to split a group over its layers and to scale between types.",
+    ]
     rho = r["spearman_all"]
     lines += ["", f"Spearman rank correlation, static estimate vs measured KLD over these groups: "
               f"{'—' if rho is None else f'{rho:+.2f}'}"

@@ -165,11 +165,7 @@ def measure_sensitivity(source: str | Path, reference: str | Path, text: str, lo
     source_sha = sha256_file(source)
     cache = ProbeCache(out_dir / "sensitivity-cache.json")
 
-    all_types = dict(types or {})
-    all_types[low_type] = GGML_TYPES[low_type]
-    errors = _static_errors(source, source_sha, names, all_types, im, imatrix, out_dir, say)
-
-    result = SensitivityResult(str(source), str(reference), low_type, base_type, str(base_file), errors=errors)
+    result = SensitivityResult(str(source), str(reference), low_type, base_type, str(base_file))
     kinds = [k for k in (*KINDS, "token_embd", "output")
              if any(re.search(kind_pattern(k), n) for n in names)]
     kind_measures: dict[str, GroupMeasure] = {}
@@ -180,6 +176,12 @@ def measure_sensitivity(source: str | Path, reference: str | Path, text: str, lo
     # The tensors' types at the low level as llama.cpp really wrote them (576 columns: Q4_K → Q5_0).
     for m in kind_measures.values():
         result.tensor_low_type.update(m.low_types)
+
+    # Static errors at the asked types and at every type the probes really used.
+    all_types = dict(types or {})
+    for type_name in {low_type, *result.tensor_low_type.values()}:
+        all_types[type_name] = GGML_TYPES[type_name]
+    errors = result.errors = _static_errors(source, source_sha, names, all_types, im, imatrix, out_dir, say)
     for m in kind_measures.values():
         m.static = _static(m.tensors, result.tensor_low_type, errors)
 

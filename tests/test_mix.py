@@ -212,6 +212,12 @@ def test_mix_cli_writes_a_file_under_the_budget(tiny_model, text_file, tmp_path)
     assert dict(__import__("collections").Counter(written.values())) == report["mix"]["tensor_types"]
     assert report["mix"]["kld_mean"] >= 0
 
+    # The same again for a person: every probe and score comes from the work folder's cache.
+    res = _run("mix", tiny_model, *common, "--budget-of", "Q5_0", "-o", out, "--force")
+    assert res.exit_code == 0, res.output
+    assert f"mix: {out}" in res.output and "stock Q5_0:" in res.output
+    assert f"KLD {report['mix']['kld_mean']:.5f}" in res.output
+
     # A budget below the smallest possible file: one line with that size, nothing written.
     small = tmp_path / "too-small.gguf"
     res = _run("mix", tiny_model, *common, "--bpw", "1", "-o", small)

@@ -22,6 +22,7 @@ from ggml_probe.analysis.mix import allocate, spearman
 from ggml_probe.cli import cli
 from ggml_probe.models.quantize import GGML_TYPES
 from ggml_probe.pipeline.kld import KLDSettings
+from ggml_probe.pipeline.mix import STOCK_TYPES
 from ggml_probe.pipeline.sensitivity import measure_sensitivity
 from ggml_probe.weights.type_error import type_errors
 
@@ -217,6 +218,18 @@ def test_mix_cli_writes_a_file_under_the_budget(tiny_model, text_file, tmp_path)
     assert res.exit_code == 0, res.output
     assert f"mix: {out}" in res.output and "stock Q5_0:" in res.output
     assert f"KLD {report['mix']['kld_mean']:.5f}" in res.output
+
+    # A budget in bits per weight: compared with the largest stock type that fits it.
+    res = _run("mix", tiny_model, *common, "--bpw", "6", "-o", tmp_path / "bpw.gguf", "--json")
+    assert res.exit_code == 0, res.output
+    by_bpw = json.loads(res.output)
+    assert by_bpw["budget"] == "6 bpw"
+    assert by_bpw["mix"]["bits_per_weight"] <= 6.0 and by_bpw["stock"]["size_bytes"] <= by_bpw["budget_bytes"]
+    stock_args = [a for q in STOCK_TYPES for a in ("--to", q)]
+    planned = json.loads(_run("quantize", tiny_model, *stock_args, "--allow-requantize", "-o", tmp_path,
+                              "--dry-run", "--json").output)
+    fitting = [p for p in planned if p["size_bytes"] <= by_bpw["budget_bytes"]]
+    assert by_bpw["stock"]["quant"] == max(fitting, key=lambda p: p["size_bytes"])["quant"]
 
     # A budget below the smallest possible file: one line with that size, nothing written.
     small = tmp_path / "too-small.gguf"

@@ -57,7 +57,11 @@ def main() -> None:
     ap.add_argument("--per-layer-kinds", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="1: on 2 shared cores llama.cpp's threads wait on each other")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/ggml-probe-bench-mix"))
+    ap.add_argument("--render-only", action="store_true", help="rewrite benchmarks/mix.md from benchmarks/mix.json")
     args = ap.parse_args()
+    if args.render_only:
+        _write_markdown(json.loads((REPO / "benchmarks" / "mix.json").read_text()))
+        return
     args.work_dir.mkdir(parents=True, exist_ok=True)
     text = _text(args.passages, args.work_dir / "boolq_passages.txt")
     f16 = _f16(args.work_dir)
@@ -85,6 +89,10 @@ def main() -> None:
               "settings": vars(args) | {"work_dir": str(args.work_dir)}, "runs": runs,
               "groups": sens["groups"], "spearman_all": sens["spearman_all"], "spearman_layers": sens["spearman_layers"]}
     (REPO / "benchmarks" / "mix.json").write_text(json.dumps(result, indent=2, default=str))
+    _write_markdown(result)
+
+
+def _write_markdown(result: dict) -> None:
     md = REPO / "benchmarks" / "mix.md"
     old = md.read_text() if md.exists() else ""
     # scripts/imatrix_ffn_down.py's section (between its markers) is kept
@@ -134,14 +142,24 @@ def _markdown(r: dict) -> str:
         "reproduces its weights almost exactly and the mix puts nearly every matrix at Q4_1: a real gain on this "
         "file, but one a true F16 source would not give. The rows without Q4_1 and Q5_1 leave those types out; "
         "Q4_K (which the stock files use for ffn_down too) still fits that grid closely.",
-        "- SmolLM2's rows of 576 values are not a multiple of 256, so llama.cpp's Q4_K_M and Q3_K_M fall back to "
-        "Q5_0 and Q4_0 for every attention, gate and up matrix by fixed rules; the mix spends bytes by measured "
-        "KLD per byte instead (the group table: attn_v and token_embd cost the most KLD per byte).",
+        "- SmolLM2's rows of 576 values are not a multiple of 256, so in Q4_K_M and Q3_K_M every matrix with such "
+        "rows falls back from a 256-block k-quant to a 32-block type by llama.cpp's fixed table (Q4_K → Q5_0, "
+        "Q3_K → Q4_0, Q6_K → Q8_0); the mix spends bytes by measured KLD per byte instead.",
         "- The static estimate is unweighted here (no imatrix): Σ δW² says how much a matrix's weights move, not "
         "how much that matters downstream, which depends on where the matrix sits (attn_v's 192 rows feed every "
         "head's output). Its rank agreement with the measured KLD is the figure below; the mix uses measured KLD "
         "per group and the static error only to split a group over its layers and to scale between types.",
     ]
+    groups = {g["group"]: g for g in r["groups"]}
+    per_layer = [k for k in groups if any(x["group"].startswith("blk.") and x["group"].endswith("." + k) for x in r["groups"])]
+    if per_layer:
+        lines.append(f"- Most KLD per byte saved, so measured layer by layer: {', '.join(per_layer)}.")
+    for kind, g in groups.items():
+        layers = [x for x in r["groups"] if x["group"].startswith("blk.") and x["group"].endswith("." + kind)]
+        if layers:
+            total = sum(x["kld_mean"] for x in layers)
+            lines.append(f"- Additivity, which the allocation assumes: {kind} at the low type in every layer at once "
+                         f"gives mean KLD {g['kld_mean']:.5f}; the sum of its {len(layers)} one-layer KLDs is {total:.5f}.")
     rho = r["spearman_all"]
     lines += ["", f"Spearman rank correlation, static estimate vs measured KLD over these groups: "
               f"{'—' if rho is None else f'{rho:+.2f}'}"

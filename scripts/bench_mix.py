@@ -58,7 +58,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="1: on 2 shared cores llama.cpp's threads wait on each other")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/ggml-probe-bench-mix"))
     ap.add_argument("--render-only", action="store_true", help="rewrite benchmarks/mix.md from benchmarks/mix.json")
+    ap.add_argument("--weigh-by", type=Path, default=None, metavar="IMATRIX",
+                    help="add the static estimate weighted by this imatrix's E[x²] (same probes) and its Spearman")
     args = ap.parse_args()
+    if args.weigh_by:
+        _weigh(args.weigh_by)
+        return
     if args.render_only:
         _write_markdown(json.loads((REPO / "benchmarks" / "mix.json").read_text()))
         return
@@ -90,6 +95,38 @@ def main() -> None:
               "groups": sens["groups"], "spearman_all": sens["spearman_all"], "spearman_layers": sens["spearman_layers"]}
     (REPO / "benchmarks" / "mix.json").write_text(json.dumps(result, indent=2, default=str))
     _write_markdown(result)
+
+
+def _weigh(imatrix: Path) -> None:
+    """The static estimate of the very same probe files, Σ δW²·E[x²] with E[x²] from an imatrix (the probes
+    were quantized without one, so δW is unchanged), and its Spearman against the measured KLD."""
+    import numpy as np
+
+    from ggml_probe.analysis.mix import spearman
+    from ggml_probe.formats.imatrix import read_imatrix
+    from ggml_probe.models.quantize import GGML_TYPES
+    from ggml_probe.weights.type_error import type_errors
+
+    path = REPO / "benchmarks" / "mix.json"
+    r = json.loads(path.read_text())
+    source = Path(shlex.split(r["runs"][0]["command"])[2])  # `ggml-probe mix MODEL ...`
+    low = {}
+    for g in r["groups"]:
+        low.update(g["low_types"])
+    types = sorted(set(low.values()))
+    errors = type_errors(source, sorted(low), {t: GGML_TYPES[t] for t in types}, read_imatrix(imatrix).mean_squares())
+    for g in r["groups"]:
+        g["static_weighted"] = float(sum(errors[n][t] for n, t in g["low_types"].items()))
+
+    def rho(groups: list) -> float | None:
+        return spearman(np.array([g["kld_mean"] for g in groups]), np.array([g["static_weighted"] for g in groups]))
+
+    r["weighted_by"] = str(imatrix)
+    r["spearman_weighted_all"] = rho(r["groups"])
+    layers = [g for g in r["groups"] if g["group"].startswith("blk.")]
+    r["spearman_weighted_layers"] = rho(layers) if layers else None
+    path.write_text(json.dumps(r, indent=2, default=str))
+    _write_markdown(r)
 
 
 def _write_markdown(result: dict) -> None:
@@ -164,6 +201,11 @@ def _markdown(r: dict) -> str:
     lines += ["", f"Spearman rank correlation, static estimate vs measured KLD over these groups: "
               f"{'—' if rho is None else f'{rho:+.2f}'}"
               + ("" if r["spearman_layers"] is None else f"; over the per-layer groups only: {r['spearman_layers']:+.2f}"), ""]
+    if r.get("spearman_weighted_all") is not None:
+        lines += [f"Weighted by the E[x²] of `{Path(r['weighted_by']).name}` (`--weigh-by`; the same probe "
+                  f"files, so δW is unchanged): Spearman {r['spearman_weighted_all']:+.2f} over all groups"
+                  + ("" if r.get("spearman_weighted_layers") is None
+                     else f", {r['spearman_weighted_layers']:+.2f} over the per-layer groups") + ".", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,8 @@ under Q3_K_M's size with lower mean KLD than Q3_K_M. Text KLD as `ggml-probe kld
 work folder, so the group probes measured for the first are reused by the second (cache by source
 hash, overrides and KLD base). Writes benchmarks/mix.md and benchmarks/mix.json.
 
-    python scripts/bench_mix.py --ctx 256 --chunks 4 --per-layer-kinds 0 --threads 1
+    python scripts/bench_mix.py --ctx 256 --chunks 4 --per-layer-kinds 2 --threads 1
+    python scripts/bench_mix.py --weigh-by boolq.imatrix.gguf   # static estimate weighted by E[x²], same probes
 """
 
 from __future__ import annotations

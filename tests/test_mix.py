@@ -238,3 +238,14 @@ def test_mix_cli_writes_a_file_under_the_budget(tiny_model, text_file, tmp_path)
     line = res.output.strip()
     assert len(line.splitlines()) == 1 and re.search(r"smallest possible file: \d+ bytes", line)
     assert not small.exists()
+
+
+def test_output_tensor_type_on_a_model_with_its_own_output(tmp_path):
+    model = tiny.write_tiny_model(tmp_path / "tiny-qwen2.gguf", tiny.self_made_vocab(), "qwen2", seed=4)
+    out = tmp_path / "out.gguf"
+    res = _run("quantize", model, "--to", "Q8_0", "--allow-requantize", "--outfile", out,
+               "--output-tensor-type", "Q4_0", "--token-embedding-type", "Q5_1")
+    assert res.exit_code == 0, res.output
+    written = _types(out)
+    assert written["output.weight"] == "Q4_0" and written["token_embd.weight"] == "Q5_1"
+    assert written["blk.0.attn_q.weight"] == "Q8_0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -119,14 +120,28 @@ def inspect_cmd(model: str, as_json: bool, show_tensors: bool) -> None:
 @click.option("--threads", type=int, default=0, show_default=True,
               help="Quantizer threads (0 = the cores this process may use, at most one per physical core).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def quantize_cmd(model, targets, out_dir, imatrix, allow_requantize, force, skip_existing, threads, as_json) -> None:
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
+              help="Tensors whose name the regex finds get this ggml type (Q4_K, Q6_K, Q8_0, F16, ...); repeatable, "
+                   "the first match wins (llama-quantize's --tensor-type). A pattern that names no tensor is refused.")
+@click.option("--output-tensor-type", default=None, metavar="TYPE", help="Type of output.weight.")
+@click.option("--token-embedding-type", default=None, metavar="TYPE", help="Type of token_embd.weight.")
+@click.option("--pure", is_flag=True, help="Every tensor at the target's main type (no k-quant mix rules).")
+@click.option("--dry-run", is_flag=True, help="Write nothing: the types llama.cpp would choose and the file sizes.")
+@click.option("--outfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output file (one --to only); default <stem>-<QUANT>.gguf, <stem>-<QUANT>-mix.gguf with type options.")
+def quantize_cmd(model, targets, out_dir, imatrix, allow_requantize, force, skip_existing, threads, as_json,
+                 tensor_types, output_tensor_type, token_embedding_type, pure, dry_run, outfile) -> None:
     """Build a quantization ladder with llama.cpp's own quantizer.
+
+    Where a tensor's row length does not fit the type's block size (e.g. 576 columns and a 256-block
+    k-quant), llama.cpp falls back to a type that fits; the fallbacks are reported.
 
     \b
     Example:
       ggml-probe quantize demo --allow-requantize --to F16 --to Q8_0 --to Q4_0 --to Q4_K_M
+      ggml-probe quantize F16.gguf --to Q4_K_M --tensor-type 'blk\\.[0-2]\\.ffn_down=Q6_K' --dry-run
     """
-    from .models.quantize import quantize_ladder  # start-up time: gguf, numpy, llama_cpp
+    from .models.quantize import MixOptions, parse_tensor_type, quantize_ladder  # start-up time: gguf, numpy, llama_cpp
     from .report.terminal import print_ladder  # start-up time: rich
 
     console = _console(stderr=True)
@@ -139,9 +154,10 @@ def quantize_cmd(model, targets, out_dir, imatrix, allow_requantize, force, skip
     if status is not None:
         status.start()
     try:
+        mix = MixOptions([parse_tensor_type(t) for t in tensor_types], output_tensor_type, token_embedding_type, pure)
         results = quantize_ladder(model, targets, out_dir=out_dir, allow_requantize=allow_requantize,
                                   imatrix=imatrix, force=force, skip_existing=skip_existing,
-                                  nthread=threads, on_start=on_start)
+                                  nthread=threads, on_start=on_start, mix=mix, dry_run=dry_run, out_file=outfile)
     finally:
         if status is not None:
             status.stop()
@@ -149,10 +165,18 @@ def quantize_cmd(model, targets, out_dir, imatrix, allow_requantize, force, skip
         click.echo(json.dumps([
             {"quant": r.quant, "path": str(r.path), "seconds": round(r.seconds, 3), "size_bytes": r.info.size_bytes,
              "bits_per_weight": r.info.bits_per_weight, "tensor_types": r.info.tensor_types,
-             "requantized_from": r.requantized_from, "skipped": r.skipped}
+             "requantized_from": r.requantized_from, "skipped": r.skipped, "dry_run": r.dry_run,
+             "fallbacks": {name: {"asked": a, "used": u} for name, (a, u) in r.fallbacks.items()}}
             for r in results], indent=2))
         return
     print_ladder(_console(), results)
+    for r in results:
+        if r.fallbacks:
+            pairs = Counter(f"{a}→{u}" for a, u in r.fallbacks.values())
+            _console().print(f"{r.quant}: llama.cpp fell back for {len(r.fallbacks)} tensors (row size not a multiple "
+                             f"of the block): {', '.join(f'{k} ×{n}' for k, n in pairs.most_common())}")
+        if r.dry_run:
+            _console().print(f"{r.quant}: dry run, nothing written; {r.path.name} would be {r.info.size_bytes} bytes")
 
 
 # --------------------------------------------------------------------------- convert
@@ -584,6 +608,81 @@ def kld_cmd(models, ref, text_file, base_file, ctx, chunks, batch, threads, gpu_
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
         print_kld_summary(_console(), result.to_dict())
+
+
+# --------------------------------------------------------------------------- mix
+
+@cli.command("mix")
+@click.argument("model")
+@click.option("--ref", "ref", required=True, help="The reference for the text KLD (e.g. the F16 file).")
+@click.option("--type", "low_type", default="Q4_K", show_default=True,
+              help="The low ggml type at which each tensor group's sensitivity is measured.")
+@click.option("--budget-of", default=None, metavar="QUANT", help="Size budget: the stock file of this type (Q4_K_M).")
+@click.option("--bpw", type=float, default=None, help="Size budget in bits per weight (tensor data / parameters).")
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Plain text for the KLD (sensitivity and the final comparison); at least 2 × --ctx tokens.")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The mix's GGUF file.")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Importance matrix: weighs the static estimate by E[x²] and is used by the quantizer.")
+@click.option("--per-layer-kinds", type=int, default=1, show_default=True,
+              help="How many of the most sensitive kinds (per byte) are measured layer by layer.")
+@click.option("--ctx", type=int, default=256, show_default=True, help="Tokens per KLD chunk.")
+@click.option("--chunks", type=int, default=8, show_default=True, help="KLD chunks scored (each probe scores them).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Probe cache, stock file and mix.json (default: OUT's folder, <stem>.mix-work).")
+@click.option("--candidates", default=None, metavar="TYPES",
+              help="Comma-separated types a tensor may get (default: Q2_K,Q3_K,Q4_0,IQ4_NL,Q4_1,Q4_K,Q5_0,Q5_1,Q5_K,Q6_K,Q8_0).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use).")
+@click.option("--force", is_flag=True, help="Overwrite an existing OUT.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"mix": {...}, "stock": {...}} with sizes and KLD.')
+def mix_cmd(model, ref, low_type, budget_of, bpw, text_file, out, imatrix, per_layer_kinds, ctx, chunks, work_dir,
+            candidates, threads, force, as_json) -> None:
+    """Choose per-tensor types under a size budget from measured sensitivity, write the file, and compare
+    its text KLD with the stock file of the same budget.
+
+    Each tensor group's sensitivity is the text KLD with only that group at --type and the rest at F16
+    (per kind over all layers, then per layer for the most sensitive kinds); other types are scaled by
+    the static error Σ δW²·E[x²]. More bits go where KLD saved per byte is highest.
+
+    \b
+      ggml-probe mix models/m-F16.gguf --ref models/m-F16.gguf --type Q4_K --budget-of Q4_K_M \\
+          --text boolq.txt -o models/m-mix.gguf --json
+    """
+    from .pipeline.kld import KLDSettings  # start-up time: numpy, llama_cpp
+    from .pipeline.mix import CANDIDATE_TYPES, run_mix
+
+    text = text_file.read_text(encoding="utf-8", errors="replace")
+    console = _console(stderr=True)
+    status = console.status("mix ...") if not as_json else None
+    if status is not None:
+        status.start()
+    try:
+        result = run_mix(resolve_model(model), resolve_model(ref), text, low_type, out, budget_of=budget_of, bpw=bpw,
+                         work_dir=work_dir, imatrix=imatrix, per_layer_kinds=per_layer_kinds,
+                         candidates=tuple(t.strip().upper() for t in candidates.split(",")) if candidates else CANDIDATE_TYPES,
+                         settings=KLDSettings(ctx=ctx, chunks=chunks, threads=threads), force=force,
+                         progress=(lambda msg: status.update(f"mix: {msg}")) if status is not None else None)
+    finally:
+        if status is not None:
+            status.stop()
+    keys = ("path", "size_bytes", "bits_per_weight", "kld_mean", "kld_mean_se", "same_top_p", "ppl_ratio")
+    if as_json:
+        click.echo(json.dumps({"budget_bytes": result.budget_bytes, "budget": result.budget,
+                               "mix": {k: result.mix.get(k) for k in (*keys, "predicted_kld", "tensor_types")},
+                               "stock": {k: result.stock.get(k) for k in ("quant", *keys, "tensor_types")},
+                               "spearman_static_vs_measured": result.sensitivity.get("spearman_all")}, indent=2))
+        return
+    out_console = _console()
+    for label, fig in (("mix", result.mix), (f"stock {result.stock.get('quant') or '(none fits)'}", result.stock)):
+        if fig.get("size_bytes") is None:
+            out_console.print(f"{label}: no stock type fits {result.budget}")
+            continue
+        out_console.print(f"{label}: {fig['path']} · {human_size(fig['size_bytes'])} ({fig['size_bytes']} bytes, "
+                          f"{fig['bits_per_weight']:.2f} bpw) · KLD {fig['kld_mean']:.5f} ±{fig['kld_mean_se']:.5f}"
+                          f" · same top p {100 * fig['same_top_p']:.2f}%")
+    rho = result.sensitivity.get("spearman_all")
+    out_console.print(f"budget {result.budget} = {result.budget_bytes} bytes; static estimate vs measured KLD over "
+                      f"the measured groups: Spearman {'—' if rho is None else f'{rho:.2f}'}")
 
 
 # --------------------------------------------------------------------------- bench

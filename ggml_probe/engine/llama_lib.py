@@ -10,11 +10,12 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import re
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -199,11 +200,19 @@ def quantize_file(
     nthread: int = 0,
     imatrix: Mapping[str, np.ndarray] | None = None,
     metadata: Mapping[str, str] | None = None,
-) -> None:
+    tensor_types: Sequence[tuple[str, int]] = (),
+    output_tensor_type: int | None = None,
+    token_embedding_type: int | None = None,
+    pure: bool = False,
+    dry_run: bool = False,
+) -> QuantizePlan:
     """Run llama.cpp's own quantizer (llama_model_quantize) in-process.
 
     `imatrix` maps tensor names to per-input-channel importance (mean of squared activations,
     what llama-quantize passes). `metadata` string key-values are written into the output file.
+    `tensor_types`: (regex, ggml type) overrides, the first pattern found in a tensor's name wins
+    (llama-quantize's --tensor-type); `dry_run` writes nothing. Returns the type llama.cpp chose for
+    every tensor and its fallbacks, read from its log (the only place it reports them).
     Raises ProbeError with llama.cpp's own error line on failure.
     """
     lib = llama()
@@ -211,6 +220,12 @@ def quantize_file(
     params.nthread = nthread if nthread > 0 else default_threads()  # llama.cpp's 0 means every logical CPU
     params.ftype = ftype
     params.allow_requantize = allow_requantize
+    params.pure = pure
+    params.dry_run = dry_run
+    if output_tensor_type is not None:
+        params.output_tensor_type = output_tensor_type
+    if token_embedding_type is not None:
+        params.token_embedding_type = token_embedding_type
 
     keep_alive: list[Any] = []  # ctypes buffers must outlive the call
     if imatrix:
@@ -235,8 +250,44 @@ def quantize_file(
         overrides[len(metadata)].key = b""  # terminator: key[0] == 0
         keep_alive.append(overrides)
         params.kv_overrides = overrides
+    if tensor_types:
+        patterns = (lib.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pattern, ggml_type) in enumerate(tensor_types):
+            pattern_b = pattern.encode()
+            keep_alive.append(pattern_b)
+            patterns[i].pattern = pattern_b
+            patterns[i].type = ggml_type
+        patterns[len(tensor_types)].pattern = None  # terminator
+        keep_alive.append(patterns)
+        params.tt_overrides = patterns
 
     clear_log()
     rc = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise ProbeError(f"llama.cpp could not quantize {src.name}: {last_error('unknown error')}")
+    return parse_quantize_log("".join(text for _, text in _log_lines))
+
+
+@dataclass
+class QuantizePlan:
+    """What llama_model_quantize chose, as its log says: the type of every tensor, and the fallbacks."""
+
+    types: dict[str, str]  # tensor name → ggml type name (upper case, e.g. Q5_0)
+    fallbacks: dict[str, tuple[str, str]]  # tensor name → (type asked for, type used)
+
+
+# llama-quant.cpp's lines: "[  12/ 272] blk.0.ffn_down.weight - [ 1536, 576, 1, 1], type = f16, size = 1.69 MiB -> 0.69 MiB (q6_K)"
+# in a dry run (the new type in parentheses, only when it changes), "..., type = f16, converting to q6_K .. size = ..."
+# when writing, and "warning: NAME - ncols 576 not divisible by 256 (required for type q4_K) -> falling back to q5_0".
+_TENSOR_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+),(.*)$", re.MULTILINE)
+_NEW_TYPE = re.compile(r"converting to (\w+)|\((\w+)\)\s*$")
+_FALLBACK_LINE = re.compile(r"warning: (\S+)\s+- ncols.*\(required for type\s*(\w+)\).*?falling back to\s*(\w+)")
+
+
+def parse_quantize_log(text: str) -> QuantizePlan:
+    types = {}
+    for m in _TENSOR_LINE.finditer(text):
+        new = _NEW_TYPE.search(m[3])
+        types[m[1]] = ((new[1] or new[2]) if new else m[2]).upper()
+    fallbacks = {m[1]: (m[2].upper(), m[3].upper()) for m in _FALLBACK_LINE.finditer(text)}
+    return QuantizePlan(types, fallbacks)

@@ -72,8 +72,9 @@ def print_ladder(console: "Console", results: Sequence["QuantResult"]) -> None:
             "kept" if r.skipped else f"{r.seconds:.1f} s",
         )
     console.print(table)
-    folders = sorted({str(r.path.parent) for r in results})
-    console.print(f"[dim]written to {', '.join(folders)}[/]")
+    folders = sorted({str(r.path.parent) for r in results if not r.dry_run})
+    if folders:
+        console.print(f"[dim]written to {', '.join(folders)}[/]")
     for r in results:
         if r.fallback_types and not r.skipped:
             console.print(

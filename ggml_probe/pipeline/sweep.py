@@ -493,6 +493,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, executor: Executor | None = 
     out.mkdir(parents=True, exist_ok=True)
     _check_directory(out, spec, force)
     with directory_lock(out):
+        previous = read_json(out / SWEEP_MANIFEST) if (out / SWEEP_MANIFEST).exists() else {}
         manifest = {"spec_path": str(spec.path.resolve()), "spec_sha256": spec.sha256,
                     "spec": spec.path.read_text(encoding="utf-8"), "status": "running",
                     "executor": type(executor).__name__, "command": command or ""}
@@ -515,6 +516,13 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, executor: Executor | None = 
                 models[model] = {"dir": entry["dir"], "error": entry["error"] or f"{len(failed)} cell(s) failed: "
                                  + ", ".join(failed)}
                 continue
+            # the same spec and cells as the study already merged: read it, do not merge again
+            digest = _digest([spec.sha256, sorted(c.identity for c in mine)])
+            study_file = Path(entry["dir"]) / "study.json"
+            if ((previous.get("models") or {}).get(model) or {}).get("cells_digest") == digest and study_file.exists() \
+                    and all(outcomes[c.key]["status"] == "cached" for c in mine):
+                models[model] = {"dir": entry["dir"], "cells_digest": digest, **_model_summary(read_json(study_file))}
+                continue
             if step:
                 step(f"{model}: merging its cells into its study")
             try:
@@ -525,7 +533,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, executor: Executor | None = 
                         _write_kld_json(Path(job.kld_dir), job.reference_file, base["base_file"], text_cells, outcomes)
                 study = run_study(spec.model_paths[model], replace(config, reference=entry["reference"]),
                                   entry["dir"], command=command)
-                models[model] = {"dir": entry["dir"], **_model_summary(study)}
+                models[model] = {"dir": entry["dir"], "cells_digest": digest, **_model_summary(study)}
             except ProbeError as exc:
                 models[model] = {"dir": entry["dir"], "error": str(exc)}
         result = {**manifest, "status": "complete", "seconds": time.perf_counter() - t0,

@@ -225,11 +225,12 @@ def _one_line_error(res) -> str:
     ('tasks = ["no-such-task"]', "no-such-task"),
     ('limt = 4', "limt"),
     ('limit = "four"', "limit"),
+    ('data = {boolq = "boolq.jsonl"}', "boolq"),
 ])
 def test_bad_spec_is_one_line_naming_it(tmp_path, change, named):
     key = change.split(" =")[0]
     base = {"models": 'models = ["demo"]', "quants": 'quants = ["F16", "Q4_0"]', "tasks": 'tasks = ["yesno-mini"]',
-            "limit": "limit = 4"}
+            "limit": "limit = 4", "data": ""}
     base[key] = change
     spec = tmp_path / "SWEEP.toml"
     spec.write_text("\n".join(base.values()) + "\n")

@@ -78,7 +78,7 @@ class SweepSpec:
 def _check_type(key: str, value: Any, default: Any, where: str) -> None:
     expected = {bool: bool, int: (int,), float: (int, float), str: str, list: list, dict: dict}
     kind = type(default)
-    if default is None or kind not in expected:
+    if default is None or kind not in expected or key == "gpu_layers":  # gpu_layers: 'auto' or a number
         return
     ok = isinstance(value, expected[kind]) and not (kind is int and isinstance(value, bool))
     if not ok:
@@ -138,6 +138,10 @@ def load_spec(path: str | Path) -> SweepSpec:
             get_task(task)
         except ProbeError as exc:
             raise ProbeError(f"{where}: unknown task {task!r}: {exc}") from None
+    tasks = options.get("tasks", defaults.tasks)
+    stray = [t for t in options.get("data") or {} if t not in tasks]
+    if stray:
+        raise ProbeError(f"{where}: [data] names {stray[0]!r}, which is not one of the tasks ({', '.join(tasks)})")
     options["data"] = {task: str(local(p, f"data file of {task}")) for task, p in (options.get("data") or {}).items()}
     texts = doc.get("texts", [])
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):

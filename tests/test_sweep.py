@@ -199,6 +199,11 @@ def test_ray_sweep_equals_sequential_with_a_worker_killed_and_reruns_nothing(seq
         again = json.loads(res.stdout)
         assert {c["status"] for c in again["cells"]} == {"cached"}
         assert results() == mtimes
+        # and a sequential sweep reuses the Ray sweep's cells (the thread count is not part of a cell)
+        res = CliRunner().invoke(cli, ["sweep", str(grid / "SWEEP.toml"), "-o", str(out), "--json"])
+        assert res.exit_code == 0, res.output
+        assert {c["status"] for c in json.loads(res.stdout)["cells"]} == {"cached"}
+        assert results() == mtimes
     finally:
         ray.shutdown()
     assert not ray.is_initialized()

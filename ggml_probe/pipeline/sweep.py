@@ -41,7 +41,7 @@ from typing import Any, Callable, Protocol
 
 from ..errors import ProbeError
 from ..fsutil import sha256_file
-from ..engine.model import Vocab
+from ..engine.model import Vocab, offload_layers
 from ..formats.kld_base import KLDBaseReader
 from ..models.ggufinfo import inspect_gguf
 from ..models.quant_types import normalize_quant
@@ -443,11 +443,14 @@ def plan_cells(spec: SweepSpec, out: Path, executor: Executor, force: bool = Fal
 
 
 def _without_engine(settings: dict) -> dict:
-    """A cell's settings less the thread count (which does not change results; GPU offload does)."""
+    """A cell's settings less the thread count (which does not change results), with GPU offload as llama.cpp
+    gets it here (which does): a sequential sweep's cells are reused by a Ray sweep and the other way round."""
     out = json.loads(json.dumps(settings, default=str))
     for part in out.values():
         if isinstance(part, dict):
             part.pop("threads", None)
+            if "gpu_layers" in part:
+                part["gpu_layers"] = offload_layers(part["gpu_layers"])
     return out
 
 

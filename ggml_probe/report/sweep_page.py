@@ -79,6 +79,7 @@ def redundancy_png(models: Mapping[str, Mapping[str, Any]], task: str, colors: M
         levels = sorted(rows, key=lambda lvl: -s["levels"][lvl]["bits_per_weight"])
         pairs = [sum((rows[lvl].get("redundant_pairs") or {}).values()) for lvl in levels]
         ax.bar(levels, pairs, color=colors[model])
+        ax.set_ylim(0, max(1, max(pairs)) * 1.08)  # zero pairs read as zero, not as an empty axis
         ax.set(title=f"{model} · {task}", ylabel="redundant pairs (|corr| ≥ 0.9)")
     return _png(fig)
 
@@ -95,7 +96,7 @@ def build_sweep_sections(sweep: Mapping[str, Any]) -> tuple[list[Section], list[
         if s.get("error"):
             rows.append([model, "—", "—", f"not merged: {s['error']}"])
             continue
-        reasons = "; ".join(s.get("reasons") or []) or ("none fits" if not s.get("pick") else "")
+        reasons = " ".join(s.get("reasons") or []) or ("none fits" if not s.get("pick") else "")
         rows.append([model, s.get("reference") or "—", s.get("pick") or "none fits", reasons])
     pick.add("table", Table(["model", "reference", "pick", "why"], rows))
     sections.append(pick)

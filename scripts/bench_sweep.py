@@ -124,6 +124,10 @@ Ray's start-up (`ray.init`, local, 2 CPUs): {ray_start:.1f} s (not in the table)
 (2 × cell-phase wall − Σ cells' own seconds) / cells: **{overhead:.2f} s** (worker start and imports,
 scheduling, a worker idle while the last cell finishes). The merge (each model's study from its cells) and
 the report run in the driver in both modes, so they bound the whole sweep's ratio below the cell phase's.
+
+**Caveat (read before quoting the ratio):** on a machine shared with other jobs, two Ray workers get about
+twice the CPU share one sequential process gets, so the ratio measures that share as much as parallelism on
+idle cores; on 2 idle cores it cannot exceed 2. The per-cell overhead also counts the reference job's time.
 """
     Path(args.out).write_text(md)
     shutil.rmtree(work, ignore_errors=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -53,8 +52,12 @@ def grid(demo_ladder, boolq_path, jigsaw_path, tmp_path_factory):
     tiny = write_tiny_model(root / "tiny.gguf", vocab_path("llama-spm"))
     (root / "broken.gguf").write_bytes(tiny.read_bytes()[:3_000_000])
     (root / "SWEEP.toml").write_text(SPEC.format(boolq=boolq_path, jigsaw=jigsaw_path))
+    store = root / "models"  # the demo's ladder built for this session, linked; the tiny model's ladder is built here
+    store.mkdir()
+    for path in demo_ladder.values():
+        (store / path.name).symlink_to(path)
     old = os.environ.get("GGML_PROBE_MODELS")
-    os.environ["GGML_PROBE_MODELS"] = str(demo_ladder["F16"].parent)  # the ladder built for this session
+    os.environ["GGML_PROBE_MODELS"] = str(store)
     yield root
     if old is None:
         os.environ.pop("GGML_PROBE_MODELS", None)

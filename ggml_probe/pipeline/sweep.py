@@ -35,13 +35,13 @@ import socket
 import time
 import tomllib
 import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from ..engine.model import Vocab, offload_layers
 from ..errors import ProbeError
 from ..fsutil import sha256_file
-from ..engine.model import Vocab, offload_layers
 from ..formats.kld_base import KLDBaseReader
 from ..models.ggufinfo import inspect_gguf
 from ..models.quant_types import normalize_quant

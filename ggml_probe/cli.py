@@ -1057,6 +1057,79 @@ def study_summary_json(study: dict) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- sweep
+
+@cli.command("sweep")
+@click.argument("spec", metavar="SWEEP.toml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Sweep directory (default: sweeps/<SWEEP.toml's stem>). On Ray: a folder every node sees.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run each cell as a Ray task (pip install 'ggml-probe[ray]'): --ray alone starts a local instance, "
+                   "--ray HOST:PORT joins a cluster (`ray start --head` prints the address). Put it after SWEEP.toml.")
+@click.option("--cpus-per-cell", type=click.IntRange(min=1), default=None,
+              help="CPUs per cell, and llama.cpp's thread count in it (Ray default: 1; sequential: llama.cpp's default).")
+@click.option("--gpus-per-cell", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="GPUs per cell on Ray; a cell with a GPU offloads every layer.")
+@click.option("--force", is_flag=True, help="Accept a SWEEP.toml other than the one the directory was made by, "
+                                            "redoing the cells whose settings changed.")
+@click.option("--json", "as_json", is_flag=True, help="Print every cell's figures (and each model's pick) as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+def sweep_cmd(spec, out, ray_address, cpus_per_cell, gpus_per_cell, force, as_json, quiet) -> None:
+    """A grid of models × quant levels × tasks and texts, one after another or on Ray, with a merged report.
+
+    SWEEP.toml names the models, the levels, the tasks, texts for the text KLD and any study option;
+    each cell is one study run directory (SWEEP_DIR/<model>/runs/<task>/<LEVEL>), each model gets its
+    study (SWEEP_DIR/<model>/report.html), and SWEEP_DIR/report.html merges the grid. Rerunning
+    reuses every finished cell.
+
+    \b
+    Example SWEEP.toml:
+      models = ["demo"]
+      quants = ["F16", "Q4_0"]
+      tasks = ["boolq"]
+      limit = 12
+      allow_requantize = true
+      [data]
+      boolq = "../shared/data/boolq_validation.jsonl"
+    """
+    from .pipeline.sweep import SequentialExecutor, load_spec, run_sweep  # start-up time: the whole pipeline
+
+    sweep_spec = load_spec(spec)
+    out = out or Path("sweeps") / spec.stem
+    command = "ggml-probe " + " ".join(sys.argv[1:]) if sys.argv else ""
+
+    def step(label: str) -> None:
+        if not (quiet or as_json):
+            click.echo(f"· {label}", err=True)
+
+    def on_done(cell, outcome) -> None:
+        if not (quiet or as_json):
+            note = outcome.get("error") or f"{outcome.get('seconds') or 0:.1f} s"
+            click.echo(f"  {outcome['status']:<8} {cell.key} · {note}", err=True)
+
+    if ray_address is not None:
+        from .pipeline.sweep_ray import RayExecutor  # start-up time; needs the [ray] extra
+
+        with RayExecutor(ray_address or None, cpus_per_cell=cpus_per_cell or 1, gpus_per_cell=gpus_per_cell) as ex:
+            result = run_sweep(sweep_spec, out, ex, force=force, on_done=on_done, step=step, command=command)
+    else:
+        ex = SequentialExecutor(threads=cpus_per_cell, gpu_layers=-1 if gpus_per_cell > 0 else None)
+        result = run_sweep(sweep_spec, out, ex, force=force, on_done=on_done, step=step, command=command)
+    if as_json:
+        click.echo(json.dumps({"cells": [{k: c.get(k) for k in ("model", "level", "task", "text", "status", "error",
+                                                                "figures", "seconds")} for c in result["cells"]],
+                               "models": {m: {k: s.get(k) for k in ("pick", "reasons", "reference", "error", "dir")}
+                                          for m, s in result["models"].items()},
+                               "report": str(Path(out) / "report.html")}, indent=2, default=str))
+        return
+    failed = [c for c in result["cells"] if c["status"] == "failed"]
+    for m, s in result["models"].items():
+        click.echo(f"{m}: " + (f"not merged ({s['error']})" if s.get("error") else
+                               f"pick {s.get('pick') or 'none fits'} · {s['dir']}/report.html"))
+    click.echo(f"{len(result['cells'])} cells, {len(failed)} failed · {result['seconds']:.0f} s · "
+               f"report: {Path(out) / 'report.html'} · every figure: {Path(out) / 'sweep.json'}")
+
+
 # --------------------------------------------------------------------------- imatrix
 
 @cli.group("imatrix")

@@ -145,6 +145,13 @@ def resolve_task_data(task: str, config: StudyConfig) -> tuple[str, str | None, 
         return OFFLINE_TASK, None, task
 
 
+def study_eval_config(task_run: str, data_path: str | None, config: StudyConfig) -> EvalConfig:
+    """The eval settings of one task's runs in a study (a sweep's cells use the very same)."""
+    return EvalConfig(task=task_run, data_path=data_path, limit=config.limit, seed=config.seed,
+                      n_ctx=config.n_ctx, threads=config.threads, gpu_layers=config.gpu_layers,
+                      batch_prompts=config.batch_prompts, n_boot=config.n_boot)
+
+
 def _level_entry(run_manifest: dict) -> dict[str, Any]:
     m = run_manifest["model"]
     return {"file_type": m["file_type"], "path": m["path"], "sha256": m["sha256"], "size_bytes": m["size_bytes"],
@@ -180,9 +187,7 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
         task_texts: dict[str, str] = {}
         for task in config.tasks:
             task_run, data_path, fallback_from = resolve_task_data(task, config)
-            eval_config = EvalConfig(task=task_run, data_path=data_path, limit=config.limit, seed=config.seed,
-                                     n_ctx=config.n_ctx, threads=config.threads, gpu_layers=config.gpu_layers,
-                                     batch_prompts=config.batch_prompts, n_boot=config.n_boot)
+            eval_config = study_eval_config(task_run, data_path, config)
             # The same flow as `eval --neurons`: each level's pass (resumable), the comparison, the neuron part.
             runs = run_level_files(files, eval_config, out / "runs" / task_run, reference=config.reference,
                                    resume=not force, force=force, progress=progress,

@@ -54,7 +54,7 @@ def floor_study(demo_ladder, boolq_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("floor-study")
     args = ["study", "demo", "--quants", "F16,Q4_0", "--task", TASK, "--data", str(boolq_path), "--limit", "8",
             "--salient-examples", "2", "--ablate-top", "1", "--no-weights", "--kld-ctx", "128", "--kld-chunks", "4",
-            "--speed", "32,8,2", "-o", str(out)]
+            "--speed", "32,8,2", "--threads", "1", "-o", str(out)]
     with pytest.MonkeyPatch.context() as mp:  # the session's ladder files are the study's store
         mp.setenv("GGML_PROBE_MODELS", str(demo_ladder["F16"].parent))
         mp.setenv("COLUMNS", "250")

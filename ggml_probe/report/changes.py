@@ -44,7 +44,8 @@ def what_changed(study: Mapping[str, Any], max_items: int = 6) -> list[dict[str,
     Ranked: significant first (a paired interval excluding 0), then by a unitless size (|Δ| of a fraction,
     1 − agreement, 1 − e^−KL, 1 − Jaccard, relative RMSE); every kind of change gets a place before a kind
     repeats. Returns [{"text", "metric", "level", "task", "value", "ci_low", "ci_high", "significant",
-    "score"}].
+    "score"}]; with the study's noise floor measured, also "within_noise_floor" and "noise_floor" (FLOOR_OF),
+    and the text says when the change is within it.
     """
     items: list[dict[str, Any]] = []
     paper_mode = (study.get("study") or {}).get("mode") == "paper"

@@ -8,10 +8,11 @@ reference on the same examples, a resumable run directory like every level's:
     STUDY/noise_floor/<task>/<perturbation>/<REF>/   the perturbed pass (and its neuron part)
     STUDY/noise_floor/kld.json                       the text KLD of the reference under each perturbation
 
-The neuron part of a perturbed pass keeps dead, redundant and salient neurons (exact attribution is a
-closed form on the last layer: cheap) and skips the ablation check, which explains salient neurons rather
-than measuring them. The text KLD scores the reference file against the study's own base (the
-reference's log-probabilities at the study's settings) with the perturbed settings.
+The neuron part of a perturbed pass keeps dead and salient neurons (exact attribution is a closed form on
+the last layer: cheap) and skips the redundancy correlations and the ablation check: the floor compares
+neither, and they are the neuron part's largest fixed costs. The text KLD scores the reference file
+against the study's own base (the reference's log-probabilities at the study's settings) with the
+perturbed settings.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..analysis.noise_floor import DEFINITIONS, effects, noise_floor, text_kld_e
 from ..engine.llama_lib import default_threads
 from ..errors import ProbeError
 from .compare import compare_runs
-from .evaluation import EvalConfig
+from .evaluation import EvalConfig, NeuronSettings
 from .kld import KLDSettings, score_model
 from .neurons import NeuronAnalysis
 from .rundir import read_json, write_json
@@ -90,6 +91,9 @@ def task_floor(reference: str, ref_path: Path, ref_run_dir: Path, eval_config: E
     for name in names:
         p = PERTURBATIONS[name]
         config = p.eval_config(eval_config)
+        if light is not None and config.neurons is None:  # capture what the floor compares: no redundancy
+            config = replace(config, neurons=NeuronSettings(layers=light.layers, definitions=(light.neuron,),
+                                                            tau=light.tau, redundancy=False))
         if progress:
             progress.step(f"noise floor · {eval_config.task} · {reference} with {p.describe(eval_config)}")
         result = run_level_files({reference: ref_path}, config, out / _dir_name(name, config), resume=not force,

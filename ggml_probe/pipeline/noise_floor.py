@@ -8,8 +8,8 @@ reference on the same examples, a resumable run directory like every level's:
     STUDY/noise_floor/<task>/<perturbation>/<REF>/   the perturbed pass (and its neuron part)
     STUDY/noise_floor/kld.json                       the text KLD of the reference under each perturbation
 
-The neuron part of a perturbed pass keeps dead and salient neurons (exact attribution is a closed form on
-the last layer: cheap) and skips the redundancy correlations and the ablation check: the floor compares
+The neuron part of a perturbed pass keeps dead and salient neurons (salient only with the exact
+attribution, a closed form on the last layer: cheap; ig and dla would add a torch pass per prompt) and skips the redundancy correlations and the ablation check: the floor compares
 neither, and they are the neuron part's largest fixed costs. The text KLD scores the reference file
 against the study's own base (the reference's log-probabilities at the study's settings) with the
 perturbed settings.
@@ -87,6 +87,8 @@ def task_floor(reference: str, ref_path: Path, ref_run_dir: Path, eval_config: E
     if unknown:
         raise ProbeError(f"unknown noise-floor perturbation {', '.join(unknown)}; known: {', '.join(PERTURBATIONS)}")
     light = replace(neurons, ablate_top=0) if neurons is not None else None
+    if light is not None and light.attribution != "exact":  # ig/dla cost a torch pass per prompt and layer
+        light = replace(light, salient_examples=0)  # the floor keeps dead sets; salient ones only when cheap
     runs, settings, by_name = {}, {}, {}
     for name in names:
         p = PERTURBATIONS[name]

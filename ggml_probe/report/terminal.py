@@ -210,8 +210,8 @@ def floor_line(study: dict, task: str | None) -> str | None:
     floor = (t or {}).get("floor") or {}
     if not floor:
         return None
-    shown = [("flips", "flips", "{:.0f}"), ("accuracy_delta", "|Δacc|", "{:.3f}"), ("kl_label_mean", "KL label", "{:.2g}"),
-             ("kl_full_mean", "KL full", "{:.2g}"), ("ace_paper_delta", "|ΔACE|", "{:.3f}"),
+    shown = [("flips", "flips", "{:.0f}"), ("accuracy_delta", "|Δacc|", "{:.2g}"), ("kl_label_mean", "KL label", "{:.2g}"),
+             ("kl_full_mean", "KL full", "{:.2g}"), ("ace_paper_delta", "|ΔACE|", "{:.2g}"),
              ("dead_count_delta", "dead", "{:.0f}"), ("salient_count_delta", "salient", "{:.0f}"),
              ("text_kld_mean", "text KLD", "{:.2g}"), ("text_kld_p99", "p99", "{:.2g}")]
     parts = [f"{label} {spec.format(floor[k]['value'])} ({floor[k]['by']})" for k, label, spec in shown if k in floor]

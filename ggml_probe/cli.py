@@ -975,6 +975,12 @@ class _StudyProgress(_RunProgress):
 @click.option("--memory", "memory", default=None,
               help="The pick's memory budget (e.g. 8GiB; default: this machine's available memory).")
 @click.option("--allow-requantize", is_flag=True, help="Allow a ladder from an already-quantized source (implied for demo).")
+@click.option("--no-noise-floor", is_flag=True,
+              help="Skip the noise floor (the reference run again with prompts packed per decode, flash attention "
+                   "switched and another thread count, to tell quantization effects from decode noise).")
+@click.option("--no-speed", is_flag=True, help="Skip the speed table (bench's pp/tg tokens/s and memory per level).")
+@click.option("--speed", "speed_spec", default="128,32,2", show_default=True, metavar="PP,TG,REPS",
+              help="The speed table's prompt tokens, generated tokens and repetitions (bench -p, -n, -r).")
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Study directory (default: studies/<model>).")
 @click.option("--force", is_flag=True, help="Recompute finished levels instead of reusing them.")
@@ -984,7 +990,7 @@ class _StudyProgress(_RunProgress):
 def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, reference, no_neurons, salient_examples,
               attribution, attribution_target, ablate_top, no_weights, kld_text, kld_ctx, kld_chunks, no_kld,
               max_kld, max_p99_kld, max_accuracy_drop, memory, allow_requantize, out, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet,
-              trace_tokens) -> None:
+              trace_tokens, no_noise_floor=False, no_speed=False, speed_spec="128,32,2") -> None:
     """The whole study: ladder, one pass per level and task, comparisons, weights, and a report.
 
     Resumable: rerun the same command after an interruption and finished levels are reused.
@@ -1023,6 +1029,11 @@ def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, 
                          n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts)
     config.trace, config.trace_tokens = trace_tokens > 0, max(trace_tokens, 1)
     config.trace_ctx = min(config.trace_ctx, config.trace_tokens)
+    config.noise_floor, config.speed = not no_noise_floor, not no_speed
+    speed_parts = speed_spec.split(",")
+    if len(speed_parts) != 3 or not all(x.strip().isdigit() for x in speed_parts):
+        raise ProbeError(f"--speed {speed_spec}: give PP,TG,REPS as three whole numbers, e.g. 128,32,2")
+    config.speed_prompt, config.speed_gen, config.speed_reps = (int(x) for x in speed_parts)
     out = out or Path("studies") / ladder_stem(resolve_model(model))
     command = "ggml-probe " + " ".join(sys.argv[1:]) if sys.argv else ""
     with _StudyProgress(quiet or as_json) as bars:
@@ -1040,6 +1051,10 @@ def study_summary_json(study: dict) -> dict:
            "kld": {level: {k: m.get(k) for k in ("kld_mean", "kld_p99", "same_top_p", "ppl_ratio", "rms_dp")}
                    for level, m in ((study.get("kld") or {}).get("models") or {}).items()},
            "pick": ((study.get("pick") or {}).get("result") or {}).get("pick"),
+           "noise_floor": {task: t.get("floor") for task, t in ((study.get("noise_floor") or {}).get("tasks") or {}).items()},
+           "speed": {level: {k: d.get(k) for k in ("pp_tokens_per_s", "pp_tokens_per_s_sd", "tg_tokens_per_s",
+                                                     "tg_tokens_per_s_sd")}
+                     for level, d in ((study.get("speed") or {}).get("levels") or {}).items()},
            "pick_reasons": ((study.get("pick") or {}).get("result") or {}).get("reasons", [])}
     for task, t in study["tasks"].items():
         rows = {}

@@ -331,7 +331,8 @@ def test_study_passes_batch_to_its_runs(demo_ladder, tmp_path, monkeypatch):
     monkeypatch.setenv("GGML_PROBE_MODELS", str(demo_ladder["F16"].parent))
     out = tmp_path / "study"
     res = CliRunner().invoke(cli, ["study", "demo", "--quants", "F16", "--task", "yesno-mini", "--limit", "6",
-                                   "--no-weights", "--no-neurons", "--batch", "4", "-q", "-o", str(out)])
+                                   "--no-weights", "--no-neurons", "--batch", "4", "-q", "-o", str(out),
+                                   "--no-noise-floor", "--no-speed"])
     assert res.exit_code == 0, res.output
     manifest = json.loads((out / "runs" / "yesno-mini" / "F16" / "manifest.json").read_text())
     assert manifest["config"]["batch_prompts"] == 4 and manifest["identity"]["batch_prompts"] == 4

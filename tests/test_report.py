@@ -32,7 +32,8 @@ N_BOOT = 200
 def real_study(demo_ladder, boolq_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     config = StudyConfig(quants=["F16", "Q4_0"], tasks=[TASK], data={TASK: str(boolq_path)}, limit=8,
-                         salient_examples=3, ablate_top=2, n_boot=N_BOOT)
+                         salient_examples=3, ablate_top=2, n_boot=N_BOOT,
+                         noise_floor=False, speed=False)  # test_noise_floor's study covers those
     with pytest.MonkeyPatch.context() as mp:  # the session's ladder files are the study's store
         mp.setenv("GGML_PROBE_MODELS", str(demo_ladder["F16"].parent))
         returned = run_study("demo", config, out)

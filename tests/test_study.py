@@ -18,7 +18,8 @@ from ggml_probe.cli import cli
 from ggml_probe.errors import ProbeError
 from ggml_probe.pipeline.rundir import directory_lock
 
-STUDY_ARGS = ["--quants", "F16,Q4_0", "--task", "yesno-mini", "--limit", "12", "--no-weights", "--no-neurons", "-q"]
+STUDY_ARGS = ["--quants", "F16,Q4_0", "--task", "yesno-mini", "--limit", "12", "--no-weights", "--no-neurons", "-q",
+              "--no-noise-floor", "--no-speed"]  # test_noise_floor covers those
 
 
 @pytest.fixture()

@@ -9,6 +9,8 @@ Layout of a study directory:
     report.html/.md       the report (plots/ beside the markdown)
     runs/<task>/<LEVEL>/  one eval run directory per task and level (resumable)
     weights/<LEVEL>.json  weight error of each level against the reference
+    noise_floor/          the reference run again under changes that carry no quantization (noise_floor.py)
+    speed.json            pp/tg tokens/s and memory of every level (bench's measurement), reused on rerun
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ from .compare import reference_level
 from .evaluation import EvalConfig, ladder_files, task_spec
 from .kld import KLDSettings, run_kld
 from .neurons import TARGET_DEFINITIONS, NeuronAnalysis
+from .noise_floor import study_floor
 from .pick import DEFAULT_RUN_CTX, accuracy_from_comparison, level_context
 from .rundir import directory_lock, read_json, write_json
 from .runs import RunProgress, run_level_files
 from .trace import TraceSettings, run_trace, trace_key
+from .speed import BenchSettings, bench_files
 
 
 DEFAULT_QUANTS = ["F16", "Q8_0", "Q4_K_M", "Q4_0"]
@@ -93,6 +97,11 @@ class StudyConfig:
     trace_ctx: int = 128  # tokens per chunk of the trace
     trace_tokens: int = 128  # tokens traced per level: one chunk keeps the study fast (2 + n_layer + 1 decodes)
     trace_layers: str | None = None  # blocks compared and patched (layerspec); None: every block
+    noise_floor: bool = True  # the reference against itself under batch layout, flash attention, threads
+    speed: bool = True  # bench's pp/tg tokens/s and memory per level, small by default to keep the study fast
+    speed_prompt: int = 128
+    speed_gen: int = 32
+    speed_reps: int = 2
 
     def apply_paper(self) -> None:
         """The reference study's exact protocol (study-protocol.md)."""
@@ -176,6 +185,8 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
     if config.paper:
         config.apply_paper()
     config.attribution = config.attribution or "exact"
+    if config.speed:  # bad speed settings fail before any pass, not after them
+        BenchSettings(n_prompt=config.speed_prompt, n_gen=config.speed_gen, reps=config.speed_reps)
     config.attribution_target = config.attribution_target or "label"
     src = resolve_model(model)
     allow = config.allow_requantize or str(model) == DEMO_NAME
@@ -185,6 +196,7 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
         files = ladder_files(src, config.quants, allow_requantize=allow)
         study: dict[str, Any] = {"tasks": {}, "levels": {}, "weights": {}}
         task_texts: dict[str, str] = {}
+        floor_tasks: dict[str, dict[str, Any]] = {}
         for task in config.tasks:
             task_run, data_path, fallback_from = resolve_task_data(task, config)
             eval_config = study_eval_config(task_run, data_path, config)
@@ -202,6 +214,7 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
                 "reliability": {lvl: _reliability(d) for lvl, d in runs.run_dirs.items()},
             }
             task_texts[task_run] = task_text(_examples(eval_config), data_path)
+            floor_tasks[task_run] = {"eval_config": eval_config}
             if config.neurons:
                 study["tasks"][task_run]["neurons"] = runs.neurons
                 study["tasks"][task_run]["neuron_comparison"] = runs.neuron_comparison or {}
@@ -212,6 +225,12 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
             study["weights"] = _weights_section(files, reference, out, force, progress, shas)
         if config.kld:
             study["kld"] = _kld_section(files, reference, config, out, task_texts, progress)
+        if config.noise_floor:
+            study["noise_floor"] = _noise_floor_section(files, reference, config, out, study, floor_tasks, force,
+                                                        progress)
+        if config.speed:
+            study["speed"] = _speed_section(files, config, out, study, force, progress)
+        if config.kld:
             if config.pick and (study["kld"].get("models") or len(files) == 1):
                 study["pick"] = _pick_section(files, reference, study, config)
         if config.trace:
@@ -344,6 +363,50 @@ def _trace_section(files: dict[str, Path], reference: str, config: StudyConfig, 
     return section
 
 
+def _noise_floor_section(files: dict[str, Path], reference: str, config: StudyConfig, out: Path,
+                         study: dict[str, Any], floor_tasks: dict[str, dict[str, Any]], force: bool,
+                         progress: StudyProgress | None) -> dict[str, Any]:
+    """The reference's perturbed passes on every task and its text KLD against itself (noise_floor.py)."""
+    for task, t in floor_tasks.items():
+        t["run_dir"] = study["tasks"][task]["runs"][reference]["run_dir"]
+        t["neurons"] = (study["tasks"][task].get("neurons") or {}).get(reference)
+    kld = study.get("kld") or {}
+    settings = KLDSettings(**kld["settings"]) if kld.get("settings") else None
+    return study_floor(reference, files[reference], floor_tasks, out / "noise_floor",
+                       neurons=config.neuron_analysis() if config.neurons else None,
+                       kld_base=Path(kld["base_file"]) if kld.get("base_file") else None, kld_settings=settings,
+                       force=force, progress=progress)
+
+
+def _speed_section(files: dict[str, Path], config: StudyConfig, out: Path, study: dict[str, Any], force: bool,
+                   progress: StudyProgress | None) -> dict[str, Any]:
+    """bench's speed and memory of every level (pipeline.speed), cached in speed.json by file and settings."""
+    settings = BenchSettings(n_prompt=config.speed_prompt, n_gen=config.speed_gen, reps=config.speed_reps,
+                             threads=config.threads, gpu_layers=config.gpu_layers)
+    key = {"sha256": {lvl: study["levels"][lvl]["sha256"] for lvl in files}, "settings": asdict(settings)}
+    cache = out / "speed.json"
+    if cache.exists() and not force:
+        cached = read_json(cache)
+        if cached.get("key") == key:
+            return cached["result"]
+    t0 = time.perf_counter()
+    trackers: dict[str, Any] = {}
+
+    def bench_progress(label: str, done: int, total: int) -> None:
+        if progress is None:
+            return
+        if label not in trackers:
+            trackers[label] = progress.run(f"speed · {label}")
+        if trackers[label]:
+            trackers[label](done, total)
+
+    if progress:
+        progress.step(f"speed: pp{settings.n_prompt} / tg{settings.n_gen}, {settings.reps} repetitions per level")
+    result = {**bench_files(files, settings, bench_progress).to_dict(), "seconds": time.perf_counter() - t0}
+    write_json(cache, {"key": key, "result": result})
+    return result
+
+
 def _pick_section(files: dict[str, Path], reference: str, study: dict[str, Any],
                   config: StudyConfig) -> dict[str, Any]:
     """Which level to run: the smallest within the quality budget (text KLD; the worst accuracy change over
@@ -365,6 +428,8 @@ def _pick_section(files: dict[str, Path], reference: str, study: dict[str, Any],
         drops = [d for d in drops if d is not None]
         if drops:
             rec.update(min(drops, key=lambda d: d["accuracy_delta"]))
+        speed = ((study.get("speed") or {}).get("levels") or {}).get(level) or {}
+        rec.update({k: speed[k] for k in ("pp_tokens_per_s", "tg_tokens_per_s") if speed.get(k) is not None})
         levels[level] = rec
     budget = Budget(max_kld=config.max_kld, max_p99_kld=config.max_p99_kld,
                     max_accuracy_drop=config.max_accuracy_drop, memory_bytes=config.memory_bytes)
@@ -399,5 +464,10 @@ def _definitions(config: StudyConfig) -> dict[str, str]:
                   "kqv_out, attn_out, ffn_out and l_out against the reference's (mean over tokens); KL ≤ k = the KL of "
                   "the reference model run with its residual stream after block k replaced by the level's (embedding "
                   "and blocks ≤ k quantized); its steps add up to the level's KL"),
+        "noise_floor": ("the reference level run again under changes that carry no quantization (prompts packed "
+                        "per decode, flash attention switched, another thread count), each compared with its own "
+                        "run; per metric the largest change over them. An effect no larger is within the floor"),
+        "speed": ("llama-bench's protocol (ggml-probe bench): ppN = N random tokens in one decode, tgN = N tokens "
+                  "one at a time; tokens/s mean ± sd over the repetitions after a warm-up; memory: peak RSS"),
         "weights": "per tensor: relative RMSE ‖W−W_ref‖/‖W_ref‖, SQNR 10·log10(‖W_ref‖²/‖W−W_ref‖²), cosine, max |ΔW|",
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from ..analysis.noise_floor import within_floor
 from .values import get, interval, num, signed, significant
 
 # Calibration changes the list reports: (metric key in paired_deltas and in a run's metrics, name shown)
@@ -43,7 +44,8 @@ def what_changed(study: Mapping[str, Any], max_items: int = 6) -> list[dict[str,
     Ranked: significant first (a paired interval excluding 0), then by a unitless size (|Δ| of a fraction,
     1 − agreement, 1 − e^−KL, 1 − Jaccard, relative RMSE); every kind of change gets a place before a kind
     repeats. Returns [{"text", "metric", "level", "task", "value", "ci_low", "ci_high", "significant",
-    "score"}].
+    "score"}]; with the study's noise floor measured, also "within_noise_floor" and "noise_floor" (FLOOR_OF),
+    and the text says when the change is within it.
     """
     items: list[dict[str, Any]] = []
     paper_mode = (study.get("study") or {}).get("mode") == "paper"
@@ -74,6 +76,7 @@ def what_changed(study: Mapping[str, Any], max_items: int = 6) -> list[dict[str,
                 else:
                     text = f"{level} on {task}: accuracy {span} vs {ref}, {_verdict(lo, hi)}."
                 add(text, "accuracy_delta", level, task, v, lo, hi, score=max(abs(v), 1 - float(c.get("agreement", 1.0))))
+                items[-1]["flips"] = flips.get("changed")
             kl = num(c.get("kl_full_mean"))
             if kl is not None:
                 top1 = c.get("top1_agreement")
@@ -93,6 +96,7 @@ def what_changed(study: Mapping[str, Any], max_items: int = 6) -> list[dict[str,
                     f" (paired bootstrap), {_verdict(lo, hi)}.", key + "_delta", level, task, v, lo, hi, score=abs(v))
         _neuron_changes(t, task, ref, add)
     _text_kld_changes(study, add)
+    _compare_with_floor(items, study)
     for level, w in (study.get("weights") or {}).items():
         rows = [r for r in (w or {}).get("layers") or [] if num(r.get("rel_rmse")) is not None]
         if not rows:
@@ -105,6 +109,51 @@ def what_changed(study: Mapping[str, Any], max_items: int = 6) -> list[dict[str,
                 + (f"; over all compared tensors {tot:.4f}." if tot is not None else "."))
         add(text, "weight_rel_rmse", level, None, worst["rel_rmse"], score=worst["rel_rmse"])
     return _rank(items, max_items)
+
+
+# A change's size as the noise floor measures it: the what-changed metric → (floor metric, the size read
+# from the item, how the floor's value is worded).
+FLOOR_OF = {
+    "accuracy_delta": ("flips", lambda i: i.get("flips"), lambda v: f"{v:.0f} flip{'s' if v != 1 else ''}"),
+    "kl_full_mean": ("kl_full_mean", lambda i: i["value"], lambda v: f"KL {v:.3g}"),
+    "ace_paper_delta": ("ace_paper_delta", lambda i: i["value"], lambda v: f"|Δ ACE| {v:.3f}"),
+    "ece_delta": ("ece_delta", lambda i: i["value"], lambda v: f"|Δ ECE| {v:.3f}"),
+    "dead_count_delta": ("dead_count_delta", lambda i: i["value"], lambda v: f"{v:.0f} dead neurons"),
+    "salient_count_delta": ("salient_count_delta", lambda i: i["value"], lambda v: f"{v:.0f} salient neurons"),
+    "text_kld_mean": ("text_kld_mean", lambda i: i["value"], lambda v: f"text KLD {v:.4f}"),
+}
+
+
+def floor_for(study: Mapping[str, Any], metric: str, task: str | None) -> dict[str, Any] | None:
+    """The noise floor of a what-changed metric on a task (text KLD: the study's text), with its wording
+    (`text`: "2 flips between batch layouts of F16"); None when the study did not measure it."""
+    section = study.get("noise_floor") or {}
+    if metric not in FLOOR_OF or not section:
+        return None
+    name, _, word = FLOOR_OF[metric]
+    paper = (study.get("study") or {}).get("mode") == "paper"
+    if paper and name in ("ace_paper_delta", "ece_delta"):
+        name = "paper." + name
+    source = section.get("text_kld") if metric == "text_kld_mean" else (section.get("tasks") or {}).get(task)
+    floor = ((source or {}).get("floor") or {}).get(name)
+    if not floor:
+        return None
+    phrase = (section.get("perturbations") or {}).get(floor.get("by"), f"under {floor.get('by')}")
+    return {**floor, "metric": name,
+            "text": f"{word(float(floor['value']))} {phrase} of {section.get('reference')}"}
+
+
+def _compare_with_floor(items: list[dict[str, Any]], study: Mapping[str, Any]) -> None:
+    """Each change against the noise floor: within it, the sentence says so (and the item records it)."""
+    for item in items:
+        floor = floor_for(study, item["metric"], item["task"])
+        if floor is None:
+            continue
+        effect = FLOOR_OF[item["metric"]][1](item)
+        item["within_noise_floor"] = within_floor(effect, floor)
+        item["noise_floor"] = floor["value"]
+        if item["within_noise_floor"]:
+            item["text"] = item["text"].removesuffix(".") + f" — within the noise floor ({floor['text']})."
 
 
 def _text_kld_changes(study: Mapping[str, Any], add) -> None:

@@ -144,8 +144,11 @@ def build_report(study: Mapping[str, Any]) -> Report:
     changes = study.get("what_changed")
     # the pick first after what changed: "which level should I run?" is the question most readers bring
     sections = [_what_changed_section(s, what_changed(study) if changes is None else changes),
-                _pick_section(s, study.get("pick") or {}), _tables_section(s), _text_kld_section(s, study.get("kld") or {}),
-                _trace_section(s, study.get("trace") or {}), _figures_section(s), _neurons_section(s), _weights_section(s), _manifest_section(s)]
+                _pick_section(s, study.get("pick") or {}), _tables_section(s),
+                _text_kld_section(s, study.get("kld") or {}),
+                _noise_floor_section(s, study.get("noise_floor") or {}), _speed_section(s, study.get("speed") or {}),
+                _trace_section(s, study.get("trace") or {}),
+                _figures_section(s), _neurons_section(s), _weights_section(s), _manifest_section(s)]
     header = {"model": meta.get("model") or "—", "levels": levels, "reference": s.reference,
               "tasks": list(meta.get("tasks") or tasks), "mode": mode, "created": meta.get("created"),
               "seconds": meta.get("seconds"), "colors": s.colors,
@@ -528,6 +531,86 @@ def _trace_section(s: _Study, trace: Mapping[str, Any]) -> Section:
     missing = [n for n in s.plot_notes if n.startswith("Where the error enters")]
     if missing:
         sec.add("note", "; ".join(missing) + ".")
+    return sec
+
+
+# =============================================================================================
+# noise floor
+
+
+def _floor_value(metric: str, v: float | None) -> str:
+    if v is None:
+        return "—"
+    if metric.endswith("count_delta") or metric == "flips":
+        return f"{v:.0f}"
+    return f"{v:.3g}"
+
+
+def _floor_table(effects: Mapping[str, Mapping[str, float]], floor: Mapping[str, Mapping[str, Any]],
+                 definitions: Mapping[str, str], caption: str) -> Table:
+    names = list(effects)
+    rows = []
+    for metric, f in floor.items():
+        rows.append([Cell(metric, definitions.get(metric, "")),
+                     *[_floor_value(metric, (effects.get(n) or {}).get(metric)) for n in names],
+                     Cell(_floor_value(metric, f.get("value")), cls="strong")])
+    return Table(["metric", *names, "floor (max)"], rows, caption=caption)
+
+
+def _noise_floor_section(s: _Study, floor: Mapping[str, Any]) -> Section:
+    sec = Section("noise-floor", "Noise floor: the reference against itself")
+    if not floor:
+        sec.add("note", f"The noise floor: {NOT_MEASURED}.")
+        return sec
+    ref = floor.get("reference")
+    sec.add("p", f"{ref} run again on the same examples under changes that carry no quantization, each compared with "
+                 f"{ref}'s own run by the same comparison a quantization level gets; the floor of a metric is its "
+                 "largest change over them. A quantization effect no larger than the floor cannot be told from "
+                 "the noise of the decode itself (what changed says so).")
+    defs = floor.get("definitions") or {}
+    for task, t in (floor.get("tasks") or {}).items():
+        sec.add("h3", task)
+        settings = "; ".join(f"{n}: {v}" for n, v in (t.get("settings") or {}).items())
+        sec.add("table", _floor_table(t.get("effects") or {}, t.get("floor") or {}, defs,
+                                      f"Each column: {ref} under one change against its own run ({settings})."))
+    text = floor.get("text_kld")
+    if text:
+        sec.add("h3", "text KLD")
+        sec.add("table", _floor_table(text.get("effects") or {}, text.get("floor") or {}, defs,
+                                      f"{ref} scored against its own text-KLD base (computed at the study's settings) "
+                                      "under each change; the base stores log-probabilities in llama-perplexity's "
+                                      "16-bit form, so even unchanged settings leave a small KLD."))
+    return sec
+
+
+# =============================================================================================
+# speed
+
+
+def _speed_section(s: _Study, speed: Mapping[str, Any]) -> Section:
+    sec = Section("speed", "Speed and memory per level")
+    if not speed:
+        sec.add("note", f"Speed: {NOT_MEASURED}.")
+        return sec
+    st = speed.get("settings") or {}
+    rows = []
+    for lvl in s.levels:
+        d = (speed.get("levels") or {}).get(lvl)
+        if not d:
+            continue
+        mem = d.get("memory") or {}
+        rows.append([Cell(lvl, cls="strong"), size(d.get("file_bytes")), fmt(d.get("bits_per_weight"), ".2f"),
+                     Cell(fmt(d.get("pp_tokens_per_s"), ".1f"), f"± {fmt(d.get('pp_tokens_per_s_sd'), '.1f')}"),
+                     Cell(fmt(d.get("tg_tokens_per_s"), ".1f"), f"± {fmt(d.get('tg_tokens_per_s_sd'), '.1f')}"),
+                     size(mem.get("llama_bytes")), size(mem.get("peak_rss_bytes"))])
+    system = speed.get("system") or {}
+    sec.add("table", Table(["level", "file", "bits/weight", f"pp{st.get('n_prompt')} tokens/s",
+                            f"tg{st.get('n_gen')} tokens/s", "llama.cpp memory", "peak RSS"], rows,
+                           caption=f"llama-bench's protocol (ggml-probe bench): a warm-up, then {st.get('reps')} "
+                                   f"repetitions, mean ± sd; {st.get('threads')} threads, flash attention "
+                                   f"{'on' if st.get('flash_attn') else 'off'}, {system.get('cpu_count')} CPUs seen. "
+                                   "llama.cpp memory: weights + KV cache + compute buffers of the larger test; peak "
+                                   "RSS: the process's, reset before each level where Linux allows."))
     return sec
 
 

@@ -200,6 +200,7 @@ def print_study_summary(console: "Console", study: dict, out_dir) -> None:
         console.print(table)
     elif kld.get("note"):
         console.print(f"[yellow]text KLD not measured: {escape(kld['note'])}[/]")
+    _print_floor_and_speed(console, study)
     result = (study.get("pick") or {}).get("result")
     if result:
         if result["pick"] is not None:
@@ -212,6 +213,47 @@ def print_study_summary(console: "Console", study: dict, out_dir) -> None:
         for item in study["what_changed"]:
             console.print(f" • {item['text']}")
     console.print(f"[dim]report: {out_dir}/report.html · {out_dir}/report.md · every figure: {out_dir}/study.json[/]")
+
+
+def floor_line(study: dict, task: str | None) -> str | None:
+    """One line of a task's noise floor (text KLD's when task is None): its largest changes of the reference
+    under changes that carry no quantization."""
+    section = study.get("noise_floor") or {}
+    t = section.get("text_kld") if task is None else (section.get("tasks") or {}).get(task)
+    floor = (t or {}).get("floor") or {}
+    if not floor:
+        return None
+    shown = [("flips", "flips", "{:.0f}"), ("accuracy_delta", "|Δacc|", "{:.2g}"), ("kl_label_mean", "KL label", "{:.2g}"),
+             ("kl_full_mean", "KL full", "{:.2g}"), ("ace_paper_delta", "|ΔACE|", "{:.2g}"),
+             ("dead_count_delta", "dead", "{:.0f}"), ("salient_count_delta", "salient", "{:.0f}"),
+             ("text_kld_mean", "text KLD", "{:.2g}"), ("text_kld_p99", "p99", "{:.2g}")]
+    parts = [f"{label} {spec.format(floor[k]['value'])} ({floor[k]['by']})" for k, label, spec in shown if k in floor]
+    return f"noise floor · {task or 'text KLD'} · {section.get('reference')} vs itself: " + ", ".join(parts)
+
+
+def _print_floor_and_speed(console: "Console", study: dict) -> None:
+    """The noise floor (a line per task and for the text KLD) and the speed table of a study."""
+    for task in [*((study.get("noise_floor") or {}).get("tasks") or {}), None]:
+        line = floor_line(study, task)
+        if line:
+            console.print(escape(line))
+    speed = study.get("speed") or {}
+    if speed.get("levels"):
+        st = speed.get("settings") or {}
+        table = Table(title=f"speed · pp{st.get('n_prompt')} / tg{st.get('n_gen')} · {st.get('reps')} reps · "
+                            f"{st.get('threads')} threads")
+        for c in ("level", "pp tokens/s", "tg tokens/s", "peak RSS"):
+            table.add_column(c, justify="left" if c == "level" else "right", no_wrap=True)
+        for level, d in speed["levels"].items():
+            rss = (d.get("memory") or {}).get("peak_rss_bytes")
+            table.add_row(level, _rate(d.get("pp_tokens_per_s"), d.get("pp_tokens_per_s_sd")),
+                          _rate(d.get("tg_tokens_per_s"), d.get("tg_tokens_per_s_sd")),
+                          human_size(rss) if rss else "—")
+        console.print(table)
+
+
+def _rate(mean, sd) -> str:
+    return "—" if mean is None else f"{mean:.1f} ±{sd or 0:.1f}"
 
 
 def targets_text(targets: dict) -> str:

@@ -837,7 +837,6 @@ def pick_cmd(model, quants, text_file, task, data_path, limit, max_kld, max_p99_
         def progress(done: int, total: int, label: str) -> None:
             track(f"{label} · KLD chunks", done, total)
 
-        speed_measure = speed_source = None
         if measure_speed:
             from .pipeline.speed import BenchSettings, bench_files  # start-up time (and used only with --speed)
 
@@ -846,6 +845,8 @@ def pick_cmd(model, quants, text_file, task, data_path, limit, max_kld, max_p99_
 
             def speed_measure(files):
                 return bench_files(files, bench, lambda label, done, total: track(f"{label} · speed", done, total)).speed()
+        else:
+            speed_measure = speed_source = None
 
         result = pick_levels(model, [q for q in quants.split(",") if q.strip()], text=text, text_file=text_file,
                              task=task, data_path=data_path, budget=budget, prefer=prefer, out=out,

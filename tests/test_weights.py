@@ -25,7 +25,7 @@ from ggml_probe.weights.dequant import (  # noqa: E402
     QUANTIZABLE, GGUFTensors, backends_for, can_dequantize, dequantize_bytes, quantize_rows, type_facts,
 )
 from ggml_probe.weights.dump import dump_tensors  # noqa: E402
-from ggml_probe.layerspec import parse_layer_spec, resolve_layers  # noqa: E402
+from ggml_probe.layerspec import parse_layer_spec  # noqa: E402
 from ggml_probe.weights.error import compare_weights, format_report, select_tensors  # noqa: E402
 
 # Every type llama.cpp can quantize to that gguf-py can also dequantize: the bit-exact set.

@@ -28,7 +28,7 @@ from ..models.quantize import GGML_TYPES, MixOptions, QuantResult, quantizable_n
 from ..weights.type_error import fits
 from .kld import KLDSettings, score_model
 from .rundir import write_json
-from .sensitivity import ProbeCache, SensitivityResult, measure_sensitivity, tensor_pattern
+from .sensitivity import ProbeCache, measure_sensitivity, tensor_pattern
 
 # Types a mix may give a tensor (those whose block divides its rows): the k-quants and the 32-blocks.
 CANDIDATE_TYPES = ("Q2_K", "Q3_K", "Q4_0", "IQ4_NL", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")

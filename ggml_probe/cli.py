@@ -336,6 +336,9 @@ _neuron_options = _option_group(
                  help="Causal check of each attributed layer: switch its top-N salient candidates off inside "
                       "llama.cpp and report the change of log p(attributed target, see --attribution-target), "
                       "beside N random neurons (0: skip)."),
+    click.option("--no-redundancy", is_flag=True,
+                 help="Skip the redundant-pair correlations (n_ff² floats per layer: about 0.5 GiB per layer at "
+                      "n_ff 8192, 1.5 GiB at 14336), the neuron pass's largest memory."),
 )
 
 
@@ -451,7 +454,7 @@ def _run_eval(model, task, data_path, template, labels, label_map, gold_column, 
               on_bad_row,
               quants, reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
               with_neurons, layers, neuron, tau, salient_examples, attribution, attribution_target, ablate_top,
-              as_json, quiet, imatrix_out) -> None:
+              no_redundancy, as_json, quiet, imatrix_out) -> None:
     """eval and neurons: the options arrive by name from click (neurons sets with_neurons)."""
     from .pipeline.neurons import NeuronAnalysis  # start-up time: the pipeline (numpy, llama_cpp, ...)
     from .pipeline.runs import implied_requantize, run_levels
@@ -461,7 +464,7 @@ def _run_eval(model, task, data_path, template, labels, label_map, gold_column, 
                           n_ctx, threads, gpu_layers, batch_prompts, label_map, choices_column)
     analysis = NeuronAnalysis(layers=layers, neuron=neuron, tau=tau, salient_examples=salient_examples,
                               attribution=attribution, attribution_target=attribution_target,
-                              ablate_top=ablate_top) if with_neurons else None
+                              ablate_top=ablate_top, redundancy=not no_redundancy) if with_neurons else None
     levels = [q for q in quants.split(",") if q.strip()] if quants else None
     if implied_requantize(model, levels, allow_requantize) and not quiet and not as_json:
         _console(stderr=True).print("[yellow]demo: the ladder is requantized from Q4_1 (the only precision shipped)[/]")
@@ -960,6 +963,8 @@ class _StudyProgress(_RunProgress):
 @click.option("--ablate-top", type=int, default=5, show_default=True,
               help="Causal check: switch each attributed layer's top-N salient candidates off and report the change "
                    "of log p(attributed target, see --attribution-target), beside N random neurons (0: skip).")
+@click.option("--no-redundancy", is_flag=True,
+              help="Skip the redundant-pair correlations (n_ff² floats per layer), the neuron part's largest memory.")
 @click.option("--no-weights", is_flag=True, help="Skip the weight-error analysis.")
 @click.option("--kld-text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A plain-text file for the text KLD (llama-perplexity's statistics); default: the tasks' own text.")
@@ -991,7 +996,7 @@ class _StudyProgress(_RunProgress):
 def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, reference, no_neurons, salient_examples,
               attribution, attribution_target, ablate_top, no_weights, kld_text, kld_ctx, kld_chunks, no_kld,
               max_kld, max_p99_kld, max_accuracy_drop, memory, allow_requantize, out, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet,
-              trace_tokens, no_noise_floor=False, no_speed=False, speed_spec="128,32,2") -> None:
+              trace_tokens, no_redundancy=False, no_noise_floor=False, no_speed=False, speed_spec="128,32,2") -> None:
     """The whole study: ladder, one pass per level and task, comparisons, weights, and a report.
 
     Resumable: rerun the same command after an interruption and finished levels are reused.
@@ -1030,7 +1035,7 @@ def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, 
                          n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts)
     config.trace, config.trace_tokens = trace_tokens > 0, max(trace_tokens, 1)
     config.trace_ctx = min(config.trace_ctx, config.trace_tokens)
-    config.noise_floor, config.speed = not no_noise_floor, not no_speed
+    config.redundancy, config.noise_floor, config.speed = not no_redundancy, not no_noise_floor, not no_speed
     speed_parts = speed_spec.split(",")
     if len(speed_parts) != 3 or not all(x.strip().isdigit() for x in speed_parts):
         raise ProbeError(f"--speed {speed_spec}: give PP,TG,REPS as three whole numbers, e.g. 128,32,2")

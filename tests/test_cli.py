@@ -143,6 +143,20 @@ def test_neurons_command_across_a_ladder(runner, demo_ladder, tmp_path, monkeypa
     assert (tmp_path / "n" / "F16" / "neurons.json").exists() and (tmp_path / "n" / "comparison.json").exists()
 
 
+@pytest.mark.slow
+def test_neurons_without_redundancy_keeps_the_rest(runner, demo_ladder, tmp_path, boolq_path):
+    """--no-redundancy drops the n_ff² correlations only: the same dead neurons, no redundant pairs."""
+    args = ["neurons", str(demo_ladder["Q8_0"]), "--task", "boolq", "--data", str(boolq_path), "--limit", "3",
+            "--layers", "0,-1", "--salient-examples", "0", "--ablate-top", "0", "--json"]
+    full = runner.invoke(cli, [*args, "-o", str(tmp_path / "full")])
+    lean = runner.invoke(cli, [*args, "--no-redundancy", "-o", str(tmp_path / "lean")])
+    assert full.exit_code == 0 and lean.exit_code == 0, full.output + lean.output
+    full_n, lean_n = (json.loads(r.stdout)["neurons"] for r in (full, lean))
+    (f,), (n,) = full_n.values(), lean_n.values()
+    assert set(f["redundant_pairs"]) == {"0", "29"} and not n["redundant_pairs"]
+    assert n["dead"] == f["dead"] and n["layers"] == f["layers"] == [0, 29]
+
+
 def test_imatrix_collect_and_show(runner, demo_ladder, tmp_path, boolq_path):
     out = tmp_path / "b.imatrix.gguf"
     res = runner.invoke(cli, ["imatrix", "collect", str(demo_ladder["Q8_0"]), "--task", "boolq", "--data",

@@ -181,7 +181,7 @@ def test_accumulator_resume_from_npz_is_exact(tmp_path):
 
 
 def test_redundancy_memory_budget_is_enforced():
-    with pytest.raises(ProbeError, match="GiB"):
+    with pytest.raises(ProbeError, match=r"GiB .*--no-redundancy"):
         NeuronAccumulator(list(range(30)), ["act", "down_in"], 8192, memory_budget_bytes=2 << 30)
     NeuronAccumulator([0], ["act"], 64, memory_budget_bytes=1, allow_large=True)
     NeuronAccumulator(list(range(30)), ["act"], 8192, redundancy=False)

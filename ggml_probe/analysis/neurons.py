@@ -418,8 +418,8 @@ class NeuronAccumulator:
             if need > memory_budget_bytes and not allow_large:
                 raise ProbeError(
                     f"correlation matrices for {len(keys)} layer/definition pairs of {self.n_ff} neurons need "
-                    f"{need / 2**30:.1f} GiB (budget {memory_budget_bytes / 2**30:.1f} GiB): choose fewer layers, "
-                    "turn redundancy off, or allow large"
+                    f"{need / 2**30:.1f} GiB (budget {memory_budget_bytes / 2**30:.1f} GiB): choose fewer layers "
+                    "(--layers) or skip the redundancy (--no-redundancy)"
                 )
         self.stats = {k: NeuronStats(self.n_ff) for k in keys}
         self.comoment = {k: CoMoment(self.n_ff) for k in keys} if self.redundancy else {}

@@ -47,6 +47,7 @@ class NeuronAnalysis:
     attribution_target: str = "label"  # TARGET_DEFINITIONS
     attribution_device: str = "auto"  # torch device for ig
     ablate_top: int = 5  # causal check: switch off each layer's top-N salient candidates (0: skip)
+    redundancy: bool = True  # pairwise correlations: n_ff² per layer, the pass's largest memory (off for big models)
     n_ctx: int = 2048
     threads: int | None = None
     gpu_layers: str | int = "auto"

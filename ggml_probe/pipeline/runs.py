@@ -100,7 +100,8 @@ def run_level_files(files: dict[str | None, Path], eval_config: EvalConfig, root
                           gpu_layers=eval_config.gpu_layers)
         if eval_config.neurons is None:  # the pass captures what the neuron part analyses
             eval_config = replace(eval_config, neurons=NeuronSettings(layers=neurons.layers,
-                                                                      definitions=(neurons.neuron,), tau=neurons.tau))
+                                                                      definitions=(neurons.neuron,), tau=neurons.tau,
+                                                                      redundancy=neurons.redundancy))
     summaries: dict[str, RunSummary] = {}
     paths: dict[str, Path] = {}
     for level, path in files.items():

@@ -97,6 +97,7 @@ class StudyConfig:
     trace_ctx: int = 128  # tokens per chunk of the trace
     trace_tokens: int = 128  # tokens traced per level: one chunk keeps the study fast (2 + n_layer + 1 decodes)
     trace_layers: str | None = None  # blocks compared and patched (layerspec); None: every block
+    redundancy: bool = True  # the neurons' pairwise correlations (n_ff² floats per layer)
     noise_floor: bool = True  # the reference against itself under batch layout, flash attention, threads
     speed: bool = True  # bench's pp/tg tokens/s and memory per level, small by default to keep the study fast
     speed_prompt: int = 128
@@ -118,6 +119,7 @@ class StudyConfig:
                               salient_examples=self.salient_examples, attribution=self.attribution or "exact",
                               attribution_target=self.attribution_target or "label",
                               attribution_device=self.attribution_device, ablate_top=self.ablate_top,
+                              redundancy=self.redundancy,
                               n_ctx=self.n_ctx, threads=self.threads, gpu_layers=self.gpu_layers)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import click
@@ -170,13 +169,6 @@ def quantize_cmd(model, targets, out_dir, imatrix, allow_requantize, force, skip
             for r in results], indent=2))
         return
     print_ladder(_console(), results)
-    for r in results:
-        if r.fallbacks:
-            pairs = Counter(f"{a}→{u}" for a, u in r.fallbacks.values())
-            _console().print(f"{r.quant}: llama.cpp fell back for {len(r.fallbacks)} tensors (row size not a multiple "
-                             f"of the block): {', '.join(f'{k} ×{n}' for k, n in pairs.most_common())}")
-        if r.dry_run:
-            _console().print(f"{r.quant}: dry run, nothing written; {r.path.name} would be {r.info.size_bytes} bytes")
 
 
 # --------------------------------------------------------------------------- convert
@@ -996,7 +988,7 @@ class _StudyProgress(_RunProgress):
 def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, reference, no_neurons, salient_examples,
               attribution, attribution_target, ablate_top, no_weights, kld_text, kld_ctx, kld_chunks, no_kld,
               max_kld, max_p99_kld, max_accuracy_drop, memory, allow_requantize, out, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet,
-              trace_tokens, no_redundancy=False, no_noise_floor=False, no_speed=False, speed_spec="128,32,2") -> None:
+              trace_tokens, no_redundancy, no_noise_floor, no_speed, speed_spec) -> None:
     """The whole study: ladder, one pass per level and task, comparisons, weights, and a report.
 
     Resumable: rerun the same command after an interruption and finished levels are reused.
@@ -1034,7 +1026,6 @@ def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, 
                          allow_requantize=allow_requantize,
                          n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts)
     config.trace, config.trace_tokens = trace_tokens > 0, max(trace_tokens, 1)
-    config.trace_ctx = min(config.trace_ctx, config.trace_tokens)
     config.redundancy, config.noise_floor, config.speed = not no_redundancy, not no_noise_floor, not no_speed
     speed_parts = speed_spec.split(",")
     if len(speed_parts) != 3 or not all(x.strip().isdigit() for x in speed_parts):

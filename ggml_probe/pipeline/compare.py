@@ -19,14 +19,19 @@ _PRECISION = ["F32", "BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", 
               "IQ3_XXS", "Q2_K", "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"]
 
 
-def reference_level(run_dirs: dict[str, Path]) -> str:
-    """The highest-precision level: by measured bits per weight, the nominal order breaking ties."""
+def highest_precision(bits_per_weight: dict[str, float]) -> str:
+    """The highest-precision level: by bits per weight, the nominal order (_PRECISION) breaking ties."""
     def key(level: str) -> tuple[float, int]:
-        bpw = read_json(run_dirs[level] / "manifest.json")["model"]["bits_per_weight"]
         rank = _PRECISION.index(level) if level in _PRECISION else len(_PRECISION)
-        return (-bpw, rank)
+        return (-bits_per_weight[level], rank)
 
-    return min(run_dirs, key=key)
+    return min(bits_per_weight, key=key)
+
+
+def reference_level(run_dirs: dict[str, Path]) -> str:
+    """The highest-precision level of finished runs, by their measured bits per weight."""
+    return highest_precision({level: read_json(run_dirs[level] / "manifest.json")["model"]["bits_per_weight"]
+                              for level in run_dirs})
 
 
 def _load(run_dir: Path) -> dict[str, Any]:

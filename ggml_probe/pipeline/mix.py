@@ -111,10 +111,12 @@ def run_mix(source: str | Path, reference: str | Path, text: str, low_type: str,
         raise ProbeError(f"no candidate type fits the rows of {empty[0]} ({by_name[empty[0]].shape[0]} columns)")
     fixed = info.size_bytes - sum(_aligned(by_name[u].n_bytes) for u in units) + _HEADER_SLACK
 
-    # The budget, and the stock file it is compared with (quantized for real: its KLD is measured).
+    # The budget, and the stock file it is compared with (quantized for real: its KLD is measured), named
+    # by the source and the imatrix it was quantized with, so another imatrix never reuses it.
+    stock_stem = sha256_file(source)[:8] + (f"-im{sha256_file(Path(imatrix))[:8]}" if imatrix else "")
     if budget_of is not None:
         stock_quant = normalize_quant(budget_of)
-        stock_path = work / f"stock-{sha256_file(source)[:8]}-{stock_quant}.gguf"
+        stock_path = work / f"stock-{stock_stem}-{stock_quant}.gguf"
         say(f"stock {stock_quant}")
         stock = quantize_ladder(source, [stock_quant], out_file=stock_path, allow_requantize=True,
                                 skip_existing=True, imatrix=imatrix, nthread=s.threads or 0)[0]
@@ -129,7 +131,7 @@ def run_mix(source: str | Path, reference: str | Path, text: str, low_type: str,
         stock_quant = max(fitting, key=lambda r: r.info.size_bytes).quant if fitting else None
         stock = None
         if stock_quant is not None:
-            stock_path = work / f"stock-{sha256_file(source)[:8]}-{stock_quant}.gguf"
+            stock_path = work / f"stock-{stock_stem}-{stock_quant}.gguf"
             say(f"stock {stock_quant}")
             stock = quantize_ladder(source, [stock_quant], out_file=stock_path, allow_requantize=True,
                                     skip_existing=True, imatrix=imatrix, nthread=s.threads or 0)[0]

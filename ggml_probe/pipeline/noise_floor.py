@@ -26,7 +26,7 @@ from ..analysis.noise_floor import DEFINITIONS, effects, noise_floor, text_kld_e
 from ..engine.llama_lib import default_threads
 from ..errors import ProbeError
 from .compare import compare_runs
-from .evaluation import EvalConfig, NeuronSettings
+from .evaluation import EvalConfig
 from .kld import KLDSettings, score_model
 from .neurons import NeuronAnalysis
 from .rundir import read_json, write_json
@@ -86,16 +86,14 @@ def task_floor(reference: str, ref_path: Path, ref_run_dir: Path, eval_config: E
     unknown = [n for n in names if n not in PERTURBATIONS]
     if unknown:
         raise ProbeError(f"unknown noise-floor perturbation {', '.join(unknown)}; known: {', '.join(PERTURBATIONS)}")
-    light = replace(neurons, ablate_top=0) if neurons is not None else None
+    # the floor compares dead and salient sets: no ablation check, no redundancy correlations
+    light = replace(neurons, ablate_top=0, redundancy=False) if neurons is not None else None
     if light is not None and light.attribution != "exact":  # ig/dla cost a torch pass per prompt and layer
         light = replace(light, salient_examples=0)  # the floor keeps dead sets; salient ones only when cheap
     runs, settings, by_name = {}, {}, {}
     for name in names:
         p = PERTURBATIONS[name]
         config = p.eval_config(eval_config)
-        if light is not None and config.neurons is None:  # capture what the floor compares: no redundancy
-            config = replace(config, neurons=NeuronSettings(layers=light.layers, definitions=(light.neuron,),
-                                                            tau=light.tau, redundancy=False))
         if progress:
             progress.step(f"noise floor · {eval_config.task} · {reference} with {p.describe(eval_config)}")
         result = run_level_files({reference: ref_path}, config, out / _dir_name(name, config), resume=not force,

@@ -111,10 +111,12 @@ class ProbeCache:
 
 def measure_group(source: Path, source_sha: str, group: str, pattern: str, low_type: str, base_type: str,
                   base_file: Path, settings: KLDSettings, work_dir: Path, cache: ProbeCache,
-                  imatrix: Mapping[str, np.ndarray] | None = None) -> GroupMeasure:
-    """The text KLD of a file with `pattern`'s tensors at `low_type` and the rest at `base_type`."""
+                  imatrix: Mapping[str, np.ndarray] | None = None, imatrix_key: str = "none") -> GroupMeasure:
+    """The text KLD of a file with `pattern`'s tensors at `low_type` and the rest at `base_type`.
+
+    `imatrix_key` names the imatrix file (its hash) in the cache key: another imatrix, another probe file."""
     options = MixOptions([(pattern, low_type), (".", base_type)])
-    key = f"{source_sha[:16]}|{options.key()}|imatrix={bool(imatrix)}|{base_file.stem}"
+    key = f"{source_sha[:16]}|{options.key()}|imatrix={imatrix_key}|{base_file.stem}"
     hit = cache.get(key)
     if hit is not None:
         return GroupMeasure(**{**hit, "cached": True})
@@ -159,6 +161,7 @@ def measure_sensitivity(source: str | Path, reference: str | Path, text: str, lo
     if not names:
         raise ProbeError(f"{source.name} has no tensors llama.cpp can quantize")
     im = read_imatrix(imatrix).mean_squares() if imatrix else None
+    im_key = sha256_file(Path(imatrix))[:16] if imatrix else "none"
 
     say("reference log-probabilities")
     base_file = reference_base(reference, text, out_dir, s)
@@ -172,7 +175,7 @@ def measure_sensitivity(source: str | Path, reference: str | Path, text: str, lo
     for i, kind in enumerate(kinds):
         say(f"group {i + 1}/{len(kinds)}: {kind}")
         kind_measures[kind] = measure_group(source, source_sha, kind, kind_pattern(kind), low_type, base_type,
-                                            base_file, s, out_dir, cache, im)
+                                            base_file, s, out_dir, cache, im, im_key)
     # The tensors' types at the low level as llama.cpp really wrote them (576 columns: Q4_K → Q5_0).
     for m in kind_measures.values():
         result.tensor_low_type.update(m.low_types)
@@ -194,7 +197,7 @@ def measure_sensitivity(source: str | Path, reference: str | Path, text: str, lo
         for j, name in enumerate(layer_names):
             say(f"{kind} per layer {j + 1}/{len(layer_names)}")
             m = measure_group(source, source_sha, name.removesuffix(".weight"), tensor_pattern(name), low_type,
-                              base_type, base_file, s, out_dir, cache, im)
+                              base_type, base_file, s, out_dir, cache, im, im_key)
             m.static = _static(m.tensors, result.tensor_low_type, errors)
             layer_measures.append(m)
     result.groups = [*kind_measures.values(), *layer_measures]

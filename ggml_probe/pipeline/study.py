@@ -188,7 +188,13 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
         config.apply_paper()
     config.attribution = config.attribution or "exact"
     if config.speed:  # bad speed settings fail before any pass, not after them
-        BenchSettings(n_prompt=config.speed_prompt, n_gen=config.speed_gen, reps=config.speed_reps)
+        try:
+            BenchSettings(n_prompt=config.speed_prompt, n_gen=config.speed_gen, reps=config.speed_reps)
+        except ProbeError as exc:
+            raise ProbeError(f"the speed table (--speed {config.speed_prompt},{config.speed_gen},"
+                             f"{config.speed_reps}): {exc}") from None
+    if config.trace:  # a chunk never longer than the tokens traced
+        config.trace_ctx = min(config.trace_ctx, config.trace_tokens)
     config.attribution_target = config.attribution_target or "label"
     src = resolve_model(model)
     allow = config.allow_requantize or str(model) == DEMO_NAME
@@ -301,14 +307,18 @@ def task_text(examples, data_path: str | None = None) -> str:
     return "\n\n".join(parts)
 
 
+def _study_text(config: StudyConfig, task_texts: dict[str, str]) -> tuple[str, str]:
+    """The text of the text KLD and the trace, and what it is: --kld-text, else the tasks' own text."""
+    if config.kld_text:
+        return Path(config.kld_text).read_text(encoding="utf-8", errors="replace"), config.kld_text
+    return ("\n\n".join(task_texts.values()),
+            f"the tasks' own text ({', '.join(task_texts)}: each sampled row's longest text column)")
+
+
 def _kld_section(files: dict[str, Path], reference: str, config: StudyConfig, out: Path, task_texts: dict[str, str],
                  progress: StudyProgress | None) -> dict[str, Any]:
     """llama-perplexity's statistics of every level against the reference on one text (kld.py)."""
-    if config.kld_text:
-        text, source = Path(config.kld_text).read_text(encoding="utf-8", errors="replace"), config.kld_text
-    else:
-        text = "\n\n".join(task_texts.values())
-        source = f"the tasks' own text ({', '.join(task_texts)}: each sampled row's longest text column)"
+    text, source = _study_text(config, task_texts)
     settings = KLDSettings(ctx=config.kld_ctx, chunks=config.kld_chunks, batch=max(2048, config.kld_ctx),
                            threads=config.threads, gpu_layers=config.gpu_layers)
     levels = {lvl: path for lvl, path in files.items() if lvl != reference}
@@ -335,11 +345,7 @@ def _trace_section(files: dict[str, Path], reference: str, config: StudyConfig, 
                    levels: dict[str, Any], force: bool, progress: StudyProgress | None) -> dict[str, Any]:
     """Where each level's error enters (pipeline.trace) on the text KLD's text; each level's trace is saved in
     trace/<LEVEL>.json under a key of both files, the text and the settings, and reused on a rerun."""
-    if config.kld_text:
-        text, source = Path(config.kld_text).read_text(encoding="utf-8", errors="replace"), config.kld_text
-    else:
-        text = "\n\n".join(task_texts.values())
-        source = f"the tasks' own text ({', '.join(task_texts)}: each sampled row's longest text column)"
+    text, source = _study_text(config, task_texts)
     settings = TraceSettings(ctx=config.trace_ctx, tokens=config.trace_tokens, layers=config.trace_layers,
                              threads=config.threads, gpu_layers=config.gpu_layers)
     section: dict[str, Any] = {"text_source": source, "settings": asdict(settings), "levels": {}}

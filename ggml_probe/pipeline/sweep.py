@@ -48,6 +48,7 @@ from ..models.quant_types import normalize_quant
 from ..models.store import DEMO_NAME, resolve_model
 from ..report.sweep_page import render_sweep_report
 from ..tasks import get_task, load_examples
+from .compare import highest_precision
 from .evaluation import EvalConfig, ladder_files, task_spec
 from .kld import KLDResult, KLDSettings, base_key, score_model, text_tokens, write_base
 from .neurons import NeuronAnalysis
@@ -361,10 +362,10 @@ def _slug(model: str) -> str:
 
 
 def _reference(files: dict[str, Path], config: StudyConfig) -> str:
-    """The highest-precision level by bits per weight (compare.reference_level's rule), unless `reference`."""
+    """The highest-precision level (the study's rule, compare.highest_precision), unless `reference`."""
     if config.reference:
         return normalize_quant(config.reference)
-    return max(files, key=lambda lvl: (inspect_gguf(files[lvl]).bits_per_weight, -list(files).index(lvl)))
+    return highest_precision({lvl: inspect_gguf(path).bits_per_weight for lvl, path in files.items()})
 
 
 def _check_directory(out: Path, spec: SweepSpec, force: bool) -> None:
@@ -538,8 +539,9 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, executor: Executor | None = 
                     if all(outcomes[c.key]["status"] in ("computed", "cached") for c in text_cells):
                         base = execute_base(job)  # the base exists: this only names it
                         _write_kld_json(Path(job.kld_dir), job.reference_file, base["base_file"], text_cells, outcomes)
-                study = run_study(spec.model_paths[model], replace(config, reference=entry["reference"]),
-                                  entry["dir"], command=command)
+                # the merge reads the cells; the study's own extras (noise floor, speed, trace) are not cells
+                merge = replace(config, reference=entry["reference"], noise_floor=False, speed=False, trace=False)
+                study = run_study(spec.model_paths[model], merge, entry["dir"], command=command)
                 models[model] = {"dir": entry["dir"], "cells_digest": digest, **_model_summary(study)}
             except ProbeError as exc:
                 models[model] = {"dir": entry["dir"], "error": str(exc)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from typing import TYPE_CHECKING, Sequence
 
 from rich.markup import escape
@@ -76,11 +78,17 @@ def print_ladder(console: "Console", results: Sequence["QuantResult"]) -> None:
     if folders:
         console.print(f"[dim]written to {', '.join(folders)}[/]")
     for r in results:
-        if r.fallback_types and not r.skipped:
+        if r.fallbacks:  # asked → used, per tensor, as llama.cpp's quantizer reported them
+            pairs = Counter(f"{a}→{u}" for a, u in r.fallbacks.values())
+            console.print(f"[yellow]{r.quant}: llama.cpp fell back for {len(r.fallbacks)} tensors (row size not a "
+                          f"multiple of the block): {', '.join(f'{k} ×{n}' for k, n in pairs.most_common())}[/]")
+        elif r.fallback_types and not r.skipped:
             console.print(
                 f"[yellow]{r.quant}: some tensors use other types ({_types_text(r.fallback_types)}): "
                 "llama.cpp falls back where row sizes do not fit the block size or by its mix rules[/]"
             )
+        if r.dry_run:
+            console.print(f"{r.quant}: dry run, nothing written; {r.path.name} would be {r.info.size_bytes} bytes")
     if results and results[0].requantized_from:
         console.print(
             f"[yellow]Requantized from {results[0].requantized_from}: every level carries that level's error "

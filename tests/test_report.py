@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 from ggml_probe.pipeline.study import StudyConfig, run_study
+from ggml_probe.report.values import slug
 
 SECTION_IDS = ("header", "what-changed", "tables", "pick", "text-kld", "plots", "neurons", "weights", "manifest")
 TASK = "boolq"
@@ -213,14 +214,21 @@ def test_report_shows_the_runs_numbers(real_study):
         assert f'id="fig-{name}-{TASK}"' in page, name
     assert 'id="fig-weights-rel-rmse"' in page and 'id="fig-weights-sqnr"' in page
     assert 'id="fig-pareto"' in _section(page, "pick")  # size against text KLD, the pick ringed
+    # where the error enters: a figure per quantized level (the trace runs in every study by default)
+    traced = list((study.get("trace") or {}).get("levels") or {})
+    assert traced == ["Q4_0"]
+    assert f'id="fig-trace-{slug("Q4_0")}"' in _section(page, "trace")
     srcs = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
-    assert len(srcs) == len(figures) + 3
+    assert len(srcs) == len(figures) + 3 + len(traced)
     for s in srcs:  # each one a real PNG, inline
         assert s.startswith("data:image/png;base64,")
         assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<script" not in page and "<link" not in page
     assert not re.findall(r'(?:src|href)="(?!data:)[^"]*"', page)
-    assert "not measured in this study" not in page  # every section had data
+    # every section had data, but the two this study turned off (test_noise_floor's study covers them)
+    measured = re.sub(r'<section id="(?:noise-floor|speed)">.*?</section>', "", page, flags=re.S)
+    assert "not measured in this study" not in measured
+    assert "not measured in this study" in _section(page, "noise-floor") and "not measured" in _section(page, "speed")
 
     # accuracy and agreement from predictions.parquet
     preds = {lvl: pd.read_parquet(_run_dir(real_study, lvl) / "predictions.parquet") for lvl in ("F16", "Q4_0")}

@@ -320,12 +320,14 @@ class Engine(_VocabMethods):
         )
 
     # ------------------------------------------------------------------ logits of whole sequences
-    def logits_from(self, sequences: Sequence[np.ndarray], first: int) -> list[np.ndarray]:
+    def logits_from(self, sequences: Sequence[np.ndarray], first: int, *, copy: bool = True) -> list[np.ndarray]:
         """Decode the sequences together (one llama_decode, each its own sequence) and return, per
         sequence, the float32 logits of positions first … len−1, shape (len − first, n_vocab).
 
         llama-perplexity's layout: only the positions it scores are outputs, so llama.cpp computes
         the output matrix for those rows alone. No truncation: each sequence must fit n_ctx / n_seq_max.
+        copy=False returns views of llama.cpp's logits buffer instead, valid until the next decode (a
+        consumer that reads them at once saves copying n_out × n_vocab floats).
         """
         lib = self._lib
         lengths = [len(s) for s in sequences]
@@ -340,7 +342,7 @@ class Engine(_VocabMethods):
         out, start = [], 0
         for n in lengths:
             k = max(0, n - first)
-            out.append(every[start:start + k].copy())
+            out.append(every[start:start + k].copy() if copy else every[start:start + k])
             start += k
         return out
 

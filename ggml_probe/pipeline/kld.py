@@ -164,7 +164,8 @@ def score_model(model: Path, base: Path, s: KLDSettings, progress: ChunkProgress
         with ThreadPoolExecutor(max_workers=engine.n_threads) as pool:
             for start in range(done, len(chunks), per_decode):
                 group = list(range(start, min(start + per_decode, len(chunks))))
-                for chunk, rows in zip(group, engine.logits_from([chunks[c] for c in group], first)):
+                # views of llama.cpp's buffer: every chunk of the group is scored before the next decode
+                for chunk, rows in zip(group, engine.logits_from([chunks[c] for c in group], first, copy=False)):
                     logits, stored = rows[:scored_rows(h.n_ctx)], next(base_rows)
                     next_tokens = h.chunk_tokens(chunk)[first + 1:]
                     blocks = [(logits[i:i + STAT_ROWS], stored[i:i + STAT_ROWS], next_tokens[i:i + STAT_ROWS])

@@ -357,6 +357,12 @@ def test_report_shows_where_the_error_enters(tiny_pair, tmp_path):
     layer, rise = max(((b[0], b[1] - a[1]) for a, b in zip(rows, rows[1:])), key=lambda x: x[1])
     assert trace["summary"]["l_out_largest_rise"]["layer"] == layer and f"it grows most at block {layer} " in md
     assert (tmp_path / "plots" / "trace-NOISY.png").stat().st_size > 1000
+    # the study's terminal line: the KL and the part with the largest KL step, found here from the steps
+    from ggml_probe.report.terminal import trace_line
+    line = trace_line("NOISY", trace, "F32")
+    largest = max(trace["kl_steps"], key=lambda s: s["step"])
+    assert line.startswith("where the error enters · NOISY vs F32") and f"KL {trace['kl']['full']:.4f}" in line
+    assert f"enters most at {largest['part']} ({largest['step']:+.4f}" in line
     html = paths["html"].read_text()
     assert "Where the error enters" in html and "data:image/png;base64" in html
 

@@ -209,6 +209,7 @@ def print_study_summary(console: "Console", study: dict, out_dir) -> None:
     elif kld.get("note"):
         console.print(f"[yellow]text KLD not measured: {escape(kld['note'])}[/]")
     _print_floor_and_speed(console, study)
+    _print_trace(console, study)
     result = (study.get("pick") or {}).get("result")
     if result:
         if result["pick"] is not None:
@@ -258,6 +259,30 @@ def _print_floor_and_speed(console: "Console", study: dict) -> None:
                           _rate(d.get("tg_tokens_per_s"), d.get("tg_tokens_per_s_sd")),
                           human_size(rss) if rss else "—")
         console.print(table)
+
+
+def trace_line(level: str, t: dict, reference: str | None = None) -> str:
+    """One level's divergence trace in a line: its KL, where the error enters most, how the residual grows."""
+    kl, summary = t.get("kl") or {}, t.get("summary") or {}
+    parts = [f"KL {kl['full']:.4f}" if kl.get("full") is not None else "KL not measured"]
+    top = summary.get("largest_kl_step")
+    if top:
+        share = f", {100 * top['share']:.0f}%" if top.get("share") is not None else ""
+        parts.append(f"enters most at {top['part']} ({top['step']:+.4f}{share})")
+    a, b = summary.get("l_out_rel_err_first"), summary.get("l_out_rel_err_last")
+    if a and b and a["layer"] != b["layer"]:
+        parts.append(f"residual error {a['rel_err']:.3f} after block {a['layer']} → {b['rel_err']:.3f} after "
+                     f"block {b['layer']}")
+    return (f"where the error enters · {level} vs {reference or t.get('reference')} ({kl.get('tokens')} tokens): "
+            + "; ".join(parts))
+
+
+def _print_trace(console: "Console", study: dict) -> None:
+    trace = study.get("trace") or {}
+    for level, t in (trace.get("levels") or {}).items():
+        console.print(escape(trace_line(level, t, study["study"].get("reference"))))
+    if trace.get("note"):
+        console.print(f"[yellow]where the error enters: {escape(trace['note'])}[/]")
 
 
 def _rate(mean, sd) -> str:

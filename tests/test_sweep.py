@@ -22,6 +22,7 @@ from ggml_probe.cli import cli
 from ggml_probe.errors import ProbeError
 from ggml_probe.pipeline.sweep import load_spec, run_sweep
 from real_vocab_tiny import vocab_path, write_tiny_model
+from test_fetch import REPO, hub_cache, label_of, offline  # noqa: F401  (hub_cache, offline: fixtures)
 from test_report import _chromium
 
 LEVELS = ["F16", "Q8_0", "Q4_0"]
@@ -245,6 +246,19 @@ def test_bad_spec_is_one_line_naming_it(tmp_path, change, named):
     line = _one_line_error(_sweep_cli(str(spec), "-o", str(tmp_path / "out")))
     assert named in line
     assert not (tmp_path / "out").exists()  # before any work
+
+
+def test_hub_models_resolve_through_the_hugging_face_cache(offline, tmp_path):
+    """hf:OWNER/REPO[:QUANT]: that quant's file, by default the repo's highest precision (a real hub cache)."""
+    spec = tmp_path / "SWEEP.toml"
+    spec.write_text(f'models = ["hf:{REPO}:Q8_0", "hf:{REPO}"]\nquants = ["F16"]\ntasks = ["yesno-mini"]\n')
+    paths = load_spec(spec).model_paths
+    assert label_of(paths[f"hf:{REPO}:Q8_0"]) == "Tiny-Q8_0.gguf"
+    assert label_of(paths[f"hf:{REPO}"]) == "Tiny-F16.gguf"  # F16 is the highest precision the repo offers
+    spec.write_text(f'models = ["hf:{REPO}:Q2_K"]\nquants = ["F16"]\ntasks = ["yesno-mini"]\n')
+    line = _one_line_error(_sweep_cli(str(spec), "-o", str(tmp_path / "out")))
+    assert f"unknown model 'hf:{REPO}:Q2_K'" in line and "F16" in line  # what the repo does offer
+    assert not (tmp_path / "out").exists()
 
 
 def test_unreachable_ray_address_is_one_line(tmp_path):

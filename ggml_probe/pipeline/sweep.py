@@ -43,6 +43,7 @@ from ..engine.model import Vocab, offload_layers
 from ..errors import ProbeError
 from ..fsutil import sha256_file
 from ..formats.kld_base import KLDBaseReader
+from ..models.fetch import fetch_gguf, list_repo_gguf, quant_sort_key
 from ..models.ggufinfo import inspect_gguf
 from ..models.quant_types import normalize_quant
 from ..models.store import DEMO_NAME, resolve_model
@@ -86,6 +87,22 @@ def _check_type(key: str, value: Any, default: Any, where: str) -> None:
         raise ProbeError(f"{where}: {key} must be {kind.__name__}, not {type(value).__name__} ({value!r})")
 
 
+# A model from the Hugging Face hub: hf:OWNER/REPO[:QUANT], the GGUF file of that quant (default: the
+# highest precision the repo offers), the ladder's source like any local file.
+HUB_PREFIX = "hf:"
+
+
+def hub_model(name: str) -> Path:
+    """The local path of a hub model named hf:OWNER/REPO[:QUANT], fetched (or found in the cache offline)."""
+    repo_id, _, quant = name[len(HUB_PREFIX):].partition(":")
+    if not quant:
+        offered = list_repo_gguf(repo_id).quants
+        if not offered:
+            raise ProbeError(f"{repo_id} offers no GGUF file with a quant in its name")
+        quant = min(offered, key=quant_sort_key)
+    return fetch_gguf(repo_id, [quant])[0].resolve()
+
+
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and check a SWEEP.toml: every model, level, task, data file and key is checked here, before any work."""
     path = Path(path)
@@ -119,7 +136,10 @@ def load_spec(path: str | Path) -> SweepSpec:
     for m in models:
         candidate = folder / m
         try:
-            model_paths[m] = resolve_model(candidate if m != DEMO_NAME and candidate.exists() else m).resolve()
+            if m.startswith(HUB_PREFIX):
+                model_paths[m] = hub_model(m)
+            else:
+                model_paths[m] = resolve_model(candidate if m != DEMO_NAME and candidate.exists() else m).resolve()
         except ProbeError as exc:
             raise ProbeError(f"{where}: unknown model {m!r}: {exc}") from None
     options = {k: v for k, v in doc.items() if k in STUDY_FIELDS}

@@ -244,7 +244,7 @@ def main() -> None:
         f"a fresh process; {args.rounds} rounds, the order rotated every round; figures are medians over rounds, "
         "ratios the median of each round's ratio.",
         "",
-        f"**The machine**: 2 cores shared by eight engineers' jobs; the 1-minute load average before each "
+        f"**The machine**: {os.cpu_count()} cores, shared with whatever else runs; the 1-minute load average before each "
         f"measurement was {result['load_1min']['min']:.1f}–{result['load_1min']['max']:.1f} "
         f"(median {result['load_1min']['median']:.1f}). Absolute figures are this shared machine's; the ratios, "
         "measured side by side, are what to read.",

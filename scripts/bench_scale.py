@@ -367,8 +367,8 @@ def _markdown(r: dict) -> str:
     s = r["settings"]
     cmd = _command(s)
     lines = ["# Bigger models: a 1B llama shape, and the extrapolation to 7B and 8B (scripts/bench_scale.py)", "",
-             f"Command: `{cmd}` · {r['system']['platform']}, {r['system']['cpu_count']} cores shared with other "
-             f"jobs (load average {r['system']['load_before'][0]:.1f} before, {r['system']['load_after'][0]:.1f} after) · "
+             f"Command: `{cmd}` · {r['system']['platform']}, {r['system']['cpu_count']} cores "
+             f"(load average {r['system']['load_before'][0]:.1f} before, {r['system']['load_after'][0]:.1f} after) · "
              f"{s['threads']} threads, CPU, flash attention off everywhere · whole run {r['seconds'] / 60:.1f} min · "
              f"written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              *[f"Also merged from `{_command(m['settings'])}` ({', '.join(m['parts'])}; {m['seconds'] / 60:.1f} min, load "

@@ -20,7 +20,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import __version__
 from ..analysis.calibration import DEFINITIONS as CAL, reliability_bins
@@ -307,6 +307,21 @@ def task_text(examples, data_path: str | None = None) -> str:
     return "\n\n".join(parts)
 
 
+def _labelled_progress(progress: StudyProgress | None, stage: str) -> Callable[[str, int, int], None]:
+    """progress(label, done, total) for work that reports per label (a level, a file): one bar per label."""
+    trackers: dict[str, Any] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        if progress is None:
+            return
+        if label not in trackers:
+            trackers[label] = progress.run(f"{stage} · {label}")
+        if trackers[label]:
+            trackers[label](done, total)
+
+    return update
+
+
 def _study_text(config: StudyConfig, task_texts: dict[str, str]) -> tuple[str, str]:
     """The text of the text KLD and the trace, and what it is: --kld-text, else the tasks' own text."""
     if config.kld_text:
@@ -322,20 +337,12 @@ def _kld_section(files: dict[str, Path], reference: str, config: StudyConfig, ou
     settings = KLDSettings(ctx=config.kld_ctx, chunks=config.kld_chunks, batch=max(2048, config.kld_ctx),
                            threads=config.threads, gpu_layers=config.gpu_layers)
     levels = {lvl: path for lvl, path in files.items() if lvl != reference}
-    trackers: dict[str, Any] = {}
-
-    def chunk_progress(done: int, total: int, label: str) -> None:
-        if progress is None:
-            return
-        if label not in trackers:
-            trackers[label] = progress.run(f"text KLD · {label}")
-        if trackers[label]:
-            trackers[label](done, total)
-
+    track = _labelled_progress(progress, "text KLD")
     if progress:
         progress.step(f"text KLD against {reference} ({source})")
     try:
-        result = run_kld(levels, files[reference], text, out / "kld", settings, progress=chunk_progress)
+        result = run_kld(levels, files[reference], text, out / "kld", settings,
+                         progress=lambda done, total, label: track(label, done, total))
     except ProbeError as exc:  # e.g. a text shorter than two chunks: say so, keep the rest of the study
         return {"text_source": source, "note": str(exc)}
     return {"text_source": source, **result.to_dict(), "settings": asdict(settings)}
@@ -398,16 +405,7 @@ def _speed_section(files: dict[str, Path], config: StudyConfig, out: Path, study
         if cached.get("key") == key:
             return cached["result"]
     t0 = time.perf_counter()
-    trackers: dict[str, Any] = {}
-
-    def bench_progress(label: str, done: int, total: int) -> None:
-        if progress is None:
-            return
-        if label not in trackers:
-            trackers[label] = progress.run(f"speed · {label}")
-        if trackers[label]:
-            trackers[label](done, total)
-
+    bench_progress = _labelled_progress(progress, "speed")
     if progress:
         progress.step(f"speed: pp{settings.n_prompt} / tg{settings.n_gen}, {settings.reps} repetitions per level")
     result = {**bench_files(files, settings, bench_progress).to_dict(), "seconds": time.perf_counter() - t0}

@@ -49,3 +49,22 @@ def demo_ladder(demo_path, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("ladder")
     results = quantize_ladder(demo_path, ["F16", "Q8_0", "Q4_0", "Q4_K_M"], out_dir=out, allow_requantize=True)
     return {r.quant: r.path for r in results}
+
+
+@pytest.fixture(scope="session")
+def real_vocab_model(tmp_path_factory):
+    """real_vocab_model(name): a tiny random-weight GGUF carrying ../shared/data/vocab's real tokenizer `name`,
+    written once per session (skips when that vocabulary file is absent)."""
+    from real_vocab_tiny import vocab_path, write_tiny_model
+
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        path = vocab_path(name)
+        if not path.exists():
+            pytest.skip(f"{path} not found")
+        if name not in made:
+            made[name] = write_tiny_model(tmp_path_factory.mktemp(name) / f"tiny-{name}.gguf", path)
+        return made[name]
+
+    return get

@@ -24,7 +24,7 @@ from ggml_probe.cli import cli
 from ggml_probe.errors import ProbeError
 from ggml_probe.pipeline.evaluation import EvalConfig, task_spec
 from ggml_probe.tasks import load_examples, parse_label_map, positional_gold_values
-from real_vocab_tiny import NAMES, HFTokenizer, vocab_path, write_tiny_model
+from real_vocab_tiny import NAMES, HFTokenizer, vocab_path
 
 # ------------------------------------------------------------------ pure scoring
 
@@ -115,21 +115,6 @@ def _params(names):
     return [pytest.param(n, marks=[pytest.mark.slow]) for n in names]
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    made: dict[str, object] = {}
-
-    def get(name):
-        path = vocab_path(name)
-        if not path.exists():
-            pytest.skip(f"{path} not found")
-        if name not in made:
-            made[name] = write_tiny_model(tmp_path_factory.mktemp(name) / f"tiny-{name}.gguf", path)
-        return made[name]
-
-    return get
-
-
 def _eval(model, out, *args):
     res = CliRunner().invoke(cli, ["eval", str(model), "--limit", str(N), "--threads", "2", "-o", str(out), "--json",
                                    "-q", *args], catch_exceptions=False)
@@ -188,12 +173,12 @@ def _check_run(model, hf, preds, labels, examples):
 
 
 @pytest.mark.parametrize("name", _params(NAMES))
-def test_eval_on_every_real_tokenizer(name, tiny_models, boolq_path, tmp_path):
+def test_eval_on_every_real_tokenizer(name, real_vocab_model, boolq_path, tmp_path):
     """BoolQ through the CLI on a tiny model carrying each real tokenizer: no 'same token' refusal (the
     SentencePiece case), the answer tokens transformers reads, and probabilities equal to NumPy's from
     llama-cpp-python's logits — single-token answers by the merged next-token logits, several-token
     answers ('Yes indeed', via --label-map on the same data) by their log-likelihood."""
-    model = tiny_models(name)
+    model = real_vocab_model(name)
     hf = HFTokenizer(vocab_path(name))
 
     out, preds = _eval(model, tmp_path / "boolq", "--task", "boolq", "--data", str(boolq_path))
@@ -218,7 +203,7 @@ def test_eval_on_every_real_tokenizer(name, tiny_models, boolq_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_continuation_logits_equal_llama_cpp_and_stay_out_of_the_probes(tiny_models, boolq_path, tmp_path):
+def test_continuation_logits_equal_llama_cpp_and_stay_out_of_the_probes(real_vocab_model, boolq_path, tmp_path):
     """Engine.continuation_logits (the prompt decoded once, each answer after it on the KV cache) against
     llama-cpp-python decoding prompt + answer whole; and an eval pass with several-token labels and
     --imatrix-out counts the prompts' tokens only — the answers' decodes are not shown to the probes."""
@@ -226,7 +211,7 @@ def test_continuation_logits_equal_llama_cpp_and_stay_out_of_the_probes(tiny_mod
 
     from ggml_probe.engine.model import Engine
 
-    model = tiny_models("gpt-2")
+    model = real_vocab_model("gpt-2")
     prompt = "Respond with True or False only.\nis the sky blue\nAnswer:"
     with Engine(model, n_ctx=256, n_threads=2) as engine:
         head = engine.tokenize(prompt)
@@ -254,10 +239,10 @@ def test_continuation_logits_equal_llama_cpp_and_stay_out_of_the_probes(tiny_mod
 
 
 @pytest.mark.slow
-def test_integer_gold_labels_through_the_cli(tiny_models, sst2_file, tmp_path):
+def test_integer_gold_labels_through_the_cli(real_vocab_model, sst2_file, tmp_path):
     """SST-2's 0/1 gold labels from the command line: by position of --labels, or by --label-map; the run is
     named after its data, and a bad row names that task."""
-    model = tiny_models("gpt-2")
+    model = real_vocab_model("gpt-2")
     out, preds = _eval(model, tmp_path / "pos", "--data", str(sst2_file), "--template", "Review: {sentence}\nSentiment:",
                        "--labels", "negative,positive", "--gold-column", "label", "--id-column", "idx")
     assert list(preds["gold"]) == ["positive", "negative", "positive"] and list(preds["id"]) == ["10", "11", "12"]
@@ -307,10 +292,10 @@ def test_single_token_labels_keep_todays_numbers_on_the_demo(task, request, demo
 
 
 @pytest.mark.slow
-def test_neurons_attribute_the_answer_token_on_a_sentencepiece_model(tiny_models, boolq_path, tmp_path):
+def test_neurons_attribute_the_answer_token_on_a_sentencepiece_model(real_vocab_model, boolq_path, tmp_path):
     """`neurons` on the Llama 2 tokenizer: the salient neurons explain the chosen label's answer token
     after the prompt ('▁True' / '▁False', as transformers tokenizes it), none of them '▁' alone."""
-    model = tiny_models("llama-spm")
+    model = real_vocab_model("llama-spm")
     hf = HFTokenizer(vocab_path("llama-spm"))
     out = tmp_path / "run"
     res = CliRunner().invoke(cli, ["neurons", str(model), "--task", "boolq", "--data", str(boolq_path), "--limit", str(N),

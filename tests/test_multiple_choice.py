@@ -24,7 +24,7 @@ from ggml_probe.cli import cli
 from ggml_probe.errors import ProbeError
 from ggml_probe.pipeline.evaluation import EvalConfig, task_spec
 from ggml_probe.tasks import get_task, load_examples, make_task
-from real_vocab_tiny import HFTokenizer, vocab_path, write_tiny_model
+from real_vocab_tiny import HFTokenizer, vocab_path
 
 PIQA_ROWS = [
     {"goal": "To make a hard boiled egg,", "sol1": "boil it in water for ten minutes.",
@@ -233,27 +233,12 @@ def test_piqa_on_the_demo_model(demo_path, piqa_file, tmp_path):
     assert np.array_equal(generic[["loglik_sol1", "loglik_sol2"]].to_numpy(), preds[["loglik_sol1", "loglik_sol2"]].to_numpy())
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    made = {}
-
-    def get(name):
-        path = vocab_path(name)
-        if not path.exists():
-            pytest.skip(f"{path} not found")
-        if name not in made:
-            made[name] = write_tiny_model(tmp_path_factory.mktemp(name) / f"tiny-{name}.gguf", path)
-        return made[name]
-
-    return get
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-spm", "gpt-2"])
-def test_hellaswag_on_tiny_models_with_real_tokenizers(name, tiny_model, hellaswag_file, tmp_path):
+def test_hellaswag_on_tiny_models_with_real_tokenizers(name, real_vocab_model, hellaswag_file, tmp_path):
     """HellaSwag through the CLI on a tiny model with a SentencePiece (Llama 2) and a BPE (GPT-2) tokenizer:
     the answer tokens transformers reads for ' ' + ending, and every figure from llama-cpp-python's logits."""
-    model = tiny_model(name)
+    model = real_vocab_model(name)
     hf = HFTokenizer(vocab_path(name))
 
     def answers_of(prompt, choice):
@@ -272,10 +257,10 @@ def test_hellaswag_on_tiny_models_with_real_tokenizers(name, tiny_model, hellasw
 
 
 @pytest.mark.slow
-def test_neurons_attribute_the_chosen_choice(tiny_model, piqa_file, tmp_path):
+def test_neurons_attribute_the_chosen_choice(real_vocab_model, piqa_file, tmp_path):
     """`neurons` on a PIQA task: the attributed token of each prompt is the first answer token of the choice
     the model chose (transformers' reading of ' ' + that choice), so none is 'not a label'."""
-    model = tiny_model("llama-spm")
+    model = real_vocab_model("llama-spm")
     hf = HFTokenizer(vocab_path("llama-spm"))
     out = tmp_path / "run"
     res = CliRunner().invoke(cli, ["neurons", str(model), "--task", "piqa", "--data", str(piqa_file), "--limit", "4",

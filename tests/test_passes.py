@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from ggml_probe.analysis.neurons import _best_rows
-from ggml_probe.engine.model import MIN_SHARED_ROWS, common_prefix_length
+from ggml_probe.engine.ffn import DEFINITIONS
+from ggml_probe.engine.model import MIN_SHARED_ROWS, STOP_AFTER_KV, common_prefix_length
 
 # logits of a packed or prefix-shared batch against one prompt per decode: llama.cpp's CPU kernels
 # depend on the batch layout (test_engine's BATCH_NOISE_*; measured here on the demo F16 at 20 BoolQ
@@ -89,7 +90,8 @@ def _tiny_pass(gguf, share: bool):
                 eval_callback=probes.eval_callback) as engine:
         tokens = [engine.tokenize(INSTRUCTION + q) for q in QUESTIONS]
         results = run_checked(engine, probes, tokens, share_prefix=share)
-    return {"rows": rows, "layouts": layouts, "acc": stats.finish(), "calls": calls, "tokens": tokens,
+        split = engine.split_pays
+    return {"split": split, "rows": rows, "layouts": layouts, "acc": stats.finish(), "calls": calls, "tokens": tokens,
             "logits": np.stack([r.logits for r in results]), "hidden": np.stack([r.hidden for r in results]),
             "n_tokens": [r.n_tokens for r in results]}
 
@@ -104,13 +106,20 @@ def test_a_shared_prefix_counts_every_prompts_tokens_as_the_unshared_pass(tiny):
     for g in groups:
         n = min(len(os.path.commonprefix([list(tokens[i]) for i in g])), min(len(tokens[i]) for i in g) - 1)
         assert n >= 8  # the instruction is most of it
-        if n * (len(g) - 1) >= MIN_SHARED_ROWS:
-            expect_calls += [(g, [n], {"shared": True}), (g, [len(tokens[i]) - n for i in g], {"start": n})]
+        if n * (len(g) - 1) >= MIN_SHARED_ROWS:  # the prefix's KV is read at every layer: may stop after it
+            expect_calls.append((g, [n], {"shared": True, "may_stop": STOP_AFTER_KV}))
+            rests = [len(tokens[i]) - n for i in g]
         else:  # too little to save for a decode of its own
-            expect_calls.append((g, [len(tokens[i]) for i in g], {}))
-    assert expect_calls[0][2] == {"shared": True}  # the first group at least was shared
+            rests, n = [len(tokens[i]) for i in g], 0
+        if shared["split"](sum(rests) - len(g)):  # every last token apart, after the rows before it
+            expect_calls += [(g, [r - 1 for r in rests], {"start": n, "may_stop": STOP_AFTER_KV} if n else
+                              {"may_stop": STOP_AFTER_KV}), (g, [1] * len(g), {"starts": [n + r - 1 for r in rests]})]
+        else:
+            expect_calls.append((g, rests, {"start": n} if n else {}))
+    assert expect_calls[0][2]["shared"]  # the first group at least was shared
     assert shared["calls"] == expect_calls
-    assert [c[0] for c in whole["calls"]] == groups
+    assert [c[0] for c in whole["calls"]] == [
+        g for g in groups for _ in range(2 if whole["split"](sum(len(tokens[i]) - 1 for i in g)) else 1)]
     # the consumer saw the same rows, prompt by prompt and position by position, as without sharing
     assert shared["layouts"] == whole["layouts"]
     assert shared["rows"].keys() == whole["rows"].keys()
@@ -198,3 +207,85 @@ def test_sequences_are_capped_at_a_batch_s_rows(demo_path):
         assert engine.n_seq_max == 16 and engine.n_batch == 16
         (res,) = engine.run([engine.tokenize("Is the sky blue?")])
         assert np.isfinite(res.logits).all()
+
+
+def _capture_run(gguf, layers, *, logits: bool, split_last: bool | None = None, share: bool = False):
+    """Every prompt's FFN rows (keyed (definition, layer, prompt)), the results, and per decode what
+    on_batch was told and the graph tensors llama.cpp offered (names, in the order asked), for one
+    run_checked of FFNCapture."""
+    from ggml_probe.engine.model import Engine
+    from ggml_probe.engine.probes import FFNCapture, run_checked
+
+    rows: dict = {}
+
+    def keep(layer, definition, values, layout):
+        for p in layout.prompt_indices:
+            rows.setdefault((definition, layer, p), []).append(values[layout.row_prompt == p].copy())
+
+    asked: list[tuple[dict, list[str]]] = []
+
+    class Recording(FFNCapture):  # the capture as users run it, noting what each decode was told and offered
+        def on_batch(self, indices, arrays, **where):
+            asked.append((where, []))
+            super().on_batch(indices, arrays, **where)
+
+        def eval_callback(self, t, ask):
+            if ask:
+                asked[-1][1].append(self.reader.name(t))
+            return super().eval_callback(t, ask)
+
+    probe = Recording(gguf, keep, layers=layers)
+    with Engine(gguf, n_ctx=512, n_threads=1, n_seq_max=4, kv_type=0, hidden_states=True,
+                eval_callback=probe.eval_callback) as engine:
+        engine.split_last = split_last
+        tokens = [engine.tokenize(INSTRUCTION + q) for q in QUESTIONS]
+        results = run_checked(engine, probe, tokens, share_prefix=share, logits=logits)
+    joined = {k: np.concatenate(v) for k, v in rows.items()}
+    return joined, results, asked
+
+
+@pytest.mark.slow
+def test_a_pass_that_reads_no_logits_ends_each_graph_after_its_last_tensor(tiny):
+    from ggml_probe.engine.ffn import model_ffn
+
+    n_layer = model_ffn(tiny).n_layer
+    for layers, share in (("0", False), ("all", False), ("all", True)):
+        full, full_results, full_asked = _capture_run(tiny, layers, logits=True, split_last=False, share=share)
+        cut, cut_results, cut_asked = _capture_run(tiny, layers, logits=False, share=share)
+        # the same decodes, each ended where the probe had what it wanted: no output matrix, and with
+        # layer 0 alone nothing of the next layer; with logits, only a shared prefix's decode ends early
+        assert len(cut_asked) == len(full_asked)
+        assert all(("result_output" in names) != bool(where.get("shared")) for where, names in full_asked)
+        assert not any("result_output" in names for _, names in cut_asked)
+        if layers == "0":
+            assert not any(name.endswith(f"-{n_layer - 1}") for _, names in cut_asked for name in names)
+        assert all(r.logits is None for r in cut_results)
+        # what the probe read is what the whole graph computes, to the bit
+        assert cut.keys() == full.keys() and len(cut) == len(QUESTIONS) * len(DEFINITIONS) * (
+            1 if layers == "0" else n_layer)
+        for key, values in full.items():
+            np.testing.assert_array_equal(cut[key], values)
+
+
+@pytest.mark.slow
+def test_last_tokens_decoded_apart_give_the_same_logits_and_neurons(tiny):
+    from ggml_probe.engine.ffn import model_ffn
+
+    n_layer = model_ffn(tiny).n_layer
+    for share in (False, True):
+        whole, whole_results, whole_asked = _capture_run(tiny, "all", logits=True, split_last=False, share=share)
+        apart, apart_results, apart_asked = _capture_run(tiny, "all", logits=True, split_last=True, share=share)
+        # per group, the rows before the last tokens (ended after the last layer's FFN, so no output
+        # matrix), then the last tokens with it
+        with_output = [names for _, names in apart_asked if "result_output" in names]
+        assert len(with_output) == 2 and len(apart_asked) == len(whole_asked) + 2
+        assert all(f"ffn_up-{n_layer - 1}" in names for _, names in apart_asked)
+        # every prompt's rows, position by position, and its last logits as one decode gives them (F32
+        # weights and KV: only the kernels' batch shapes differ)
+        assert apart.keys() == whole.keys()
+        for key, values in whole.items():
+            np.testing.assert_allclose(apart[key], values, rtol=1e-5, atol=1e-5)
+        for a, w in zip(apart_results, whole_results):
+            assert a.n_tokens == w.n_tokens
+            np.testing.assert_allclose(a.logits, w.logits, rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(a.hidden, w.hidden, rtol=1e-5, atol=1e-5)

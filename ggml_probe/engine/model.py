@@ -30,7 +30,7 @@ class PromptResult:
 
     n_tokens: int  # tokens actually decoded (after truncation)
     truncated: int  # tokens dropped from the left to fit the context
-    logits: np.ndarray  # float32 (n_vocab,) at the last prompt position
+    logits: np.ndarray | None  # float32 (n_vocab,) at the last prompt position; None: run(logits=False)
     hidden: np.ndarray | None  # float32 (n_embd,): result_norm at the last position
 
 
@@ -188,6 +188,8 @@ class Engine(_VocabMethods):
         self._model = None
         self._ctx = None
         self._callback_ref = None
+        self._n_params: int | None = None
+        self.split_last: bool | None = None  # run()'s last tokens apart: None decides by cost (split_pays)
 
         offload = bool(lib.llama_supports_gpu_offload())
         n_gpu = offload_layers(gpu_layers)
@@ -545,20 +547,33 @@ class Engine(_VocabMethods):
         all_outputs: bool = False,
         on_batch: Callable[..., None] | None = None,
         share_prefix: bool = False,
+        logits: bool = True,
+        probe_stops: bool = False,
     ) -> list[PromptResult]:
         """Decode each prompt (token arrays) and return its last-position logits and hidden state.
 
         Prompts are packed several to a llama_decode, each in its own sequence, as long as their
         tokens fit the batch; the cache is cleared between batches. With `all_outputs`, every token
         is marked as an output (the last layer's FFN then covers all tokens, for neuron probes).
-        `on_batch(indices, token_arrays)` is called before each decode, so an eval-callback probe
-        knows which rows of the batch belong to which prompt.
+        `on_batch(indices, token_arrays, ...)` is called before each decode, so an eval-callback probe
+        knows which rows of the batch belong to which prompt (keywords below).
 
         `share_prefix`: when a group's prompts begin with the same tokens (a task's instruction), that
         prefix is decoded once into sequence 0 and its KV cells shared with the other sequences
         (llama_memory_seq_cp), then the rest of every prompt is decoded in one batch after it. The
         callback then sees two decodes per group: on_batch(indices, [prefix], shared=True) — rows that
         stand for every prompt of the group — and on_batch(indices, rests, start=len(prefix)).
+
+        `logits=False`: nothing is read back (results carry logits and hidden None), so every decode is
+        on_batch(..., may_stop=STOP_ANYWHERE): the probe may end the graph once it has read its last
+        tensor, and llama.cpp skips the rest, the output matrix included.
+
+        With `all_outputs` and logits, the output matrix would run on every row to give one row per
+        prompt. When the probe ends a graph after its last tensor (`probe_stops`: its tensors reach the
+        last layer's FFN) and the rows spared outweigh another pass over the weights (split_pays), each
+        prompt's last token is decoded apart: first the rows before it (every one an output, none read:
+        on_batch(..., may_stop=STOP_AFTER_KV), empty arrays for one-token prompts), then the last tokens
+        (on_batch(indices, lasts, starts=[position of each])), whose logits are read.
         """
         fitted = [self.fit(np.asarray(p, dtype=np.int32)) for p in prompts]
         for i, (toks, _) in enumerate(fitted):
@@ -569,33 +584,61 @@ class Engine(_VocabMethods):
             toks = [fitted[i][0] for i in group]
             n_shared = common_prefix_length(toks) if share_prefix and len(toks) > 1 else 0
             if n_shared * (len(toks) - 1) >= MIN_SHARED_ROWS:
-                outs = self._decode_shared(toks, n_shared, all_outputs, group, on_batch)
+                outs = self._decode_shared(toks, n_shared, all_outputs, logits, probe_stops, group, on_batch)
             else:
-                if on_batch is not None:
-                    on_batch(group, toks)
-                outs = self._decode_group(toks, all_outputs)
-            for i, (logits, hidden) in zip(group, outs):
-                results[i] = PromptResult(len(fitted[i][0]), fitted[i][1], logits, hidden)
+                self._lib.llama_memory_clear(self._mem, True)
+                outs = self._decode_rows(toks, 0, all_outputs, logits, probe_stops, group, on_batch)
+            for i, (row_logits, hidden) in zip(group, outs):
+                results[i] = PromptResult(len(fitted[i][0]), fitted[i][1], row_logits, hidden)
         return results  # type: ignore[return-value]
 
-    def _decode_shared(self, token_arrays: list[np.ndarray], n_shared: int, all_outputs: bool, group: list[int],
-                       on_batch: Callable[..., None] | None):
+    def _decode_shared(self, token_arrays: list[np.ndarray], n_shared: int, all_outputs: bool, logits: bool,
+                       probe_stops: bool, group: list[int], on_batch: Callable[..., None] | None):
         """The group's common prefix once into sequence 0, its cells shared with sequences 1…, then the
-        rests in one decode; returns (logits, hidden) per prompt as _decode_group does."""
+        rests (_decode_rows); returns (logits, hidden) per prompt."""
         lib = self._lib
         head = np.asarray(token_arrays[0][:n_shared], dtype=np.int32)
         rests = [np.asarray(t[n_shared:], dtype=np.int32) for t in token_arrays]
-        if on_batch is not None:
-            on_batch(group, [head], shared=True)
+        # The prefix's outputs are never read; its KV is, at every layer the rests reach.
+        may_stop = STOP_ANYWHERE if not logits else STOP_AFTER_KV if all_outputs else None
+        _tell(on_batch, group, [head], shared=True, may_stop=may_stop)
         # every prefix row is an output when all rows must be (the last layer's FFN covers them); else
         # none is needed, but one keeps llama.cpp on its usual path
-        self._decode_fresh([head], lambda pos, n: all_outputs or pos == n - 1)
+        lib.llama_memory_clear(self._mem, True)
+        self._decode_batch([head], 0, lambda pos, n: all_outputs or pos == n - 1)
         for seq in range(1, len(token_arrays)):
             lib.llama_memory_seq_cp(self._mem, 0, seq, -1, -1)
-        if on_batch is not None:
-            on_batch(group, rests, start=n_shared)
-        self._decode_batch(rests, n_shared, lambda pos, n: all_outputs or pos == n - 1)
-        return self._group_outputs(rests, all_outputs)
+        return self._decode_rows(rests, n_shared, all_outputs, logits, probe_stops, group, on_batch)
+
+    def _decode_rows(self, token_arrays: list[np.ndarray], start: int, all_outputs: bool, logits: bool,
+                     probe_stops: bool, group: list[int], on_batch: Callable[..., None] | None):
+        """Decode array s into sequence s from position `start`, after what the cache holds; (logits,
+        hidden) at each array's last row, or (None, None) each without `logits`."""
+        if not logits:
+            _tell(on_batch, group, token_arrays, start=start, may_stop=STOP_ANYWHERE)
+            self._decode_batch(token_arrays, start, lambda pos, n: all_outputs or pos == n - 1)
+            return [(None, None)] * len(token_arrays)
+        heads = [t[:-1] for t in token_arrays]
+        if all_outputs and probe_stops and self.split_pays(sum(len(h) for h in heads)):
+            _tell(on_batch, group, heads, start=start, may_stop=STOP_AFTER_KV)
+            self._decode_batch(heads, start, lambda pos, n: True)
+            lasts = [t[-1:] for t in token_arrays]
+            starts = [start + len(h) for h in heads]
+            _tell(on_batch, group, lasts, starts=starts)
+            self._decode_batch(lasts, starts, lambda pos, n: True)
+            return self._group_outputs(lasts, True)
+        _tell(on_batch, group, token_arrays, start=start)
+        self._decode_batch(token_arrays, start, lambda pos, n: all_outputs or pos == n - 1)
+        return self._group_outputs(token_arrays, all_outputs)
+
+    def split_pays(self, rows_spared: int) -> bool:
+        """Whether sparing the output matrix `rows_spared` rows is worth one more decode (about a pass over
+        the weights, costed as SPLIT_DECODE_ROWS rows of the whole model; not tuned)."""
+        if self.split_last is not None:
+            return self.split_last and rows_spared > 0
+        if self._n_params is None:
+            self._n_params = int(self._lib.llama_model_n_params(self._model))
+        return rows_spared * self.n_vocab * self.n_embd >= SPLIT_DECODE_ROWS * self._n_params
 
     def _pack(self, lengths: list[int]) -> Iterable[list[int]]:
         """Groups of prompt indices, in order, whose total tokens fit one batch."""
@@ -617,12 +660,14 @@ class Engine(_VocabMethods):
         self._lib.llama_memory_clear(self._mem, True)
         self._decode_batch(token_arrays, 0, is_output)
 
-    def _decode_batch(self, token_arrays: Sequence[np.ndarray], start: int,
+    def _decode_batch(self, token_arrays: Sequence[np.ndarray], start: int | Sequence[int],
                       is_output: Callable[[int, int], bool]) -> None:
-        """One llama_decode of the arrays, array s into sequence s at positions start…, after what the
-        cache holds; `is_output(pos, length)` (pos counted from 0 in the array) marks the output rows."""
+        """One llama_decode of the arrays, array s into sequence s at positions start… (one start for all, or
+        one per array), after what the cache holds; `is_output(pos, length)` (pos counted from 0 in the
+        array) marks the output rows. Empty arrays keep their sequence number and add no row."""
         lib = self._lib
         lengths = [len(t) for t in token_arrays]
+        starts = [start] * len(lengths) if isinstance(start, int) else [int(s) for s in start]
         total = sum(lengths)
         batch = lib.llama_batch_init(total, 0, 1)
         try:
@@ -630,7 +675,7 @@ class Engine(_VocabMethods):
             np.ctypeslib.as_array(batch.token, shape=(total,))[:] = np.concatenate(
                 [np.asarray(t, dtype=np.int32) for t in token_arrays])
             np.ctypeslib.as_array(batch.pos, shape=(total,))[:] = np.concatenate(
-                [np.arange(start, start + n, dtype=np.int32) for n in lengths])
+                [np.arange(s, s + n, dtype=np.int32) for s, n in zip(starts, lengths)])
             np.ctypeslib.as_array(batch.n_seq_id, shape=(total,))[:] = 1
             np.ctypeslib.as_array(batch.logits, shape=(total,))[:] = [
                 bool(is_output(pos, n)) for n in lengths for pos in range(n)]
@@ -647,10 +692,6 @@ class Engine(_VocabMethods):
                 raise ProbeError(f"llama_decode failed (code {rc}): {last_error('no message')}")
         finally:
             lib.llama_batch_free(batch)
-
-    def _decode_group(self, token_arrays: list[np.ndarray], all_outputs: bool):
-        self._decode_fresh(token_arrays, lambda pos, n: all_outputs or pos == n - 1)
-        return self._group_outputs(token_arrays, all_outputs)
 
     def _group_outputs(self, token_arrays: Sequence[np.ndarray], all_outputs: bool):
         """(logits, hidden) at each array's last row of the decode just done."""
@@ -676,6 +717,24 @@ class Engine(_VocabMethods):
 # saves enough token rows; 32 is a guess (a pass over the weights costs a few dozen tokens' compute on
 # CPU), not tuned.
 MIN_SHARED_ROWS = 32
+# The same guess for Engine.run's last tokens decoded apart: one more decode costs about this many rows
+# of the whole model.
+SPLIT_DECODE_ROWS = 32
+
+# What on_batch's may_stop tells a probe about the decode to come. STOP_ANYWHERE: nothing of it is read
+# after the probe's last tensor (no outputs, and a later decode stops where this one does).
+# STOP_AFTER_KV: no outputs are read, but a later decode reads its KV cache at every layer, so the graph
+# may end only past the last layer's attention. None: the outputs are read; the graph runs whole.
+STOP_ANYWHERE = "anywhere"
+STOP_AFTER_KV = "after_kv"
+
+
+def _tell(on_batch: Callable[..., None] | None, group: list[int], token_arrays: Sequence[np.ndarray],
+          **where) -> None:
+    """on_batch(group, arrays, …) before a decode, with only the keywords that differ from a plain decode
+    (start 0, not shared, may not stop), so a callback that takes none still serves plain decodes."""
+    if on_batch is not None:
+        on_batch(group, token_arrays, **{k: v for k, v in where.items() if v})
 
 
 def common_prefix_length(token_arrays: Sequence[np.ndarray]) -> int:

@@ -25,6 +25,7 @@ from ..errors import ProbeError
 from ..layerspec import resolve_layers
 from .ffn import ACT_FUNCTIONS, DEFINITIONS, model_ffn
 from .ggml_lib import GGML_TYPE_F32, libggml, tensor_shape, tensor_type
+from .model import STOP_AFTER_KV, STOP_ANYWHERE
 
 
 @dataclass
@@ -54,13 +55,16 @@ class BatchLayout:
 
     @classmethod
     def build(cls, indices: Sequence[int], token_arrays: Sequence[np.ndarray], offset: int = 0,
-              start: int = 0) -> "BatchLayout":
+              start: int = 0, starts: Sequence[int] | None = None) -> "BatchLayout":
+        """Rows of arrays decoded each from `start` (after a shared prefix of that many tokens when > 0), or
+        each from its own position in `starts` (a prompt's last token decoded apart: no prefix to join)."""
         lengths = [len(t) for t in token_arrays]
         prompts = [offset + int(i) for i in indices]
         row_prompt = np.repeat(np.asarray(prompts, dtype=np.int64), lengths)
-        row_pos = (np.concatenate([np.arange(start, start + n, dtype=np.int64) for n in lengths]) if lengths
+        firsts = [start] * len(lengths) if starts is None else [int(s) for s in starts]
+        row_pos = (np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n in zip(firsts, lengths)]) if lengths
                    else np.zeros(0, np.int64))
-        return cls(prompts, lengths, row_prompt, row_pos, prefix=start)
+        return cls(prompts, lengths, row_prompt, row_pos, prefix=start if starts is None else 0)
 
     @classmethod
     def shared(cls, indices: Sequence[int], prefix: np.ndarray, offset: int = 0) -> "BatchLayout":
@@ -123,9 +127,15 @@ class Probe:
 
     Subclasses say which graph tensors they want (`wants(name)`) and what to do with one (`handle(t,
     name)`). An exception cannot cross llama.cpp's C callback: it is kept in `error`, the callback
-    returns False (which aborts the decode), and check() re-raises it afterwards, since llama_decode
-    only says 'aborted'. Set `prompt_offset` before each Engine.run when prompts are fed in several
+    returns False (which ends the graph's computation), and check() re-raises it afterwards, since
+    llama_decode does not say. Set `prompt_offset` before each Engine.run when prompts are fed in several
     calls, so the layout's prompt indices stay global.
+
+    Ending a graph early: when the engine says a decode's outputs will not be read (on_batch's may_stop),
+    a probe that names its tensors (`stop_names`) returns False once it has handled the last of them,
+    and llama.cpp skips the rest of the graph (ggml_backend_sched ends the split when the callback says
+    False), the output matrix included. STOP_AFTER_KV decodes are ended only by a probe whose tensors
+    reach past the last layer's attention (`reaches_last_layer`), since a later decode reads their KV.
     """
 
     needs_all_outputs = False  # True: the last layer must hold every token's row (batch.logits[i] = 1)
@@ -136,6 +146,8 @@ class Probe:
         self.layout: BatchLayout | None = None
         self.prompt_offset = 0
         self._reader: TensorReader | None = None
+        self._stop: frozenset[str] = frozenset()  # this decode's graph ends after these tensors
+        self._pending: set[str] = set()  # of them, those not handled yet in the current graph
 
     @property
     def reader(self) -> TensorReader:
@@ -149,12 +161,33 @@ class Probe:
     def handle(self, t: int, name: str) -> None:
         raise NotImplementedError
 
+    def stop_names(self) -> Sequence[str]:
+        """The tensors after which a graph may end (every one this probe reads), or nothing: never end it."""
+        return ()
+
+    @property
+    def reaches_last_layer(self) -> bool:
+        """Whether the last of stop_names comes after the last layer's attention (its KV written)."""
+        return False
+
+    @property
+    def finished(self) -> bool:
+        """True between handling the last tensor the current graph may end after and the next graph."""
+        return bool(self._stop) and not self._pending
+
+    def settle(self) -> None:
+        """After a run (run_checked calls it): no graph ends early until an on_batch allows it again."""
+        self._stop, self._pending = frozenset(), set()
+
     def on_batch(self, indices: list[int], token_arrays: list[np.ndarray], start: int = 0,
-                 shared: bool = False) -> None:
+                 shared: bool = False, starts: Sequence[int] | None = None, may_stop: str | None = None) -> None:
         if shared:
             self.layout = BatchLayout.shared(indices, token_arrays[0], self.prompt_offset)
         else:
-            self.layout = BatchLayout.build(indices, token_arrays, self.prompt_offset, start)
+            self.layout = BatchLayout.build(indices, token_arrays, self.prompt_offset, start, starts)
+        stops = may_stop == STOP_ANYWHERE or (may_stop == STOP_AFTER_KV and self.reaches_last_layer)
+        self._stop = frozenset(self.stop_names()) if stops else frozenset()
+        self._pending = set(self._stop)
 
     def require_layout(self) -> BatchLayout:
         if self.layout is None:
@@ -168,10 +201,15 @@ class Probe:
             return self.wants(name)
         try:
             self.handle(t, name)
-            return True
         except BaseException as exc:  # kept for check(): it cannot cross the C callback
             self.error = exc
             return False
+        if name in self._stop:
+            if not self._pending:  # a decode llama.cpp cut in several ubatches: the next graph began
+                self._pending = set(self._stop)
+            self._pending.discard(name)
+            return bool(self._pending)
+        return True
 
     def check(self) -> None:
         if self.error is not None:
@@ -187,11 +225,10 @@ Consumer = Callable[[int, str, np.ndarray, BatchLayout], None]
 class FFNCapture(Probe):
     """Hands each chosen layer's FFN neurons (engine.ffn's definitions) to a consumer, batch by batch.
 
-    Runs with all_outputs=True (`needs_all_outputs`): the last layer's FFN then covers every token.
-    `extra` names further graph tensors (e.g. "ffn_norm-3") handed to `on_extra(name, array, layout)`.
+    Runs with all_outputs=True when it reads the last layer (`needs_all_outputs`): that layer's FFN then
+    covers every token. `extra` names further graph tensors (e.g. "ffn_norm-3") handed to
+    `on_extra(name, array, layout)`.
     """
-
-    needs_all_outputs = True
     shares_prefix = True  # a shared prefix's rows are kept and handed over with every prompt's own
 
     def __init__(
@@ -226,6 +263,18 @@ class FFNCapture(Probe):
     def tensor_names(self) -> list[str]:
         """Every graph tensor this probe asks for."""
         return sorted(set(self.wanted) | self.extra)
+
+    def stop_names(self) -> Sequence[str]:
+        return self.tensor_names
+
+    @property
+    def reaches_last_layer(self) -> bool:
+        last = self.model.n_layer - 1  # its FFN tensors (and ffn_* extras) follow the layer's attention
+        return last in self.layers or any(name.endswith(f"-{last}") for name in self.extra)
+
+    @property
+    def needs_all_outputs(self) -> bool:
+        return self.reaches_last_layer
 
     def wants(self, name: str) -> bool:
         return name in self.wanted or name in self.extra
@@ -400,8 +449,25 @@ class ProbeSet:
             wanting = [p for p in self.probes if p.eval_callback(t, True)]
             self._wants[t] = wanting
             return bool(wanting)
-        # False from one probe aborts the decode; its error is re-raised by check()
-        return all(p.eval_callback(t, False) for p in self._wants.get(t, ()))
+        # False from one probe ends the graph: at once for its error (re-raised by check()), and once
+        # every probe has what it needed from a graph that may end early.
+        failed = False
+        for p in self._wants.get(t, ()):
+            failed |= not p.eval_callback(t, False) and not getattr(p, "finished", False)
+        return not failed and not self.finished
+
+    @property
+    def finished(self) -> bool:
+        return all(getattr(p, "finished", False) for p in self.probes)
+
+    @property
+    def reaches_last_layer(self) -> bool:
+        return all(getattr(p, "reaches_last_layer", False) for p in self.probes)
+
+    def settle(self) -> None:
+        for p in self.probes:
+            if hasattr(p, "settle"):
+                p.settle()
 
     def check(self) -> None:
         for p in self.probes:
@@ -419,17 +485,22 @@ class SwitchedProbe:
 
 
 def run_checked(engine, probe, tokens: Sequence[np.ndarray], all_outputs: bool | None = None,
-                share_prefix: bool = False):
+                share_prefix: bool = False, logits: bool = True):
     """engine.run with the probe's on_batch; an error raised inside the callback is re-raised as itself.
-    share_prefix is used only when the probe handles it (`shares_prefix`)."""
+    share_prefix is used only when the probe handles it (`shares_prefix`). logits=False: the results are
+    not wanted, so the probe may end each graph after its last tensor (Engine.run)."""
     if all_outputs is None:
         all_outputs = bool(getattr(probe, "needs_all_outputs", False))
     share_prefix = share_prefix and bool(getattr(probe, "shares_prefix", False))
     try:
-        results = engine.run(tokens, all_outputs=all_outputs, on_batch=probe.on_batch, share_prefix=share_prefix)
+        results = engine.run(tokens, all_outputs=all_outputs, on_batch=probe.on_batch, share_prefix=share_prefix,
+                             logits=logits, probe_stops=bool(getattr(probe, "reaches_last_layer", False)))
     except ProbeError:
         probe.check()  # the callback's own error explains the failed decode better
         raise
+    finally:
+        if hasattr(probe, "settle"):
+            probe.settle()
     probe.check()
     return results
 

@@ -31,7 +31,6 @@ class NeuronProbe:
     probe.restore(path) continues a run exactly where the saved state left off.
     """
 
-    needs_all_outputs = True
     shares_prefix = True  # FFNCapture counts a shared prefix's rows with every prompt
 
     def __init__(
@@ -53,6 +52,22 @@ class NeuronProbe:
         )
         self.capture = FFNCapture(model_path, self.accumulator.update, chosen, definitions)
         self.model = model
+
+    @property
+    def needs_all_outputs(self) -> bool:
+        """The last layer's FFN covers every token only when every token is an output."""
+        return self.capture.reaches_last_layer
+
+    @property
+    def reaches_last_layer(self) -> bool:
+        return self.capture.reaches_last_layer
+
+    @property
+    def finished(self) -> bool:
+        return self.capture.finished
+
+    def settle(self) -> None:
+        self.capture.settle()
 
     @property
     def eval_callback(self):
@@ -124,7 +139,8 @@ def collect_neuron_stats(
         tokens = [engine.tokenize(p) if isinstance(p, str) else np.asarray(p, dtype=np.int32) for p in prompts]
         for start in range(0, len(tokens), chunk_size):
             probe.prompt_offset = start
-            run_checked(engine, probe, tokens[start:start + chunk_size])
+            # nothing is read back: each graph ends at the last tensor the statistics need
+            run_checked(engine, probe, tokens[start:start + chunk_size], logits=False)
             if progress is not None:
                 progress(min(start + chunk_size, len(tokens)), len(tokens))
     return probe.finish(), tokens

@@ -80,7 +80,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
 
 
-def _independent_effects(ref_dir: Path, run_dir: Path) -> dict[str, float]:
+def _independent_effects(ref_dir: Path, run_dir: Path, neurons: bool = True) -> dict[str, float]:
     """Flips, label KL, full KL and the accuracy change straight from the saved predictions and logits;
     dead counts from each run's neurons.json."""
     a, b = pd.read_parquet(ref_dir / "predictions.parquet"), pd.read_parquet(run_dir / "predictions.parquet")
@@ -91,6 +91,8 @@ def _independent_effects(ref_dir: Path, run_dir: Path) -> dict[str, float]:
            "kl_label_mean": float(np.mean(np.sum(pa * (np.log(pa) - np.log(pb)), axis=1))),
            "kl_full_mean": float(np.mean(np.sum(np.exp(la) * (la - lb), axis=1))),
            "accuracy_delta": abs(float(b["correct"].mean() - a["correct"].mean()))}
+    if not neurons:
+        return out
     na, nb = (json.loads((d / "neurons.json").read_text()) for d in (ref_dir, run_dir))
     dead_a = {(e["definition"], e["layer"]): e["dead"] for e in na["layers"]}
     out["dead_count_delta"] = float(max(abs(e["dead"] - dead_a[(e["definition"], e["layer"])]) for e in nb["layers"]
@@ -154,6 +156,7 @@ def test_what_changed_says_within_the_floor_exactly_when_an_effect_is_no_larger(
     for floor_flips, inside in ((flips, True), (flips - 0.5, False)):
         moved = copy.deepcopy(study)
         moved["noise_floor"]["tasks"][TASK]["floor"]["flips"] = {"value": floor_flips, "by": "batch"}
+        del moved["noise_floor"]["tasks"][TASK]["levels"]  # the reference's floor alone
         item = next(i for i in what_changed(moved, max_items=50) if i["metric"] == "accuracy_delta")
         assert item["within_noise_floor"] is inside
         phrase = f"within the noise floor ({floor_flips:.0f} flip"
@@ -163,6 +166,35 @@ def test_what_changed_says_within_the_floor_exactly_when_an_effect_is_no_larger(
     moved = copy.deepcopy(study)
     del moved["noise_floor"]
     assert not any("noise floor" in i["text"] for i in what_changed(moved, max_items=50))
+
+
+@pytest.mark.slow
+def test_every_level_is_measured_against_itself_between_batch_layouts(floor_study):
+    study = floor_study["study"]
+    ref = study["study"]["reference"]
+    t = study["noise_floor"]["tasks"][TASK]
+    assert set(t["levels"]) == set(study["levels"]) - {ref}
+    for level, own in t["levels"].items():
+        level_dir, run_dir = Path(study["tasks"][TASK]["runs"][level]["run_dir"]), Path(own["run"])
+        config = json.loads((run_dir / "manifest.json").read_text())["config"]
+        study_batch = json.loads((level_dir / "manifest.json").read_text())["config"]["batch_prompts"]
+        assert config["batch_prompts"] == (4 if study_batch == 1 else 1) and config["neurons"] is None
+        mine = _independent_effects(level_dir, run_dir, neurons=False)
+        for metric, v in mine.items():
+            assert own["effects"][metric] == pytest.approx(v, rel=1e-5, abs=1e-9), (level, metric)
+    # a change is judged against the larger of the reference's floor and its level's own layout noise
+    level = next(iter(t["levels"]))
+    item = next(i for i in what_changed(study, max_items=50) if i["metric"] == "kl_full_mean" and i["level"] == level)
+    own_kl, ref_kl = t["levels"][level]["effects"]["kl_full_mean"], t["floor"]["kl_full_mean"]["value"]
+    assert item["noise_floor"] == pytest.approx(max(own_kl, ref_kl))
+    moved = copy.deepcopy(study)
+    moved["noise_floor"]["tasks"][TASK]["levels"][level]["effects"]["kl_full_mean"] = item["value"] * 2
+    item = next(i for i in what_changed(moved, max_items=50) if i["metric"] == "kl_full_mean" and i["level"] == level)
+    assert item["within_noise_floor"] and f"between batch layouts of {level})" in item["text"]
+    own = t["levels"][level]["effects"]
+    assert (f"noise floor · {TASK} · each level vs itself between batch layouts: {level} {own['flips']:.0f} flips, "
+            f"KL full {own['kl_full_mean']:.2g}") in floor_study["output"]
+    assert "own run under the other batch layout" in _section(floor_study["html"], "noise-floor")
 
 
 @pytest.mark.slow

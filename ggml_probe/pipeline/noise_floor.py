@@ -6,7 +6,14 @@ the study packs them), flash attention switched, another thread count. Each is o
 reference on the same examples, a resumable run directory like every level's:
 
     STUDY/noise_floor/<task>/<perturbation>/<REF>/   the perturbed pass (and its neuron part)
+    STUDY/noise_floor/<task>/batch/<LEVEL>/          every other level under the other batch layout
     STUDY/noise_floor/kld.json                       the text KLD of the reference under each perturbation
+
+A quantized level can be far more sensitive to the batch layout than the reference: llama.cpp's CPU
+kernels for quantized weights quantize the activations too (Q8_0 blocks of 32, or Q8_K), differently per
+batch shape, so on the demo model's Q8_0 the layout alone moved the answer distribution by KL 4e-3 on
+average against F16's 8e-6. So every level is also run under the other batch layout and compared with its
+own run (`levels`); a change is judged against the larger of the reference's floor and its own level's.
 
 The neuron part of a perturbed pass keeps dead and salient neurons (salient only with the exact
 attribution, a closed form on the last layer: cheap; ig and dla would add a torch pass per prompt) and skips the redundancy correlations and the ablation check: the floor compares
@@ -78,10 +85,11 @@ def _dir_name(name: str, config: EvalConfig) -> str:
 
 def task_floor(reference: str, ref_path: Path, ref_run_dir: Path, eval_config: EvalConfig, out: Path, *,
                ref_neurons: dict[str, Any] | None = None, neurons: NeuronAnalysis | None = None,
-               perturbations: list[str] | None = None, force: bool = False,
-               progress: RunProgress | None = None) -> dict[str, Any]:
+               perturbations: list[str] | None = None, levels: dict[str, tuple[Path, Path]] | None = None,
+               force: bool = False, progress: RunProgress | None = None) -> dict[str, Any]:
     """The reference's perturbed passes on one task (resumable), each compared with its own run, and the
-    floor: per metric the largest effect over the perturbations."""
+    floor: per metric the largest effect over the perturbations. `levels`: the other levels' (file, run
+    directory), each run under the other batch layout too (level_layout_noise)."""
     names = perturbations or list(PERTURBATIONS)
     unknown = [n for n in names if n not in PERTURBATIONS]
     if unknown:
@@ -104,7 +112,28 @@ def task_floor(reference: str, ref_path: Path, ref_run_dir: Path, eval_config: E
         runs[name] = str(run_dir)
         settings[name] = p.describe(eval_config)
         by_name[name] = effects(comparison, ref_neurons, level_neurons)
-    return {"runs": runs, "settings": settings, "effects": by_name, "floor": noise_floor(by_name)}
+    section = {"runs": runs, "settings": settings, "effects": by_name, "floor": noise_floor(by_name)}
+    if levels:
+        section["levels"] = level_layout_noise(levels, eval_config, out, force=force, progress=progress)
+    return section
+
+
+def level_layout_noise(levels: dict[str, tuple[Path, Path]], eval_config: EvalConfig, out: Path, *,
+                       force: bool = False, progress: RunProgress | None = None) -> dict[str, Any]:
+    """Each level (file, its run directory) run again under the other batch layout, without the neuron
+    part, and compared with its own run: {level: {"run", "setting", "effects"}} (answer-level metrics)."""
+    p = PERTURBATIONS["batch"]
+    config = p.eval_config(eval_config)
+    by_level: dict[str, Any] = {}
+    for level, (path, run_dir) in levels.items():
+        if progress:
+            progress.step(f"noise floor · {eval_config.task} · {level} with {p.describe(eval_config)}")
+        result = run_level_files({level: path}, config, out / _dir_name("batch", config), resume=not force,
+                                 force=force, progress=progress)
+        comparison = compare_runs(Path(run_dir), result.run_dirs[level], n_boot=eval_config.n_boot)
+        by_level[level] = {"run": str(result.run_dirs[level]), "setting": p.describe(eval_config),
+                           "effects": effects(comparison)}
+    return by_level
 
 
 def text_kld_floor(ref_path: Path, base_file: Path, settings: KLDSettings, out: Path, *,
@@ -130,7 +159,7 @@ def study_floor(reference: str, ref_path: Path, tasks: dict[str, dict[str, Any]]
                 kld_settings: KLDSettings | None = None, force: bool = False,
                 progress: RunProgress | None = None) -> dict[str, Any]:
     """The whole floor of a study. tasks: per task {"eval_config", "run_dir" (the reference's run),
-    "neurons" (the reference's neuron figures or None)}."""
+    "neurons" (the reference's neuron figures or None), optionally "levels" (task_floor's)}."""
     t0 = time.perf_counter()
     section: dict[str, Any] = {"reference": reference,
                                "perturbations": {n: p.phrase for n, p in PERTURBATIONS.items()},
@@ -138,7 +167,7 @@ def study_floor(reference: str, ref_path: Path, tasks: dict[str, dict[str, Any]]
     for task, t in tasks.items():
         section["tasks"][task] = task_floor(reference, ref_path, Path(t["run_dir"]), t["eval_config"],
                                             out / task, ref_neurons=t.get("neurons"), neurons=neurons,
-                                            force=force, progress=progress)
+                                            levels=t.get("levels"), force=force, progress=progress)
     if kld_base is not None and kld_settings is not None and Path(kld_base).exists():
         if progress:
             progress.step(f"noise floor · text KLD of {reference} against itself")

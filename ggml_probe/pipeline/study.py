@@ -383,8 +383,10 @@ def _noise_floor_section(files: dict[str, Path], reference: str, config: StudyCo
                          progress: StudyProgress | None) -> dict[str, Any]:
     """The reference's perturbed passes on every task and its text KLD against itself (noise_floor.py)."""
     for task, t in floor_tasks.items():
-        t["run_dir"] = study["tasks"][task]["runs"][reference]["run_dir"]
+        runs = study["tasks"][task]["runs"]
+        t["run_dir"] = runs[reference]["run_dir"]
         t["neurons"] = (study["tasks"][task].get("neurons") or {}).get(reference)
+        t["levels"] = {lvl: (files[lvl], Path(r["run_dir"])) for lvl, r in runs.items() if lvl != reference}
     kld = study.get("kld") or {}
     settings = KLDSettings(**kld["settings"]) if kld.get("settings") else None
     return study_floor(reference, files[reference], floor_tasks, out / "noise_floor",

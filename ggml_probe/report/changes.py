@@ -124,9 +124,10 @@ FLOOR_OF = {
 }
 
 
-def floor_for(study: Mapping[str, Any], metric: str, task: str | None) -> dict[str, Any] | None:
+def floor_for(study: Mapping[str, Any], metric: str, task: str | None, level: str | None = None) -> dict[str, Any] | None:
     """The noise floor of a what-changed metric on a task (text KLD: the study's text), with its wording
-    (`text`: "2 flips between batch layouts of F16"); None when the study did not measure it."""
+    (`text`: "2 flips between batch layouts of F16"): the reference's, or `level`'s own under the other
+    batch layout when that is larger; None when the study did not measure it."""
     section = study.get("noise_floor") or {}
     if metric not in FLOOR_OF or not section:
         return None
@@ -136,17 +137,21 @@ def floor_for(study: Mapping[str, Any], metric: str, task: str | None) -> dict[s
         name = "paper." + name
     source = section.get("text_kld") if metric == "text_kld_mean" else (section.get("tasks") or {}).get(task)
     floor = ((source or {}).get("floor") or {}).get(name)
+    own = ((((source or {}).get("levels") or {}).get(level) or {}).get("effects") or {}).get(name)
+    by_level = section.get("reference")
+    if own is not None and (not floor or own > float(floor["value"])):
+        floor, by_level = {"value": float(own), "by": "batch"}, level
     if not floor:
         return None
     phrase = (section.get("perturbations") or {}).get(floor.get("by"), f"under {floor.get('by')}")
-    return {**floor, "metric": name,
-            "text": f"{word(float(floor['value']))} {phrase} of {section.get('reference')}"}
+    return {**floor, "metric": name, "level": by_level,
+            "text": f"{word(float(floor['value']))} {phrase} of {by_level}"}
 
 
 def _compare_with_floor(items: list[dict[str, Any]], study: Mapping[str, Any]) -> None:
     """Each change against the noise floor: within it, the sentence says so (and the item records it)."""
     for item in items:
-        floor = floor_for(study, item["metric"], item["task"])
+        floor = floor_for(study, item["metric"], item["task"], item["level"])
         if floor is None:
             continue
         effect = FLOOR_OF[item["metric"]][1](item)

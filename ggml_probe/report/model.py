@@ -538,6 +538,11 @@ def _trace_section(s: _Study, trace: Mapping[str, Any]) -> Section:
 # noise floor
 
 
+# The answer-level metrics shown for every level's own batch-layout noise.
+LEVEL_LAYOUT_METRICS = ("flips", "kl_label_mean", "kl_full_mean", "kl_full_p99", "top1_changed", "ace_paper_delta",
+                        "ece_delta")
+
+
 def _floor_value(metric: str, v: float | None) -> str:
     if v is None:
         return "—"
@@ -573,6 +578,15 @@ def _noise_floor_section(s: _Study, floor: Mapping[str, Any]) -> Section:
         settings = "; ".join(f"{n}: {v}" for n, v in (t.get("settings") or {}).items())
         sec.add("table", _floor_table(t.get("effects") or {}, t.get("floor") or {}, defs,
                                       f"Each column: {ref} under one change against its own run ({settings})."))
+        levels = t.get("levels") or {}
+        if levels:
+            setting = next(iter(levels.values())).get("setting", "")
+            rows = [[Cell(m, defs.get(m, "")), *[_floor_value(m, (e.get("effects") or {}).get(m)) for e in levels.values()]]
+                    for m in LEVEL_LAYOUT_METRICS]
+            sec.add("table", Table(["metric", *levels], rows, caption=(
+                f"Each level against its own run under the other batch layout ({setting}): quantized weights make "
+                "llama.cpp quantize the activations too, per batch shape, so a level's own layout noise can exceed "
+                f"{ref}'s. What changed judges each level's change against the larger of the two.")))
     text = floor.get("text_kld")
     if text:
         sec.add("h3", "text KLD")

@@ -240,12 +240,20 @@ def floor_line(study: dict, task: str | None) -> str | None:
     return f"noise floor · {task or 'text KLD'} · {section.get('reference')} vs itself: " + ", ".join(parts)
 
 
+def level_noise_line(study: dict, task: str) -> str | None:
+    """One line of a task's other levels, each against itself between batch layouts."""
+    levels = (((study.get("noise_floor") or {}).get("tasks") or {}).get(task) or {}).get("levels") or {}
+    own = [f"{lvl} {e['effects']['flips']:.0f} flips, KL full {e['effects']['kl_full_mean']:.2g}"
+           for lvl, e in levels.items() if {"flips", "kl_full_mean"} <= set(e.get("effects") or {})]
+    return f"noise floor · {task} · each level vs itself between batch layouts: " + "; ".join(own) if own else None
+
+
 def _print_floor_and_speed(console: "Console", study: dict) -> None:
     """The noise floor (a line per task and for the text KLD) and the speed table of a study."""
     for task in [*((study.get("noise_floor") or {}).get("tasks") or {}), None]:
-        line = floor_line(study, task)
-        if line:
-            console.print(escape(line))
+        for line in (floor_line(study, task), level_noise_line(study, task) if task else None):
+            if line:
+                console.print(escape(line))
     speed = study.get("speed") or {}
     if speed.get("levels"):
         st = speed.get("settings") or {}

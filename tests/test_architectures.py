@@ -36,9 +36,9 @@ from ggml_probe.attribution.torch_model import TorchModel  # noqa: E402
 from ggml_probe.models.convert import convert_hf_to_gguf  # noqa: E402
 
 HIDDEN, N_FF, N_LAYER, WINDOW = 64, 96, 2, 8
-FAMILIES = ("mistral", "gemma", "gemma2", "gemma3", "phi3", "phi2")
+FAMILIES = ("mistral", "gemma", "gemma2", "gemma3", "phi3", "phi2", "qwen2", "qwen3")
 # what each test covers per family (phi2: conversion and capture; its attributions are unsupported)
-ATTRIBUTED = ("mistral", "gemma", "gemma2", "gemma3", "phi3")
+ATTRIBUTED = ("mistral", "gemma", "gemma2", "gemma3", "phi3", "qwen2", "qwen3")
 QUICK = ("gemma2",)  # the quick subset's family; the others are slow-marked
 
 
@@ -85,6 +85,14 @@ def _config(family: str, n_vocab: int, tokenizer):
                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         set_rope(config, {"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 0.5})
         return config, transformers.PhiForCausalLM
+    if family == "qwen2":  # q/k/v biases, NEOX rope, untied output
+        config = transformers.Qwen2Config(use_sliding_window=False, tie_word_embeddings=False, **common)
+        set_rope(config, {"rope_theta": 10000.0, "rope_type": "default"})
+        return config, transformers.Qwen2ForCausalLM
+    if family == "qwen3":  # per-head q/k RMSNorms, no biases, head_dim ≠ hidden / heads (as Qwen3-0.6B), tied
+        config = transformers.Qwen3Config(head_dim=32, use_sliding_window=False, tie_word_embeddings=True, **common)
+        set_rope(config, {"rope_theta": 10000.0, "rope_type": "default"})
+        return config, transformers.Qwen3ForCausalLM
     raise ValueError(family)
 
 
@@ -135,7 +143,8 @@ def build(family: str, root: Path) -> Family:
     folder = root / ("tiny-p3" if family == "phi3" else f"tiny-{family}")
     # SentencePiece where the real models use it (llama.cpp also refuses a phi3 file with a BPE vocabulary)
     spm = family in ("mistral", "phi3")
-    tokenizer = sentencepiece_tokenizer(folder) if spm else byte_level_tokenizer("smollm")
+    tokenizer = sentencepiece_tokenizer(folder) if spm else byte_level_tokenizer(
+        "qwen2" if family.startswith("qwen") else "smollm")
     config, model_class = _config(family, len(tokenizer), tokenizer)
     torch.manual_seed(0)
     model = model_class(config).eval()

@@ -37,8 +37,8 @@ from ggml_probe.models.convert import convert_hf_to_gguf  # noqa: E402
 
 HIDDEN, N_FF, N_LAYER, WINDOW = 64, 96, 2, 8
 FAMILIES = ("mistral", "gemma", "gemma2", "gemma3", "phi3", "phi2", "qwen2", "qwen3")
-# what each test covers per family (phi2: conversion and capture; its attributions are unsupported)
-ATTRIBUTED = ("mistral", "gemma", "gemma2", "gemma3", "phi3", "qwen2", "qwen3")
+# the families every attribution test covers
+ATTRIBUTED = ("mistral", "gemma", "gemma2", "gemma3", "phi3", "phi2", "qwen2", "qwen3")
 QUICK = ("gemma2",)  # the quick subset's family; the others are slow-marked
 
 
@@ -120,6 +120,26 @@ GELU_FAMILIES = {"gemma", "gemma2", "gemma3", "phi2"}
 def act_module(mlp):
     """The MLP's activation module (Phi-3 calls it activation_fn)."""
     return mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn
+
+
+def down_module(mlp):
+    """The MLP's down projection (Phi-2 calls it fc2, with a bias)."""
+    return mlp.down_proj if hasattr(mlp, "down_proj") else mlp.fc2
+
+
+def final_norm(model):
+    """The final norm (Phi-2: a LayerNorm called final_layernorm)."""
+    return model.model.norm if hasattr(model.model, "norm") else model.model.final_layernorm
+
+
+def captured_act(family: str):
+    """act as ggml-probe reads it from llama.cpp: the activation function applied here in float64 to the
+    captured gate (exact GELU or SiLU); for Phi-2, without a gate, llama.cpp's own GELU output (its table)."""
+    if family == "phi2":
+        return GGMLTableGELU()
+    if family in GELU_FAMILIES:
+        return lambda x: torch.nn.functional.gelu(x, approximate="tanh")
+    return torch.nn.functional.silu
 
 
 class GGMLTableGELU(torch.nn.Module):
@@ -211,8 +231,7 @@ def transformers_ffn(model, token_ids: list[int], exact_act) -> dict[str, dict[i
     for i, layer in enumerate(model.model.layers):
         hooks.append(act_module(layer.mlp).register_forward_hook(
             lambda _m, inp, _o, i=i: out["act"].__setitem__(i, exact_act(inp[0][0].double()).numpy().copy())))
-        down = layer.mlp.down_proj if hasattr(layer.mlp, "down_proj") else layer.mlp.fc2  # Phi-2: fc2
-        hooks.append(down.register_forward_pre_hook(
+        hooks.append(down_module(layer.mlp).register_forward_pre_hook(
             lambda _m, inp, i=i: out["down_in"].__setitem__(i, inp[0][0].double().numpy().copy())))
     with torch.no_grad():
         model(torch.tensor([token_ids]))
@@ -245,11 +264,7 @@ def test_captured_neurons_equal_transformers_hooks(families, family):
     fam = families(family)
     got = llama_capture(fam.gguf, fam.token_ids)
     model = fam.load(torch.float32, ggml_gelu=True)
-    exact_act = (lambda x: torch.nn.functional.gelu(x, approximate="tanh")) if family in GELU_FAMILIES \
-        else torch.nn.functional.silu
-    if family == "phi2":  # ungated: act is llama.cpp's own GELU output (ffn_gelu), table included
-        exact_act = GGMLTableGELU()
-    ref = transformers_ffn(model, fam.token_ids, exact_act)
+    ref = transformers_ffn(model, fam.token_ids, captured_act(family))
     worst = 0.0
     for definition in ("act", "down_in"):
         for layer in range(N_LAYER):
@@ -365,7 +380,7 @@ def test_exact_last_layer_agrees_with_ig(families, family):
         assert rho_big >= 0.999
         # GELU models: llama.cpp's fp16-table GELU in the earlier layer moves the last layer's inputs by
         # ~1e-4, enough to reorder neurons whose attributions are ~1e-3 of the largest
-        assert rho >= (0.998 if family in GELU_FAMILIES else 0.999)
+        assert rho >= (0.998 if family == "gemma" else 0.999)
         # llama.cpp computes GELU by fp16 table (earlier layers' outputs differ by ~1e-4); torch is exact f32
         assert np.abs(a - e).max() < 0.01 * np.abs(e).max()
     assert np.abs(exact.completeness_error).max() < 1e-3  # the quadrature converged
@@ -383,18 +398,19 @@ def test_dla_equals_direct_autograd_on_transformers(families, family):
     ours = attribute("dla", fam.gguf, [np.array(ids, dtype=np.int32)], list(range(N_LAYER)), threads=2)
     model = fam.load(ggml_gelu=True)
     seen: dict = {}
-    hooks = [model.model.norm.register_forward_pre_hook(lambda _m, i: seen.__setitem__("r", i[0][0, -1].clone()))]
+    hooks = [final_norm(model).register_forward_pre_hook(lambda _m, i: seen.__setitem__("r", i[0][0, -1].clone()))]
     for L, layer in enumerate(model.model.layers):
         hooks.append(act_module(layer.mlp).register_forward_hook(
             lambda _m, i, _o, L=L: seen.__setitem__(("gate", L), i[0][0, -1].clone())))
         if hasattr(layer.mlp, "up_proj"):
             hooks.append(layer.mlp.up_proj.register_forward_hook(
                 lambda _m, _i, o, L=L: seen.__setitem__(("up", L), o[0, -1].clone())))
+        elif family == "phi2":  # ungated: act ⊙ 1
+            seen[("up", L)] = torch.ones(N_FF, dtype=torch.float64)
         else:  # Phi-3: gate_up_proj's output is [gate | up]
             hooks.append(layer.mlp.gate_up_proj.register_forward_hook(
                 lambda _m, _i, o, L=L: seen.__setitem__(("up", L), o[0, -1].chunk(2, dim=-1)[1].clone())))
-    exact_act = (lambda x: torch.nn.functional.gelu(x, approximate="tanh")) if family in GELU_FAMILIES \
-        else torch.nn.functional.silu
+    exact_act = captured_act(family)
     with torch.no_grad():
         model(torch.zeros((1, len(ids)), dtype=torch.long))
         base = {L: exact_act(seen[("gate", L)]) for L in range(N_LAYER)}
@@ -407,13 +423,13 @@ def test_dla_equals_direct_autograd_on_transformers(families, family):
         post = getattr(layer, "post_feedforward_layernorm", None)
 
         def contribution(act):
-            out = mlp.down_proj(act * seen[("up", L)])
+            out = down_module(mlp)(act * seen[("up", L)])
             return post(out) if post is not None else out
 
         a = exact_act(seen[("gate", L)]).clone().requires_grad_(True)
         with torch.no_grad():
             rest = seen["r"] - contribution(a)
-        z = model.lm_head(model.model.norm(rest + contribution(a)))
+        z = model.lm_head(final_norm(model)(rest + contribution(a)))
         if cap:
             z = cap * torch.tanh(z / cap)
         target = int(ours.target_tokens[0])
@@ -447,7 +463,7 @@ def test_ablation_equals_transformers(families, family):
         target = int(res.target_tokens[p])
         with torch.no_grad():
             clean = torch.log_softmax(model(torch.tensor([toks])).logits[0, -1], -1)[target]
-            handle = model.model.layers[last].mlp.down_proj.register_forward_pre_hook(zero)
+            handle = down_module(model.model.layers[last].mlp).register_forward_pre_hook(zero)
             patched = torch.log_softmax(model(torch.tensor([toks])).logits[0, -1], -1)[target]
             handle.remove()
         ref = float(patched - clean)
@@ -483,19 +499,3 @@ def test_study_runs_end_to_end(families, family, tmp_path, boolq_path):
     last = salient["layers"][str(N_LAYER - 1)]
     assert last["converged"] and last["count"] > 0 and "ablation" in last
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
-
-
-@pytest.mark.slow
-def test_phi2_attribution_is_refused_in_one_line(families):
-    """phi2 converts and captures, but no attribution covers its LayerNorm-with-bias head yet: each method
-    stops with one line naming what it supports."""
-    from ggml_probe.errors import UnsupportedArchitecture
-
-    fam = families("phi2")
-    prompts = [np.array(fam.token_ids[:8], dtype=np.int32)]
-    for name, says in (("exact", "phi2: the exact last-layer attribution supports llama"),
-                       ("dla", "phi2: the direct-effect attribution supports llama"),
-                       ("ig", "phi2: --attribution ig supports llama")):
-        with pytest.raises(UnsupportedArchitecture, match=says) as err:
-            attribute(name, fam.gguf, prompts, [-1], threads=2, device="cpu")
-        assert "\n" not in str(err.value)

@@ -499,3 +499,33 @@ def test_study_runs_end_to_end(families, family, tmp_path, boolq_path):
     last = salient["layers"][str(N_LAYER - 1)]
     assert last["converged"] and last["count"] > 0 and "ablation" in last
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_phi2_fused_qkv_as_llama_cpp_writes_it(tmp_path):
+    """Real Phi-2 GGUFs (llama.cpp's converter) hold one attn_qkv weight and bias, unlike `convert`'s
+    separate q/k/v: the torch model splits both. Against llama.cpp's own log-probabilities on such a file
+    (F16 matrices, which llama.cpp multiplies with fp16-rounded activations: ~3e-4 here; a missing q
+    bias alone moves them 3e-3), and the exact last layer against ig on it."""
+    import validate_tiny_gguf as tiny
+
+    path = tiny.write_tiny_model(tmp_path / "tiny-phi2-fused.gguf", tiny.self_made_vocab(), "phi2")
+    ids = [int(i) for i in np.random.default_rng(1).integers(3, 200, size=16)]
+    logits = llama_logits(path, ids)
+    tm = TorchModel(path, device="cpu", dtype="float64")
+    for n in (16, 7):
+        ours, _ = tm.run(ids[:n])
+        ref = torch.log_softmax(torch.tensor(logits[n - 1], dtype=torch.float64), -1).numpy()
+        assert np.abs(ref - ref.mean()).max() > 0.5  # the comparison means something
+        err = float(np.abs(ours.numpy() - ref).max())
+        print(f"phi2 fused qkv, {n} tokens: max |log p torch − llama.cpp| = {err:.2e}")
+        assert err < 1e-3
+    prompts = [np.array(ids[:12], np.int32), np.array(ids[4:], np.int32)]
+    ig = attribute("ig", path, prompts, [-1], threads=2, device="cpu")
+    exact = last_layer_attribution(path, prompts, targets=list(ig.target_tokens), n_threads=2, kv_type=0)
+    for p in range(len(prompts)):
+        rho = spearman(ig.layers[tiny.N_LAYER - 1].attributions[p], exact.attributions[p])
+        print(f"phi2 fused qkv prompt {p}: exact vs ig Spearman {rho:.6f}")
+        assert rho >= 0.999
+    np.testing.assert_allclose(exact.attributions.sum(axis=1), exact.real_change,
+                               atol=0.01 * np.abs(exact.real_change).max())

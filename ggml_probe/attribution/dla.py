@@ -56,7 +56,8 @@ def direct_effect_attribution(
         for L in layers:
             head.w_down = np.asarray(tensors.dequantize(f"blk.{L}.ffn_down.weight"), dtype=np.float64)
             down_bias = f"blk.{L}.ffn_down.bias"  # Phi-2
-            head.down_bias = np.asarray(tensors.dequantize(down_bias), np.float64) if down_bias in tensor_names else None
+            head.down_bias = (np.asarray(tensors.dequantize(down_bias), np.float64)
+                              if down_bias in tensor_names else None)
             post = f"blk.{L}.post_ffw_norm.weight"  # Gemma 2/3: the FFN output's own norm
             head.post_norm = np.asarray(tensors.dequantize(post), np.float64) if post in tensor_names else None
             rows = []

@@ -29,7 +29,8 @@ _DEFAULT_FINAL_SOFTCAP = {"gemma2": 30.0}
 def require_closed_form(model_path: str | os.PathLike, what: str):
     """The model's FFN facts, or UnsupportedArchitecture when the closed form does not hold for it."""
     info = model_ffn(model_path)
-    if info.arch not in EXACT_IG_ARCHITECTURES or info.names.act_fn not in ("silu", "gelu_tanh", "silu_gate_half", None):
+    if info.arch not in EXACT_IG_ARCHITECTURES or \
+            info.names.act_fn not in ("silu", "gelu_tanh", "silu_gate_half", None):
         raise UnsupportedArchitecture(f"{info.arch}: the {what} supports {', '.join(EXACT_IG_ARCHITECTURES)}")
     return info
 

@@ -347,7 +347,7 @@ def _hyper(tensors) -> Hyper:
     attn_scale = 1.0 / float(np.sqrt(n_embd // n_head)) if big else 0.0
     return Hyper(arch=arch, n_layer=n_layer, n_embd=n_embd, n_ff=int(meta("feed_forward_length")),
                  n_head=n_head, n_head_kv=int(meta("attention.head_count_kv", n_head)), head_dim=head_dim,
-                 eps=float(meta("attention.layer_norm_epsilon" if family.layer_norm else "attention.layer_norm_rms_epsilon")),
+                 eps=float(meta("attention.layer_norm_" + ("epsilon" if family.layer_norm else "rms_epsilon"))),
                  rope_base=rope_base,
                  rope_dim=int(meta("rope.dimension_count", head_dim)), rope_scale=scale, family=family,
                  rope_base_swa=float(meta("rope.freq_base_swa", rope_base)), n_swa=n_swa, swa_layers=swa_layers,

@@ -28,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 from ggml_probe.attribution import attribute  # noqa: E402
 from ggml_probe.attribution.ablation import ablation_effect  # noqa: E402
+from ggml_probe.attribution.dla import direct_effect_attribution  # noqa: E402
 from ggml_probe.analysis.salient import integrated_gradients as closed_form_ig  # noqa: E402
 from ggml_probe.attribution.exact import last_layer_attribution  # noqa: E402
 from ggml_probe.attribution.passes import read_last_layer_head  # noqa: E402
@@ -409,7 +410,9 @@ def test_dla_equals_direct_autograd_on_transformers(families, family):
     lm_head and the soft-cap, by autograd on transformers' modules, for every layer."""
     fam = families(family)
     ids = fam.token_ids[:12]
-    ours = attribute("dla", fam.gguf, [np.array(ids, dtype=np.int32)], list(range(N_LAYER)), threads=2)
+    # an f32 KV cache, so that f32 weights mean f32 all through llama.cpp
+    ours = direct_effect_attribution(fam.gguf, [np.array(ids, dtype=np.int32)], list(range(N_LAYER)), n_threads=2,
+                                     kv_type=0)
     model = fam.load(ggml_gelu=True)
     seen: dict = {}
     hooks = [final_norm(model).register_forward_pre_hook(lambda _m, i: seen.__setitem__("r", i[0][0, -1].clone()))]
@@ -452,7 +455,7 @@ def test_dla_equals_direct_autograd_on_transformers(families, family):
         got = ours.layers[L].attributions[0]
         assert np.abs(ref).max() > 1e-4
         print(f"{family} layer {L}: dla max |ours − autograd| / max = {np.abs(got - ref).max() / np.abs(ref).max():.2e}")
-        np.testing.assert_allclose(got, ref, atol=1e-2 * np.abs(ref).max())
+        np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())  # f32 llama.cpp, float64 torch
         assert spearman(got, ref) > 0.999
 
 

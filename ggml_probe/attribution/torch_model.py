@@ -7,11 +7,12 @@ in torch, and exposes it in the pieces integrated gradients needs: run the promp
 analysed layer's FFN state, then run only the layers after one of them from a replaced act.
 
 Rope follows llama.cpp, not transformers: GGUF llama files carry Q/K rows reordered for llama.cpp's
-adjacent-pair rope (LLAMA_ROPE_TYPE_NORM), qwen2/qwen3 use the rotate-half form (NEOX).
+adjacent-pair rope (LLAMA_ROPE_TYPE_NORM), qwen2/qwen3 use the rotate-half form (NEOX). Linear rope
+scaling and llama3's per-frequency factors (rope_freqs.weight) are applied as llama.cpp does.
+
 Phi-2 (src/models/phi2.cpp) differs most: LayerNorms with biases, attention and an ungated GELU FFN
 both reading the same normed layer input (out = x + attn + ffn), biases on every projection and the
-output; its `up` is a vector of ones, so that act ⊙ up is the FFN's hidden layer as for gated models. Linear rope
-scaling and llama3's per-frequency factors (rope_freqs.weight) are applied as llama.cpp does.
+output; its `up` is a vector of ones, so that act ⊙ up is the FFN's hidden layer as for gated models.
 """
 
 from __future__ import annotations

@@ -48,9 +48,9 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     from ggml_probe.errors import UnsupportedArchitecture
 
     class Fake:
-        architecture, path = "phi2", tmp_path / "x.gguf"
+        architecture, path = "bert", tmp_path / "x.gguf"
 
-    with pytest.raises(UnsupportedArchitecture, match="phi2: --attribution ig supports llama"):
+    with pytest.raises(UnsupportedArchitecture, match="bert: --attribution ig supports llama"):
         _hyper(Fake())
 
 

@@ -460,11 +460,16 @@ def test_neuron_probe_resumed_run_equals_one_run(tiny, tmp_path):
 # ------------------------------------------------------------------ salient neurons, last layer
 
 
-def test_closed_form_gradient_matches_finite_differences():
+@pytest.mark.parametrize("phi2_head", [False, True])
+def test_closed_form_gradient_matches_finite_differences(phi2_head):
+    """RMSNorm head, and Phi-2's: ffn_down bias, LayerNorm with a bias, output bias."""
     from ggml_probe.analysis.salient import LastLayerHead, integrated_gradients
 
     rng = np.random.default_rng(5)
     head = LastLayerHead(rng.normal(size=(6, 10)), 1 + 0.3 * rng.normal(size=6), 1e-5, rng.normal(size=(30, 6)))
+    if phi2_head:
+        head.down_bias, head.layer_norm = rng.normal(size=6), True
+        head.norm_bias, head.out_bias = rng.normal(size=6), rng.normal(size=30)
     a, b, up, r = rng.normal(size=10), rng.normal(size=10) * 0.1, rng.normal(size=10), rng.normal(size=6) * 3
     g = head.gradient(a[None], up, r, 4)[0]
     eps = 1e-6

@@ -15,6 +15,10 @@ prompt's) to a, with r and u held at the input's values as Captum's LayerIntegra
     attr_j = (a_j − b_j) ∫₀¹ ∂f/∂a_j (b + α(a − b)) dα,   by n-point Gauss–Legendre quadrature.
 
 Completeness: Σ attr = f(a) − f(b) up to the quadrature error, reported per example.
+
+Phi-2's head adds biases (ffn_down's, the output's) and a LayerNorm (h − mean(h) normalised, plus a
+bias) for the RMSNorm; its FFN is ungated, which is u = 1. Its residual r is everything of l_out but the
+FFN's output: the layer input plus the attention, which read the same normed input in parallel.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class LastLayerHead:
 
     Gemma 2/3 add a post-FFN RMSNorm (`post_norm`, on W_down(a ⊙ u) before the residual add) and Gemma 2
     a final logit soft-cap (`softcap`: z ← c·tanh(z / c)); both stay None / 0 for llama-like heads.
+    Phi-2 adds ffn_down's bias (`down_bias`), a LayerNorm final norm (`layer_norm`, its bias `norm_bias`)
+    and the output's bias (`out_bias`).
     """
 
     w_down: np.ndarray
@@ -41,6 +47,10 @@ class LastLayerHead:
     w_out: np.ndarray
     post_norm: np.ndarray | None = None
     softcap: float = 0.0
+    down_bias: np.ndarray | None = None
+    layer_norm: bool = False
+    norm_bias: np.ndarray | None = None
+    out_bias: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n_embd, n_ff = self.w_down.shape
@@ -50,8 +60,25 @@ class LastLayerHead:
 
     def contribution(self, acts: np.ndarray, up: np.ndarray) -> np.ndarray:
         """What the FFN adds to the residual for each row of acts (m, n_ff) → (m, n_embd)."""
-        m = (np.atleast_2d(acts) * up[None, :]) @ self.w_down.T
+        m = self._down(acts, up)
         return m if self.post_norm is None else _rms(m, self.post_norm, self.eps)[0]
+
+    def _down(self, acts: np.ndarray, up: np.ndarray) -> np.ndarray:
+        m = (np.atleast_2d(acts) * up[None, :]) @ self.w_down.T
+        return m if self.down_bias is None else m + self.down_bias[None, :]
+
+    def _center(self, h: np.ndarray) -> np.ndarray:
+        """What the final norm scales: h, or h − mean(h) for a LayerNorm."""
+        return h - h.mean(axis=1, keepdims=True) if self.layer_norm else h
+
+    def _final_norm(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        y, s = _rms(self._center(h), self.norm_weight, self.eps)
+        return (y if self.norm_bias is None else y + self.norm_bias[None, :]), s
+
+    def _logit_bias(self) -> np.ndarray | float:
+        """What the final norm's and the output's biases add to the logits (0 without them)."""
+        bias = 0.0 if self.norm_bias is None else self.norm_bias @ self.w_out.T
+        return bias if self.out_bias is None else bias + self.out_bias
 
     def hidden(self, acts: np.ndarray, up: np.ndarray, residual: np.ndarray) -> np.ndarray:
         """h for each row of acts (m, n_ff) → (m, n_embd)."""
@@ -65,14 +92,15 @@ class LastLayerHead:
 
     def gradient(self, acts: np.ndarray, up: np.ndarray, residual: np.ndarray, target: int) -> np.ndarray:
         """∂f/∂a for each row of acts (m, n_ff) → (m, n_ff)."""
-        m = (np.atleast_2d(acts) * up[None, :]) @ self.w_down.T
+        m = self._down(acts, up)
         if self.post_norm is None:
             h, s_m = residual[None, :] + m, None
         else:
             p, s_m = _rms(m, self.post_norm, self.eps)
             h = residual[None, :] + p
-        y, s_h = _rms(h, self.norm_weight, self.eps)
-        return self._backward(m, s_m, h, s_h, y @ self.w_out.T, up, target)
+        y, s_h = self._final_norm(h)
+        z = y @ self.w_out.T
+        return self._backward(m, s_m, h, s_h, z if self.out_bias is None else z + self.out_bias[None, :], up, target)
 
     def gradient_on_line(self, start: np.ndarray, step: np.ndarray, alphas: np.ndarray, up: np.ndarray,
                          residual: np.ndarray, target: int) -> np.ndarray:
@@ -84,10 +112,12 @@ class LastLayerHead:
         h_start = self.hidden(start, up, residual)[0]
         h_step = (np.asarray(step) * up) @ self.w_down.T
         h = h_start[None, :] + alphas[:, None] * h_step[None, :]
-        s = 1.0 / np.sqrt((h * h).mean(axis=1) + self.eps)
-        z_start = (h_start * self.norm_weight) @ self.w_out.T
-        z_step = (h_step * self.norm_weight) @ self.w_out.T
-        z = s[:, None] * (z_start[None, :] + alphas[:, None] * z_step[None, :])
+        c_start, c_step = self._center(h_start[None])[0], self._center(h_step[None])[0]  # centring is linear
+        c = c_start[None, :] + alphas[:, None] * c_step[None, :]
+        s = 1.0 / np.sqrt((c * c).mean(axis=1) + self.eps)
+        z_start = (c_start * self.norm_weight) @ self.w_out.T
+        z_step = (c_step * self.norm_weight) @ self.w_out.T
+        z = s[:, None] * (z_start[None, :] + alphas[:, None] * z_step[None, :]) + self._logit_bias()
         return self._backward(None, None, h, s, z, up, target)
 
     def _backward(self, m: np.ndarray | None, s_m: np.ndarray | None, h: np.ndarray, s_h: np.ndarray,
@@ -101,12 +131,16 @@ class LastLayerHead:
         dz[:, target] += 1.0
         if self.softcap:
             dz = dz * (1.0 - t * t)
-        dh = _rms_backward(h, s_h, self.norm_weight, dz @ self.w_out)
+        dh = _rms_backward(self._center(h), s_h, self.norm_weight, dz @ self.w_out)
+        if self.layer_norm:  # through the centring: its Jacobian is I − 1/n
+            dh = dh - dh.mean(axis=1, keepdims=True)
         dm = dh if self.post_norm is None else _rms_backward(m, s_m, self.post_norm, dh)
         return (dm @ self.w_down) * up[None, :]
 
     def _logits(self, h: np.ndarray) -> np.ndarray:
-        z = _rms(h, self.norm_weight, self.eps)[0] @ self.w_out.T
+        z = self._final_norm(h)[0] @ self.w_out.T
+        if self.out_bias is not None:
+            z = z + self.out_bias[None, :]
         return self.softcap * np.tanh(z / self.softcap) if self.softcap else z
 
 

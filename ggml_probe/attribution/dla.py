@@ -30,6 +30,7 @@ def direct_effect_attribution(
     n_ctx: int = 2048,
     n_threads: int | None = None,
     gpu_layers: str | int = "auto",
+    kv_type: int | None = None,
 ) -> Attribution:
     """A llama.cpp pass per prompt reads each layer's act and up and the final residual at the last
     position, a second one the all-token-0 baseline's act (the paper's baseline, so that the figures
@@ -46,7 +47,7 @@ def direct_effect_attribution(
     tap_base = LastPositionTap([f"{names.act_source}-{L}" for L in layers])
     switch = SwitchedProbe(tap)
     with Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, hidden_states=False,
-                eval_callback=switch.eval_callback) as engine:
+                eval_callback=switch.eval_callback, kv_type=kv_type) as engine:
         tokens, results, target_tokens = prompt_and_baseline_passes(engine, switch, tap, tap_base, prompts, targets)
     out = Attribution("dla", target_tokens, np.array([answer_logprob(r.logits, int(t))
                                                       for r, t in zip(results, target_tokens)]), n_points=0)
@@ -55,6 +56,9 @@ def direct_effect_attribution(
         tensor_names = set(tensors.names())
         for L in layers:
             head.w_down = np.asarray(tensors.dequantize(f"blk.{L}.ffn_down.weight"), dtype=np.float64)
+            down_bias = f"blk.{L}.ffn_down.bias"  # Phi-2
+            head.down_bias = (np.asarray(tensors.dequantize(down_bias), np.float64)
+                              if down_bias in tensor_names else None)
             post = f"blk.{L}.post_ffw_norm.weight"  # Gemma 2/3: the FFN output's own norm
             head.post_norm = np.asarray(tensors.dequantize(post), np.float64) if post in tensor_names else None
             rows = []

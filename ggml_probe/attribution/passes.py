@@ -18,9 +18,10 @@ from ..engine.probes import run_checked
 from ..errors import ProbeError, UnsupportedArchitecture
 from ..weights.dequant import GGUFTensors
 
-# Architectures whose last layer is `l_out = residual + [post-norm](W_down(act ⊙ up))` followed by one RMSNorm,
-# the output matrix and [a soft-cap]: the closed form of analysis/salient.py holds.
-EXACT_IG_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+# Architectures whose last layer is `l_out = residual + [post-norm](W_down(act ⊙ up) [+ bias])` followed by one
+# RMSNorm (Phi-2: LayerNorm with a bias), the output matrix [+ bias] and [a soft-cap]: the closed form of
+# analysis/salient.py holds. Phi-2's FFN is ungated: act is llama.cpp's GELU output and up = 1.
+EXACT_IG_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "phi2")
 # llama.cpp's defaults when a Gemma 2 file does not say (src/models/gemma2.cpp reads them as optional)
 _DEFAULT_FINAL_SOFTCAP = {"gemma2": 30.0}
 
@@ -28,7 +29,8 @@ _DEFAULT_FINAL_SOFTCAP = {"gemma2": 30.0}
 def require_closed_form(model_path: str | os.PathLike, what: str):
     """The model's FFN facts, or UnsupportedArchitecture when the closed form does not hold for it."""
     info = model_ffn(model_path)
-    if info.arch not in EXACT_IG_ARCHITECTURES or info.names.act_fn not in ("silu", "gelu_tanh", "silu_gate_half"):
+    if info.arch not in EXACT_IG_ARCHITECTURES or \
+            info.names.act_fn not in ("silu", "gelu_tanh", "silu_gate_half", None):
         raise UnsupportedArchitecture(f"{info.arch}: the {what} supports {', '.join(EXACT_IG_ARCHITECTURES)}")
     return info
 
@@ -36,7 +38,7 @@ def require_closed_form(model_path: str | os.PathLike, what: str):
 def ffn_tap_names(names, layer: int, residual: bool = True) -> list[str]:
     """The graph tensors whose last-position rows give `layer`'s act, up and (with residual) FFN residual."""
     out = [f"{names.act_source}-{layer}"]
-    if not names.fused_gate_up:
+    if names.up and not names.fused_gate_up:
         out.append(f"{names.up}-{layer}")
     if residual:
         out += [f"{names.residual}-{layer}"] if names.residual else [f"l_out-{layer}", f"ffn_out-{layer}"]
@@ -50,11 +52,14 @@ def act_of(names, rows: dict, layer: int, p: int) -> np.ndarray:
 
 def act_up_residual(names, rows: dict, layer: int, p: int, residual: bool = True):
     """act (the activation function applied here, float64), up and the FFN's residual input of prompt p at
-    `layer`'s last position, from a LastPositionTap's rows. Where the graph names no residual (phi3) it is
-    l_out − ffn_out."""
+    `layer`'s last position, from a LastPositionTap's rows. Where the graph names no residual (phi3, phi2) it
+    is l_out − ffn_out. An ungated FFN (phi2) has up = 1."""
     source = rows[(f"{names.act_source}-{layer}", p)]
     act = ACT_FUNCTIONS[names.act_fn](source)
-    up = up_half(source) if names.fused_gate_up else rows[(f"{names.up}-{layer}", p)]
+    if names.up is None:
+        up = np.ones_like(act)
+    else:
+        up = up_half(source) if names.fused_gate_up else rows[(f"{names.up}-{layer}", p)]
     r = None
     if residual:
         r = rows[(f"{names.residual}-{layer}", p)] if names.residual else \
@@ -89,7 +94,8 @@ def resolve_targets(clean, targets: Sequence[int] | None) -> np.ndarray:
 
 
 def read_last_layer_head(model_path: str | os.PathLike, layer: int) -> LastLayerHead:
-    """The GGUF's own (dequantized) ffn_down of `layer`, final norm and output matrix."""
+    """The GGUF's own (dequantized) ffn_down of `layer`, final norm and output matrix, with their biases where
+    the file has them (Phi-2); a file with a LayerNorm epsilon and no RMSNorm one has a LayerNorm final norm."""
     info = model_ffn(model_path)
     with GGUFTensors(model_path) as tensors:
         names = set(tensors.names())
@@ -99,11 +105,20 @@ def read_last_layer_head(model_path: str | os.PathLike, layer: int) -> LastLayer
 
         out_name = "output.weight" if "output.weight" in names else "token_embd.weight"  # tied embeddings
         eps = tensors.summary.value(f"{info.arch}.attention.layer_norm_rms_epsilon")
+        layer_norm = eps is None  # llama.cpp's LLM_NORM models (phi2) carry layer_norm_epsilon instead
+        if layer_norm:
+            eps = tensors.summary.value(f"{info.arch}.attention.layer_norm_epsilon")
         if eps is None:
-            raise ProbeError(f"{model_path}: no RMSNorm epsilon in the metadata")
+            raise ProbeError(f"{model_path}: no RMSNorm or LayerNorm epsilon in the metadata")
+
+        def bias(name: str) -> np.ndarray | None:
+            return weight(name) if name in names else None
+
         post = f"blk.{layer}.post_ffw_norm.weight"
         softcap = tensors.summary.value(f"{info.arch}.final_logit_softcapping")
         if softcap is None:
             softcap = _DEFAULT_FINAL_SOFTCAP.get(info.arch, 0.0)
         return LastLayerHead(weight(f"blk.{layer}.ffn_down.weight"), weight("output_norm.weight"), float(eps),
-                             weight(out_name), weight(post) if post in names else None, float(softcap))
+                             weight(out_name), weight(post) if post in names else None, float(softcap),
+                             down_bias=bias(f"blk.{layer}.ffn_down.bias"), layer_norm=layer_norm,
+                             norm_bias=bias("output_norm.bias"), out_bias=bias("output.bias"))

@@ -9,6 +9,10 @@ analysed layer's FFN state, then run only the layers after one of them from a re
 Rope follows llama.cpp, not transformers: GGUF llama files carry Q/K rows reordered for llama.cpp's
 adjacent-pair rope (LLAMA_ROPE_TYPE_NORM), qwen2/qwen3 use the rotate-half form (NEOX). Linear rope
 scaling and llama3's per-frequency factors (rope_freqs.weight) are applied as llama.cpp does.
+
+Phi-2 (src/models/phi2.cpp) differs most: LayerNorms with biases, attention and an ungated GELU FFN
+both reading the same normed layer input (out = x + attn + ffn), biases on every projection and the
+output; its `up` is a vector of ones, so that act ⊙ up is the FFN's hidden layer as for gated models.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from ..errors import ProbeError, UnsupportedArchitecture
 from ..weights.dequant import GGUFTensors
 
 
-TORCH_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
-_NEOX_ROPE = {"qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"}
+TORCH_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "phi2")
+_NEOX_ROPE = {"qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "phi2"}
 
 
 @dataclass(frozen=True)
@@ -34,11 +38,15 @@ class Family:
     act: str = "silu"  # the FFN gate's activation: "silu" or "gelu_tanh"
     embed_scale: bool = False  # token embeddings × sqrt(n_embd) (Gemma)
     swa_pattern: int = 0  # default sliding-window pattern when the file names none: every n-th layer global
+    gated: bool = True  # act ⊙ up; False (Phi-2): act = GELU(up), no gate
+    parallel: bool = False  # attention and FFN both read attn_norm(x) (Phi-2); else the FFN reads ffn_norm(x + attn)
+    layer_norm: bool = False  # LayerNorm (mean removed, with a bias) instead of RMSNorm (Phi-2)
 
 
 FAMILIES = {"llama": Family(), "qwen2": Family(), "qwen3": Family(),
             "gemma": Family("gelu_tanh", True), "gemma2": Family("gelu_tanh", True, 2),
-            "gemma3": Family("gelu_tanh", True, 6), "phi3": Family()}
+            "gemma3": Family("gelu_tanh", True, 6), "phi3": Family(),
+            "phi2": Family("gelu_tanh", gated=False, parallel=True, layer_norm=True)}
 
 
 def require_torch():
@@ -114,27 +122,35 @@ class TorchModel:
 
             self.embed = weight("token_embd.weight")
             self.out_norm = weight("output_norm.weight")
+            self.out_norm_bias = weight("output_norm.bias", optional=True)  # Phi-2's LayerNorm bias
             self.out = weight("output.weight", optional=True)
             if self.out is None:  # tied embeddings
                 self.out = self.embed
+            self.out_bias = weight("output.bias", optional=True)  # Phi-2
+            family = self.hp.family
             factors = weight("rope_freqs.weight", optional=True)
             self.layers = []
             for i in range(self.hp.n_layer):
                 p = f"blk.{i}."
-                fused_qkv = p + "attn_qkv.weight" in names  # phi3: [q | k | v] in one matrix
-                fused_ffn = p + "ffn_gate.weight" not in names  # phi3: ffn_up holds [gate | up]
-                keys = ["attn_norm", "attn_output", "ffn_norm", "ffn_up", "ffn_down"]
+                fused_qkv = p + "attn_qkv.weight" in names  # phi3, phi2: [q | k | v] in one matrix
+                fused_ffn = family.gated and p + "ffn_gate.weight" not in names  # phi3: ffn_up holds [gate | up]
+                keys = ["attn_norm", "attn_output", "ffn_up", "ffn_down"]
+                keys += [] if family.parallel else ["ffn_norm"]
                 keys += ["attn_qkv"] if fused_qkv else ["attn_q", "attn_k", "attn_v"]
-                keys += [] if fused_ffn else ["ffn_gate"]
+                keys += [] if fused_ffn or not family.gated else ["ffn_gate"]
                 layer = {k: weight(p + k + ".weight") for k in keys}
-                if fused_qkv:
-                    n_q, n_kv = self.hp.n_head * self.hp.head_dim, self.hp.n_head_kv * self.hp.head_dim
-                    layer["attn_q"], layer["attn_k"], layer["attn_v"] = layer.pop("attn_qkv").split([n_q, n_kv, n_kv])
+                # biases: qwen2's q/k/v; Phi-2's everywhere (the LayerNorms' included)
+                for k in keys:
+                    layer[k + "_bias"] = weight(p + k + ".bias", optional=True)
+                n_q, n_kv = self.hp.n_head * self.hp.head_dim, self.hp.n_head_kv * self.hp.head_dim
+                for suffix in ("", "_bias"):
+                    if fused_qkv and layer.get("attn_qkv" + suffix) is not None:
+                        q, k, v = layer.pop("attn_qkv" + suffix).split([n_q, n_kv, n_kv])
+                        layer["attn_q" + suffix], layer["attn_k" + suffix], layer["attn_v" + suffix] = q, k, v
+                    layer.setdefault("attn_q" + suffix, None)
                 if fused_ffn:
                     layer["ffn_gate"], layer["ffn_up"] = layer["ffn_up"].chunk(2, dim=0)
                 self.layers.append(layer)
-                for k in ("attn_q", "attn_k", "attn_v"):  # qwen2's biases
-                    self.layers[-1][k + "_bias"] = weight(p + k + ".bias", optional=True)
                 for k in ("attn_q_norm", "attn_k_norm",  # qwen3's and gemma3's per-head norms
                           "post_attention_norm", "post_ffw_norm"):  # gemma2/3's post-norms
                     self.layers[-1][k] = weight(p + k + ".weight", optional=True)
@@ -150,6 +166,14 @@ class TorchModel:
     # pieces ---------------------------------------------------------------------------------
     def _rms(self, x, w):
         return x * self.torch.rsqrt((x * x).mean(-1, keepdim=True) + self.hp.eps) * w
+
+    def _norm(self, x, w, bias=None):
+        """The family's block / final norm: RMSNorm, or LayerNorm with its bias (Phi-2)."""
+        if not self.hp.family.layer_norm:
+            return self._rms(x, w)
+        x = x - x.mean(-1, keepdim=True)
+        y = self._rms(x, w)
+        return y if bias is None else y + bias
 
     def _rope(self, x, seq: int, base: float):
         """Rotate x (batch, seq, heads, head_dim) by position, in llama.cpp's pairing for the arch."""
@@ -175,7 +199,7 @@ class TorchModel:
         b, seq, _ = x.shape
         swa = bool(hp.swa_layers and hp.swa_layers[layer] and hp.n_swa)
         base = hp.rope_base_swa if swa and hp.rope_base_swa else hp.rope_base
-        h = self._rms(x, w["attn_norm"])
+        h = self._norm(x, w["attn_norm"], w["attn_norm_bias"])
         q, k, v = h @ w["attn_q"].T, h @ w["attn_k"].T, h @ w["attn_v"].T
         if w["attn_q_bias"] is not None:
             q, k, v = q + w["attn_q_bias"], k + w["attn_k_bias"], v + w["attn_v_bias"]
@@ -193,6 +217,8 @@ class TorchModel:
         else:
             o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self._attn_scale())
         o = o.transpose(1, 2).reshape(b, seq, hp.n_head * hp.head_dim) @ w["attn_output"].T
+        if w["attn_output_bias"] is not None:
+            o = o + w["attn_output_bias"]
         if w["post_attention_norm"] is not None:
             o = self._rms(o, w["post_attention_norm"])
         return o
@@ -215,24 +241,36 @@ class TorchModel:
         scores = scores.masked_fill(~allowed, float("-inf"))
         return torch.softmax(scores, dim=-1) @ v
 
-    def _ffn_parts(self, w: dict, residual):
-        h = self._rms(residual, w["ffn_norm"])
-        gate = h @ w["ffn_gate"].T
-        if self.hp.family.act == "gelu_tanh":
+    def _ffn_parts(self, w: dict, x, residual):
+        """act and up of the FFN of the layer whose input is x and FFN residual `residual` (x + attention)."""
+        family = self.hp.family
+        h = self._norm(x, w["attn_norm"], w["attn_norm_bias"]) if family.parallel else \
+            self._norm(residual, w["ffn_norm"], w["ffn_norm_bias"])
+        up = h @ w["ffn_up"].T
+        if w["ffn_up_bias"] is not None:
+            up = up + w["ffn_up_bias"]
+        gate = h @ w["ffn_gate"].T if family.gated else up
+        if family.gated and w.get("ffn_gate_bias") is not None:
+            gate = gate + w["ffn_gate_bias"]
+        if family.act == "gelu_tanh":
             act = self.torch.nn.functional.gelu(gate, approximate="tanh")
         else:
             act = self.torch.nn.functional.silu(gate)
-        return act, h @ w["ffn_up"].T
+        return act, up if family.gated else self.torch.ones_like(act)
 
     def _block_from_act(self, w: dict, residual, act, up):
         out = (act * up) @ w["ffn_down"].T
+        if w["ffn_down_bias"] is not None:
+            out = out + w["ffn_down_bias"]
         if w["post_ffw_norm"] is not None:
             out = self._rms(out, w["post_ffw_norm"])
         return residual + out
 
     def _head(self, x):
         """log-softmax at the last position, (batch, vocab)."""
-        z = self._rms(x[:, -1, :], self.out_norm) @ self.out.T
+        z = self._norm(x[:, -1, :], self.out_norm, self.out_norm_bias) @ self.out.T
+        if self.out_bias is not None:
+            z = z + self.out_bias
         if self.hp.final_softcap:
             z = self.hp.final_softcap * self.torch.tanh(z / self.hp.final_softcap)
         return self.torch.log_softmax(z, dim=-1)
@@ -253,7 +291,7 @@ class TorchModel:
             x = self._embed(tokens)
             for i, w in enumerate(self.layers):
                 residual = x + self._attention(w, x, i)
-                act, up = self._ffn_parts(w, residual)
+                act, up = self._ffn_parts(w, x, residual)
                 if i in keep:
                     states[i] = LayerState(residual[0], act[0], up[0])
                 x = self._block_from_act(w, residual, act, up)
@@ -266,7 +304,7 @@ class TorchModel:
         for i in range(layer + 1, self.hp.n_layer):
             w = self.layers[i]
             residual = x + self._attention(w, x, i)
-            act, up = self._ffn_parts(w, residual)
+            act, up = self._ffn_parts(w, x, residual)
             x = self._block_from_act(w, residual, act, up)
         return self._head(x)[:, target]
 
@@ -310,7 +348,8 @@ def _hyper(tensors) -> Hyper:
     attn_scale = 1.0 / float(np.sqrt(n_embd // n_head)) if big else 0.0
     return Hyper(arch=arch, n_layer=n_layer, n_embd=n_embd, n_ff=int(meta("feed_forward_length")),
                  n_head=n_head, n_head_kv=int(meta("attention.head_count_kv", n_head)), head_dim=head_dim,
-                 eps=float(meta("attention.layer_norm_rms_epsilon")), rope_base=rope_base,
+                 eps=float(meta("attention.layer_norm_" + ("epsilon" if family.layer_norm else "rms_epsilon"))),
+                 rope_base=rope_base,
                  rope_dim=int(meta("rope.dimension_count", head_dim)), rope_scale=scale, family=family,
                  rope_base_swa=float(meta("rope.freq_base_swa", rope_base)), n_swa=n_swa, swa_layers=swa_layers,
                  attn_softcap=float(meta("attn_logit_softcapping", 50.0 if arch == "gemma2" else 0.0)),

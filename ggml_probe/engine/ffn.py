@@ -80,8 +80,8 @@ def ffn_names(arch: str, tensor_names: Iterable[str] = ()) -> FFNNames:
         return FFNNames(arch, gate, _GATED[arch], product, up, _RESIDUAL.get(arch, "ffn_inp"))
     if arch in _FUSED_GATE_UP:
         return FFNNames(arch, "ffn_up", _FUSED_GATE_UP[arch], "ffn_swiglu", "ffn_up", "", fused_gate_up=True)
-    if arch in _UNGATED_GELU:
-        return FFNNames(arch, "ffn_gelu", None, "ffn_gelu", None)
+    if arch in _UNGATED_GELU:  # src/models/phi2.cpp: l_out = x + attn + ffn_out, no tensor holds x + attn
+        return FFNNames(arch, "ffn_gelu", None, "ffn_gelu", None, "")
     raise UnsupportedArchitecture(
         f"{arch}: the neuron capture does not know this architecture's FFN tensor names "
         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"

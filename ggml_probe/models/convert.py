@@ -1,6 +1,6 @@
 """Hugging Face checkpoint folder → GGUF file that llama.cpp loads.
 
-Supports the llama family (Llama 2/3, SmolLM, TinyLlama, Mistral), Qwen2, Gemma, Gemma 2,
+Supports the llama family (Llama 2/3, SmolLM, TinyLlama, Mistral), Qwen2, Qwen3, Gemma, Gemma 2,
 Gemma 3 (text), Phi-2 and Phi-3. Everything architecture-specific that gguf-py already knows (tensor
 names, metadata keys, token types, special-token discovery) comes from gguf-py; this module adds
 only what a checkpoint folder does not say directly:
@@ -10,7 +10,7 @@ only what a checkpoint folder does not say directly:
   are written as llama.cpp reads them.
 - llama.cpp's LLAMA architecture rotates adjacent pairs of q/k dimensions, while Hugging Face
   llama checkpoints rotate the two halves of each head ("rotate_half"), so q/k rows are
-  reordered per head. Qwen2 runs with NEOX rope in llama.cpp, which is rotate-half: no reorder.
+  reordered per head. Qwen2/3 run with NEOX rope in llama.cpp, which is rotate-half: no reorder.
 - the llama.cpp pre-tokenizer name is chosen from the structure of tokenizer.json's
   pre_tokenizer (llama.cpp refuses names it does not know, and a wrong one tokenizes wrongly).
 
@@ -42,6 +42,7 @@ _ARCH_BY_HF_NAME = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",  # qwen2 without q/k/v biases, with per-head q/k RMSNorms
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
@@ -51,7 +52,7 @@ _ARCH_BY_HF_NAME = {
 # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by w, so the converter stores 1 + w (as llama.cpp's own does).
 _NORM_PLUS_ONE = {"gemma", "gemma2", "gemma3"}
 # The FFN activation each llama.cpp graph applies (HF config key hidden_act, or Gemma's hidden_activation).
-_ACTIVATION = {"llama": ("silu",), "qwen2": ("silu",),
+_ACTIVATION = {"llama": ("silu",), "qwen2": ("silu",), "qwen3": ("silu",),
                "gemma": ("gelu_pytorch_tanh", "gelu"), "gemma2": ("gelu_pytorch_tanh",),
                "gemma3": ("gelu_pytorch_tanh",), "phi3": ("silu",), "phi2": ("gelu_new",)}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCH_BY_HF_NAME)

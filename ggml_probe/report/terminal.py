@@ -309,6 +309,19 @@ def _per_layer(values: dict | None) -> str:
     return "/".join(str(v) for v in values.values())
 
 
+def _print_experts(console: "Console", levels: dict) -> None:
+    """Mixture-of-experts levels: how often each expert was routed per layer, and why no salient neurons."""
+    for level, n in levels.items():
+        moe = n.get("experts")
+        if not moe:
+            continue
+        for key, r in moe["layers"].items():
+            console.print(f"[dim]{level} layer {key} · tokens routed to each of {moe['n_expert']} experts "
+                          f"(top {moe['n_expert_used']} of {r['tokens']} tokens): {', '.join(map(str, r['routed']))}; "
+                          f"dead per expert ({n['neuron']}): {', '.join(map(str, r['dead_per_expert'][n['neuron']]))}[/]")
+        console.print(f"[dim]{level}: {n['salient_note']}[/]")
+
+
 def print_neuron_summary(console: "Console", levels: dict, comparison: dict | None) -> None:
     """The paper's neuron table per level: dead, salient, redundant per layer, and overlap with the reference."""
     first = next(iter(levels.values()))
@@ -341,6 +354,7 @@ def print_neuron_summary(console: "Console", levels: dict, comparison: dict | No
     if method:
         console.print(f"[dim]salient: {method}[/]")
     _print_targets(console, levels)
+    _print_experts(console, levels)
     for level, n in levels.items():  # an unconverged integral's salient set is not a finding: say so
         detail = (n.get("salient_detail") or {}).get("layers") or {}
         for key, d in detail.items():

@@ -268,4 +268,21 @@ def test_study_runs_end_to_end_without_salient_neurons(moe, tmp_path, boolq_path
     routed = neurons["experts"]["layers"]["1"]["routed"]
     assert sum(routed) == N_USED * neurons["tokens"]
     assert not (out / "runs" / "boolq" / "F16" / "salient.json").exists()
-    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    assert (out / "report.html").is_file() and "salient neurons (exact, ig, dla)" in (out / "report.md").read_text()
+
+
+def test_eval_neurons_json_carries_the_experts(moe, tmp_path, boolq_path):
+    """`eval --neurons --json`: the same per-expert pass; the JSON says how often each expert was routed and why
+    there are no salient neurons."""
+    from click.testing import CliRunner
+
+    from ggml_probe.cli import cli
+
+    args = ["eval", str(moe.gguf), "--neurons", "--task", "boolq", "--data", str(boolq_path), "--limit", "2",
+            "--layers", "-1", "--threads", "2", "-o", str(tmp_path / "run"), "--json"]
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    level = next(iter(json.loads(res.output)["neurons"].values()))
+    routing = level["experts"]["layers"][str(N_LAYER - 1)]
+    assert sum(routing["routed"]) == N_USED * routing["tokens"] and routing["tokens"] == level["tokens"] > 0
+    assert "salient" not in level and level["salient_note"].startswith("mixture of experts")

@@ -183,6 +183,7 @@ def test_expert_accumulator_counts_routed_tokens_and_round_trips(tmp_path):
     assert back.top[("act", 3)].for_neuron(2 * n_ff) == acc.top[("act", 3)].for_neuron(2 * n_ff)
 
 
+@pytest.mark.slow
 def test_neurons_command_per_expert_statistics(moe, tmp_path, boolq_path):
     """`ggml-probe neurons` on the MoE file: routing counts equal transformers' router on the tokens the run
     decoded; each expert neuron's mean and max |a| over its routed tokens equal NumPy's on transformers'
@@ -286,3 +287,28 @@ def test_eval_neurons_json_carries_the_experts(moe, tmp_path, boolq_path):
     routing = level["experts"]["layers"][str(N_LAYER - 1)]
     assert sum(routing["routed"]) == N_USED * routing["tokens"] and routing["tokens"] == level["tokens"] > 0
     assert "salient" not in level and level["salient_note"].startswith("mixture of experts")
+
+
+def test_other_mixture_of_experts_families_are_refused_in_one_line(tmp_path, boolq_path):
+    """An MoE family the capture does not know (here a qwen3moe header) stops `neurons` with one line naming
+    what is supported, before any decoding."""
+    import gguf
+    from click.testing import CliRunner
+
+    from ggml_probe.cli import cli
+
+    path = tmp_path / "qwen3moe.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="qwen3moe")
+    writer.add_block_count(1)
+    writer.add_expert_count(4)
+    writer.add_expert_used_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    args = ["neurons", str(path), "--task", "boolq", "--data", str(boolq_path), "--limit", "1", "-q", "-o", str(tmp_path / "r")]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    assert "qwen3moe: the per-expert neuron capture supports mixture-of-experts models of llama (Mixtral)" in res.output
+    assert len(res.output.strip().splitlines()) == 1

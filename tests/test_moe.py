@@ -312,3 +312,19 @@ def test_other_mixture_of_experts_families_are_refused_in_one_line(tmp_path, boo
     assert res.exit_code == 2, res.output
     assert "qwen3moe: the per-expert neuron capture supports mixture-of-experts models of llama (Mixtral)" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_trace_reads_the_moe_ffn_output(moe):
+    """The divergence trace's ffn_out of an MoE block is the experts' weighted sum (ffn_moe_out): the block's
+    residual stream is the previous one plus its attention and FFN outputs."""
+    from ggml_probe.engine.trace import TensorCapture
+
+    names = ["l_out-0", "attn_out-1", "ffn_out-1", "l_out-1"]
+    capture = TensorCapture(names)
+    with Engine(moe.gguf, n_ctx=128, n_threads=2, kv_type=0, hidden_states=False,
+                eval_callback=capture.eval_callback) as engine:
+        run_checked(engine, capture, [np.asarray(moe.token_ids, dtype=np.int32)], all_outputs=True)
+    assert capture.missing() == []
+    t = {n: capture.tensors[n].astype(np.float64) for n in names}
+    assert np.abs(t["ffn_out-1"]).max() > 0.1
+    np.testing.assert_allclose(t["l_out-0"] + t["attn_out-1"] + t["ffn_out-1"], t["l_out-1"], rtol=0, atol=1e-5)

@@ -328,3 +328,36 @@ def test_trace_reads_the_moe_ffn_output(moe):
     t = {n: capture.tensors[n].astype(np.float64) for n in names}
     assert np.abs(t["ffn_out-1"]).max() > 0.1
     np.testing.assert_allclose(t["l_out-0"] + t["attn_out-1"] + t["ffn_out-1"], t["l_out-1"], rtol=0, atol=1e-5)
+
+
+def test_probe_state_resumes_exactly(moe, tmp_path):
+    """A run resumed from the saved state after its first prompts (as evaluate does chunk by chunk) ends with
+    the statistics and routing counts of one uninterrupted pass."""
+    from ggml_probe.pipeline.expert_stats import ExpertNeuronProbe
+
+    prompts = [np.asarray(moe.token_ids[:n], dtype=np.int32) for n in (24, 17, 9)]
+
+    def run(probe, chunk, offset):
+        probe.prompt_offset = offset
+        with Engine(moe.gguf, n_ctx=128, n_threads=2, hidden_states=False, eval_callback=probe.eval_callback) as engine:
+            run_checked(engine, probe, chunk)
+
+    whole = ExpertNeuronProbe(moe.gguf, "all", ("act", "down_in"), top_k=3)
+    run(whole, prompts, 0)
+    first = ExpertNeuronProbe(moe.gguf, "all", ("act", "down_in"), top_k=3)
+    run(first, prompts[:1], 0)
+    first.save(tmp_path / "state.npz")
+    resumed = ExpertNeuronProbe(moe.gguf, "all", ("act", "down_in"), top_k=3)
+    resumed.restore(tmp_path / "state.npz")
+    run(resumed, prompts[1:], 1)
+    a, b = whole.finish(), resumed.finish()
+    for layer in range(N_LAYER):
+        assert a.routed[layer].tolist() == b.routed[layer].tolist() and a.tokens[layer] == b.tokens[layer] == 50
+        for d in ("act", "down_in"):
+            # another batch layout may round differently in the last bits (f32 inside llama.cpp)
+            np.testing.assert_allclose(b.stats[(d, layer)].mean, a.stats[(d, layer)].mean, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(b.stats[(d, layer)].maxabs, a.stats[(d, layer)].maxabs, rtol=1e-5)
+            for j in range(0, N_EXPERT * N_FF, 7):
+                top_a, top_b = a.top[(d, layer)].for_neuron(j), b.top[(d, layer)].for_neuron(j)
+                assert [r[1:] for r in top_b] == [r[1:] for r in top_a]  # the same (prompt, position)s
+                np.testing.assert_allclose([r[0] for r in top_b], [r[0] for r in top_a], rtol=1e-5)

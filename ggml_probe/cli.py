@@ -434,6 +434,9 @@ def neurons_cmd(**options):
     last layer, exact and without torch; `ig` adds every analysed layer (torch) and flags layers whose
     50-step integral does not converge (its completeness error is reported per layer).
 
+    On a mixture-of-experts model (Mixtral) every expert's neurons are counted over the tokens routed to
+    it, with how often each expert was routed per layer; no salient neurons (one line says why).
+
     \b
     Examples:
       ggml-probe neurons demo --quants F16,Q4_0 --task boolq --data ../shared/data/boolq_validation.jsonl --limit 50

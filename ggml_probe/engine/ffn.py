@@ -69,8 +69,8 @@ def ffn_names(arch: str, tensor_names: Iterable[str] = ()) -> FFNNames:
     names = set(tensor_names)
     if any(".ffn_gate_exps." in n or ".ffn_gate_inp." in n or "_exps." in n for n in names):
         raise UnsupportedArchitecture(
-            f"{arch}: mixture-of-experts FFNs are not supported by the neuron capture "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"{arch}: mixture-of-experts FFNs (ffn_*_exps) get per-expert neuron statistics only (neurons, "
+            f"eval --neurons, study); this analysis needs a dense FFN (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     if arch in _GATED:
         # build_ffn names the gate after its bias add `ffn_gate_b` and the up projection `ffn_up_b`.

@@ -11,6 +11,9 @@ llama-cpp-python 0.3.36; the callback sees the final `name-il` of each node):
                 stream is renamed l_out-N)
     l_out-N     the residual stream after block N, the input of block N+1
 
+A mixture-of-experts block names its FFN output `ffn_moe_out-N` (src/models/llama.cpp's MoE branch; there
+`ffn_out` names the sum, which becomes l_out-N): TensorCapture reads it as ffn_out-N.
+
 `TensorCapture` copies chosen tensors of one decode; `TensorPatch` overwrites one tensor with given values
 while the graph runs (the later nodes read the written values), as NeuronPatch does for FFN neurons.
 """
@@ -27,6 +30,7 @@ from .probes import Probe
 EMBEDDING = "embd"
 SUBLAYERS = ("kqv_out", "attn_out", "ffn_out", "l_out")
 RESIDUAL = "l_out"
+ALIASES = {"ffn_moe_out": "ffn_out"}  # graph name (without -N) → the sublayer it stands for
 
 
 def graph_name(sublayer: str, layer: int) -> str:
@@ -50,14 +54,21 @@ class TensorCapture(Probe):
         self.tensors = {}
 
     def wants(self, name: str) -> bool:
-        return name in self.names
+        return _canonical(name) in self.names
 
     def handle(self, t: int, name: str) -> None:
-        self.tensors[name] = self.reader.read(t, "capture").copy()  # one reused read buffer: the copy is kept
+        # one reused read buffer: the copy is kept
+        self.tensors[_canonical(name)] = self.reader.read(t, "capture").copy()
 
     def missing(self) -> list[str]:
         """Names asked for that the last decode's graph did not hold."""
         return sorted(self.names - set(self.tensors))
+
+
+def _canonical(name: str) -> str:
+    """The trace's name of a graph tensor: ffn_moe_out-3 → ffn_out-3; others unchanged."""
+    base, dash, layer = name.rpartition("-")
+    return f"{ALIASES[base]}-{layer}" if dash and base in ALIASES else name
 
 
 class TensorPatch(Probe):

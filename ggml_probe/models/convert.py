@@ -1,6 +1,6 @@
 """Hugging Face checkpoint folder → GGUF file that llama.cpp loads.
 
-Supports the llama family (Llama 2/3, SmolLM, TinyLlama, Mistral), Qwen2, Qwen3, Gemma, Gemma 2,
+Supports the llama family (Llama 2/3, SmolLM, TinyLlama, Mistral, Mixtral), Qwen2, Qwen3, Gemma, Gemma 2,
 Gemma 3 (text), Phi-2 and Phi-3. Everything architecture-specific that gguf-py already knows (tensor
 names, metadata keys, token types, special-token discovery) comes from gguf-py; this module adds
 only what a checkpoint folder does not say directly:
@@ -11,6 +11,8 @@ only what a checkpoint folder does not say directly:
 - llama.cpp's LLAMA architecture rotates adjacent pairs of q/k dimensions, while Hugging Face
   llama checkpoints rotate the two halves of each head ("rotate_half"), so q/k rows are
   reordered per head. Qwen2/3 run with NEOX rope in llama.cpp, which is rotate-half: no reorder.
+- Mixtral's experts are stored one matrix per expert (`experts.E.w1/w2/w3`); llama.cpp reads each
+  layer's experts as one 3-D tensor (`ffn_gate_exps` / `ffn_down_exps` / `ffn_up_exps`), so they are stacked.
 - the llama.cpp pre-tokenizer name is chosen from the structure of tokenizer.json's
   pre_tokenizer (llama.cpp refuses names it does not know, and a wrong one tokenizes wrongly).
 
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 _ARCH_BY_HF_NAME = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
+    "MixtralForCausalLM": "llama",  # llama.cpp runs Mixtral as llama with expert tensors (ffn_*_exps)
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",  # qwen2 without q/k/v biases, with per-head q/k RMSNorms
     "GemmaForCausalLM": "gemma",
@@ -165,6 +168,8 @@ class _HParams:
     final_softcap: float | None = None
     query_pre_attn_scalar: float | None = None
     rope_dim: int = 0  # rotated dimensions per head (Phi-3's partial rotary); 0: head_dim
+    n_expert: int = 0  # mixture of experts (Mixtral): experts per layer, and how many each token uses
+    n_expert_used: int = 0
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -243,6 +248,8 @@ def _read_hparams(config: dict[str, Any], hf_dir: Path) -> _HParams:
         final_softcap=config.get("final_logit_softcapping"),
         query_pre_attn_scalar=config.get("query_pre_attn_scalar"),
         rope_dim=int(head_dim * float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor") or 1.0))),
+        n_expert=int(config.get("num_local_experts") or 0),
+        n_expert_used=int(config.get("num_experts_per_tok") or 0) if config.get("num_local_experts") else 0,
     )
 
 
@@ -279,6 +286,9 @@ def _add_metadata(writer: gguf.GGUFWriter, hp: _HParams, model_name: str, outtyp
         writer.add_rope_scaling_factor(float(hp.rope["factor"]))
     if hp.arch in ("gemma2", "gemma3"):
         _add_gemma_metadata(writer, hp)
+    if hp.n_expert:
+        writer.add_expert_count(hp.n_expert)
+        writer.add_expert_used_count(hp.n_expert_used)
 
 
 def _add_gemma_metadata(writer: gguf.GGUFWriter, hp: _HParams) -> None:
@@ -398,6 +408,7 @@ class _PlannedTensor:
     interleave_heads: int  # >0: reorder rotary halves into pairs for this many heads
     generated: np.ndarray | None = None
     norm_plus_one: bool = False  # Gemma's (1 + w) RMSNorm weight
+    stacked: tuple[str, ...] = ()  # one expert's tensor per entry, stacked into (n_expert, rows, cols)
 
 
 def _plan_tensors(checkpoint: _SafetensorsCheckpoint, hp: _HParams, outtype: str) -> list[_PlannedTensor]:
@@ -413,8 +424,12 @@ def _plan_tensors(checkpoint: _SafetensorsCheckpoint, hp: _HParams, outtype: str
 
     plan: list[_PlannedTensor] = []
     seen: dict[str, str] = {}
+    experts: dict[str, dict[int, str]] = {}  # Mixtral: "….experts.w1.weight" → expert id → its tensor
     for hf_name, stored in checkpoint.tensors.items():
         if hf_name.endswith(_SKIPPED_SUFFIXES):
+            continue
+        if m := _EXPERT_TENSOR.fullmatch(hf_name):
+            experts.setdefault(f"{m['prefix']}.{m['kind']}.weight", {})[int(m["expert"])] = hf_name
             continue
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
@@ -440,6 +455,10 @@ def _plan_tensors(checkpoint: _SafetensorsCheckpoint, hp: _HParams, outtype: str
         plan.append(_PlannedTensor(gguf_name, hf_name, stored.shape, qtype, _nbytes(stored.shape, qtype), interleave,
                                    norm_plus_one=plus_one))
 
+    for merged, by_expert in experts.items():
+        plan.append(_stacked_experts(merged, by_expert, checkpoint, hp, name_map, weight_qtype))
+        seen[plan[-1].gguf_name] = merged
+
     if "token_embd.weight" not in seen:
         raise ProbeError("the checkpoint has no token embedding (model.embed_tokens.weight)")
     attn_in = "attn_qkv" if hp.arch == "phi3" else "attn_q"  # phi3's fused q/k/v projection
@@ -452,6 +471,26 @@ def _plan_tensors(checkpoint: _SafetensorsCheckpoint, hp: _HParams, outtype: str
         f32 = gguf.GGMLQuantizationType.F32
         plan.append(_PlannedTensor("rope_freqs.weight", None, factors.shape, f32, factors.nbytes, 0, factors))
     return sorted(plan, key=_file_order)
+
+
+_EXPERT_TENSOR = re.compile(r"(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<kind>w[123])\.weight")
+
+
+def _stacked_experts(merged: str, by_expert: dict[int, str], checkpoint: _SafetensorsCheckpoint, hp: _HParams,
+                     name_map, qtype) -> _PlannedTensor:
+    """One layer's experts of one kind (w1 gate, w2 down, w3 up) as the 3-D tensor llama.cpp reads."""
+    gguf_name = name_map.get_name(merged, try_suffixes=(".weight",))
+    if gguf_name is None:
+        raise ProbeError(f"expert tensors {merged} have no {hp.arch} GGUF counterpart")
+    if sorted(by_expert) != list(range(hp.n_expert)):
+        raise ProbeError(f"{merged}: the checkpoint holds experts {sorted(by_expert)}, config.json says "
+                         f"num_local_experts = {hp.n_expert}")
+    names = tuple(by_expert[e] for e in range(hp.n_expert))
+    shapes = {checkpoint.tensors[n].shape for n in names}
+    if len(shapes) != 1:
+        raise ProbeError(f"{merged}: the experts' tensors differ in shape ({sorted(shapes)})")
+    shape = (hp.n_expert, *shapes.pop())
+    return _PlannedTensor(gguf_name, None, shape, qtype, _nbytes(shape, qtype), 0, stacked=names)
 
 
 def _file_order(t: _PlannedTensor) -> tuple[int, str]:
@@ -491,8 +530,11 @@ def _materialise(t: _PlannedTensor, checkpoint: _SafetensorsCheckpoint, outtype:
 
     if t.generated is not None:
         return t.generated
-    assert t.hf_name is not None
-    data = checkpoint.load_f32(t.hf_name)
+    if t.stacked:
+        data = np.stack([checkpoint.load_f32(n) for n in t.stacked])
+    else:
+        assert t.hf_name is not None
+        data = checkpoint.load_f32(t.hf_name)
     if t.interleave_heads:
         data = _rotary_halves_to_pairs(data, t.interleave_heads)
     if t.norm_plus_one:

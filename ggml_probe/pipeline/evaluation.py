@@ -35,8 +35,7 @@ from ..tasks import get_task, load_examples, make_task
 from ..tasks.loading import choice_count
 from ..tasks.spec import generic_task_name, positional_gold_values
 from ..tasks.answers import label_answers, single_token_forms
-from .neuron_stats import NeuronProbe
-from .neurons import finalize_neurons
+from .expert_stats import neuron_pass_for
 from .rundir import directory_lock, read_json, save_npy, save_npz, write_json
 from .tokens import CHUNKS, example_tokens, pack_tokens
 
@@ -288,7 +287,8 @@ def evaluate(
         probe = imatrix_probe = None
         if config.neurons:
             ns = config.neurons
-            probe = NeuronProbe(path, ns.layers, ns.definitions, redundancy=ns.redundancy, top_k=ns.top_k,
+            probe_class, finalize_pass = neuron_pass_for(path)  # dense FFN or mixture of experts
+            probe = probe_class(path, ns.layers, ns.definitions, redundancy=ns.redundancy, top_k=ns.top_k,
                                 allow_large=ns.allow_large)
         if config.imatrix_out:
             if model_id["architecture"] not in SUPPORTED:
@@ -339,7 +339,7 @@ def evaluate(
                 if progress:
                     progress(resumed + start + len(positions), n_total)
             if probe is not None:
-                manifest["neurons"] = finalize_neurons(run_dir, probe.finish(), engine, config.neurons)
+                manifest["neurons"] = finalize_pass(run_dir, probe.finish(), engine, config.neurons)
             if imatrix_probe is not None:
                 manifest["imatrix"] = _write_run_imatrix(run_dir, model_id, data, config, imatrix_probe)
         finally:

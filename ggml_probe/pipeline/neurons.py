@@ -298,7 +298,10 @@ def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, pr
         "top_tokens": {},
     }
     sal = None
-    if config.salient_examples > 0 and config.attribution != "none" and level["layers"]:
+    if nj.get("experts"):  # mixture of experts: per-expert statistics and routing; no attribution method applies
+        level["experts"] = nj["experts"]
+        level["salient_note"] = nj["experts"]["attribution"]
+    elif config.salient_examples > 0 and config.attribution != "none" and level["layers"]:
         try:
             sal = _salient(run_dir, model_path, prompts, level["layers"], config, progress, targets, choices)
         except Exception as exc:  # an architecture or an extra the method lacks: say so, keep the rest

@@ -220,7 +220,7 @@ def _salient_cell(level: Mapping[str, Any]) -> Cell:
     """Salient counts per layer; a layer whose integral did not converge is marked, with its error."""
     counts = level.get("salient")
     if not counts:
-        return Cell("—")
+        return Cell("—", level.get("salient_note") or "")  # why none (e.g. a mixture-of-experts model)
     detail = (level.get("salient_detail") or {}).get("layers") or {}
     parts, flagged = [], False
     for L in layer_keys(counts):

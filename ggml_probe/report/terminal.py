@@ -195,6 +195,7 @@ def print_study_summary(console: "Console", study: dict, out_dir) -> None:
         console.print(table)
         if has_neurons:  # what the salient neurons explain, per level
             _print_targets(console, t["neurons"], prefix=f"{task} ")
+            _print_experts(console, t["neurons"], prefix=f"{task} ")
     kld = study.get("kld") or {}
     if kld.get("models"):
         table = Table(title=f"text KLD vs {s['reference']} · {kld.get('chunks')}×{kld.get('ctx')} tokens · "
@@ -317,6 +318,19 @@ def _per_layer(values: dict | None) -> str:
     return "/".join(str(v) for v in values.values())
 
 
+def _print_experts(console: "Console", levels: dict, prefix: str = "") -> None:
+    """Mixture-of-experts levels: how often each expert was routed per layer, and why no salient neurons."""
+    for level, n in levels.items():
+        moe = n.get("experts")
+        if not moe:
+            continue
+        for key, r in moe["layers"].items():
+            console.print(f"[dim]{prefix}{escape(level)} layer {key} · tokens routed to each of {moe['n_expert']} experts "
+                          f"(top {moe['n_expert_used']} of {r['tokens']} tokens): {', '.join(map(str, r['routed']))}; "
+                          f"dead per expert ({n['neuron']}): {', '.join(map(str, r['dead_per_expert'][n['neuron']]))}[/]")
+        console.print(f"[dim]{prefix}{escape(level)}: {escape(n['salient_note'])}[/]")
+
+
 def print_neuron_summary(console: "Console", levels: dict, comparison: dict | None) -> None:
     """The paper's neuron table per level: dead, salient, redundant per layer, and overlap with the reference."""
     first = next(iter(levels.values()))
@@ -349,6 +363,7 @@ def print_neuron_summary(console: "Console", levels: dict, comparison: dict | No
     if method:
         console.print(f"[dim]salient: {method}[/]")
     _print_targets(console, levels)
+    _print_experts(console, levels)
     for level, n in levels.items():  # an unconverged integral's salient set is not a finding: say so
         detail = (n.get("salient_detail") or {}).get("layers") or {}
         for key, d in detail.items():

@@ -1,0 +1,187 @@
+"""Mixture-of-experts FFNs in llama.cpp's graph: which experts each token was routed to, and each routed
+expert's neurons.
+
+llama.cpp's build_moe_ffn (src/llama-graph.cpp, vendored with llama-cpp-python 0.3.36) names, per layer L:
+  ffn_moe_argsort-L  I32 [n_expert, n_tokens]: every expert, best first (ffn_moe_topk-L is a view of
+                     its first n_expert_used, not contiguous: the argsort is read instead)
+  ffn_moe_gate-L     F32 [n_ff_exp, n_expert_used, n_tokens]: each selected expert's gate projection
+  ffn_moe_swiglu-L   F32 [n_ff_exp, n_expert_used, n_tokens]: SiLU(gate) · up, the input of the
+                     expert's down projection
+Slot j of token t belongs to expert argsort[t, j]. The two neuron definitions are the dense ones
+(engine.ffn): `act` = SiLU(ffn_moe_gate) computed here in float64, `down_in` = ffn_moe_swiglu.
+
+Typical use:
+
+    capture = MoECapture(model_path, consumer, on_routing, layers="all")
+    with Engine(model_path, eval_callback=capture.eval_callback) as engine:
+        run_checked(engine, capture, token_arrays)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import BadModelFile, ProbeError, UnsupportedArchitecture
+from ..formats.gguf import validate_gguf
+from ..layerspec import resolve_layers
+from .ffn import ACT_FUNCTIONS, DEFINITIONS
+from .ggml_lib import tensor_shape, tensor_type
+from .probes import BatchLayout, Probe
+
+GGML_TYPE_I32 = 26  # ggml.h enum ggml_type
+
+# Architectures whose experts llama.cpp builds as gate/up/down with LLM_FFN_SILU and no shared expert
+# (src/models/llama.cpp: Mixtral converts to llama with expert tensors). arch → act function.
+_MOE_ACT = {"llama": "silu"}
+SUPPORTED_MOE_ARCHITECTURES = tuple(sorted(_MOE_ACT))
+
+# What the attribution methods cannot do for these models, in one line (pipeline and CLI say it).
+MOE_ATTRIBUTION_NOTE = ("mixture of experts: salient neurons (exact, ig, dla) and the ablation check are not supported; "
+                        "per-expert neuron statistics and routing counts only")
+
+
+@dataclass(frozen=True)
+class ModelMoE:
+    """What the capture needs to know about a mixture-of-experts GGUF model."""
+
+    path: str
+    arch: str
+    n_layer: int
+    n_expert: int
+    n_expert_used: int
+    n_ff: int  # one expert's FFN width
+    n_embd: int
+    act_fn: str
+
+
+def _field_int(value) -> int | None:
+    if value is None:
+        return None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise UnsupportedArchitecture("per-layer expert settings differ between layers; not supported")
+        value = value[0]
+    return int(value)
+
+
+@lru_cache(maxsize=16)
+def _model_moe_cached(path: str, mtime: float) -> ModelMoE | None:
+    summary = validate_gguf(path, for_llama=False)
+    arch = summary.architecture
+    if not arch:
+        raise BadModelFile(f"{path}: no general.architecture in the GGUF metadata")
+    n_expert = _field_int(summary.value(f"{arch}.expert_count"))
+    if not n_expert:
+        return None
+    if arch not in _MOE_ACT:
+        raise UnsupportedArchitecture(f"{arch}: the per-expert neuron capture supports mixture-of-experts models of "
+                                      f"{', '.join(SUPPORTED_MOE_ARCHITECTURES)} (Mixtral)")
+    names = {t.name for t in summary.tensors}
+    if any("_shexp." in n for n in names):
+        raise UnsupportedArchitecture(f"{arch}: shared experts are not supported by the per-expert neuron capture")
+    n_ff = _field_int(summary.value(f"{arch}.expert_feed_forward_length")) or \
+        _field_int(summary.value(f"{arch}.feed_forward_length"))
+    n_layer = _field_int(summary.value(f"{arch}.block_count"))
+    n_used = _field_int(summary.value(f"{arch}.expert_used_count"))
+    if n_layer is None or n_ff is None or not n_used:
+        raise BadModelFile(f"{path}: missing {arch}.block_count, feed_forward_length or expert_used_count")
+    return ModelMoE(path, arch, n_layer, n_expert, n_used, n_ff,
+                    _field_int(summary.value(f"{arch}.embedding_length")) or 0, _MOE_ACT[arch])
+
+
+def model_moe(path: str | os.PathLike) -> ModelMoE | None:
+    """The model's experts (metadata only), or None for a dense model."""
+    p = Path(path)
+    return _model_moe_cached(str(p.resolve()), p.stat().st_mtime)
+
+
+# consumer(layer, definition, values (n_tokens, n_expert_used, n_ff) float64, experts (n_tokens,
+# n_expert_used) int64, layout); on_routing(layer, experts, layout) once per layer and batch.
+ExpertConsumer = Callable[[int, str, np.ndarray, np.ndarray, BatchLayout], None]
+RoutingConsumer = Callable[[int, np.ndarray, BatchLayout], None]
+
+
+class MoECapture(Probe):
+    """Hands each chosen layer's routed experts and their neurons to a consumer, batch by batch.
+
+    Runs with all_outputs=True: the last layer's FFN then covers every token. A shared prefix is not
+    handled (shares_prefix False): run_checked decodes each prompt whole.
+    """
+
+    needs_all_outputs = True
+
+    def __init__(self, model_path: str | os.PathLike, consumer: ExpertConsumer, on_routing: RoutingConsumer,
+                 layers: str | Sequence[int] = "all", definitions: Sequence[str] = DEFINITIONS) -> None:
+        super().__init__()
+        model = model_moe(model_path)
+        if model is None:
+            raise ProbeError(f"{model_path}: not a mixture-of-experts model (no expert_count in its metadata)")
+        self.model = model
+        self.layers = resolve_layers(layers, model.n_layer)
+        bad = [d for d in definitions if d not in DEFINITIONS]
+        if bad or not definitions:
+            raise ProbeError(f"neuron definition must be one of {', '.join(DEFINITIONS)}, not {bad or definitions}")
+        self.definitions = tuple(dict.fromkeys(definitions))
+        self.consumer = consumer
+        self.on_routing = on_routing
+        self.wanted: dict[str, tuple[str, int]] = {}  # graph name → (what, layer)
+        sources = {"act": "ffn_moe_gate", "down_in": "ffn_moe_swiglu"}
+        for layer in self.layers:
+            self.wanted[f"ffn_moe_argsort-{layer}"] = ("routing", layer)
+            for d in self.definitions:
+                self.wanted[f"{sources[d]}-{layer}"] = (d, layer)
+        self._experts: dict[int, np.ndarray] = {}  # this batch's routing per layer
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return sorted(self.wanted)
+
+    def wants(self, name: str) -> bool:
+        return name in self.wanted
+
+    def handle(self, t: int, name: str) -> None:
+        layout = self.require_layout()
+        what, layer = self.wanted[name]
+        k = self.model.n_expert_used
+        if what == "routing":
+            order = read_i32(self.reader, t)
+            if order.shape != (layout.n_rows, self.model.n_expert):
+                raise ProbeError(f"{name} is {order.shape} for a batch of {layout.n_rows} tokens and "
+                                 f"{self.model.n_expert} experts: run the engine with all_outputs=True")
+            experts = order[:, :k].astype(np.int64)
+            self._experts[layer] = experts
+            self.on_routing(layer, experts, layout)
+            return
+        experts = self._experts.get(layer)
+        if experts is None or len(experts) != layout.n_rows:
+            raise ProbeError(f"{name} arrived before this batch's ffn_moe_argsort-{layer}")
+        raw = self.reader.read(t, name)
+        if raw.shape != (layout.n_rows * k, self.model.n_ff):
+            raise ProbeError(f"{name} holds {raw.shape} for {layout.n_rows} tokens × {k} experts × "
+                             f"{self.model.n_ff} neurons")
+        values = raw.reshape(layout.n_rows, k, self.model.n_ff)
+        values = ACT_FUNCTIONS[self.model.act_fn](values) if what == "act" else values.astype(np.float64)
+        self.consumer(layer, what, values, experts, layout)
+
+
+def read_i32(reader, t: int) -> np.ndarray:
+    """An I32 graph tensor as (rows, ne0) int32 (TensorReader.read handles F32 only)."""
+    name = reader.name(t)
+    if tensor_type(t) != GGML_TYPE_I32:
+        raise ProbeError(f"graph tensor {name} is not I32 (ggml type {tensor_type(t)})")
+    if not reader.lib.ggml_is_contiguous(t):
+        raise ProbeError(f"graph tensor {name} is not contiguous; cannot read it")
+    ne0, ne1, ne2, ne3 = tensor_shape(t)
+    out = np.empty((ne1 * ne2 * ne3, ne0), dtype=np.int32)
+    if reader.lib.ggml_nbytes(t) != out.nbytes:
+        raise ProbeError(f"graph tensor {name}: {reader.lib.ggml_nbytes(t)} bytes for {out.size} int32 values")
+    reader.lib.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)
+    return out

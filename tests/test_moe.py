@@ -1,0 +1,363 @@
+"""Mixture of experts (Mixtral), proven on a tiny random-weight model built with transformers.
+
+2 layers, hidden 64, 4 experts of FFN width 32, 2 used per token; saved in the hub's per-expert layout,
+converted to GGUF at F32 by `convert` (llama.cpp runs it as llama with ffn_*_exps tensors), then
+
+- llama.cpp's logits equal transformers' (the conversion is right),
+- the captured routing equals transformers' router choices, and each routed expert's `act` / `down_in`
+  equal transformers' hooks on the experts' activation function, grouped by the router's top-k,
+- `neurons` (through click) writes per-expert statistics equal to the same statistics computed in NumPy
+  from transformers' activations on the tokens the run decoded, and routing counts equal the router's,
+- `study` runs end to end, salient neurons declared unsupported in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_convert import llama_logits, randomise, sentencepiece_tokenizer, set_rope
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from ggml_probe.analysis.experts import ExpertAccumulator  # noqa: E402
+from ggml_probe.engine.model import Engine  # noqa: E402
+from ggml_probe.engine.moe_capture import MoECapture, model_moe  # noqa: E402
+from ggml_probe.engine.probes import BatchLayout, run_checked  # noqa: E402
+from ggml_probe.models.convert import convert_hf_to_gguf  # noqa: E402
+
+HIDDEN, N_FF, N_LAYER, N_EXPERT, N_USED = 64, 32, 2, 4, 2
+
+
+@dataclass
+class TinyMoE:
+    hf: Path
+    gguf: Path
+    token_ids: list[int]
+
+    def load(self):
+        # the eager experts loop: one act_fn call per routed expert, which the hooks below read
+        return transformers.MixtralForCausalLM.from_pretrained(self.hf, dtype=torch.float32,
+                                                               experts_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory) -> TinyMoE:
+    pytest.importorskip("sentencepiece")
+    root = tmp_path_factory.mktemp("moe")
+    folder = root / "tiny-mixtral"
+    tokenizer = sentencepiece_tokenizer(folder)
+    config = transformers.MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=N_FF, num_hidden_layers=N_LAYER,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6,
+        num_local_experts=N_EXPERT, num_experts_per_tok=N_USED, sliding_window=None, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2)
+    set_rope(config, {"rope_theta": 10000.0, "rope_type": "default"})
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    randomise(model, seed=7)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    gguf_path = convert_hf_to_gguf(folder, root / "tiny-mixtral-f32.gguf", outtype="f32")
+    ids = [int(i) for i in np.random.default_rng(1).integers(3, len(tokenizer), size=24)]
+    return TinyMoE(folder, gguf_path, ids)
+
+
+def transformers_experts(model, token_ids: list[int]) -> tuple[dict[int, np.ndarray], dict[tuple[str, int], dict]]:
+    """The router's top-k per layer (tokens, k), and per (definition, layer) {(token, expert): row}:
+    act = SiLU of the input of the experts' act_fn (in float64), down_in = act_fn's output × the up
+    projection (the input of the expert's down projection), each call of act_fn being one routed expert
+    over its tokens in transformers' own order (experts ascending; per expert by top-k slot, then token)."""
+    routing: dict[int, np.ndarray] = {}
+    calls: dict[int, list] = {}
+    states: dict[int, np.ndarray] = {}
+    hooks = []
+
+    def start(i: int, hidden: np.ndarray) -> None:  # a pre-hook returning None leaves the arguments alone
+        states[i], calls[i] = hidden, []
+
+    for i, layer in enumerate(model.model.layers):
+        moe = layer.mlp
+        hooks.append(moe.gate.register_forward_hook(
+            lambda _m, _i, out, i=i: routing.__setitem__(i, out[2].numpy().copy())))
+        hooks.append(moe.experts.register_forward_pre_hook(
+            lambda _m, inp, i=i: start(i, inp[0].double().numpy().copy())))
+        hooks.append(moe.experts.act_fn.register_forward_hook(
+            lambda _m, inp, out, i=i: calls[i].append((inp[0].double().numpy().copy(), out.double().numpy().copy()))))
+    with torch.no_grad():
+        model(torch.tensor([token_ids]))
+    for h in hooks:
+        h.remove()
+    out: dict[tuple[str, int], dict] = {}
+    for i, layer in enumerate(model.model.layers):
+        top = routing[i]
+        up_w = layer.mlp.experts.gate_up_proj.detach().double().numpy()[:, N_FF:]  # [gate | up] per expert
+        acts, downs = {}, {}
+        for e, (gate_in, act_out) in zip(np.unique(top), calls[i]):
+            slots, tokens = np.nonzero((top == e).T)  # torch.where(expert_mask[e]): slot-major, as transformers
+            up = states[i][tokens] @ up_w[e].T
+            for row, t in enumerate(tokens):
+                acts[(int(t), int(e))] = torch.nn.functional.silu(torch.from_numpy(gate_in[row])).numpy()
+                downs[(int(t), int(e))] = act_out[row] * up[row]
+        out[("act", i)], out[("down_in", i)] = acts, downs
+    return routing, out
+
+
+def test_model_moe_reads_the_experts(moe):
+    m = model_moe(moe.gguf)
+    assert (m.arch, m.n_layer, m.n_expert, m.n_expert_used, m.n_ff) == ("llama", N_LAYER, N_EXPERT, N_USED, N_FF)
+
+
+def test_converted_logits_equal_transformers(moe):
+    with torch.no_grad():
+        ref = moe.load()(torch.tensor([moe.token_ids])).logits[0].numpy()
+    ours = llama_logits(moe.gguf, moe.token_ids)
+    assert ref.std() > 1.0 and np.abs(ref[1:] - ref[:-1]).max() > 1.0  # the comparison means something
+    diff = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    print(f"mixtral: f32 max |llama.cpp − transformers| logits / max |logit| = {diff:.3g}")
+    assert diff < 2e-4
+
+
+def test_captured_experts_equal_transformers_hooks(moe):
+    """Every layer, every token, every routed expert, both definitions; the routing itself in order."""
+    got: dict = {}
+    routes: dict = {}
+    capture = MoECapture(moe.gguf, lambda layer, d, v, e, _lay: got.__setitem__((d, layer), (v.copy(), e.copy())),
+                         lambda layer, e, _lay: routes.__setitem__(layer, e.copy()), layers="all")
+    with Engine(moe.gguf, n_ctx=128, n_threads=2, kv_type=0, hidden_states=False,
+                eval_callback=capture.eval_callback) as engine:
+        run_checked(engine, capture, [np.asarray(moe.token_ids, dtype=np.int32)])
+    routing, ref = transformers_experts(moe.load(), moe.token_ids)
+    worst = 0.0
+    for layer in range(N_LAYER):
+        assert np.array_equal(routes[layer], routing[layer])  # same experts, best first
+        assert len(np.unique(routing[layer])) > 1  # the router really routes
+        for definition in ("act", "down_in"):
+            values, experts = got[(definition, layer)]
+            assert values.shape == (len(moe.token_ids), N_USED, N_FF)
+            assert np.array_equal(experts, routing[layer])
+            ours = np.stack([values[t, j] for t in range(len(moe.token_ids)) for j in range(N_USED)])
+            theirs = np.stack([ref[(definition, layer)][(t, int(experts[t, j]))]
+                               for t in range(len(moe.token_ids)) for j in range(N_USED)])
+            assert np.abs(theirs).max() > 1.0
+            rel = float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
+            worst = max(worst, rel)
+            assert rel <= 1e-4, (definition, layer, rel)
+            assert float(np.abs(ours - theirs).max() / np.abs(theirs).max()) <= 1e-4
+    print(f"mixtral: captured per-expert act/down_in ‖llama.cpp − transformers‖ / ‖x‖ ≤ {worst:.2e}")
+
+
+def test_expert_accumulator_counts_routed_tokens_and_round_trips(tmp_path):
+    """The accumulator against NumPy on made-up routing: per-expert moments over that expert's rows only,
+    routing counts, dead ids in flat numbering; its saved state reads back identical."""
+    rng = np.random.default_rng(0)
+    n_tok, n_exp, k, n_ff = 40, 5, 2, 3
+    experts = np.stack([rng.choice(n_exp - 1, size=k, replace=False) for _ in range(n_tok)])  # expert 4 unrouted
+    values = rng.normal(size=(n_tok, k, n_ff))
+    values[:, :, 1] *= 0.01  # neuron 1 of every expert nearly silent: dead at tau 0.1
+    layout = BatchLayout.build([0, 1], [np.zeros(25), np.zeros(15)])
+    acc = ExpertAccumulator([3], ["act"], n_exp, k, n_ff, top_k=4)
+    acc.update_routing(3, experts, layout)
+    acc.update(3, "act", values, experts, layout)
+    stats = acc.stats[("act", 3)]
+    for e in range(n_exp - 1):
+        rows = values[experts == e]
+        np.testing.assert_allclose(stats.mean[e * n_ff:(e + 1) * n_ff], rows.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(stats.variance[e * n_ff:(e + 1) * n_ff], rows.var(axis=0), rtol=1e-12)
+        best = np.argmax(rows[:, 0])
+        t, j = np.argwhere(experts == e)[best]
+        assert acc.top[("act", 3)].for_neuron(e * n_ff)[0] == (values[t, j, 0], int(layout.row_prompt[t]),
+                                                               int(layout.row_pos[t]))
+    assert acc.routed[3].tolist() == np.bincount(experts.ravel(), minlength=n_exp).tolist()
+    assert acc.first[3].tolist() == np.bincount(experts[:, 0], minlength=n_exp).tolist()
+    assert stats.dead(0.1).tolist() == [e * n_ff + 1 for e in range(n_exp - 1)]  # the unrouted expert: not dead
+    assert stats.routed.tolist()[-1] == 0 and not stats.seen[-n_ff:].any()
+    back = ExpertAccumulator.load(acc.save(tmp_path / "state.npz"))
+    assert back.routed[3].tolist() == acc.routed[3].tolist() and back.tokens == acc.tokens
+    np.testing.assert_array_equal(back.stats[("act", 3)].mean, stats.mean)
+    assert back.top[("act", 3)].for_neuron(2 * n_ff) == acc.top[("act", 3)].for_neuron(2 * n_ff)
+
+
+@pytest.mark.slow
+def test_neurons_command_per_expert_statistics(moe, tmp_path, boolq_path):
+    """`ggml-probe neurons` on the MoE file: routing counts equal transformers' router on the tokens the run
+    decoded; each expert neuron's mean and max |a| over its routed tokens equal NumPy's on transformers'
+    activations (within the F16 KV cache's rounding); dead neurons (tau near the median max |a|, so that
+    about half are) are the same set."""
+    from click.testing import CliRunner
+
+    from ggml_probe.cli import cli
+    from ggml_probe.pipeline.tokens import decoded_tokens
+
+    model = moe.load()
+    out = tmp_path / "run"
+    base = ["neurons", str(moe.gguf), "--task", "boolq", "--data", str(boolq_path), "--limit", "3",
+            "--layers", "all", "--threads", "2", "-q"]
+    res = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "first")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "tokens routed to each of 4 experts" in res.output and "salient neurons (exact, ig, dla)" in res.output
+    tokens = decoded_tokens(tmp_path / "first")
+    routed = {layer: np.zeros(N_EXPERT, np.int64) for layer in range(N_LAYER)}
+    rows: dict[tuple[int, int], list] = {}
+    for toks in tokens:
+        routing, ref = transformers_experts(model, [int(t) for t in toks])
+        for layer in range(N_LAYER):
+            routed[layer] += np.bincount(routing[layer].ravel(), minlength=N_EXPERT)
+            for (_t, e), row in ref[("act", layer)].items():
+                rows.setdefault((layer, e), []).append(row)
+    maxabs = {key: np.abs(np.stack(v)).max(axis=0) for key, v in rows.items()}
+    # tau in the widest gap between neighbouring max |a| around the median: about half the neurons are dead,
+    # and none lies within rounding of the threshold
+    v = np.sort(np.concatenate(list(maxabs.values())))
+    mid = len(v) // 2
+    gap = mid - 20 + int(np.argmax(np.diff(v[mid - 20:mid + 21])))
+    tau = float((v[gap] + v[gap + 1]) / 2)
+    res = CliRunner().invoke(cli, [*base, "--tau", f"{tau:.9g}", "-o", str(out), "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    nj = json.loads((out / "neurons.json").read_text())
+    stats = np.load(out / "neuron_stats.npz")
+    assert nj["experts"]["n_expert"] == N_EXPERT and nj["experts"]["n_expert_used"] == N_USED
+    n_dead, worst = 0, 0.0
+    for entry in (e for e in nj["layers"] if e["definition"] == "act"):
+        layer = entry["layer"]
+        r = nj["experts"]["layers"][str(layer)]
+        assert r["routed"] == routed[layer].tolist() and r["tokens"] == sum(len(t) for t in tokens)
+        assert entry["n_ff"] == N_EXPERT * N_FF
+        mean, top = stats[f"act/{layer}/mean"], stats[f"act/{layer}/maxabs"]
+        dead = []
+        for e in range(N_EXPERT):
+            ref_rows = np.stack(rows[(layer, e)])
+            sl = slice(e * N_FF, (e + 1) * N_FF)
+            # the run's KV cache is llama.cpp's default F16 (the capture test above runs F32 throughout at 1e-4)
+            assert np.linalg.norm(mean[sl] - ref_rows.mean(axis=0)) <= 2e-3 * np.linalg.norm(ref_rows.mean(axis=0))
+            assert np.abs(top[sl] - maxabs[(layer, e)]).max() <= 2e-3 * maxabs[(layer, e)].max()
+            worst = max(worst, float(np.linalg.norm(mean[sl] - ref_rows.mean(axis=0)) / np.linalg.norm(ref_rows.mean(axis=0))))
+            dead += [e * N_FF + i for i in np.flatnonzero(maxabs[(layer, e)] < tau)]
+            assert r["dead_per_expert"]["act"][e] == int(np.sum(maxabs[(layer, e)] < tau))
+        assert entry["dead_ids"] == dead
+        n_dead += len(dead)
+    print(f"mixtral: per-expert act means ‖run − transformers‖ / ‖mean‖ ≤ {worst:.2e} (F16 KV cache); "
+          f"{n_dead} of {N_LAYER * N_EXPERT * N_FF} neurons dead at tau {tau:.4g}, the same set")
+    assert 0 < n_dead < N_LAYER * N_EXPERT * N_FF  # the threshold splits the neurons
+    assert "experts" in json.dumps(json.loads(res.output))  # --json carries the section too
+
+
+@pytest.mark.slow
+def test_study_runs_end_to_end_without_salient_neurons(moe, tmp_path, boolq_path):
+    """`ggml-probe study` on the MoE file: a level built from it, eval, per-expert neurons, the text KLD and the
+    report; salient neurons are declared unsupported in one line, and nothing else is missing."""
+    from click.testing import CliRunner
+
+    from ggml_probe.cli import cli
+
+    out = tmp_path / "study"
+    args = ["study", str(moe.gguf), "--quants", "F16", "--task", "boolq", "--data", str(boolq_path), "--limit", "3",
+            "--layers", "0,-1", "--threads", "2", "-o", str(out)]
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "boolq F16: mixture of experts: salient neurons (exact, ig, dla) and the ablation check are not " \
+           "supported" in " ".join(res.output.split())
+    study = json.loads((out / "study.json").read_text())
+    neurons = study["tasks"]["boolq"]["neurons"]["F16"]
+    assert neurons["layers"] == [0, N_LAYER - 1] and neurons["n_ff"] == N_EXPERT * N_FF and neurons["tokens"] > 0
+    assert "salient" not in neurons and "\n" not in neurons["salient_note"]
+    routed = neurons["experts"]["layers"]["1"]["routed"]
+    assert sum(routed) == N_USED * neurons["tokens"]
+    assert not (out / "runs" / "boolq" / "F16" / "salient.json").exists()
+    assert (out / "report.html").is_file() and "salient neurons (exact, ig, dla)" in (out / "report.md").read_text()
+
+
+def test_eval_neurons_json_carries_the_experts(moe, tmp_path, boolq_path):
+    """`eval --neurons --json`: the same per-expert pass; the JSON says how often each expert was routed and why
+    there are no salient neurons."""
+    from click.testing import CliRunner
+
+    from ggml_probe.cli import cli
+
+    args = ["eval", str(moe.gguf), "--neurons", "--task", "boolq", "--data", str(boolq_path), "--limit", "2",
+            "--layers", "-1", "--threads", "2", "-o", str(tmp_path / "run"), "--json"]
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    level = next(iter(json.loads(res.output)["neurons"].values()))
+    routing = level["experts"]["layers"][str(N_LAYER - 1)]
+    assert sum(routing["routed"]) == N_USED * routing["tokens"] and routing["tokens"] == level["tokens"] > 0
+    assert "salient" not in level and level["salient_note"].startswith("mixture of experts")
+
+
+def test_other_mixture_of_experts_families_are_refused_in_one_line(tmp_path, boolq_path):
+    """An MoE family the capture does not know (here a qwen3moe header) stops `neurons` with one line naming
+    what is supported, before any decoding."""
+    import gguf
+    from click.testing import CliRunner
+
+    from ggml_probe.cli import cli
+
+    path = tmp_path / "qwen3moe.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="qwen3moe")
+    writer.add_block_count(1)
+    writer.add_expert_count(4)
+    writer.add_expert_used_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    args = ["neurons", str(path), "--task", "boolq", "--data", str(boolq_path), "--limit", "1", "-q", "-o", str(tmp_path / "r")]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    assert "qwen3moe: the per-expert neuron capture supports mixture-of-experts models of llama (Mixtral)" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_trace_reads_the_moe_ffn_output(moe):
+    """The divergence trace's ffn_out of an MoE block is the experts' weighted sum (ffn_moe_out): the block's
+    residual stream is the previous one plus its attention and FFN outputs."""
+    from ggml_probe.engine.trace import TensorCapture
+
+    names = ["l_out-0", "attn_out-1", "ffn_out-1", "l_out-1"]
+    capture = TensorCapture(names)
+    with Engine(moe.gguf, n_ctx=128, n_threads=2, kv_type=0, hidden_states=False,
+                eval_callback=capture.eval_callback) as engine:
+        run_checked(engine, capture, [np.asarray(moe.token_ids, dtype=np.int32)], all_outputs=True)
+    assert capture.missing() == []
+    t = {n: capture.tensors[n].astype(np.float64) for n in names}
+    assert np.abs(t["ffn_out-1"]).max() > 0.1
+    np.testing.assert_allclose(t["l_out-0"] + t["attn_out-1"] + t["ffn_out-1"], t["l_out-1"], rtol=0, atol=1e-5)
+
+
+def test_probe_state_resumes_exactly(moe, tmp_path):
+    """A run resumed from the saved state after its first prompts (as evaluate does chunk by chunk) ends with
+    the statistics and routing counts of one uninterrupted pass."""
+    from ggml_probe.pipeline.expert_stats import ExpertNeuronProbe
+
+    prompts = [np.asarray(moe.token_ids[:n], dtype=np.int32) for n in (24, 17, 9)]
+
+    def run(probe, chunk, offset):
+        probe.prompt_offset = offset
+        with Engine(moe.gguf, n_ctx=128, n_threads=2, hidden_states=False, eval_callback=probe.eval_callback) as engine:
+            run_checked(engine, probe, chunk)
+
+    whole = ExpertNeuronProbe(moe.gguf, "all", ("act", "down_in"), top_k=3)
+    run(whole, prompts, 0)
+    first = ExpertNeuronProbe(moe.gguf, "all", ("act", "down_in"), top_k=3)
+    run(first, prompts[:1], 0)
+    first.save(tmp_path / "state.npz")
+    resumed = ExpertNeuronProbe(moe.gguf, "all", ("act", "down_in"), top_k=3)
+    resumed.restore(tmp_path / "state.npz")
+    run(resumed, prompts[1:], 1)
+    a, b = whole.finish(), resumed.finish()
+    for layer in range(N_LAYER):
+        assert a.routed[layer].tolist() == b.routed[layer].tolist() and a.tokens[layer] == b.tokens[layer] == 50
+        for d in ("act", "down_in"):
+            # another batch layout may round differently in the last bits (f32 inside llama.cpp)
+            np.testing.assert_allclose(b.stats[(d, layer)].mean, a.stats[(d, layer)].mean, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(b.stats[(d, layer)].maxabs, a.stats[(d, layer)].maxabs, rtol=1e-5)
+            for j in range(0, N_EXPERT * N_FF, 7):
+                top_a, top_b = a.top[(d, layer)].for_neuron(j), b.top[(d, layer)].for_neuron(j)
+                assert [r[1:] for r in top_b] == [r[1:] for r in top_a]  # the same (prompt, position)s
+                np.testing.assert_allclose([r[0] for r in top_b], [r[0] for r in top_a], rtol=1e-5)

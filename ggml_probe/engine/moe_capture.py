@@ -112,11 +112,9 @@ RoutingConsumer = Callable[[int, np.ndarray, BatchLayout], None]
 class MoECapture(Probe):
     """Hands each chosen layer's routed experts and their neurons to a consumer, batch by batch.
 
-    Runs with all_outputs=True: the last layer's FFN then covers every token. A shared prefix is not
-    handled (shares_prefix False): run_checked decodes each prompt whole.
+    Runs with all_outputs=True when it reads the last layer: that layer's FFN then covers every token. A
+    shared prefix is not handled (shares_prefix False): run_checked decodes each prompt whole.
     """
-
-    needs_all_outputs = True
 
     def __init__(self, model_path: str | os.PathLike, consumer: ExpertConsumer, on_routing: RoutingConsumer,
                  layers: str | Sequence[int] = "all", definitions: Sequence[str] = DEFINITIONS) -> None:
@@ -143,6 +141,17 @@ class MoECapture(Probe):
     @property
     def tensor_names(self) -> list[str]:
         return sorted(self.wanted)
+
+    def stop_names(self) -> Sequence[str]:
+        return self.tensor_names
+
+    @property
+    def reaches_last_layer(self) -> bool:
+        return self.model.n_layer - 1 in self.layers  # its FFN tensors follow the layer's attention
+
+    @property
+    def needs_all_outputs(self) -> bool:
+        return self.reaches_last_layer
 
     def wants(self, name: str) -> bool:
         return name in self.wanted

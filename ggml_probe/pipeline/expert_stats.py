@@ -37,7 +37,6 @@ class ExpertNeuronProbe:
     accumulated per expert.
     """
 
-    needs_all_outputs = True
     shares_prefix = False  # each prompt decoded whole (MoECapture does not unshare a prefix)
 
     def __init__(self, model_path: str | os.PathLike, layers: str | Sequence[int] = (0, 14, -1),
@@ -57,6 +56,21 @@ class ExpertNeuronProbe:
 
     def _update_routing(self, *args) -> None:
         self.accumulator.update_routing(*args)
+
+    @property
+    def needs_all_outputs(self) -> bool:
+        return self.capture.needs_all_outputs
+
+    @property
+    def reaches_last_layer(self) -> bool:
+        return self.capture.reaches_last_layer
+
+    @property
+    def finished(self) -> bool:
+        return self.capture.finished
+
+    def settle(self) -> None:
+        self.capture.settle()
 
     @property
     def eval_callback(self):

@@ -57,7 +57,7 @@ def time_config(model: Path, tokens, name: str, threads: int, batch: int) -> flo
         if capture is None:
             engine.run(tokens, all_outputs=name == "outputs_all")
         elif name == "neurons_whole":
-            engine.split_last = False
+            engine.last_tokens_apart = False
             capture.stop_names = lambda: ()  # the graph computed whole, as before graphs could end early
             run_checked(engine, capture, tokens)
         else:

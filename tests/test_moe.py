@@ -128,20 +128,20 @@ def test_captured_experts_equal_transformers_hooks(moe):
     whole, and with the last token apart (Engine.run: the rows before it end their graph after the last
     layer's FFN), which hands the rows over in two pieces."""
     routing, ref = transformers_experts(moe.load(), moe.token_ids)
-    for split_last in (False, True):
-        _check_capture_against_transformers(moe, routing, ref, split_last)
+    for last_tokens_apart in (False, True):
+        _check_capture_against_transformers(moe, routing, ref, last_tokens_apart)
 
 
-def _check_capture_against_transformers(moe, routing, ref, split_last: bool) -> None:
+def _check_capture_against_transformers(moe, routing, ref, last_tokens_apart: bool) -> None:
     parts: dict = {}
     route_parts: dict = {}
     capture = MoECapture(moe.gguf, lambda layer, d, v, e, _lay: parts.setdefault((d, layer), []).append((v.copy(), e.copy())),
                          lambda layer, e, _lay: route_parts.setdefault(layer, []).append(e.copy()), layers="all")
     with Engine(moe.gguf, n_ctx=128, n_threads=2, kv_type=0, hidden_states=False,
                 eval_callback=capture.eval_callback) as engine:
-        engine.split_last = split_last
+        engine.last_tokens_apart = last_tokens_apart
         run_checked(engine, capture, [np.asarray(moe.token_ids, dtype=np.int32)])
-    assert all(len(p) == (2 if split_last else 1) for p in route_parts.values())
+    assert all(len(p) == (2 if last_tokens_apart else 1) for p in route_parts.values())
     got = {key: (np.concatenate([v for v, _ in p]), np.concatenate([e for _, e in p])) for key, p in parts.items()}
     routes = {layer: np.concatenate(p) for layer, p in route_parts.items()}
     worst = 0.0
@@ -160,7 +160,7 @@ def _check_capture_against_transformers(moe, routing, ref, split_last: bool) -> 
             worst = max(worst, rel)
             assert rel <= 1e-4, (definition, layer, rel)
             assert float(np.abs(ours - theirs).max() / np.abs(theirs).max()) <= 1e-4
-    print(f"mixtral (last token apart: {split_last}): captured per-expert act/down_in ‖llama.cpp − transformers‖ "
+    print(f"mixtral (last token apart: {last_tokens_apart}): captured per-expert act/down_in ‖llama.cpp − transformers‖ "
           f"/ ‖x‖ ≤ {worst:.2e}")
 
 

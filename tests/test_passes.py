@@ -209,7 +209,7 @@ def test_sequences_are_capped_at_a_batch_s_rows(demo_path):
         assert np.isfinite(res.logits).all()
 
 
-def _capture_run(gguf, layers, *, logits: bool, split_last: bool | None = None, share: bool = False):
+def _capture_run(gguf, layers, *, logits: bool, last_tokens_apart: bool | None = None, share: bool = False):
     """Every prompt's FFN rows (keyed (definition, layer, prompt)), the results, and per decode what
     on_batch was told and the graph tensors llama.cpp offered (names, in the order asked), for one
     run_checked of FFNCapture."""
@@ -237,7 +237,7 @@ def _capture_run(gguf, layers, *, logits: bool, split_last: bool | None = None, 
     probe = Recording(gguf, keep, layers=layers)
     with Engine(gguf, n_ctx=512, n_threads=1, n_seq_max=4, kv_type=0, hidden_states=True,
                 eval_callback=probe.eval_callback) as engine:
-        engine.split_last = split_last
+        engine.last_tokens_apart = last_tokens_apart
         tokens = [engine.tokenize(INSTRUCTION + q) for q in QUESTIONS]
         results = run_checked(engine, probe, tokens, share_prefix=share, logits=logits)
     joined = {k: np.concatenate(v) for k, v in rows.items()}
@@ -250,7 +250,7 @@ def test_a_pass_that_reads_no_logits_ends_each_graph_after_its_last_tensor(tiny)
 
     n_layer = model_ffn(tiny).n_layer
     for layers, share in (("0", False), ("all", False), ("all", True)):
-        full, full_results, full_asked = _capture_run(tiny, layers, logits=True, split_last=False, share=share)
+        full, full_results, full_asked = _capture_run(tiny, layers, logits=True, last_tokens_apart=False, share=share)
         cut, cut_results, cut_asked = _capture_run(tiny, layers, logits=False, share=share)
         # the same decodes, each ended where the probe had what it wanted: no output matrix, and with
         # layer 0 alone nothing of the next layer; with logits, only a shared prefix's decode ends early
@@ -273,8 +273,8 @@ def test_last_tokens_decoded_apart_give_the_same_logits_and_neurons(tiny):
 
     n_layer = model_ffn(tiny).n_layer
     for share in (False, True):
-        whole, whole_results, whole_asked = _capture_run(tiny, "all", logits=True, split_last=False, share=share)
-        apart, apart_results, apart_asked = _capture_run(tiny, "all", logits=True, split_last=True, share=share)
+        whole, whole_results, whole_asked = _capture_run(tiny, "all", logits=True, last_tokens_apart=False, share=share)
+        apart, apart_results, apart_asked = _capture_run(tiny, "all", logits=True, last_tokens_apart=True, share=share)
         # per group, the rows before the last tokens (ended after the last layer's FFN, so no output
         # matrix), then the last tokens with it
         with_output = [names for _, names in apart_asked if "result_output" in names]
@@ -289,3 +289,16 @@ def test_last_tokens_decoded_apart_give_the_same_logits_and_neurons(tiny):
             assert a.n_tokens == w.n_tokens
             np.testing.assert_allclose(a.logits, w.logits, rtol=1e-5, atol=1e-4)
             np.testing.assert_allclose(a.hidden, w.hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_only_ffn_tensors_of_the_last_layer_let_a_capture_end_graphs_past_its_attention(tiny):
+    """A graph may end early before a later decode reads its KV only past the last layer's attention:
+    the last layer's FFN tensors are, its attention's inputs (attn_norm) are not."""
+    from ggml_probe.engine.ffn import model_ffn
+    from ggml_probe.engine.probes import FFNCapture
+
+    last = model_ffn(tiny).n_layer - 1
+    assert FFNCapture(tiny, lambda *a: None, layers="all").reaches_last_layer
+    assert not FFNCapture(tiny, lambda *a: None, layers=[0]).reaches_last_layer
+    assert not FFNCapture(tiny, lambda *a: None, layers=[0], extra=[f"attn_norm-{last}"]).reaches_last_layer
+    assert FFNCapture(tiny, lambda *a: None, layers=[0], extra=[f"ffn_norm-{last}"]).reaches_last_layer

@@ -189,7 +189,7 @@ class Engine(_VocabMethods):
         self._ctx = None
         self._callback_ref = None
         self._n_params: int | None = None
-        self.split_last: bool | None = None  # run()'s last tokens apart: None decides by cost (split_pays)
+        self.last_tokens_apart: bool | None = None  # run()'s last tokens apart: None decides by cost (split_pays)
 
         offload = bool(lib.llama_supports_gpu_offload())
         n_gpu = offload_layers(gpu_layers)
@@ -548,7 +548,7 @@ class Engine(_VocabMethods):
         on_batch: Callable[..., None] | None = None,
         share_prefix: bool = False,
         logits: bool = True,
-        probe_stops: bool = False,
+        probe_ends_graphs: bool = False,
     ) -> list[PromptResult]:
         """Decode each prompt (token arrays) and return its last-position logits and hidden state.
 
@@ -569,7 +569,7 @@ class Engine(_VocabMethods):
         tensor, and llama.cpp skips the rest, the output matrix included.
 
         With `all_outputs` and logits, the output matrix would run on every row to give one row per
-        prompt. When the probe ends a graph after its last tensor (`probe_stops`: its tensors reach the
+        prompt. When the probe ends a graph after its last tensor (`probe_ends_graphs`: its tensors reach the
         last layer's FFN) and the rows spared outweigh another pass over the weights (split_pays), each
         prompt's last token is decoded apart: first the rows before it (every one an output, none read:
         on_batch(..., may_stop=STOP_AFTER_KV), empty arrays for one-token prompts), then the last tokens
@@ -584,16 +584,16 @@ class Engine(_VocabMethods):
             toks = [fitted[i][0] for i in group]
             n_shared = common_prefix_length(toks) if share_prefix and len(toks) > 1 else 0
             if n_shared * (len(toks) - 1) >= MIN_SHARED_ROWS:
-                outs = self._decode_shared(toks, n_shared, all_outputs, logits, probe_stops, group, on_batch)
+                outs = self._decode_shared(toks, n_shared, all_outputs, logits, probe_ends_graphs, group, on_batch)
             else:
                 self._lib.llama_memory_clear(self._mem, True)
-                outs = self._decode_rows(toks, 0, all_outputs, logits, probe_stops, group, on_batch)
+                outs = self._decode_rows(toks, 0, all_outputs, logits, probe_ends_graphs, group, on_batch)
             for i, (row_logits, hidden) in zip(group, outs):
                 results[i] = PromptResult(len(fitted[i][0]), fitted[i][1], row_logits, hidden)
         return results  # type: ignore[return-value]
 
     def _decode_shared(self, token_arrays: list[np.ndarray], n_shared: int, all_outputs: bool, logits: bool,
-                       probe_stops: bool, group: list[int], on_batch: Callable[..., None] | None):
+                       probe_ends_graphs: bool, group: list[int], on_batch: Callable[..., None] | None):
         """The group's common prefix once into sequence 0, its cells shared with sequences 1…, then the
         rests (_decode_rows); returns (logits, hidden) per prompt."""
         lib = self._lib
@@ -608,10 +608,10 @@ class Engine(_VocabMethods):
         self._decode_batch([head], 0, lambda pos, n: all_outputs or pos == n - 1)
         for seq in range(1, len(token_arrays)):
             lib.llama_memory_seq_cp(self._mem, 0, seq, -1, -1)
-        return self._decode_rows(rests, n_shared, all_outputs, logits, probe_stops, group, on_batch)
+        return self._decode_rows(rests, n_shared, all_outputs, logits, probe_ends_graphs, group, on_batch)
 
     def _decode_rows(self, token_arrays: list[np.ndarray], start: int, all_outputs: bool, logits: bool,
-                     probe_stops: bool, group: list[int], on_batch: Callable[..., None] | None):
+                     probe_ends_graphs: bool, group: list[int], on_batch: Callable[..., None] | None):
         """Decode array s into sequence s from position `start`, after what the cache holds; (logits,
         hidden) at each array's last row, or (None, None) each without `logits`."""
         if not logits:
@@ -619,7 +619,7 @@ class Engine(_VocabMethods):
             self._decode_batch(token_arrays, start, lambda pos, n: all_outputs or pos == n - 1)
             return [(None, None)] * len(token_arrays)
         heads = [t[:-1] for t in token_arrays]
-        if all_outputs and probe_stops and self.split_pays(sum(len(h) for h in heads)):
+        if all_outputs and probe_ends_graphs and self.split_pays(sum(len(h) for h in heads)):
             _tell(on_batch, group, heads, start=start, may_stop=STOP_AFTER_KV)
             self._decode_batch(heads, start, lambda pos, n: True)
             lasts = [t[-1:] for t in token_arrays]
@@ -633,9 +633,18 @@ class Engine(_VocabMethods):
 
     def split_pays(self, rows_spared: int) -> bool:
         """Whether sparing the output matrix `rows_spared` rows is worth one more decode (about a pass over
-        the weights, costed as SPLIT_DECODE_ROWS rows of the whole model; not tuned)."""
-        if self.split_last is not None:
-            return self.split_last and rows_spared > 0
+        the weights, costed as SPLIT_DECODE_ROWS rows of the whole model — every expert's weights on a
+        mixture of experts, so it is taken less often there than it would pay; not tuned).
+
+        A probe's False ends only the current backend split of the graph (ggml_backend_sched), so the
+        output matrix is spared only when the layers after the stop share that split: on the CPU alone or
+        with every layer offloaded, not with some layers on each."""
+        if self.last_tokens_apart is not None:
+            return self.last_tokens_apart and rows_spared > 0
+        if self.offloaded_layers:
+            done, total = (int(x) for x in self.offloaded_layers.split("/"))
+            if 0 < done < total:
+                return False
         if self._n_params is None:
             self._n_params = int(self._lib.llama_model_n_params(self._model))
         return rows_spared * self.n_vocab * self.n_embd >= SPLIT_DECODE_ROWS * self._n_params

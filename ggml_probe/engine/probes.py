@@ -202,7 +202,8 @@ class Probe:
         try:
             self.handle(t, name)
         except BaseException as exc:  # kept for check(): it cannot cross the C callback
-            self.error = exc
+            if self.error is None:  # the first error explains the rest
+                self.error = exc
             return False
         if name in self._stop:
             if not self._pending:  # a decode llama.cpp cut in several ubatches: the next graph began
@@ -270,7 +271,7 @@ class FFNCapture(Probe):
     @property
     def reaches_last_layer(self) -> bool:
         last = self.model.n_layer - 1  # its FFN tensors (and ffn_* extras) follow the layer's attention
-        return last in self.layers or any(name.endswith(f"-{last}") for name in self.extra)
+        return last in self.layers or any(name.startswith("ffn_") and name.endswith(f"-{last}") for name in self.extra)
 
     @property
     def needs_all_outputs(self) -> bool:
@@ -453,7 +454,8 @@ class ProbeSet:
         # every probe has what it needed from a graph that may end early.
         failed = False
         for p in self._wants.get(t, ()):
-            failed |= not p.eval_callback(t, False) and not getattr(p, "finished", False)
+            p.eval_callback(t, False)
+            failed |= getattr(p, "error", None) is not None
         return not failed and not self.finished
 
     @property
@@ -494,7 +496,7 @@ def run_checked(engine, probe, tokens: Sequence[np.ndarray], all_outputs: bool |
     share_prefix = share_prefix and bool(getattr(probe, "shares_prefix", False))
     try:
         results = engine.run(tokens, all_outputs=all_outputs, on_batch=probe.on_batch, share_prefix=share_prefix,
-                             logits=logits, probe_stops=bool(getattr(probe, "reaches_last_layer", False)))
+                             logits=logits, probe_ends_graphs=bool(getattr(probe, "reaches_last_layer", False)))
     except ProbeError:
         probe.check()  # the callback's own error explains the failed decode better
         raise

@@ -66,6 +66,10 @@ class NeuronProbe:
     def finished(self) -> bool:
         return self.capture.finished
 
+    @property
+    def error(self) -> BaseException | None:
+        return self.capture.error
+
     def settle(self) -> None:
         self.capture.settle()
 

@@ -12,7 +12,7 @@ reference on the same examples, a resumable run directory like every level's:
 A quantized level can be far more sensitive to the batch layout than the reference: llama.cpp's CPU
 kernels for quantized weights quantize the activations too (Q8_0 blocks of 32, or Q8_K), differently per
 batch shape, so on the demo model's Q8_0 the layout alone moved the answer distribution by KL 4e-3 on
-average against F16's 8e-6. So every level is also run under the other batch layout and compared with its
+average against F16's 8e-6 (benchmarks/layout_noise.md). So every level is also run under the other batch layout and compared with its
 own run (`levels`); a change is judged against the larger of the reference's floor and its own level's.
 
 The neuron part of a perturbed pass keeps dead and salient neurons (salient only with the exact

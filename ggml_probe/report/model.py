@@ -581,8 +581,11 @@ def _noise_floor_section(s: _Study, floor: Mapping[str, Any]) -> Section:
         levels = t.get("levels") or {}
         if levels:
             setting = next(iter(levels.values())).get("setting", "")
+            # the calibration metrics what changed judges by: paper scoring's in a paper-mode study
+            shown = [f"paper.{m}" if s.mode == "paper" and m in ("ace_paper_delta", "ece_delta") else m
+                     for m in LEVEL_LAYOUT_METRICS]
             rows = [[Cell(m, defs.get(m, "")), *[_floor_value(m, (e.get("effects") or {}).get(m)) for e in levels.values()]]
-                    for m in LEVEL_LAYOUT_METRICS]
+                    for m in shown]
             sec.add("table", Table(["metric", *levels], rows, caption=(
                 f"Each level against its own run under the other batch layout ({setting}): quantized weights make "
                 "llama.cpp quantize the activations too, per batch shape, so a level's own layout noise can exceed "

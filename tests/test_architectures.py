@@ -28,7 +28,6 @@ transformers = pytest.importorskip("transformers")
 
 from ggml_probe.attribution import attribute  # noqa: E402
 from ggml_probe.attribution.ablation import ablation_effect  # noqa: E402
-from ggml_probe.attribution.dla import direct_effect_attribution  # noqa: E402
 from ggml_probe.analysis.salient import integrated_gradients as closed_form_ig  # noqa: E402
 from ggml_probe.attribution.exact import last_layer_attribution  # noqa: E402
 from ggml_probe.attribution.passes import read_last_layer_head  # noqa: E402
@@ -410,9 +409,8 @@ def test_dla_equals_direct_autograd_on_transformers(families, family):
     lm_head and the soft-cap, by autograd on transformers' modules, for every layer."""
     fam = families(family)
     ids = fam.token_ids[:12]
-    # an f32 KV cache, so that f32 weights mean f32 all through llama.cpp
-    ours = direct_effect_attribution(fam.gguf, [np.array(ids, dtype=np.int32)], list(range(N_LAYER)), n_threads=2,
-                                     kv_type=0)
+    # through the dispatcher users run; an f32 KV cache, so that f32 weights mean f32 all through llama.cpp
+    ours = attribute("dla", fam.gguf, [np.array(ids, dtype=np.int32)], list(range(N_LAYER)), threads=2, kv_type=0)
     model = fam.load(ggml_gelu=True)
     seen: dict = {}
     hooks = [final_norm(model).register_forward_pre_hook(lambda _m, i: seen.__setitem__("r", i[0][0, -1].clone()))]

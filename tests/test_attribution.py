@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -16,8 +17,10 @@ torch = pytest.importorskip("torch")
 from ggml_probe.attribution import METHODS, attribute  # noqa: E402
 from ggml_probe.attribution.types import converged
 from ggml_probe.attribution.ig import integrated_gradients  # noqa: E402
+from ggml_probe.attribution.passes import read_last_layer_head  # noqa: E402
 from ggml_probe.attribution.torch_model import TorchModel  # noqa: E402
 from ggml_probe.cli import cli  # noqa: E402
+from ggml_probe.errors import ProbeError  # noqa: E402
 
 
 def spearman(a, b) -> float:
@@ -52,6 +55,39 @@ def test_unsupported_architecture_is_one_line(tmp_path):
 
     with pytest.raises(UnsupportedArchitecture, match="bert: --attribution ig supports llama"):
         _hyper(Fake())
+
+
+def _head_only_gguf(path, arch: str, rms_eps: float | None, ln_eps: float | None):
+    """A one-layer GGUF with just what the closed-form head reads, and the norm epsilons given."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_feed_forward_length(4)
+    w.add_embedding_length(2)
+    if rms_eps is not None:
+        w.add_layer_norm_rms_eps(rms_eps)
+    if ln_eps is not None:
+        w.add_layer_norm_eps(ln_eps)
+    rng = np.random.default_rng(0)
+    for name, shape in {"token_embd.weight": (8, 2), "output_norm.weight": (2,), "blk.0.ffn_down.weight": (2, 4),
+                        "blk.0.ffn_up.weight": (4, 2), "blk.0.ffn_gate.weight": (4, 2)}.items():
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_head_norm_follows_the_architecture_not_the_metadata(tmp_path):
+    """llama.cpp builds Phi-2 with LayerNorms (LLM_NORM, src/models/phi2.cpp) and llama with RMSNorms whatever
+    else the file carries: the closed-form head takes the kind from the family registry and the epsilon
+    from that kind's key, and a file missing that key is one clear error, not the other norm."""
+    phi2 = read_last_layer_head(_head_only_gguf(tmp_path / "phi2.gguf", "phi2", 1e-6, 1e-5), 0)
+    assert phi2.layer_norm and phi2.eps == float(np.float32(1e-5))
+    llama = read_last_layer_head(_head_only_gguf(tmp_path / "llama.gguf", "llama", 1e-6, 1e-5), 0)
+    assert not llama.layer_norm and llama.eps == float(np.float32(1e-6))
+    with pytest.raises(ProbeError, match="no llama.attention.layer_norm_rms_epsilon in the metadata"):
+        read_last_layer_head(_head_only_gguf(tmp_path / "llama_ln.gguf", "llama", None, 1e-5), 0)
 
 
 # ------------------------------------------------------------------ integrated gradients

@@ -73,20 +73,25 @@ def attribute(
     gpu_layers: str | int = "auto",
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    kv_type: int | None = None,
 ) -> Attribution:
-    """Attributions of `layers` (negatives count from the end; the exact method keeps only the last) by `name`."""
+    """Attributions of `layers` (negatives count from the end; the exact method keeps only the last) by `name`.
+
+    kv_type: the ggml type of the KV cache of the llama.cpp passes (exact, dla; 0 = F32, so that an F32 file
+    runs in F32 all through); None keeps llama.cpp's default (F16). ig runs in torch and has no KV cache.
+    """
     m = method(name)
     if m.name == "ig":
         return integrated_gradients(model_path, prompts, layers, targets=targets, n_points=n_points,
                                     device=device, threads=threads, progress=progress)
     if m.name == "dla":
         return direct_effect_attribution(model_path, prompts, layers, targets=targets, n_ctx=n_ctx,
-                                         n_threads=threads, gpu_layers=gpu_layers)
+                                         n_threads=threads, gpu_layers=gpu_layers, kv_type=kv_type)
     last = model_ffn(model_path).n_layer - 1
     if last not in resolve_layers(list(layers), last + 1):
         return Attribution("exact", np.zeros(0, np.int64), np.zeros(0), n_points=n_points)
     res = last_layer_attribution(model_path, prompts, targets=targets, n_points=n_points, n_ctx=n_ctx,
-                                 n_threads=threads, gpu_layers=gpu_layers)
+                                 n_threads=threads, gpu_layers=gpu_layers, kv_type=kv_type)
     out = Attribution("exact", res.target_tokens, res.llama_logprob, n_points=n_points)
     closed_change = res.attributions.sum(axis=1) - res.completeness_error
     out.layers[last] = LayerAttribution(last, res.attributions, closed_change, res.completeness_error)

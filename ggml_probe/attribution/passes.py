@@ -15,23 +15,20 @@ import numpy as np
 from ..analysis.salient import LastLayerHead
 from ..engine.ffn import ACT_FUNCTIONS, model_ffn, up_half
 from ..engine.probes import run_checked
-from ..errors import ProbeError, UnsupportedArchitecture
+from ..errors import ProbeError
 from ..weights.dequant import GGUFTensors
-
-# Architectures whose last layer is `l_out = residual + [post-norm](W_down(act ⊙ up) [+ bias])` followed by one
-# RMSNorm (Phi-2: LayerNorm with a bias), the output matrix [+ bias] and [a soft-cap]: the closed form of
-# analysis/salient.py holds. Phi-2's FFN is ungated: act is llama.cpp's GELU output and up = 1.
-EXACT_IG_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "phi2")
-# llama.cpp's defaults when a Gemma 2 file does not say (src/models/gemma2.cpp reads them as optional)
-_DEFAULT_FINAL_SOFTCAP = {"gemma2": 30.0}
+from .families import family
 
 
 def require_closed_form(model_path: str | os.PathLike, what: str):
-    """The model's FFN facts, or UnsupportedArchitecture when the closed form does not hold for it."""
-    info = model_ffn(model_path)
-    if info.arch not in EXACT_IG_ARCHITECTURES or \
-            info.names.act_fn not in ("silu", "gelu_tanh", "silu_gate_half", None):
-        raise UnsupportedArchitecture(f"{info.arch}: the {what} supports {', '.join(EXACT_IG_ARCHITECTURES)}")
+    """The model's FFN facts, or UnsupportedArchitecture when the closed form does not hold for it.
+
+    Every architecture of the family registry ends its last layer in `l_out = residual + [post-norm](W_down(act
+    ⊙ up) [+ bias])` followed by one RMSNorm (Phi-2: LayerNorm with a bias), the output matrix [+ bias] and
+    [a soft-cap]: the closed form of analysis/salient.py holds. Phi-2's FFN is ungated: act is llama.cpp's
+    GELU output and up = 1."""
+    info = model_ffn(model_path)  # engine/ffn.py's act functions cover every family (silu, gelu_tanh, phi3's half)
+    family(info.arch, f"the {what}")
     return info
 
 
@@ -95,8 +92,9 @@ def resolve_targets(clean, targets: Sequence[int] | None) -> np.ndarray:
 
 def read_last_layer_head(model_path: str | os.PathLike, layer: int) -> LastLayerHead:
     """The GGUF's own (dequantized) ffn_down of `layer`, final norm and output matrix, with their biases where
-    the file has them (Phi-2); a file with a LayerNorm epsilon and no RMSNorm one has a LayerNorm final norm."""
+    the file has them (Phi-2); the family registry says whether the final norm is a LayerNorm (Phi-2)."""
     info = model_ffn(model_path)
+    fam = family(info.arch, "the closed-form head")
     with GGUFTensors(model_path) as tensors:
         names = set(tensors.names())
 
@@ -104,12 +102,9 @@ def read_last_layer_head(model_path: str | os.PathLike, layer: int) -> LastLayer
             return np.asarray(tensors.dequantize(name), dtype=np.float64)
 
         out_name = "output.weight" if "output.weight" in names else "token_embd.weight"  # tied embeddings
-        eps = tensors.summary.value(f"{info.arch}.attention.layer_norm_rms_epsilon")
-        layer_norm = eps is None  # llama.cpp's LLM_NORM models (phi2) carry layer_norm_epsilon instead
-        if layer_norm:
-            eps = tensors.summary.value(f"{info.arch}.attention.layer_norm_epsilon")
+        eps = tensors.summary.value(f"{info.arch}.{fam.eps_key}")
         if eps is None:
-            raise ProbeError(f"{model_path}: no RMSNorm or LayerNorm epsilon in the metadata")
+            raise ProbeError(f"{model_path}: no {info.arch}.{fam.eps_key} in the metadata")
 
         def bias(name: str) -> np.ndarray | None:
             return weight(name) if name in names else None
@@ -117,8 +112,8 @@ def read_last_layer_head(model_path: str | os.PathLike, layer: int) -> LastLayer
         post = f"blk.{layer}.post_ffw_norm.weight"
         softcap = tensors.summary.value(f"{info.arch}.final_logit_softcapping")
         if softcap is None:
-            softcap = _DEFAULT_FINAL_SOFTCAP.get(info.arch, 0.0)
+            softcap = fam.final_softcap
         return LastLayerHead(weight(f"blk.{layer}.ffn_down.weight"), weight("output_norm.weight"), float(eps),
                              weight(out_name), weight(post) if post in names else None, float(softcap),
-                             down_bias=bias(f"blk.{layer}.ffn_down.bias"), layer_norm=layer_norm,
+                             down_bias=bias(f"blk.{layer}.ffn_down.bias"), layer_norm=fam.layer_norm,
                              norm_bias=bias("output_norm.bias"), out_bias=bias("output.bias"))

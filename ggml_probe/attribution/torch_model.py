@@ -25,28 +25,7 @@ import numpy as np
 
 from ..errors import ProbeError, UnsupportedArchitecture
 from ..weights.dequant import GGUFTensors
-
-
-TORCH_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "phi2")
-_NEOX_ROPE = {"qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "phi2"}
-
-
-@dataclass(frozen=True)
-class Family:
-    """How one architecture's blocks differ from llama's (llama.cpp's src/models/<arch>.cpp)."""
-
-    act: str = "silu"  # the FFN gate's activation: "silu" or "gelu_tanh"
-    embed_scale: bool = False  # token embeddings × sqrt(n_embd) (Gemma)
-    swa_pattern: int = 0  # default sliding-window pattern when the file names none: every n-th layer global
-    gated: bool = True  # act ⊙ up; False (Phi-2): act = GELU(up), no gate
-    parallel: bool = False  # attention and FFN both read attn_norm(x) (Phi-2); else the FFN reads ffn_norm(x + attn)
-    layer_norm: bool = False  # LayerNorm (mean removed, with a bias) instead of RMSNorm (Phi-2)
-
-
-FAMILIES = {"llama": Family(), "qwen2": Family(), "qwen3": Family(),
-            "gemma": Family("gelu_tanh", True), "gemma2": Family("gelu_tanh", True, 2),
-            "gemma3": Family("gelu_tanh", True, 6), "phi3": Family(),
-            "phi2": Family("gelu_tanh", gated=False, parallel=True, layer_norm=True)}
+from .families import Family, family as family_of
 
 
 def require_torch():
@@ -185,7 +164,7 @@ class TorchModel:
                                              ang.sin().to(self.device, self.dtype)[None, :, None, :])
         cos, sin = self._rope_cache[(seq, base)]
         rot, rest = x[..., :hp.rope_dim], x[..., hp.rope_dim:]
-        if hp.arch in _NEOX_ROPE:
+        if hp.family.neox_rope:
             half = hp.rope_dim // 2
             x0, x1 = rot[..., :half], rot[..., half:]
             out = torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
@@ -311,8 +290,7 @@ class TorchModel:
 
 def _hyper(tensors) -> Hyper:
     arch = tensors.architecture
-    if arch not in TORCH_ARCHITECTURES:
-        raise UnsupportedArchitecture(f"{arch}: --attribution ig supports {', '.join(TORCH_ARCHITECTURES)}")
+    family = family_of(arch, "--attribution ig")
     s = tensors.summary
 
     def meta(key: str, default=None):
@@ -330,7 +308,6 @@ def _hyper(tensors) -> Hyper:
             raise UnsupportedArchitecture(f"{tensors.path}: rope scaling {scaling!r} is not supported by --attribution ig")
         scale = 1.0 / float(meta("rope.scaling.factor"))
     n_layer = int(meta("block_count"))
-    family = FAMILIES[arch]
     n_swa = int(meta("attention.sliding_window", 0)) if family.swa_pattern else 0
     swa_layers: tuple[bool, ...] = ()
     if n_swa:
@@ -348,10 +325,10 @@ def _hyper(tensors) -> Hyper:
     attn_scale = 1.0 / float(np.sqrt(n_embd // n_head)) if big else 0.0
     return Hyper(arch=arch, n_layer=n_layer, n_embd=n_embd, n_ff=int(meta("feed_forward_length")),
                  n_head=n_head, n_head_kv=int(meta("attention.head_count_kv", n_head)), head_dim=head_dim,
-                 eps=float(meta("attention.layer_norm_" + ("epsilon" if family.layer_norm else "rms_epsilon"))),
+                 eps=float(meta(family.eps_key)),
                  rope_base=rope_base,
                  rope_dim=int(meta("rope.dimension_count", head_dim)), rope_scale=scale, family=family,
                  rope_base_swa=float(meta("rope.freq_base_swa", rope_base)), n_swa=n_swa, swa_layers=swa_layers,
-                 attn_softcap=float(meta("attn_logit_softcapping", 50.0 if arch == "gemma2" else 0.0)),
-                 final_softcap=float(meta("final_logit_softcapping", 30.0 if arch == "gemma2" else 0.0)),
+                 attn_softcap=float(meta("attn_logit_softcapping", family.attn_softcap)),
+                 final_softcap=float(meta("final_logit_softcapping", family.final_softcap)),
                  attn_scale=attn_scale)

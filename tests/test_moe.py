@@ -113,6 +113,20 @@ def test_model_moe_reads_the_experts(moe):
     assert (m.arch, m.n_layer, m.n_expert, m.n_expert_used, m.n_ff) == ("llama", N_LAYER, N_EXPERT, N_USED, N_FF)
 
 
+def test_router_stays_f32_at_f16(moe, tmp_path):
+    """llama.cpp's converter writes ffn_gate_inp F32 whatever the outtype (and llama-quantize leaves it): a
+    rounded router changes the routing. The other 2-D weights follow the outtype."""
+    import gguf
+
+    path = convert_hf_to_gguf(moe.hf, tmp_path / "tiny-mixtral-f16.gguf", outtype="f16")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    routers = [n for n in types if n.endswith("ffn_gate_inp.weight")]
+    assert sorted(routers) == [f"blk.{i}.ffn_gate_inp.weight" for i in range(N_LAYER)]
+    assert {types[n] for n in routers} == {gguf.GGMLQuantizationType.F32}
+    assert types["blk.0.ffn_gate_exps.weight"] == gguf.GGMLQuantizationType.F16
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
+
+
 def test_converted_logits_equal_transformers(moe):
     with torch.no_grad():
         ref = moe.load()(torch.tensor([moe.token_ids])).logits[0].numpy()

@@ -29,6 +29,7 @@ from ggml_probe.analysis.experts import ExpertAccumulator  # noqa: E402
 from ggml_probe.engine.model import Engine  # noqa: E402
 from ggml_probe.engine.moe_capture import MoECapture, model_moe  # noqa: E402
 from ggml_probe.engine.probes import BatchLayout, run_checked  # noqa: E402
+from ggml_probe.errors import ProbeError  # noqa: E402
 from ggml_probe.models.convert import convert_hf_to_gguf  # noqa: E402
 
 HIDDEN, N_FF, N_LAYER, N_EXPERT, N_USED = 64, 32, 2, 4, 2
@@ -340,6 +341,21 @@ def test_other_mixture_of_experts_families_are_refused_in_one_line(tmp_path, boo
     assert len(res.output.strip().splitlines()) == 1
 
 
+def test_dense_analyses_name_the_supported_moe_architectures():
+    """A dense-only analysis refusing an MoE model tells Mixtral (llama) it gets per-expert statistics, and
+    tells other MoE families (qwen3moe) which architectures do."""
+    from ggml_probe.engine.ffn import SUPPORTED_MOE_ARCHITECTURES, ffn_names
+    from ggml_probe.errors import UnsupportedArchitecture
+
+    assert SUPPORTED_MOE_ARCHITECTURES == ("llama",)
+    with pytest.raises(UnsupportedArchitecture, match=r"^llama: .*llama's experts get per-expert neuron statistics"):
+        ffn_names("llama", ["blk.0.ffn_gate_exps.weight"])
+    with pytest.raises(UnsupportedArchitecture) as err:
+        ffn_names("qwen3moe", ["blk.0.ffn_gate_inp.weight", "blk.0.ffn_up_exps.weight"])
+    assert "per-expert neuron statistics support only llama (Mixtral)" in str(err.value)
+    assert "qwen3moe's experts get" not in str(err.value)
+
+
 def test_trace_reads_the_moe_ffn_output(moe):
     """The divergence trace's ffn_out of an MoE block is the experts' weighted sum (ffn_moe_out): the block's
     residual stream is the previous one plus its attention and FFN outputs."""
@@ -373,6 +389,10 @@ def test_probe_state_resumes_exactly(moe, tmp_path):
     first = ExpertNeuronProbe(moe.gguf, "all", ("act", "down_in"), top_k=3)
     run(first, prompts[:1], 0)
     first.save(tmp_path / "state.npz")
+    other = ExpertNeuronProbe(moe.gguf, "all", ("act", "down_in"), top_k=5)  # another --top-k: refused
+    with pytest.raises(ProbeError, match=r"top_k 3 \(this run: 5\)") as err:
+        other.restore(tmp_path / "state.npz")
+    assert "\n" not in str(err.value)
     resumed = ExpertNeuronProbe(moe.gguf, "all", ("act", "down_in"), top_k=3)
     resumed.restore(tmp_path / "state.npz")
     run(resumed, prompts[1:], 1)

@@ -20,8 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ProbeError
-from ..fsutil import atomic_output
-from .neurons import NeuronStats, TopActivations
+from .neurons import NeuronStats, TopActivations, load_state, save_state
 
 
 class ExpertLayerStats:
@@ -191,16 +190,8 @@ class ExpertAccumulator:
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        final = Path(path)
-        with atomic_output(final) as tmp:
-            with open(tmp, "wb") as f:  # a file object: np.savez must not append ".npz" to the temp name
-                np.savez(f, **self.state())
-        return final
+        return save_state(path, self.state())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ExpertAccumulator":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return cls.from_state({k: data[k] for k in data.files})
-        except (OSError, ValueError, KeyError) as exc:
-            raise ProbeError(f"{path}: not a mixture-of-experts neuron-state file ({exc})") from None
+        return load_state(path, cls.from_state, "a mixture-of-experts neuron-state file")

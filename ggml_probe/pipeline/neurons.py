@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -63,16 +64,15 @@ TARGET_DEFINITIONS = {
 }
 
 
+def cached_pieces(engine) -> Callable[[int], str]:
+    """engine.token_to_piece, each token looked up once (top-token contexts repeat tokens a lot)."""
+    return lru_cache(maxsize=None)(engine.token_to_piece)
+
+
 def finalize_neurons(run_dir: Path, acc, engine, settings) -> dict[str, Any]:
     """Write neurons.json and neuron_stats.npz for a finished run; returns a short summary."""
     prompt_tokens = decoded_tokens(run_dir)  # the arrays the run decoded: positions point into these
-    piece_cache: dict[int, str] = {}
-
-    def piece(token: int) -> str:
-        if token not in piece_cache:
-            piece_cache[token] = engine.token_to_piece(token)
-        return piece_cache[token]
-
+    piece = cached_pieces(engine)
     arrays: dict[str, np.ndarray] = {}
     layers_out: list[dict[str, Any]] = []
     for (definition, layer), stats in acc.stats.items():

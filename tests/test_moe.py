@@ -208,6 +208,72 @@ def test_expert_accumulator_counts_routed_tokens_and_round_trips(tmp_path):
     assert back.routed[3].tolist() == acc.routed[3].tolist() and back.tokens == acc.tokens
     np.testing.assert_array_equal(back.stats[("act", 3)].mean, stats.mean)
     assert back.top[("act", 3)].for_neuron(2 * n_ff) == acc.top[("act", 3)].for_neuron(2 * n_ff)
+    prompt, pos, sets = back.routes(3)  # each token's top-k set, by (prompt, position)
+    assert prompt.tolist() == layout.row_prompt.tolist() and pos.tolist() == layout.row_pos.tolist()
+    assert np.array_equal(sets, np.sort(experts, axis=1))
+
+
+def test_unrouted_expert_is_nan_in_every_field_and_left_out_of_drift():
+    """neuron_stats.npz's arrays of an MoE layer: NumPy's min/max/max|a|/mean/var over each routed expert's
+    rows, NaN in every field for the expert no token was routed to; drift leaves those neurons out, and
+    they are not dead at any tau."""
+    from ggml_probe.analysis.neurons import activation_drift
+    from ggml_probe.pipeline.expert_stats import expert_stat_arrays
+
+    rng = np.random.default_rng(3)
+    n_tok, n_exp, k, n_ff = 30, 4, 2, 5
+    experts = np.stack([rng.choice(n_exp - 1, size=k, replace=False) for _ in range(n_tok)])  # expert 3 unrouted
+    values = rng.normal(size=(n_tok, k, n_ff))
+    layout = BatchLayout.build([0], [np.zeros(n_tok)])
+    acc = ExpertAccumulator([0], ["act"], n_exp, k, n_ff, top_k=0)
+    acc.update_routing(0, experts, layout)
+    acc.update(0, "act", values, experts, layout)
+    arrays = expert_stat_arrays(acc.stats[("act", 0)])
+    assert sorted(arrays) == ["max", "maxabs", "mean", "min", "var"]
+    for e in range(n_exp - 1):
+        rows, sl = values[experts == e], slice(e * n_ff, (e + 1) * n_ff)
+        for name, want in (("mean", rows.mean(0)), ("var", rows.var(0)), ("min", rows.min(0)), ("max", rows.max(0)),
+                           ("maxabs", np.abs(rows).max(0))):
+            np.testing.assert_allclose(arrays[name][sl], want, rtol=1e-12)
+    for name, a in arrays.items():
+        assert np.isnan(a[-n_ff:]).all(), name
+    assert acc.stats[("act", 0)].dead(1e9).tolist() == list(range((n_exp - 1) * n_ff))
+    drift = activation_drift(arrays["mean"], arrays["var"], arrays["mean"] + 0.5 * np.sqrt(arrays["var"]))
+    assert drift["excluded"] == n_ff and drift["neurons"] == (n_exp - 1) * n_ff
+    assert drift["mean"] == pytest.approx(0.5)
+
+
+def test_routing_agreement_equals_numpy():
+    """The share of tokens with the reference's top-k set, against a per-token loop: tokens matched by
+    (prompt, position) whatever their order, only in both runs, only in the prompts given."""
+    from ggml_probe.analysis.experts import routing_agreement
+
+    rng = np.random.default_rng(5)
+    n_exp, k = 8, 2
+
+    def run(n_prompts, drop):
+        keys = [(p, t) for p in range(n_prompts) for t in range(int(rng.integers(3, 9)))]
+        keys = [key for key in keys if rng.random() > drop]
+        sets = np.sort(np.stack([rng.choice(n_exp, size=k, replace=False) for _ in keys]), axis=1)
+        order = rng.permutation(len(keys))
+        return ([keys[i] for i in order], sets[order])
+
+    (ref_keys, ref_sets), (keys, sets) = run(12, 0.0), run(12, 0.2)
+    # most of the level's tokens keep the reference's set, as a mild quantization would
+    ref_by = dict(zip(ref_keys, map(tuple, ref_sets)))
+    sets = np.array([ref_by[key] if rng.random() < 0.7 and key in ref_by else s for key, s in zip(keys, map(tuple, sets))])
+
+    def arrays(keys, sets):
+        return (np.array([p for p, _ in keys]), np.array([t for _, t in keys]), sets)
+
+    for prompts in (None, [0, 2, 3, 7, 11]):
+        level_by = dict(zip(keys, map(tuple, sets)))
+        common = [key for key in ref_by if key in level_by and (prompts is None or key[0] in prompts)]
+        want = sum(ref_by[key] == level_by[key] for key in common) / len(common)
+        got = routing_agreement(arrays(ref_keys, ref_sets), arrays(keys, sets), prompts)
+        assert got["tokens"] == len(common) and got["share"] == pytest.approx(want, abs=1e-15)
+        assert 0.5 < got["share"] < 1.0  # some changed, most kept
+    assert routing_agreement(arrays(ref_keys, ref_sets), arrays(keys, sets), [99]) == {"share": None, "tokens": 0}
 
 
 @pytest.mark.slow
@@ -231,9 +297,11 @@ def test_neurons_command_per_expert_statistics(moe, tmp_path, boolq_path):
     tokens = decoded_tokens(tmp_path / "first")
     routed = {layer: np.zeros(N_EXPERT, np.int64) for layer in range(N_LAYER)}
     rows: dict[tuple[int, int], list] = {}
+    sets: dict[int, list] = {layer: [] for layer in range(N_LAYER)}  # per token, by prompt and position
     for toks in tokens:
         routing, ref = transformers_experts(model, [int(t) for t in toks])
         for layer in range(N_LAYER):
+            sets[layer].append(np.sort(routing[layer], axis=1))
             routed[layer] += np.bincount(routing[layer].ravel(), minlength=N_EXPERT)
             for (_t, e), row in ref[("act", layer)].items():
                 rows.setdefault((layer, e), []).append(row)
@@ -268,6 +336,19 @@ def test_neurons_command_per_expert_statistics(moe, tmp_path, boolq_path):
             assert r["dead_per_expert"]["act"][e] == int(np.sum(maxabs[(layer, e)] < tau))
         assert entry["dead_ids"] == dead
         n_dead += len(dead)
+        # each token's top-k set as transformers' router chose it, by (prompt, position)
+        assert np.array_equal(stats[f"routing/{layer}/sets"], np.concatenate(sets[layer]))
+        assert stats[f"routing/{layer}/prompt"].tolist() == [i for i, t in enumerate(tokens) for _ in t]
+        assert stats[f"routing/{layer}/pos"].tolist() == [p for t in tokens for p in range(len(t))]
+    # the two runs decoded the same tokens with the same model: every token keeps its experts
+    from ggml_probe.pipeline.neurons import compare_neurons
+
+    compared = compare_neurons(tmp_path / "first", out)
+    for layer in range(N_LAYER):
+        assert compared[f"act/{layer}"]["routing_agreement"] == {"share": 1.0, "tokens": sum(len(t) for t in tokens)}
+        assert compared[f"act/{layer}"]["drift"]["tokens"] == "each level's own routed tokens"
+        assert compared[f"act/{layer}"]["drift"]["max"] < 1e-6
+    assert nj["experts"]["drift"].startswith("over each level's own routed tokens")
     print(f"mixtral: per-expert act means ‖run − transformers‖ / ‖mean‖ ≤ {worst:.2e} (F16 KV cache); "
           f"{n_dead} of {N_LAYER * N_EXPERT * N_FF} neurons dead at tau {tau:.4g}, the same set")
     assert 0 < n_dead < N_LAYER * N_EXPERT * N_FF  # the threshold splits the neurons
@@ -399,6 +480,8 @@ def test_probe_state_resumes_exactly(moe, tmp_path):
     a, b = whole.finish(), resumed.finish()
     for layer in range(N_LAYER):
         assert a.routed[layer].tolist() == b.routed[layer].tolist() and a.tokens[layer] == b.tokens[layer] == 50
+        for x, y in zip(a.routes(layer), b.routes(layer)):  # each token's experts survive the saved state
+            assert np.array_equal(x, y) and len(x) == 50
         for d in ("act", "down_in"):
             # another batch layout may round differently in the last bits (f32 inside llama.cpp)
             np.testing.assert_allclose(b.stats[(d, layer)].mean, a.stats[(d, layer)].mean, rtol=1e-5, atol=1e-6)

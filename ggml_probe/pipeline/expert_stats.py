@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..analysis.experts import ExpertAccumulator
+from ..analysis.experts import ROUTE_FIELDS, ExpertAccumulator, ExpertLayerStats
 from ..analysis.neurons import top_token_contexts
 from ..engine.ffn import DEFINITIONS
 from ..engine.moe_capture import MoECapture, model_moe
@@ -77,6 +77,15 @@ class ExpertNeuronProbe(CaptureProbe):
         self.accumulator = loaded
 
 
+def expert_stat_arrays(stats: ExpertLayerStats) -> dict[str, np.ndarray]:
+    """One (definition, layer)'s per-neuron arrays of neuron_stats.npz (the dense run's names). An unrouted
+    expert's neurons have no statistics: NaN in every field (neither dead nor alive; drift leaves them out)."""
+    seen = stats.seen
+    return {name: np.where(seen, values, np.nan) for name, values in (
+        ("mean", stats.mean), ("var", stats.variance), ("maxabs", stats.maxabs), ("min", stats.min),
+        ("max", stats.max))}
+
+
 def finalize_expert_neurons(run_dir: Path, acc: ExpertAccumulator, engine, settings) -> dict[str, Any]:
     """Write neurons.json and neuron_stats.npz for a finished MoE run (the dense files' layout, plus the
     `experts` section); returns a short summary."""
@@ -105,14 +114,15 @@ def finalize_expert_neurons(run_dir: Path, acc: ExpertAccumulator, engine, setti
             entry["top_tokens"] = {int(j): top_token_contexts(acc.top[(definition, layer)], int(j), prompt_tokens, piece)
                                    for j in strongest if seen[j]}
         layers_out.append(entry)
-        arrays.update({f"{key}/mean": np.where(seen, stats.mean, np.nan), f"{key}/var": stats.variance,
-                       f"{key}/maxabs": maxabs, f"{key}/min": stats.min, f"{key}/max": stats.max})
+        arrays.update({f"{key}/{name}": values for name, values in expert_stat_arrays(stats).items()})
+        if str(layer) not in per_layer:
+            arrays.update({f"routing/{layer}/{name}": values for name, values in zip(ROUTE_FIELDS, acc.routes(layer))})
         routing = per_layer.setdefault(str(layer), acc.routing_summary(layer))
         routing.setdefault("dead_per_expert", {})[definition] = stats.dead_per_expert(settings.tau)
     save_npz(run_dir / "neuron_stats.npz", **arrays)
     experts = {"n_expert": acc.n_expert, "n_expert_used": acc.n_expert_used, "n_ff_expert": acc.n_ff_expert,
                "neuron_ids": "expert · n_ff_expert + i; each expert's statistics over the tokens routed to it",
-               "attribution": MOE_ATTRIBUTION_NOTE, "layers": per_layer}
+               "attribution": MOE_ATTRIBUTION_NOTE, "drift": MOE_DRIFT_NOTE, "layers": per_layer}
     result = {"settings": asdict(settings), "layers": layers_out, "prompts": len(prompt_tokens), "experts": experts}
     write_json(run_dir / "neurons.json", result)
     return {"layers": [e["layer"] for e in layers_out], "definitions": list(acc.definitions),

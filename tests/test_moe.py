@@ -364,7 +364,7 @@ def test_study_runs_end_to_end_without_salient_neurons(moe, tmp_path, boolq_path
     from ggml_probe.cli import cli
 
     out = tmp_path / "study"
-    args = ["study", str(moe.gguf), "--quants", "F16", "--task", "boolq", "--data", str(boolq_path), "--limit", "3",
+    args = ["study", str(moe.gguf), "--quants", "F16,Q8_0", "--task", "boolq", "--data", str(boolq_path), "--limit", "3",
             "--layers", "0,-1", "--threads", "2", "-o", str(out)]
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
@@ -378,6 +378,19 @@ def test_study_runs_end_to_end_without_salient_neurons(moe, tmp_path, boolq_path
     assert sum(routed) == N_USED * neurons["tokens"]
     assert not (out / "runs" / "boolq" / "F16" / "salient.json").exists()
     assert (out / "report.html").is_file() and "salient neurons (exact, ig, dla)" in (out / "report.md").read_text()
+    # Q8_0 against F16: per layer, the share of tokens keeping their top-k experts, against a per-token loop
+    # over the two runs' recorded routing
+    compared = study["tasks"]["boolq"]["neuron_comparison"]["Q8_0"]
+    runs = {lvl: np.load(out / "runs" / "boolq" / lvl / "neuron_stats.npz") for lvl in ("F16", "Q8_0")}
+    for layer in (0, N_LAYER - 1):
+        by = {lvl: {(int(p), int(t)): tuple(e) for p, t, e in zip(*(z[f"routing/{layer}/{n}"] for n in ("prompt", "pos", "sets")))}
+              for lvl, z in runs.items()}
+        same = [by["F16"][key] == by["Q8_0"][key] for key in by["F16"]]
+        got = compared["routing_agreement"][str(layer)]
+        assert got["tokens"] == len(same) == neurons["tokens"] and got["share"] == pytest.approx(np.mean(same), abs=1e-12)
+        assert compared["drift"][str(layer)]["tokens"] == "each level's own routed tokens"
+        print(f"mixtral study: Q8_0 vs F16 layer {layer}: routing agreement {got['share']:.4f} over {got['tokens']} tokens")
+    assert "routing agreement" in (out / "report.md").read_text()
 
 
 def test_eval_neurons_json_carries_the_experts(moe, tmp_path, boolq_path):

@@ -450,6 +450,22 @@ def test_dense_analyses_name_the_supported_moe_architectures():
     assert "qwen3moe's experts get" not in str(err.value)
 
 
+def test_dense_and_expert_captures_check_definitions_alike(moe, demo_path):
+    """One definitions check (engine.ffn.check_definitions) for FFNCapture and MoECapture: duplicates dropped
+    in order, an unknown definition refused in one line naming the known ones."""
+    from ggml_probe.engine.ffn import check_definitions
+    from ggml_probe.engine.probes import FFNCapture
+
+    assert check_definitions(["down_in", "act", "down_in"]) == ("down_in", "act")
+    for make in (lambda d: FFNCapture(demo_path, lambda *a: None, [0], d),
+                 lambda d: MoECapture(moe.gguf, lambda *a: None, lambda *a: None, [0], d)):
+        assert make(("act", "act")).definitions == ("act",)
+        for bad in (("act", "gate"), ()):
+            with pytest.raises(ProbeError, match="neuron definition must be one of act, down_in") as err:
+                make(bad)
+            assert "\n" not in str(err.value)
+
+
 def test_trace_reads_the_moe_ffn_output(moe):
     """The divergence trace's ffn_out of an MoE block is the experts' weighted sum (ffn_moe_out): the block's
     residual stream is the previous one plus its attention and FFN outputs."""

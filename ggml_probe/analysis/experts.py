@@ -2,7 +2,8 @@
 
 Pure NumPy. Each expert's neurons get the dense path's statistics (analysis.neurons: moments, dead,
 top activations), counted over the tokens the router sent to that expert only; each layer also counts
-how often each expert was routed (among a token's top k, and as its first choice).
+how often each expert was routed (among a token's top k, and as its first choice) and keeps each token's
+top-k set (routing_agreement compares two runs' sets).
 
 A layer's experts are also seen as one layer of n_expert · n_ff neurons, neuron id = expert · n_ff + i
 (`ExpertLayerStats`, `ExpertTopActivations`), so the dense run's files (neurons.json's per-layer

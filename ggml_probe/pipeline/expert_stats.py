@@ -4,7 +4,9 @@ ExpertAccumulator, and the run's files.
 A run on an MoE model writes the dense run's files (neurons.json's per-layer entries, neuron_stats.npz),
 a layer's neurons being every expert's (id = expert · n_ff + i, each counted over the tokens routed to its
 expert), so the comparisons across levels apply unchanged; neurons.json's `experts` section adds, per
-layer, how often each expert was routed and per expert its tokens and dead neurons.
+layer, how often each expert was routed and per expert its tokens and dead neurons; neuron_stats.npz adds
+each token's top-k experts per layer (routing/L/prompt, pos, sets), which the level comparison's
+routing_agreement reads.
 
     probe_class, finalize = neuron_pass_for(model_path)   # dense or MoE, from the GGUF's metadata
 """

@@ -330,7 +330,8 @@ _neuron_options = _option_group(
                       "beside N random neurons (0: skip)."),
     click.option("--no-redundancy", is_flag=True,
                  help="Skip the redundant-pair correlations (n_ff² floats per layer: about 0.5 GiB per layer at "
-                      "n_ff 8192, 1.5 GiB at 14336), the neuron pass's largest memory."),
+                      "n_ff 8192, 1.5 GiB at 14336), the neuron pass's largest memory. Mixture-of-experts "
+                      "models have none (no per-expert redundancy)."),
 )
 
 
@@ -959,7 +960,8 @@ class _StudyProgress(_RunProgress):
               help="Causal check: switch each attributed layer's top-N salient candidates off and report the change "
                    "of log p(attributed target, see --attribution-target), beside N random neurons (0: skip).")
 @click.option("--no-redundancy", is_flag=True,
-              help="Skip the redundant-pair correlations (n_ff² floats per layer), the neuron part's largest memory.")
+              help="Skip the redundant-pair correlations (n_ff² floats per layer), the neuron part's largest memory. "
+                   "Mixture-of-experts models have none (no per-expert redundancy).")
 @click.option("--no-weights", is_flag=True, help="Skip the weight-error analysis.")
 @click.option("--kld-text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A plain-text file for the text KLD (llama-perplexity's statistics); default: the tasks' own text.")

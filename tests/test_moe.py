@@ -29,6 +29,7 @@ from ggml_probe.analysis.experts import ExpertAccumulator  # noqa: E402
 from ggml_probe.engine.model import Engine  # noqa: E402
 from ggml_probe.engine.moe_capture import MoECapture, model_moe  # noqa: E402
 from ggml_probe.engine.probes import BatchLayout, run_checked  # noqa: E402
+from ggml_probe.errors import ProbeError  # noqa: E402
 from ggml_probe.models.convert import convert_hf_to_gguf  # noqa: E402
 
 HIDDEN, N_FF, N_LAYER, N_EXPERT, N_USED = 64, 32, 2, 4, 2
@@ -113,6 +114,20 @@ def test_model_moe_reads_the_experts(moe):
     assert (m.arch, m.n_layer, m.n_expert, m.n_expert_used, m.n_ff) == ("llama", N_LAYER, N_EXPERT, N_USED, N_FF)
 
 
+def test_router_stays_f32_at_f16(moe, tmp_path):
+    """llama.cpp's converter writes ffn_gate_inp F32 whatever the outtype (and llama-quantize leaves it): a
+    rounded router changes the routing. The other 2-D weights follow the outtype."""
+    import gguf
+
+    path = convert_hf_to_gguf(moe.hf, tmp_path / "tiny-mixtral-f16.gguf", outtype="f16")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    routers = [n for n in types if n.endswith("ffn_gate_inp.weight")]
+    assert sorted(routers) == [f"blk.{i}.ffn_gate_inp.weight" for i in range(N_LAYER)]
+    assert {types[n] for n in routers} == {gguf.GGMLQuantizationType.F32}
+    assert types["blk.0.ffn_gate_exps.weight"] == gguf.GGMLQuantizationType.F16
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
+
+
 def test_converted_logits_equal_transformers(moe):
     with torch.no_grad():
         ref = moe.load()(torch.tensor([moe.token_ids])).logits[0].numpy()
@@ -193,6 +208,72 @@ def test_expert_accumulator_counts_routed_tokens_and_round_trips(tmp_path):
     assert back.routed[3].tolist() == acc.routed[3].tolist() and back.tokens == acc.tokens
     np.testing.assert_array_equal(back.stats[("act", 3)].mean, stats.mean)
     assert back.top[("act", 3)].for_neuron(2 * n_ff) == acc.top[("act", 3)].for_neuron(2 * n_ff)
+    prompt, pos, sets = back.routes(3)  # each token's top-k set, by (prompt, position)
+    assert prompt.tolist() == layout.row_prompt.tolist() and pos.tolist() == layout.row_pos.tolist()
+    assert np.array_equal(sets, np.sort(experts, axis=1))
+
+
+def test_unrouted_expert_is_nan_in_every_field_and_left_out_of_drift():
+    """neuron_stats.npz's arrays of an MoE layer: NumPy's min/max/max|a|/mean/var over each routed expert's
+    rows, NaN in every field for the expert no token was routed to; drift leaves those neurons out, and
+    they are not dead at any tau."""
+    from ggml_probe.analysis.neurons import activation_drift
+    from ggml_probe.pipeline.expert_stats import expert_stat_arrays
+
+    rng = np.random.default_rng(3)
+    n_tok, n_exp, k, n_ff = 30, 4, 2, 5
+    experts = np.stack([rng.choice(n_exp - 1, size=k, replace=False) for _ in range(n_tok)])  # expert 3 unrouted
+    values = rng.normal(size=(n_tok, k, n_ff))
+    layout = BatchLayout.build([0], [np.zeros(n_tok)])
+    acc = ExpertAccumulator([0], ["act"], n_exp, k, n_ff, top_k=0)
+    acc.update_routing(0, experts, layout)
+    acc.update(0, "act", values, experts, layout)
+    arrays = expert_stat_arrays(acc.stats[("act", 0)])
+    assert sorted(arrays) == ["max", "maxabs", "mean", "min", "var"]
+    for e in range(n_exp - 1):
+        rows, sl = values[experts == e], slice(e * n_ff, (e + 1) * n_ff)
+        for name, want in (("mean", rows.mean(0)), ("var", rows.var(0)), ("min", rows.min(0)), ("max", rows.max(0)),
+                           ("maxabs", np.abs(rows).max(0))):
+            np.testing.assert_allclose(arrays[name][sl], want, rtol=1e-12)
+    for name, a in arrays.items():
+        assert np.isnan(a[-n_ff:]).all(), name
+    assert acc.stats[("act", 0)].dead(1e9).tolist() == list(range((n_exp - 1) * n_ff))
+    drift = activation_drift(arrays["mean"], arrays["var"], arrays["mean"] + 0.5 * np.sqrt(arrays["var"]))
+    assert drift["excluded"] == n_ff and drift["neurons"] == (n_exp - 1) * n_ff
+    assert drift["mean"] == pytest.approx(0.5)
+
+
+def test_routing_agreement_equals_numpy():
+    """The share of tokens with the reference's top-k set, against a per-token loop: tokens matched by
+    (prompt, position) whatever their order, only in both runs, only in the prompts given."""
+    from ggml_probe.analysis.experts import routing_agreement
+
+    rng = np.random.default_rng(5)
+    n_exp, k = 8, 2
+
+    def run(n_prompts, drop):
+        keys = [(p, t) for p in range(n_prompts) for t in range(int(rng.integers(3, 9)))]
+        keys = [key for key in keys if rng.random() > drop]
+        sets = np.sort(np.stack([rng.choice(n_exp, size=k, replace=False) for _ in keys]), axis=1)
+        order = rng.permutation(len(keys))
+        return ([keys[i] for i in order], sets[order])
+
+    (ref_keys, ref_sets), (keys, sets) = run(12, 0.0), run(12, 0.2)
+    # most of the level's tokens keep the reference's set, as a mild quantization would
+    ref_by = dict(zip(ref_keys, map(tuple, ref_sets)))
+    sets = np.array([ref_by[key] if rng.random() < 0.7 and key in ref_by else s for key, s in zip(keys, map(tuple, sets))])
+
+    def arrays(keys, sets):
+        return (np.array([p for p, _ in keys]), np.array([t for _, t in keys]), sets)
+
+    for prompts in (None, [0, 2, 3, 7, 11]):
+        level_by = dict(zip(keys, map(tuple, sets)))
+        common = [key for key in ref_by if key in level_by and (prompts is None or key[0] in prompts)]
+        want = sum(ref_by[key] == level_by[key] for key in common) / len(common)
+        got = routing_agreement(arrays(ref_keys, ref_sets), arrays(keys, sets), prompts)
+        assert got["tokens"] == len(common) and got["share"] == pytest.approx(want, abs=1e-15)
+        assert 0.5 < got["share"] < 1.0  # some changed, most kept
+    assert routing_agreement(arrays(ref_keys, ref_sets), arrays(keys, sets), [99]) == {"share": None, "tokens": 0}
 
 
 @pytest.mark.slow
@@ -216,9 +297,11 @@ def test_neurons_command_per_expert_statistics(moe, tmp_path, boolq_path):
     tokens = decoded_tokens(tmp_path / "first")
     routed = {layer: np.zeros(N_EXPERT, np.int64) for layer in range(N_LAYER)}
     rows: dict[tuple[int, int], list] = {}
+    sets: dict[int, list] = {layer: [] for layer in range(N_LAYER)}  # per token, by prompt and position
     for toks in tokens:
         routing, ref = transformers_experts(model, [int(t) for t in toks])
         for layer in range(N_LAYER):
+            sets[layer].append(np.sort(routing[layer], axis=1))
             routed[layer] += np.bincount(routing[layer].ravel(), minlength=N_EXPERT)
             for (_t, e), row in ref[("act", layer)].items():
                 rows.setdefault((layer, e), []).append(row)
@@ -253,6 +336,19 @@ def test_neurons_command_per_expert_statistics(moe, tmp_path, boolq_path):
             assert r["dead_per_expert"]["act"][e] == int(np.sum(maxabs[(layer, e)] < tau))
         assert entry["dead_ids"] == dead
         n_dead += len(dead)
+        # each token's top-k set as transformers' router chose it, by (prompt, position)
+        assert np.array_equal(stats[f"routing/{layer}/sets"], np.concatenate(sets[layer]))
+        assert stats[f"routing/{layer}/prompt"].tolist() == [i for i, t in enumerate(tokens) for _ in t]
+        assert stats[f"routing/{layer}/pos"].tolist() == [p for t in tokens for p in range(len(t))]
+    # the two runs decoded the same tokens with the same model: every token keeps its experts
+    from ggml_probe.pipeline.neurons import compare_neurons
+
+    compared = compare_neurons(tmp_path / "first", out)
+    for layer in range(N_LAYER):
+        assert compared[f"act/{layer}"]["routing_agreement"] == {"share": 1.0, "tokens": sum(len(t) for t in tokens)}
+        assert compared[f"act/{layer}"]["drift"]["tokens"] == "each level's own routed tokens"
+        assert compared[f"act/{layer}"]["drift"]["max"] < 1e-6
+    assert nj["experts"]["drift"].startswith("over each level's own routed tokens")
     print(f"mixtral: per-expert act means ‖run − transformers‖ / ‖mean‖ ≤ {worst:.2e} (F16 KV cache); "
           f"{n_dead} of {N_LAYER * N_EXPERT * N_FF} neurons dead at tau {tau:.4g}, the same set")
     assert 0 < n_dead < N_LAYER * N_EXPERT * N_FF  # the threshold splits the neurons
@@ -268,7 +364,7 @@ def test_study_runs_end_to_end_without_salient_neurons(moe, tmp_path, boolq_path
     from ggml_probe.cli import cli
 
     out = tmp_path / "study"
-    args = ["study", str(moe.gguf), "--quants", "F16", "--task", "boolq", "--data", str(boolq_path), "--limit", "3",
+    args = ["study", str(moe.gguf), "--quants", "F16,Q8_0", "--task", "boolq", "--data", str(boolq_path), "--limit", "3",
             "--layers", "0,-1", "--threads", "2", "-o", str(out)]
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
@@ -282,6 +378,19 @@ def test_study_runs_end_to_end_without_salient_neurons(moe, tmp_path, boolq_path
     assert sum(routed) == N_USED * neurons["tokens"]
     assert not (out / "runs" / "boolq" / "F16" / "salient.json").exists()
     assert (out / "report.html").is_file() and "salient neurons (exact, ig, dla)" in (out / "report.md").read_text()
+    # Q8_0 against F16: per layer, the share of tokens keeping their top-k experts, against a per-token loop
+    # over the two runs' recorded routing
+    compared = study["tasks"]["boolq"]["neuron_comparison"]["Q8_0"]
+    runs = {lvl: np.load(out / "runs" / "boolq" / lvl / "neuron_stats.npz") for lvl in ("F16", "Q8_0")}
+    for layer in (0, N_LAYER - 1):
+        by = {lvl: {(int(p), int(t)): tuple(e) for p, t, e in zip(*(z[f"routing/{layer}/{n}"] for n in ("prompt", "pos", "sets")))}
+              for lvl, z in runs.items()}
+        same = [by["F16"][key] == by["Q8_0"][key] for key in by["F16"]]
+        got = compared["routing_agreement"][str(layer)]
+        assert got["tokens"] == len(same) == neurons["tokens"] and got["share"] == pytest.approx(np.mean(same), abs=1e-12)
+        assert compared["drift"][str(layer)]["tokens"] == "each level's own routed tokens"
+        print(f"mixtral study: Q8_0 vs F16 layer {layer}: routing agreement {got['share']:.4f} over {got['tokens']} tokens")
+    assert "routing agreement" in (out / "report.md").read_text()
 
 
 def test_eval_neurons_json_carries_the_experts(moe, tmp_path, boolq_path):
@@ -326,6 +435,37 @@ def test_other_mixture_of_experts_families_are_refused_in_one_line(tmp_path, boo
     assert len(res.output.strip().splitlines()) == 1
 
 
+def test_dense_analyses_name_the_supported_moe_architectures():
+    """A dense-only analysis refusing an MoE model tells Mixtral (llama) it gets per-expert statistics, and
+    tells other MoE families (qwen3moe) which architectures do."""
+    from ggml_probe.engine.ffn import SUPPORTED_MOE_ARCHITECTURES, ffn_names
+    from ggml_probe.errors import UnsupportedArchitecture
+
+    assert SUPPORTED_MOE_ARCHITECTURES == ("llama",)
+    with pytest.raises(UnsupportedArchitecture, match=r"^llama: .*llama's experts get per-expert neuron statistics"):
+        ffn_names("llama", ["blk.0.ffn_gate_exps.weight"])
+    with pytest.raises(UnsupportedArchitecture) as err:
+        ffn_names("qwen3moe", ["blk.0.ffn_gate_inp.weight", "blk.0.ffn_up_exps.weight"])
+    assert "per-expert neuron statistics support only llama (Mixtral)" in str(err.value)
+    assert "qwen3moe's experts get" not in str(err.value)
+
+
+def test_dense_and_expert_captures_check_definitions_alike(moe, demo_path):
+    """One definitions check (engine.ffn.check_definitions) for FFNCapture and MoECapture: duplicates dropped
+    in order, an unknown definition refused in one line naming the known ones."""
+    from ggml_probe.engine.ffn import check_definitions
+    from ggml_probe.engine.probes import FFNCapture
+
+    assert check_definitions(["down_in", "act", "down_in"]) == ("down_in", "act")
+    for make in (lambda d: FFNCapture(demo_path, lambda *a: None, [0], d),
+                 lambda d: MoECapture(moe.gguf, lambda *a: None, lambda *a: None, [0], d)):
+        assert make(("act", "act")).definitions == ("act",)
+        for bad in (("act", "gate"), ()):
+            with pytest.raises(ProbeError, match="neuron definition must be one of act, down_in") as err:
+                make(bad)
+            assert "\n" not in str(err.value)
+
+
 def test_trace_reads_the_moe_ffn_output(moe):
     """The divergence trace's ffn_out of an MoE block is the experts' weighted sum (ffn_moe_out): the block's
     residual stream is the previous one plus its attention and FFN outputs."""
@@ -359,12 +499,18 @@ def test_probe_state_resumes_exactly(moe, tmp_path):
     first = ExpertNeuronProbe(moe.gguf, "all", ("act", "down_in"), top_k=3)
     run(first, prompts[:1], 0)
     first.save(tmp_path / "state.npz")
+    other = ExpertNeuronProbe(moe.gguf, "all", ("act", "down_in"), top_k=5)  # another --top-k: refused
+    with pytest.raises(ProbeError, match=r"top_k 3 \(this run: 5\)") as err:
+        other.restore(tmp_path / "state.npz")
+    assert "\n" not in str(err.value)
     resumed = ExpertNeuronProbe(moe.gguf, "all", ("act", "down_in"), top_k=3)
     resumed.restore(tmp_path / "state.npz")
     run(resumed, prompts[1:], 1)
     a, b = whole.finish(), resumed.finish()
     for layer in range(N_LAYER):
         assert a.routed[layer].tolist() == b.routed[layer].tolist() and a.tokens[layer] == b.tokens[layer] == 50
+        for x, y in zip(a.routes(layer), b.routes(layer)):  # each token's experts survive the saved state
+            assert np.array_equal(x, y) and len(x) == 50
         for d in ("act", "down_in"):
             # another batch layout may round differently in the last bits (f32 inside llama.cpp)
             np.testing.assert_allclose(b.stats[(d, layer)].mean, a.stats[(d, layer)].mean, rtol=1e-5, atol=1e-6)

@@ -2,7 +2,8 @@
 
 Pure NumPy. Each expert's neurons get the dense path's statistics (analysis.neurons: moments, dead,
 top activations), counted over the tokens the router sent to that expert only; each layer also counts
-how often each expert was routed (among a token's top k, and as its first choice).
+how often each expert was routed (among a token's top k, and as its first choice) and keeps each token's
+top-k set (routing_agreement compares two runs' sets).
 
 A layer's experts are also seen as one layer of n_expert · n_ff neurons, neuron id = expert · n_ff + i
 (`ExpertLayerStats`, `ExpertTopActivations`), so the dense run's files (neurons.json's per-layer
@@ -20,8 +21,31 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ProbeError
-from ..fsutil import atomic_output
-from .neurons import NeuronStats, TopActivations
+from .neurons import NeuronStats, TopActivations, load_state, save_state
+
+
+ROUTE_FIELDS = ("prompt", "pos", "sets")  # ExpertAccumulator.routes, as arrays of a state or neuron_stats.npz
+
+
+def routing_agreement(ref: Sequence[np.ndarray], level: Sequence[np.ndarray],
+                      prompts: Sequence[int] | None = None) -> dict[str, Any]:
+    """The share of tokens routed to the same set of top-k experts in two runs of one layer.
+
+    ref, level: (prompt, position, sorted top-k experts) per token (ExpertAccumulator.routes); tokens
+    are matched by (prompt, position), only in `prompts` when given (those both runs decoded alike).
+    Returns {"share": matching / compared (None when none compared), "tokens": compared}.
+    """
+    keyed = []
+    for prompt, pos, sets in (ref, level):
+        prompt, pos, sets = np.asarray(prompt, np.int64), np.asarray(pos, np.int64), np.asarray(sets)
+        keep = np.isin(prompt, np.asarray(list(prompts), dtype=np.int64)) if prompts is not None else slice(None)
+        keyed.append(((prompt[keep] << 32) | pos[keep], sets[keep]))
+    (ref_keys, ref_sets), (keys, sets) = keyed
+    _, i, j = np.intersect1d(ref_keys, keys, assume_unique=True, return_indices=True)
+    if not len(i):
+        return {"share": None, "tokens": 0}
+    same = np.all(ref_sets[i] == sets[j], axis=1)
+    return {"share": float(same.mean()), "tokens": int(len(i))}
 
 
 class ExpertLayerStats:
@@ -96,6 +120,10 @@ class ExpertAccumulator:
         self.routed = {layer: np.zeros(self.n_expert, dtype=np.int64) for layer in self.layers}  # in a token's top k
         self.first = {layer: np.zeros(self.n_expert, dtype=np.int64) for layer in self.layers}  # its first choice
         self.tokens = {layer: 0 for layer in self.layers}
+        # per token, its top-k experts as a sorted set, by (prompt, position): the routing another level is
+        # compared with (routing_agreement)
+        self.token_routes: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
+            layer: [] for layer in self.layers}
         self.n_prompts = 0
 
     @property
@@ -114,6 +142,9 @@ class ExpertAccumulator:
         if len(experts):
             self.first[layer] += np.bincount(experts[:, 0], minlength=self.n_expert)
         self.tokens[layer] += len(experts)
+        self.token_routes[layer].append((np.asarray(layout.row_prompt, dtype=np.int64),
+                                         np.asarray(layout.row_pos, dtype=np.int64),
+                                         np.sort(experts, axis=1).astype(np.int32)))
         if len(layout.row_prompt):
             self.n_prompts = max(self.n_prompts, int(np.max(layout.row_prompt)) + 1)
 
@@ -143,16 +174,28 @@ class ExpertAccumulator:
         return {"tokens": int(n), "routed": [int(c) for c in routed], "first_choice": [int(c) for c in self.first[int(layer)]],
                 "share": [float(c) / slots for c in routed], "unrouted": int(np.sum(routed == 0))}
 
+    def routes(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One layer's routing per token: (prompt, position, sorted top-k experts (tokens, k)), by prompt and
+        position."""
+        parts = self.token_routes[int(layer)]
+        if not parts:
+            return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, self.n_expert_used), np.int32))
+        prompt, pos, sets = (np.concatenate(x) for x in zip(*parts))
+        order = np.lexsort((pos, prompt))
+        return prompt[order], pos[order], sets[order]
+
     # -------------------------------------------------------------- persistence
     def state(self) -> dict[str, np.ndarray]:
         meta = {"kind": "experts", "layers": self.layers, "definitions": self.definitions, "n_expert": self.n_expert,
                 "n_expert_used": self.n_expert_used, "n_ff_expert": self.n_ff_expert, "top_k": self.top_k,
-                "top_by": self.top_by, "n_prompts": self.n_prompts, "format": 1}
+                "top_by": self.top_by, "n_prompts": self.n_prompts, "format": 2}
         out: dict[str, np.ndarray] = {"meta": np.asarray(json.dumps(meta))}
         for layer in self.layers:
             out[f"routing/{layer}/routed"] = self.routed[layer]
             out[f"routing/{layer}/first"] = self.first[layer]
             out[f"routing/{layer}/tokens"] = np.asarray(self.tokens[layer])
+            for name, values in zip(ROUTE_FIELDS, self.routes(layer)):
+                out[f"routing/{layer}/{name}"] = values
         for (d, layer), s in self.stats.items():
             out[f"{d}/{layer}/count"] = np.asarray(s.count)
             for e, es in enumerate(s.experts):
@@ -178,6 +221,8 @@ class ExpertAccumulator:
             out.routed[layer] = np.array(state[f"routing/{layer}/routed"])
             out.first[layer] = np.array(state[f"routing/{layer}/first"])
             out.tokens[layer] = int(state[f"routing/{layer}/tokens"])
+            if f"routing/{layer}/sets" in state:  # format 1 states did not keep the tokens' routes
+                out.token_routes[layer] = [tuple(np.array(state[f"routing/{layer}/{n}"]) for n in ROUTE_FIELDS)]
         for d in out.definitions:
             for layer in out.layers:
                 key = (d, layer)
@@ -191,16 +236,8 @@ class ExpertAccumulator:
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        final = Path(path)
-        with atomic_output(final) as tmp:
-            with open(tmp, "wb") as f:  # a file object: np.savez must not append ".npz" to the temp name
-                np.savez(f, **self.state())
-        return final
+        return save_state(path, self.state())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ExpertAccumulator":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return cls.from_state({k: data[k] for k in data.files})
-        except (OSError, ValueError, KeyError) as exc:
-            raise ProbeError(f"{path}: not a mixture-of-experts neuron-state file ({exc})") from None
+        return load_state(path, cls.from_state, "a mixture-of-experts neuron-state file")

@@ -525,19 +525,29 @@ class NeuronAccumulator:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the state to an .npz file atomically (nothing half-written under its name)."""
-        final = Path(path)
-        with atomic_output(final) as tmp:
-            with open(tmp, "wb") as f:  # a file object: np.savez must not append ".npz" to the temp name
-                np.savez(f, **self.state())
-        return final
+        return save_state(path, self.state())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NeuronAccumulator":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return cls.from_state({k: data[k] for k in data.files})
-        except (OSError, ValueError, KeyError) as exc:
-            raise ProbeError(f"{path}: not a neuron-state file ({exc})") from None
+        return load_state(path, cls.from_state, "a neuron-state file")
+
+
+def save_state(path: str | os.PathLike, state: dict[str, np.ndarray]) -> Path:
+    """Write an accumulator's state to an .npz file atomically (nothing half-written under its name)."""
+    final = Path(path)
+    with atomic_output(final) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez must not append ".npz" to the temp name
+            np.savez(f, **state)
+    return final
+
+
+def load_state(path: str | os.PathLike, from_state, what: str):
+    """from_state(the arrays of the .npz file at path); a file that is not `what` is one ProbeError line."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return from_state({k: data[k] for k in data.files})
+    except (OSError, ValueError, KeyError) as exc:
+        raise ProbeError(f"{path}: not {what} ({exc})") from None
 
 
 def _best_rows(score: np.ndarray, k: int) -> np.ndarray:

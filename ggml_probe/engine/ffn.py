@@ -15,15 +15,22 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import BadModelFile, UnsupportedArchitecture
+from ..errors import BadModelFile, ProbeError, UnsupportedArchitecture
 from ..formats.gguf import validate_gguf
 
 DEFINITIONS = ("act", "down_in")
 
+
+def check_definitions(definitions: Sequence[str]) -> tuple[str, ...]:
+    """The neuron definitions asked for, once each in their order; ProbeError (one line) for an unknown one."""
+    bad = [d for d in definitions if d not in DEFINITIONS]
+    if bad or not definitions:
+        raise ProbeError(f"neuron definition must be one of {', '.join(DEFINITIONS)}, not {bad or list(definitions)}")
+    return tuple(dict.fromkeys(definitions))
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,11 @@ _RESIDUAL = {"gemma": "sa_out", "gemma2": "sa_out", "gemma3": "sa_out"}
 # Gate and up in one matmul, [gate | up] (src/models/phi3.cpp: build_ffn(ffn_up, …, LLM_FFN_SWIGLU, LLM_FFN_SEQ)).
 _FUSED_GATE_UP = {"phi3": "silu_gate_half"}
 SUPPORTED_ARCHITECTURES = tuple(sorted(set(_GATED) | _UNGATED_GELU | set(_FUSED_GATE_UP)))
+# Mixture-of-experts architectures whose experts llama.cpp builds as gate/up/down with LLM_FFN_SILU and no
+# shared expert (src/models/llama.cpp: Mixtral converts to llama with expert tensors). arch → act function.
+# The one list of what engine.moe_capture supports.
+MOE_ACT = {"llama": "silu"}
+SUPPORTED_MOE_ARCHITECTURES = tuple(sorted(MOE_ACT))
 
 
 @dataclass(frozen=True)
@@ -68,9 +80,12 @@ def ffn_names(arch: str, tensor_names: Iterable[str] = ()) -> FFNNames:
     """The graph names for `arch`; raises UnsupportedArchitecture for MoE or unknown FFNs."""
     names = set(tensor_names)
     if any(".ffn_gate_exps." in n or ".ffn_gate_inp." in n or "_exps." in n for n in names):
+        moe = (f"{arch}'s experts get per-expert neuron statistics only (neurons, eval --neurons, study)"
+               if arch in MOE_ACT else
+               f"per-expert neuron statistics support only {', '.join(SUPPORTED_MOE_ARCHITECTURES)} (Mixtral)")
         raise UnsupportedArchitecture(
-            f"{arch}: mixture-of-experts FFNs (ffn_*_exps) get per-expert neuron statistics only (neurons, "
-            f"eval --neurons, study); this analysis needs a dense FFN (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"{arch}: a mixture-of-experts FFN (ffn_*_exps): {moe}; this analysis needs a dense FFN "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     if arch in _GATED:
         # build_ffn names the gate after its bias add `ffn_gate_b` and the up projection `ffn_up_b`.

@@ -30,20 +30,11 @@ import numpy as np
 from ..errors import BadModelFile, ProbeError, UnsupportedArchitecture
 from ..formats.gguf import validate_gguf
 from ..layerspec import resolve_layers
-from .ffn import ACT_FUNCTIONS, DEFINITIONS
+from .ffn import ACT_FUNCTIONS, DEFINITIONS, MOE_ACT, SUPPORTED_MOE_ARCHITECTURES, check_definitions
 from .ggml_lib import tensor_shape, tensor_type
 from .probes import BatchLayout, Probe
 
 GGML_TYPE_I32 = 26  # ggml.h enum ggml_type
-
-# Architectures whose experts llama.cpp builds as gate/up/down with LLM_FFN_SILU and no shared expert
-# (src/models/llama.cpp: Mixtral converts to llama with expert tensors). arch → act function.
-_MOE_ACT = {"llama": "silu"}
-SUPPORTED_MOE_ARCHITECTURES = tuple(sorted(_MOE_ACT))
-
-# What the attribution methods cannot do for these models, in one line (pipeline and CLI say it).
-MOE_ATTRIBUTION_NOTE = ("mixture of experts: salient neurons (exact, ig, dla) and the ablation check are not supported; "
-                        "per-expert neuron statistics and routing counts only")
 
 
 @dataclass(frozen=True)
@@ -81,7 +72,7 @@ def _model_moe_cached(path: str, mtime: float) -> ModelMoE | None:
     n_expert = _field_int(summary.value(f"{arch}.expert_count"))
     if not n_expert:
         return None
-    if arch not in _MOE_ACT:
+    if arch not in MOE_ACT:
         raise UnsupportedArchitecture(f"{arch}: the per-expert neuron capture supports mixture-of-experts models of "
                                       f"{', '.join(SUPPORTED_MOE_ARCHITECTURES)} (Mixtral)")
     names = {t.name for t in summary.tensors}
@@ -94,7 +85,7 @@ def _model_moe_cached(path: str, mtime: float) -> ModelMoE | None:
     if n_layer is None or n_ff is None or not n_used:
         raise BadModelFile(f"{path}: missing {arch}.block_count, feed_forward_length or expert_used_count")
     return ModelMoE(path, arch, n_layer, n_expert, n_used, n_ff,
-                    _field_int(summary.value(f"{arch}.embedding_length")) or 0, _MOE_ACT[arch])
+                    _field_int(summary.value(f"{arch}.embedding_length")) or 0, MOE_ACT[arch])
 
 
 def model_moe(path: str | os.PathLike) -> ModelMoE | None:
@@ -124,10 +115,7 @@ class MoECapture(Probe):
             raise ProbeError(f"{model_path}: not a mixture-of-experts model (no expert_count in its metadata)")
         self.model = model
         self.layers = resolve_layers(layers, model.n_layer)
-        bad = [d for d in definitions if d not in DEFINITIONS]
-        if bad or not definitions:
-            raise ProbeError(f"neuron definition must be one of {', '.join(DEFINITIONS)}, not {bad or definitions}")
-        self.definitions = tuple(dict.fromkeys(definitions))
+        self.definitions = check_definitions(definitions)
         self.consumer = consumer
         self.on_routing = on_routing
         self.wanted: dict[str, tuple[str, int]] = {}  # graph name → (what, layer)

@@ -23,7 +23,7 @@ from scipy.special import logsumexp
 
 from ..errors import ProbeError
 from ..layerspec import resolve_layers
-from .ffn import ACT_FUNCTIONS, DEFINITIONS, model_ffn
+from .ffn import ACT_FUNCTIONS, DEFINITIONS, check_definitions, model_ffn
 from .ggml_lib import GGML_TYPE_F32, libggml, tensor_shape, tensor_type
 from .model import STOP_AFTER_KV, STOP_ANYWHERE
 
@@ -244,10 +244,7 @@ class FFNCapture(Probe):
         super().__init__()
         self.model = model_ffn(model_path)
         self.layers = resolve_layers(layers, self.model.n_layer)
-        bad = [d for d in definitions if d not in DEFINITIONS]
-        if bad or not definitions:
-            raise ProbeError(f"neuron definition must be one of {', '.join(DEFINITIONS)}, not {bad or definitions}")
-        self.definitions = tuple(dict.fromkeys(definitions))
+        self.definitions = check_definitions(definitions)
         self.consumer = consumer
         self.on_extra = on_extra
         names = self.model.names

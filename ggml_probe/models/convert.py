@@ -95,7 +95,7 @@ def convert_hf_to_gguf(
     hf_dir holds config.json, *.safetensors (one file, or shards listed in
     model.safetensors.index.json) and tokenizer.json and/or tokenizer.model (SentencePiece).
     outtype is "f16", "bf16" or "f32": the type of every 2-D weight; 1-D tensors (norms,
-    biases) stay f32. The default out_path is `models_dir()/<folder name>-<OUTTYPE>.gguf`.
+    biases) and an MoE router (ffn_gate_inp, as llama.cpp writes it) stay f32. The default out_path is `models_dir()/<folder name>-<OUTTYPE>.gguf`.
     An existing output is refused unless force. progress(done, total) is called once per
     tensor written. Raises UnsupportedArchitecture or ProbeError with a one-line message.
     """
@@ -411,6 +411,11 @@ class _PlannedTensor:
     stacked: tuple[str, ...] = ()  # one expert's tensor per entry, stacked into (n_expert, rows, cols)
 
 
+# 2-D tensors kept F32 at every outtype: the MoE router, as llama.cpp's convert_hf_to_gguf.py writes it
+# (and llama-quantize never quantizes it: a rounded router changes which experts a token is sent to).
+_ALWAYS_F32 = re.compile(r"blk\.\d+\.ffn_gate_inp\.weight")
+
+
 def _plan_tensors(checkpoint: _SafetensorsCheckpoint, hp: _HParams, outtype: str) -> list[_PlannedTensor]:
     import gguf
 
@@ -450,7 +455,8 @@ def _plan_tensors(checkpoint: _SafetensorsCheckpoint, hp: _HParams, outtype: str
             raise ProbeError(
                 f"{hf_name} has {stored.shape[0]} rows, expected {interleave} heads × head_dim {hp.head_dim}"
             )
-        qtype = weight_qtype if len(stored.shape) >= 2 else gguf.GGMLQuantizationType.F32
+        keep_f32 = len(stored.shape) < 2 or _ALWAYS_F32.fullmatch(gguf_name)
+        qtype = gguf.GGMLQuantizationType.F32 if keep_f32 else weight_qtype
         plus_one = hp.arch in _NORM_PLUS_ONE and gguf_name.endswith("norm.weight")
         plan.append(_PlannedTensor(gguf_name, hf_name, stored.shape, qtype, _nbytes(stored.shape, qtype), interleave,
                                    norm_plus_one=plus_one))

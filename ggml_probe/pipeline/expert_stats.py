@@ -4,7 +4,9 @@ ExpertAccumulator, and the run's files.
 A run on an MoE model writes the dense run's files (neurons.json's per-layer entries, neuron_stats.npz),
 a layer's neurons being every expert's (id = expert · n_ff + i, each counted over the tokens routed to its
 expert), so the comparisons across levels apply unchanged; neurons.json's `experts` section adds, per
-layer, how often each expert was routed and per expert its tokens and dead neurons.
+layer, how often each expert was routed and per expert its tokens and dead neurons; neuron_stats.npz adds
+each token's top-k experts per layer (routing/L/prompt, pos, sets), which the level comparison's
+routing_agreement reads.
 
     probe_class, finalize = neuron_pass_for(model_path)   # dense or MoE, from the GGUF's metadata
 """
@@ -18,23 +20,32 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..analysis.experts import ExpertAccumulator
+from ..analysis.experts import ROUTE_FIELDS, ExpertAccumulator, ExpertLayerStats
 from ..analysis.neurons import top_token_contexts
 from ..engine.ffn import DEFINITIONS
-from ..engine.moe_capture import MOE_ATTRIBUTION_NOTE, MoECapture, model_moe
+from ..engine.moe_capture import MoECapture, model_moe
 from ..errors import ProbeError
 from ..layerspec import resolve_layers
-from .neuron_stats import NeuronProbe
-from .neurons import QUANTILES, finalize_neurons
+from .neuron_stats import CaptureProbe, NeuronProbe
+from .neurons import QUANTILES, cached_pieces, finalize_neurons
 from .rundir import save_npz, write_json
 from .tokens import decoded_tokens
 
 
-class ExpertNeuronProbe:
+# What the attribution methods cannot do for these models, in one line (pipeline and CLI say it).
+MOE_ATTRIBUTION_NOTE = ("mixture of experts: salient neurons (exact, ig, dla) and the ablation check are not supported; "
+                        "per-expert neuron statistics and routing counts only")
+# What a level's activation drift against the reference means here: quantization changes the routing too.
+MOE_DRIFT_NOTE = ("over each level's own routed tokens: an expert's means cover the tokens routed to it in that level, "
+                  "so drift mixes routing changes with activation changes (routing_agreement: the share of tokens "
+                  "routed to the same top-k experts as in the reference)")
+
+
+class ExpertNeuronProbe(CaptureProbe):
     """NeuronProbe's interface for MoE models: per-expert statistics and routing counts.
 
-    redundancy and allow_large are accepted for NeuronProbe's signature; pairwise correlations are not
-    accumulated per expert.
+    MoE has no per-expert redundancy: pairwise correlations are not accumulated, so redundancy,
+    allow_large and memory_budget_bytes (which bound them) are accepted for NeuronProbe's signature only.
     """
 
     shares_prefix = False  # each prompt decoded whole (MoECapture does not unshare a prefix)
@@ -57,69 +68,31 @@ class ExpertNeuronProbe:
     def _update_routing(self, *args) -> None:
         self.accumulator.update_routing(*args)
 
-    @property
-    def needs_all_outputs(self) -> bool:
-        return self.capture.needs_all_outputs
-
-    @property
-    def reaches_last_layer(self) -> bool:
-        return self.capture.reaches_last_layer
-
-    @property
-    def finished(self) -> bool:
-        return self.capture.finished
-
-    def settle(self) -> None:
-        self.capture.settle()
-
-    @property
-    def eval_callback(self):
-        return self.capture.eval_callback
-
-    @property
-    def on_batch(self):
-        return self.capture.on_batch
-
-    @property
-    def prompt_offset(self) -> int:
-        return self.capture.prompt_offset
-
-    @prompt_offset.setter
-    def prompt_offset(self, value: int) -> None:
-        self.capture.prompt_offset = int(value)
-
-    def check(self) -> None:
-        self.capture.check()
-
-    def finish(self) -> ExpertAccumulator:
-        self.capture.check()
-        return self.accumulator
-
-    def state(self) -> dict[str, np.ndarray]:
-        return self.accumulator.state()
-
-    def save(self, path: str | os.PathLike) -> Path:
-        return self.accumulator.save(path)
-
     def restore(self, path: str | os.PathLike) -> None:
         loaded = ExpertAccumulator.load(path)
-        mine = self.accumulator
-        if (loaded.layers, loaded.definitions, loaded.n_expert, loaded.n_ff_expert) != (
-                mine.layers, mine.definitions, mine.n_expert, mine.n_ff_expert):
-            raise ProbeError(f"{path}: saved neuron state is for other layers/definitions/experts")
+        settings = ("layers", "definitions", "n_expert", "n_expert_used", "n_ff_expert", "top_k", "top_by")
+        differ = [f"{name} {getattr(loaded, name)} (this run: {getattr(self.accumulator, name)})"
+                  for name in settings if getattr(loaded, name) != getattr(self.accumulator, name)]
+        if differ:
+            raise ProbeError(f"{path}: saved neuron state has other settings: {'; '.join(differ)}; "
+                             f"resume with the same settings or start a new run")
         self.accumulator = loaded
+
+
+def expert_stat_arrays(stats: ExpertLayerStats) -> dict[str, np.ndarray]:
+    """One (definition, layer)'s per-neuron arrays of neuron_stats.npz (the dense run's names). An unrouted
+    expert's neurons have no statistics: NaN in every field (neither dead nor alive; drift leaves them out)."""
+    seen = stats.seen
+    return {name: np.where(seen, values, np.nan) for name, values in (
+        ("mean", stats.mean), ("var", stats.variance), ("maxabs", stats.maxabs), ("min", stats.min),
+        ("max", stats.max))}
 
 
 def finalize_expert_neurons(run_dir: Path, acc: ExpertAccumulator, engine, settings) -> dict[str, Any]:
     """Write neurons.json and neuron_stats.npz for a finished MoE run (the dense files' layout, plus the
     `experts` section); returns a short summary."""
     prompt_tokens = decoded_tokens(run_dir)
-    piece_cache: dict[int, str] = {}
-
-    def piece(token: int) -> str:
-        if token not in piece_cache:
-            piece_cache[token] = engine.token_to_piece(token)
-        return piece_cache[token]
+    piece = cached_pieces(engine)
 
     arrays: dict[str, np.ndarray] = {}
     layers_out: list[dict[str, Any]] = []
@@ -143,14 +116,15 @@ def finalize_expert_neurons(run_dir: Path, acc: ExpertAccumulator, engine, setti
             entry["top_tokens"] = {int(j): top_token_contexts(acc.top[(definition, layer)], int(j), prompt_tokens, piece)
                                    for j in strongest if seen[j]}
         layers_out.append(entry)
-        arrays.update({f"{key}/mean": np.where(seen, stats.mean, np.nan), f"{key}/var": stats.variance,
-                       f"{key}/maxabs": maxabs, f"{key}/min": stats.min, f"{key}/max": stats.max})
+        arrays.update({f"{key}/{name}": values for name, values in expert_stat_arrays(stats).items()})
+        if str(layer) not in per_layer:
+            arrays.update({f"routing/{layer}/{name}": values for name, values in zip(ROUTE_FIELDS, acc.routes(layer))})
         routing = per_layer.setdefault(str(layer), acc.routing_summary(layer))
         routing.setdefault("dead_per_expert", {})[definition] = stats.dead_per_expert(settings.tau)
     save_npz(run_dir / "neuron_stats.npz", **arrays)
     experts = {"n_expert": acc.n_expert, "n_expert_used": acc.n_expert_used, "n_ff_expert": acc.n_ff_expert,
                "neuron_ids": "expert · n_ff_expert + i; each expert's statistics over the tokens routed to it",
-               "attribution": MOE_ATTRIBUTION_NOTE, "layers": per_layer}
+               "attribution": MOE_ATTRIBUTION_NOTE, "drift": MOE_DRIFT_NOTE, "layers": per_layer}
     result = {"settings": asdict(settings), "layers": layers_out, "prompts": len(prompt_tokens), "experts": experts}
     write_json(run_dir / "neurons.json", result)
     return {"layers": [e["layer"] for e in layers_out], "definitions": list(acc.definitions),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -24,39 +24,18 @@ from ..errors import ProbeError
 from ..layerspec import resolve_layers
 
 
-class NeuronProbe:
-    """An engine FFNCapture feeding the analysis's streaming statistics (NeuronAccumulator).
+class CaptureProbe:
+    """What a neuron pass's probe shares: an engine capture (`self.capture`) doing the engine's side, an
+    analysis accumulator (`self.accumulator`) keeping the statistics. Subclasses build both and restore
+    a saved state (each checks its own settings)."""
 
-    state() / save(path) give the accumulated state; NeuronProbe.load(path, model_path) or
-    probe.restore(path) continues a run exactly where the saved state left off.
-    """
-
-    shares_prefix = True  # FFNCapture counts a shared prefix's rows with every prompt
-
-    def __init__(
-        self,
-        model_path: str | os.PathLike,
-        layers: str | Sequence[int] = (0, 14, -1),
-        definitions: Sequence[str] = DEFINITIONS,
-        *,
-        redundancy: bool = True,
-        top_k: int = 10,
-        memory_budget_bytes: int = 2 << 30,
-        allow_large: bool = False,
-    ) -> None:
-        model = model_ffn(model_path)
-        chosen = resolve_layers(layers, model.n_layer)
-        self.accumulator = NeuronAccumulator(
-            chosen, list(definitions), model.n_ff, redundancy=redundancy, top_k=top_k,
-            memory_budget_bytes=memory_budget_bytes, allow_large=allow_large,
-        )
-        self.capture = FFNCapture(model_path, self.accumulator.update, chosen, definitions)
-        self.model = model
+    capture: Any
+    accumulator: Any
 
     @property
     def needs_all_outputs(self) -> bool:
         """The last layer's FFN covers every token only when every token is an output."""
-        return self.capture.reaches_last_layer
+        return self.capture.needs_all_outputs
 
     @property
     def reaches_last_layer(self) -> bool:
@@ -102,6 +81,36 @@ class NeuronProbe:
 
     def save(self, path: str | os.PathLike) -> Path:
         return self.accumulator.save(path)
+
+
+class NeuronProbe(CaptureProbe):
+    """An engine FFNCapture feeding the analysis's streaming statistics (NeuronAccumulator).
+
+    state() / save(path) give the accumulated state; NeuronProbe.load(path, model_path) or
+    probe.restore(path) continues a run exactly where the saved state left off.
+    """
+
+    shares_prefix = True  # FFNCapture counts a shared prefix's rows with every prompt
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        layers: str | Sequence[int] = (0, 14, -1),
+        definitions: Sequence[str] = DEFINITIONS,
+        *,
+        redundancy: bool = True,
+        top_k: int = 10,
+        memory_budget_bytes: int = 2 << 30,
+        allow_large: bool = False,
+    ) -> None:
+        model = model_ffn(model_path)
+        chosen = resolve_layers(layers, model.n_layer)
+        self.accumulator = NeuronAccumulator(
+            chosen, list(definitions), model.n_ff, redundancy=redundancy, top_k=top_k,
+            memory_budget_bytes=memory_budget_bytes, allow_large=allow_large,
+        )
+        self.capture = FFNCapture(model_path, self.accumulator.update, chosen, definitions)
+        self.model = model
 
     def restore(self, path: str | os.PathLike) -> None:
         loaded = NeuronAccumulator.load(path)

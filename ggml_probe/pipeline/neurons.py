@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from ..analysis.experts import ROUTE_FIELDS, routing_agreement
 from ..analysis.neurons import NeuronAccumulator, activation_drift, top_token_contexts
 from ..attribution import ablation_effect, attribute, method
 from ..engine.ffn import model_ffn
@@ -63,16 +65,15 @@ TARGET_DEFINITIONS = {
 }
 
 
+def cached_pieces(engine) -> Callable[[int], str]:
+    """engine.token_to_piece, each token looked up once (top-token contexts repeat tokens a lot)."""
+    return lru_cache(maxsize=None)(engine.token_to_piece)
+
+
 def finalize_neurons(run_dir: Path, acc, engine, settings) -> dict[str, Any]:
     """Write neurons.json and neuron_stats.npz for a finished run; returns a short summary."""
     prompt_tokens = decoded_tokens(run_dir)  # the arrays the run decoded: positions point into these
-    piece_cache: dict[int, str] = {}
-
-    def piece(token: int) -> str:
-        if token not in piece_cache:
-            piece_cache[token] = engine.token_to_piece(token)
-        return piece_cache[token]
-
+    piece = cached_pieces(engine)
     arrays: dict[str, np.ndarray] = {}
     layers_out: list[dict[str, Any]] = []
     for (definition, layer), stats in acc.stats.items():
@@ -107,10 +108,13 @@ def finalize_neurons(run_dir: Path, acc, engine, settings) -> dict[str, Any]:
 
 def compare_neurons(ref_dir: Path, run_dir: Path) -> dict[str, Any]:
     """Against the reference level, per "definition/layer": dead-set Jaccard and the activation drift
-    (analysis.neurons.activation_drift, DRIFT_DEFINITION) from the two runs' neuron_stats.npz."""
+    (analysis.neurons.activation_drift, DRIFT_DEFINITION) from the two runs' neuron_stats.npz. Mixture of
+    experts: the drift is over each level's own routed tokens (said in its `tokens`), and routing_agreement
+    (analysis.experts) gives the share of tokens routed to the reference's top-k experts."""
     ref, cur = read_json(ref_dir / "neurons.json"), read_json(run_dir / "neurons.json")
     ref_stats, cur_stats = np.load(ref_dir / "neuron_stats.npz"), np.load(run_dir / "neuron_stats.npz")
     ref_by = {(e["definition"], e["layer"]): e for e in ref["layers"]}
+    alike = _prompts_decoded_alike(ref_dir, run_dir) if cur.get("experts") and ref.get("experts") else None
     out: dict[str, Any] = {}
     for e in cur["layers"]:
         k = (e["definition"], e["layer"])
@@ -120,7 +124,20 @@ def compare_neurons(ref_dir: Path, run_dir: Path) -> dict[str, Any]:
         a, b = set(ref_by[k]["dead_ids"]), set(e["dead_ids"])
         out[key] = {"dead_jaccard": (len(a & b) / len(a | b)) if (a | b) else 1.0,
                     "drift": activation_drift(ref_stats[f"{key}/mean"], ref_stats[f"{key}/var"], cur_stats[f"{key}/mean"])}
+        if cur.get("experts") and ref.get("experts"):  # MoE: each level's means cover its own routed tokens
+            out[key]["drift"]["tokens"] = "each level's own routed tokens"
+            routes = f"routing/{k[1]}/sets"
+            if routes in ref_stats.files and routes in cur_stats.files:
+                out[key]["routing_agreement"] = routing_agreement(
+                    *(tuple(z[f"routing/{k[1]}/{n}"] for n in ROUTE_FIELDS) for z in (ref_stats, cur_stats)),
+                    prompts=alike)
     return out
+
+
+def _prompts_decoded_alike(ref_dir: Path, run_dir: Path) -> list[int]:
+    """Run positions of the prompts both runs decoded as the same token arrays."""
+    ref, cur = decoded_tokens(ref_dir), decoded_tokens(run_dir)
+    return [i for i, (a, b) in enumerate(zip(ref, cur)) if np.array_equal(a, b)]
 
 
 def _target_kind(config) -> str:
@@ -342,6 +359,8 @@ def compare_neuron_levels(run_dirs: dict[str, Path], reference: str, levels: dic
                 continue
             entry["dead_jaccard"][layer] = v["dead_jaccard"]
             entry["drift"][layer] = v["drift"]
+            if "routing_agreement" in v:
+                entry.setdefault("routing_agreement", {})[layer] = v["routing_agreement"]
         for layer, ids in (levels[lvl].get("salient_ids") or {}).items():
             ref_ids = set((ref.get("salient_ids") or {}).get(layer, []))
             union = ref_ids | set(ids)

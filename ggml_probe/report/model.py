@@ -341,6 +341,7 @@ _METRICS_CAPTION = ("Each column one quantization level; bracketed: 95% bootstra
 def _neuron_comparison_table(s: _Study, t: Mapping[str, Any]) -> Table | None:
     """Per level and layer: dead-set and salient-set Jaccard and the activation drift against the reference."""
     ncomp = t.get("neuron_comparison") or {}
+    moe = any((c or {}).get("routing_agreement") for c in ncomp.values())  # mixture of experts
     rows = []
     for lvl in [x for x in s.levels if x in ncomp] + [x for x in ncomp if x not in s.levels]:
         c = ncomp[lvl] or {}
@@ -350,13 +351,18 @@ def _neuron_comparison_table(s: _Study, t: Mapping[str, Any]) -> Table | None:
             rows.append([Cell(lvl if i == 0 else "", cls="strong"), str(layer), fmt(get(dead, layer), ".2f"),
                          fmt(get(sal, layer), ".2f"), fmt(d.get("mean"), ".4g"), fmt(d.get("max"), ".4g"),
                          str(d.get("neurons", "—"))])
+            if moe:
+                rows[-1].append(fmt((get(c.get("routing_agreement") or {}, layer) or {}).get("share"), ".3f"))
     if not rows:
         return None
     return Table(["level", "layer", "dead-set Jaccard", "salient-set Jaccard", f"{DRIFT_NAME}: mean", "max",
-                  "neurons"], rows, cls="compact",
+                  "neurons"] + (["routing agreement"] if moe else []), rows, cls="compact",
                  caption=f"Against {s.reference} over the same prompts' tokens. {DRIFT_NAME}: per neuron |mean_level − "
                          "mean_ref| / std_ref; mean and max over the neurons whose reference varies (counted under "
-                         "'neurons'); neuron_drift under Manifest › definitions.")
+                         "'neurons'); neuron_drift under Manifest › definitions."
+                         + (" Mixture of experts: drift over each level's own routed tokens (it mixes routing "
+                            "changes with activation changes); routing agreement: the share of tokens routed to "
+                            "the reference's top-k experts." if moe else ""))
 
 
 def _tables_section(s: _Study) -> Section:

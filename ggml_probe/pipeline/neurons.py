@@ -48,6 +48,8 @@ class NeuronAnalysis:
     attribution_device: str = "auto"  # torch device for ig
     ablate_top: int = 5  # causal check: switch off each layer's top-N salient candidates (0: skip)
     redundancy: bool = True  # pairwise correlations: n_ff² per layer, the pass's largest memory (off for big models)
+    redundancy_budget: int | None = None  # NeuronSettings.redundancy_budget: over it, an evenly spaced subset
+    redundancy_full: bool = False  # every neuron, or a one-line refusal over the budget
     n_ctx: int = 2048
     threads: int | None = None
     gpu_layers: str | int = "auto"
@@ -89,7 +91,8 @@ def finalize_neurons(run_dir: Path, acc, engine, settings) -> dict[str, Any]:
             red = acc.redundancy_summary(definition, layer, settings.redundancy_threshold, settings.cluster_threshold)
             entry["redundancy"] = {"histogram": [int(x) for x in red.histogram], "pairs_above": red.pairs_above,
                                    "threshold": red.threshold, "groups": red.n_groups,
-                                   "cluster_threshold": red.cluster_threshold, "constant_neurons": red.n_constant}
+                                   "cluster_threshold": red.cluster_threshold, "constant_neurons": red.n_constant,
+                                   "neurons": len(acc.redundancy_neurons), "stride": acc.redundancy_stride}
         if acc.top_k and stats.count:
             # Until saliency is computed, show the neurons with the largest activations.
             strongest = np.argsort(-stats.maxabs, kind="stable")[:10]
@@ -100,9 +103,13 @@ def finalize_neurons(run_dir: Path, acc, engine, settings) -> dict[str, Any]:
                        f"{key}/min": stats.min, f"{key}/max": stats.max})
     save_npz(run_dir / "neuron_stats.npz", **arrays)
     result = {"settings": asdict(settings), "layers": layers_out, "prompts": len(prompt_tokens)}
+    note = acc.redundancy_plan.note() if acc.redundancy_plan is not None else None
+    if note:  # the budget shrank the redundancy: say what, why, and how to get all of it
+        result["redundancy_note"] = note
     write_json(run_dir / "neurons.json", result)
     return {"layers": [e["layer"] for e in layers_out], "definitions": list(acc.definitions),
-            "dead": {f"{e['definition']}/{e['layer']}": e["dead"] for e in layers_out}}
+            "dead": {f"{e['definition']}/{e['layer']}": e["dead"] for e in layers_out},
+            **({"redundancy_note": note} if note else {})}
 
 
 def compare_neurons(ref_dir: Path, run_dir: Path) -> dict[str, Any]:
@@ -297,6 +304,8 @@ def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, pr
                             if any("redundancy" in e for e in entries) else [],  # a pass without redundancy: none
         "top_tokens": {},
     }
+    if nj.get("redundancy_note"):
+        level["redundancy_note"] = nj["redundancy_note"]
     sal = None
     if config.salient_examples > 0 and config.attribution != "none" and level["layers"]:
         try:

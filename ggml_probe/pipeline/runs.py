@@ -101,7 +101,9 @@ def run_level_files(files: dict[str | None, Path], eval_config: EvalConfig, root
         if eval_config.neurons is None:  # the pass captures what the neuron part analyses
             eval_config = replace(eval_config, neurons=NeuronSettings(layers=neurons.layers,
                                                                       definitions=(neurons.neuron,), tau=neurons.tau,
-                                                                      redundancy=neurons.redundancy))
+                                                                      redundancy=neurons.redundancy,
+                                                                      redundancy_budget=neurons.redundancy_budget,
+                                                                      redundancy_full=neurons.redundancy_full))
     summaries: dict[str, RunSummary] = {}
     paths: dict[str, Path] = {}
     for level, path in files.items():

@@ -138,3 +138,47 @@ def test_api_and_cli_share_the_batch_default_and_an_old_default_run_says_what_to
                                          r"one asks for 32 prompt\(s\) per decode .*pass what it was made with"):
         evaluate(model, new, tmp_path / "run", resume=True)
     assert evaluate(model, old, tmp_path / "run", resume=True).resumed_examples == 4
+
+
+def test_ablation_of_several_sets_in_one_context_equals_each_alone(model):
+    """The study's ablation check runs the salient candidates and the random control on one model load and
+    one clean pass: each set's result equals its own separate run (its own context, its own clean pass)."""
+    from ggml_probe.attribution import ablation_effect, ablation_effects
+
+    prompts = ["Is the sky blue? Answer:", "Do fish swim? Answer:", "Is ice hot? Answer:"]
+    sets = {"top": [0, 5, 17], "control": [40, 41]}
+    together = ablation_effects(model, prompts, 1, sets, definition="act", n_ctx=256, n_threads=1, gpu_layers=0)
+    for name, ids in sets.items():
+        alone = ablation_effect(model, prompts, 1, ids, definition="act", n_ctx=256, n_threads=1, gpu_layers=0)
+        np.testing.assert_array_equal(together[name].target_tokens, alone.target_tokens)
+        np.testing.assert_array_equal(together[name].logprob_clean, alone.logprob_clean)
+        np.testing.assert_array_equal(together[name].logprob_patched, alone.logprob_patched)
+        assert together[name].patched_tensors == alone.patched_tensors > 0
+    assert np.abs(together["top"].delta).max() > 0 and not np.array_equal(together["top"].delta, together["control"].delta)
+
+
+def test_a_run_of_the_same_file_takes_a_donors_attribution_only_when_made_from_the_same_inputs(model, tmp_path):
+    """The noise floor's runs of the reference take its salient neurons when their attribution would be the
+    same computation (the attribution's passes do not use the run's batch layout): equal to computing them."""
+    from ggml_probe.pipeline.evaluation import EvalConfig
+    from ggml_probe.pipeline.neurons import NeuronAnalysis
+    from ggml_probe.pipeline.runs import run_level_files
+
+    files = {"F32": model}
+    analysis = NeuronAnalysis(layers="0,1", salient_examples=3, ablate_top=2)
+    light = NeuronAnalysis(layers="0,1", salient_examples=3, ablate_top=0, redundancy=False)
+
+    def run(name, batch, threads, neurons, donors=()):
+        config = EvalConfig(task="yesno-mini", limit=5, threads=threads, gpu_layers=0, n_boot=10, batch_prompts=batch)
+        res = run_level_files(files, config, tmp_path / name, neurons=neurons, salient_donors=donors)
+        return json.loads((res.run_dirs["F32"] / "salient.json").read_text()), res.run_dirs["F32"]
+
+    donor, donor_dir = run("reference", 1, 1, analysis)
+    taken, _ = run("packed", 4, 1, light, (donor_dir,))
+    computed, _ = run("packed-alone", 4, 1, light)
+    assert taken["reused_from"] == str(donor_dir) and "reused_from" not in computed
+    assert taken["targets"] == computed["targets"] == donor["targets"]
+    assert taken["layers"] == computed["layers"]  # no ablation check in either: the floor's light settings
+    assert all("ablation" in e for e in donor["layers"].values())
+    other_threads, _ = run("threads", 1, 2, light, (donor_dir,))
+    assert "reused_from" not in other_threads  # other engine settings: computed anew

@@ -8,6 +8,7 @@ the ablation check, top-activating tokens; across levels: the comparison with th
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..analysis.neurons import NeuronAccumulator, activation_drift, top_token_contexts
-from ..attribution import ablation_effect, attribute, method
+from ..analysis.neurons import TopActivations, activation_drift, top_token_contexts
+from ..attribution import ablation_effects, attribute, method
 from ..engine.ffn import model_ffn
 from ..engine.model import Vocab
 from ..errors import ProbeError
@@ -187,11 +188,45 @@ def _target_summary(model_path: Path, prompts: list[str], labels, kind: str, tar
     return {"kind": kind, "tokens": dict(pieces.most_common()), "not_label": not_label, "n": len(targets)}
 
 
+def _salient_inputs(run_dir: Path, tokens: list[np.ndarray], config) -> dict[str, Any]:
+    """What an attribution's result depends on beyond its cache key: the model file, the token arrays and the
+    engine settings of its passes (a run of the same file with other decode settings for its own pass, e.g. a
+    noise-floor run, attributes the same tokens the same way and may take another run's result)."""
+    digest = hashlib.sha256()
+    for t in tokens:
+        digest.update(np.asarray(t, dtype=np.int64).tobytes() + b"|")
+    return {"model_sha256": read_json(run_dir / "manifest.json")["model"]["sha256"], "tokens_sha256": digest.hexdigest(),
+            "n_ctx": config.n_ctx, "threads": config.threads, "gpu_layers": str(config.gpu_layers),
+            "device": config.attribution_device}
+
+
+def _reused_salient(key: dict[str, Any], inputs: dict[str, Any], donors, config) -> dict[str, Any] | None:
+    """A donor run's salient.json with the same inputs and the same key (its ablation check too, unless this
+    one has none: then without it), or None."""
+    def bare(k: dict[str, Any]) -> dict[str, Any]:
+        return {name: v for name, v in k.items() if name != "ablate_top"}
+
+    for donor in donors:
+        path = Path(donor) / "salient.json"
+        cached = read_json(path) if path.exists() else {}
+        if cached.get("inputs") != inputs or bare(cached.get("key") or {}) != bare(key):
+            continue
+        if config.ablate_top and cached["key"].get("ablate_top") != config.ablate_top:
+            continue
+        if not config.ablate_top:
+            for entry in cached["layers"].values():
+                entry.pop("ablation", None)
+        return {**cached, "key": key, "reused_from": str(donor)}
+    return None
+
+
 def _salient(run_dir: Path, model_path: Path, prompts: list[str], layers: list[int], config, progress,
-             targets: list[int] | None = None, choices: list[tuple[str, ...]] | None = None) -> dict[str, Any] | None:
+             targets: list[int] | None = None, choices: list[tuple[str, ...]] | None = None,
+             donors: tuple[Path, ...] = ()) -> dict[str, Any] | None:
     """Salient neurons of this level by config.attribution, cached in RUN_DIR/salient.json. The first
     prompts are attributed (and ablated) as the run decoded them: its token arrays (pipeline.tokens), so a
-    prompt fitted to the context keeps its template here too; `prompts` only name the target tokens."""
+    prompt fitted to the context keeps its template here too; `prompts` only name the target tokens.
+    donors: run directories whose result is taken when it was computed from the same inputs (_reused_salient)."""
     m = method(config.attribution)
     n = min(config.salient_examples, len(prompts))
     kind = _target_kind(config)
@@ -204,14 +239,19 @@ def _salient(run_dir: Path, model_path: Path, prompts: list[str], layers: list[i
         if cached.get("key") == key:
             return cached
     wanted = sorted(layers) if m.all_layers else [max(layers)]
+    tokens = decoded_tokens(run_dir)[:n]
+    inputs = _salient_inputs(run_dir, tokens, config)
+    reused = _reused_salient(key, inputs, donors, config)
+    if reused is not None:  # the same attribution already made (e.g. the reference's, for its noise floor)
+        write_json(cache, reused)
+        return reused
     if progress:
         progress.step(f"salient neurons ({m.name}) on {n} prompts, layers {','.join(map(str, wanted))} · "
                       f"{run_dir.parent.name}/{run_dir.name}")
-    tokens = decoded_tokens(run_dir)[:n]
     attr = attribute(m.name, model_path, tokens, wanted, targets=None if targets is None else targets[:n],
                      n_ctx=config.n_ctx, threads=config.threads, gpu_layers=config.gpu_layers,
                      device=config.attribution_device)
-    result: dict[str, Any] = {"key": key, "method": m.name, "label": m.label, "paper_method": m.paper,
+    result: dict[str, Any] = {"key": key, "inputs": inputs, "method": m.name, "label": m.label, "paper_method": m.paper,
                               "n_prompts": n, "threshold": config.saliency, "target": kind,
                               "targets": [int(t) for t in attr.target_tokens], "layers": {}}
     result["salient_targets"] = _target_summary(model_path, prompts[:n], read_json(run_dir / "manifest.json")["label_tokens"],
@@ -249,12 +289,11 @@ def _ablation_check(result: dict[str, Any], model_path: Path, tokens: list[np.nd
             continue
         others = np.setdiff1d(np.arange(n_ff), top)
         control = sorted(int(i) for i in rng.choice(others, size=len(top), replace=False))
-        deltas = {}
-        for name, ids in (("top", top), ("control", control)):
-            res = ablation_effect(model_path, tokens, int(key), ids, values=0.0, definition="act",
-                                  targets=result["targets"], n_ctx=config.n_ctx, n_threads=config.threads,
-                                  gpu_layers=config.gpu_layers)
-            deltas[name] = res.delta
+        # one model load and one clean pass for both sets
+        effects = ablation_effects(model_path, tokens, int(key), {"top": top, "control": control}, values=0.0,
+                                   definition="act", targets=result["targets"], n_ctx=config.n_ctx,
+                                   n_threads=config.threads, gpu_layers=config.gpu_layers)
+        deltas = {name: res.delta for name, res in effects.items()}
         entry["ablation"] = {
             "neurons": [int(i) for i in top], "control_neurons": control, "value": 0.0,
             "delta_logprob_mean": float(deltas["top"].mean()),
@@ -270,10 +309,13 @@ def _top_tokens(run_dir: Path, model_path: Path, definition: str, layer: int, ne
     states = sorted((run_dir / "neuron_state").glob("*.npz"))
     if not states or not neurons:
         return {}
-    acc = NeuronAccumulator.load(states[-1])
-    top = acc.top.get((definition, layer))
-    if top is None:
+    # only this layer's top activations: the whole state holds every layer's co-moments (n_ff² each)
+    prefix = f"{definition}/{layer}/top."
+    with np.load(states[-1], allow_pickle=False) as state:
+        arrays = {k[len(prefix):]: state[k] for k in state.files if k.startswith(prefix)}
+    if not arrays:
         return {}
+    top = TopActivations.from_arrays(arrays)
     tokens = decoded_tokens(run_dir)
     with Vocab(model_path) as vocab:
         out = {}
@@ -284,10 +326,12 @@ def _top_tokens(run_dir: Path, model_path: Path, definition: str, layer: int, ne
 
 
 def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, progress=None,
-                 targets: list[int] | None = None, choices: list[tuple[str, ...]] | None = None) -> dict[str, Any]:
+                 targets: list[int] | None = None, choices: list[tuple[str, ...]] | None = None,
+                 salient_donors: tuple[Path, ...] = ()) -> dict[str, Any]:
     """One level's neuron figures; targets: a token per prompt for the attribution (neuron_targets; None:
     each prompt's own argmax). salient_targets says which tokens were attributed and how many are no label
-    (choices: a multiple-choice task's choices per prompt, its labels)."""
+    (choices: a multiple-choice task's choices per prompt, its labels). salient_donors: runs of the same file
+    whose attribution is reused when made from the same inputs (_salient)."""
     nj = read_json(run_dir / "neurons.json")
     entries = [e for e in nj["layers"] if e["definition"] == config.neuron]
     level: dict[str, Any] = {
@@ -309,7 +353,8 @@ def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, pr
     sal = None
     if config.salient_examples > 0 and config.attribution != "none" and level["layers"]:
         try:
-            sal = _salient(run_dir, model_path, prompts, level["layers"], config, progress, targets, choices)
+            sal = _salient(run_dir, model_path, prompts, level["layers"], config, progress, targets, choices,
+                           salient_donors)
         except Exception as exc:  # an architecture or an extra the method lacks: say so, keep the rest
             if not isinstance(exc, ProbeError):
                 raise

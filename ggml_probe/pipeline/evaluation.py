@@ -17,7 +17,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import __version__
-from . import DEFAULT_BATCH_PROMPTS
 from ..analysis import scoring
 from ..analysis.calibration import accuracy, bootstrap_ci, calibration_summary, plot_reliability, reliability_bins
 from ..engine.ffn import model_ffn
@@ -36,6 +35,7 @@ from ..tasks import get_task, load_examples, make_task
 from ..tasks.loading import choice_count
 from ..tasks.spec import generic_task_name, positional_gold_values
 from ..tasks.answers import label_answers, single_token_forms
+from . import DEFAULT_BATCH_PROMPTS
 from .neuron_stats import NeuronProbe
 from .neurons import finalize_neurons
 from .rundir import directory_lock, read_json, save_npy, save_npz, write_json

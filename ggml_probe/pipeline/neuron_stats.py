@@ -94,8 +94,12 @@ class NeuronProbe:
                                                                  self.accumulator.n_ff):
             raise ProbeError(f"{path}: saved neuron state is for other layers/definitions/width")
         if (loaded.redundancy, loaded.redundancy_stride) != (self.accumulator.redundancy, self.accumulator.redundancy_stride):
-            raise ProbeError(f"{path}: saved neuron state correlates other neurons (redundancy budget changed?); "
-                             "rerun with --force")
+            def which(acc) -> str:
+                return "no neuron" if not acc.redundancy else (
+                    "every neuron" if acc.redundancy_stride == 1 else f"one neuron in {acc.redundancy_stride}")
+            raise ProbeError(f"{path}: the saved run correlates {which(loaded)}, this one would correlate "
+                             f"{which(self.accumulator)}: pass the redundancy settings it was made with "
+                             "(--redundancy-full or its --redundancy-budget) to continue it, or --force to redo it")
         loaded.redundancy_plan = self.accumulator.redundancy_plan  # why its neurons were chosen, for the note
         self.accumulator = loaded
         self.capture.consumer = loaded.update

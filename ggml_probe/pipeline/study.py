@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
-from . import DEFAULT_BATCH_PROMPTS
 from ..analysis.calibration import DEFINITIONS as CAL, reliability_bins
 from ..analysis.neurons import DRIFT_DEFINITION
 from ..analysis.pick import DEFAULT_MAX_KLD, Budget, pick, records_from_dicts
@@ -37,6 +36,7 @@ from ..report.render import render_report
 from ..tasks import OFFLINE_TASK, get_task, load_examples
 from ..tasks.readers import open_table
 from ..weights import compare_weights
+from . import DEFAULT_BATCH_PROMPTS
 from .compare import reference_level
 from .evaluation import EvalConfig, ladder_files, task_spec
 from .kld import KLDSettings, run_kld

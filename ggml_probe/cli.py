@@ -13,6 +13,7 @@ from . import __version__
 from .errors import ProbeError
 from .fsutil import check_output, human_size
 from .models.store import list_local_models, models_dir, resolve_model
+from .pipeline import DEFAULT_BATCH_PROMPTS
 
 # The rest is imported inside the commands that use it, so that `ggml-probe --help` and every command's
 # start stay fast (0.04 s on 2 cores): rich (~30 ms), ggml_probe.tasks (~40 ms of tomllib, csv, socket,
@@ -247,7 +248,7 @@ _engine_options = _option_group(
                  help="CPU threads (default: the cores this process may use, at most one per physical core)."),
     click.option("--gpu-layers", default="auto", show_default=True,
                  help="Layers to offload to CUDA/Metal: 'auto' (all, where a GPU backend exists), -1 (all) or N."),
-    click.option("--batch", "batch_prompts", type=int, default=32, show_default=True,
+    click.option("--batch", "batch_prompts", type=int, default=DEFAULT_BATCH_PROMPTS, show_default=True,
                  help="Prompts decoded together in one llama_decode (each in its own sequence; their common "
                       "prefix, e.g. the task's instruction, decoded once and its KV cache shared). Faster "
                       "(benchmarks/passes.md), but llama.cpp's CPU kernels make logits depend slightly on the "
@@ -305,6 +306,28 @@ _run_options = _option_group(
 )
 
 
+_redundancy_budget_options = (
+    click.option("--redundancy-budget", default=None, metavar="SIZE",
+                 help="Memory the redundancy correlations may take (e.g. 1GiB; default 256 MiB). When every neuron "
+                      "does not fit, an evenly spaced subset of each layer's neurons (every k-th) is correlated and "
+                      "the results say so."),
+    click.option("--redundancy-full", is_flag=True,
+                 help="Correlate every neuron; refused in one line when that needs more than --redundancy-budget "
+                      "(default: this machine's available memory)."),
+)
+
+
+def _redundancy_budget(text: str | None) -> int | None:
+    from .analysis.pick import parse_size  # start-up time: numpy
+
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except ProbeError as exc:
+        raise ProbeError(str(exc).replace("--memory", "--redundancy-budget")) from None
+
+
 _neuron_options = _option_group(
     click.option("--layers", default="0,14,-1", show_default=True,
                  help="Layers to capture: a list (negatives count from the end) or 'all'."),
@@ -332,6 +355,7 @@ _neuron_options = _option_group(
                  help="Skip the redundant-pair correlations (n_ff² floats per layer: about 0.5 GiB per layer at "
                       "n_ff 8192, 1.5 GiB at 14336), the neuron pass's largest memory. Mixture-of-experts "
                       "models have none (no per-expert redundancy)."),
+    *_redundancy_budget_options,
 )
 
 
@@ -450,7 +474,7 @@ def _run_eval(model, task, data_path, template, labels, label_map, gold_column, 
               on_bad_row,
               quants, reference, allow_requantize, out, resume, force, n_ctx, threads, gpu_layers, batch_prompts,
               with_neurons, layers, neuron, tau, salient_examples, attribution, attribution_target, ablate_top,
-              no_redundancy, as_json, quiet, imatrix_out) -> None:
+              no_redundancy, redundancy_budget, redundancy_full, as_json, quiet, imatrix_out) -> None:
     """eval and neurons: the options arrive by name from click (neurons sets with_neurons)."""
     from .pipeline.neurons import NeuronAnalysis  # start-up time: the pipeline (numpy, llama_cpp, ...)
     from .pipeline.runs import implied_requantize, run_levels
@@ -460,7 +484,9 @@ def _run_eval(model, task, data_path, template, labels, label_map, gold_column, 
                           n_ctx, threads, gpu_layers, batch_prompts, label_map, choices_column)
     analysis = NeuronAnalysis(layers=layers, neuron=neuron, tau=tau, salient_examples=salient_examples,
                               attribution=attribution, attribution_target=attribution_target,
-                              ablate_top=ablate_top, redundancy=not no_redundancy) if with_neurons else None
+                              ablate_top=ablate_top, redundancy=not no_redundancy,
+                              redundancy_budget=_redundancy_budget(redundancy_budget),
+                              redundancy_full=redundancy_full) if with_neurons else None
     levels = [q for q in quants.split(",") if q.strip()] if quants else None
     if implied_requantize(model, levels, allow_requantize) and not quiet and not as_json:
         _console(stderr=True).print("[yellow]demo: the ladder is requantized from Q4_1 (the only precision shipped)[/]")
@@ -962,6 +988,7 @@ class _StudyProgress(_RunProgress):
 @click.option("--no-redundancy", is_flag=True,
               help="Skip the redundant-pair correlations (n_ff² floats per layer), the neuron part's largest memory. "
                    "Mixture-of-experts models have none (no per-expert redundancy).")
+@_option_group(*_redundancy_budget_options)
 @click.option("--no-weights", is_flag=True, help="Skip the weight-error analysis.")
 @click.option("--kld-text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A plain-text file for the text KLD (llama-perplexity's statistics); default: the tasks' own text.")
@@ -993,7 +1020,8 @@ class _StudyProgress(_RunProgress):
 def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, reference, no_neurons, salient_examples,
               attribution, attribution_target, ablate_top, no_weights, kld_text, kld_ctx, kld_chunks, no_kld,
               max_kld, max_p99_kld, max_accuracy_drop, memory, allow_requantize, out, force, n_ctx, threads, gpu_layers, batch_prompts, as_json, quiet,
-              trace_tokens, no_redundancy, no_noise_floor, no_speed, speed_spec) -> None:
+              trace_tokens, no_redundancy, no_noise_floor, no_speed, speed_spec, redundancy_budget,
+              redundancy_full) -> None:
     """The whole study: ladder, one pass per level and task, comparisons, weights, and a report.
 
     Resumable: rerun the same command after an interruption and finished levels are reused.
@@ -1032,6 +1060,7 @@ def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, 
                          n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, batch_prompts=batch_prompts)
     config.trace, config.trace_tokens = trace_tokens > 0, max(trace_tokens, 1)
     config.redundancy, config.noise_floor, config.speed = not no_redundancy, not no_noise_floor, not no_speed
+    config.redundancy_budget, config.redundancy_full = _redundancy_budget(redundancy_budget), redundancy_full
     speed_parts = speed_spec.split(",")
     if len(speed_parts) != 3 or not all(x.strip().isdigit() for x in speed_parts):
         raise ProbeError(f"--speed {speed_spec}: give PP,TG,REPS as three whole numbers, e.g. 128,32,2")
@@ -1049,6 +1078,7 @@ def study_cmd(model, quants, tasks, data, data_dir, limit, seed, layers, paper, 
 def study_summary_json(study: dict) -> dict:
     """The headline figures per task and level (the whole thing is in study.json)."""
     out = {"study": {k: study["study"][k] for k in ("model", "quants", "reference", "tasks", "mode", "seconds")},
+           "notes": study["study"].get("notes", []),
            "what_changed": study.get("what_changed", []), "tasks": {},
            "kld": {level: {k: m.get(k) for k in ("kld_mean", "kld_p99", "same_top_p", "ppl_ratio", "rms_dp")}
                    for level, m in ((study.get("kld") or {}).get("models") or {}).items()},

@@ -54,7 +54,8 @@ def _child(args: argparse.Namespace) -> None:
         out = Path(tempfile.mkdtemp()) / "run"
         t0 = time.perf_counter()
         summary = evaluate(args.model, EvalConfig(task="boolq", data_path=str(SHARED / "boolq_validation.jsonl"),
-                                                  limit=args.n, threads=args.threads), out)
+                                                  limit=args.n, threads=args.threads,
+                                                  batch_prompts=1), out)  # one prompt per decode, as the baseline
         seconds = time.perf_counter() - t0
         import pandas as pd
 

@@ -256,8 +256,9 @@ def main() -> None:
     ap.add_argument("--speed-levels", default=",".join(LEVELS), help="the 1B levels of the eval/neurons timing")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: speed, kld, memory")
     ap.add_argument("--study-args", default="--layers=-1",
-                    help="extra study options (default: the neuron analyses at the last layer only; at the paper's "
-                         "three layers the 1B's redundancy matrices need 3 GiB and the study refuses)")
+                    help="extra study options, e.g. --study-args=--no-redundancy (default: the neuron analyses at the "
+                         "last layer only; at the paper's three layers, --study-args=, the default redundancy budget "
+                         "correlates an evenly spaced subset of the 1B's neurons)")
     ap.add_argument("--name", default="scale", help="benchmarks/NAME.json and .md")
     ap.add_argument("--render", action="store_true", help="only rewrite scale.md from scale.json")
     ap.add_argument("--merge", default="", help="with --render: NAMEs of separate runs whose memory/kld parts to take")
@@ -447,10 +448,11 @@ def _markdown(r: dict) -> str:
                   "(weights mmapped and resident; KV cache, buffers and accumulators grow with width, not only with size).",
                   f"- the neuron pass without redundancy adds to eval's peak what it added on the 1B F16 "
                   f"({_gb(sc['neurons_extra_rss_1b'])} GB), scaled by n_ff / {sc['n_ff_1b']} (per-neuron statistics and "
-                  "top tokens). The redundancy analysis adds its n_ff × n_ff co-moments, 2 × 8 × n_ff² bytes per layer "
-                  "(`CoMoment.bytes_needed`), at the paper's 3 layers: 3.2 GB at the 1B's n_ff 8192, over the "
-                  "accumulator's 2 GiB default budget, so `neurons`/`study` refuse it at layers 0,14,-1 on the 1B, "
-                  "the 7B and the 8B alike (one line naming the need; `--layers` with fewer layers passes on the 1B).",
+                  "top tokens). The redundancy analysis of every neuron adds its n_ff × n_ff co-moments, 2 × 8 × n_ff² "
+                  "bytes per layer (`CoMoment.bytes_needed`), at the paper's 3 layers: 3.2 GB at the 1B's n_ff 8192. "
+                  "By default it is held to `--redundancy-budget` (256 MiB): on the 1B, the 7B and the 8B an evenly "
+                  "spaced subset of each layer's neurons is correlated instead, and the run says so "
+                  "(benchmarks/redundancy-budget.md); `--redundancy-full` asks for every neuron.",
                   "- the reference stack (the paper's: transformers fp32, batch 16, act_fn hooks) needs 4 bytes per "
                   "parameter plus fp32 activations at batch 16 × 256 tokens: every layer's hidden state (output_hidden_states), "
                   "3 hooked FFN layers and one logit row per sequence position; its optimizer-free forward keeps no "

@@ -31,7 +31,9 @@ PARTS = [
     ("salient neurons (attribution)", "attribution/__init__.py", "attribute"),
     ("  of which exact IG", "analysis/salient.py", "integrated_gradients"),
     ("ablation check", "pipeline/neurons.py", "_ablation_check"),
-    ("redundancy clustering", "analysis/neurons.py", "correlation_groups"),
+    ("redundancy summaries (histogram, pairs, clustering)", "analysis/neurons.py", "redundancy_summary"),
+    ("noise floor (its passes and their neuron part)", "pipeline/noise_floor.py", "study_floor"),
+    ("neuron part of every run, floor included (salient, ablation, top tokens)", "pipeline/neurons.py", "neuron_level"),
     ("report", "report/render.py", "render_report"),
     ("GGUF header checks", "formats/gguf.py", "validate_gguf"),
 ]

@@ -169,7 +169,8 @@ def test_neurons_ride_along_and_resume_exactly(demo_ladder, tmp_path):
     for k in sa.files:
         np.testing.assert_allclose(sa[k], sb[k], rtol=1e-12, atol=1e-12)
     # the output-level results of a neuron run equal a plain run's: probes do not change the logits
-    plain = evaluate(demo_ladder["Q8_0"], EvalConfig(task="yesno-mini", limit=9, n_boot=50), tmp_path / "plain")
+    plain = evaluate(demo_ladder["Q8_0"], EvalConfig(task="yesno-mini", limit=9, chunk_size=3, n_boot=50),
+                     tmp_path / "plain")  # the same chunks: the same prompts packed per decode
     assert np.array_equal(np.load(plain.run_dir / "logits.npy"), np.load(whole.run_dir / "logits.npy"))
     assert np.array_equal(np.load(plain.run_dir / "hidden.npy"), np.load(whole.run_dir / "hidden.npy"))
 

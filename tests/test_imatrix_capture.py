@@ -80,7 +80,8 @@ def test_eval_writes_the_same_imatrix_in_its_own_pass_and_resumes(demo_ladder, b
 
     path, out = demo_ladder["F16"], tmp_path / "run.imatrix.gguf"
     # neurons ride along on layer 0 only: without the imatrix the last layer would be cut to the answer rows
-    config = EvalConfig(task="boolq", data_path=str(boolq_path), limit=5, threads=1, chunk_size=2, n_boot=10,
+    # one prompt per decode, as llama-imatrix's reference here decodes them: the sums are compared exactly
+    config = EvalConfig(task="boolq", data_path=str(boolq_path), limit=5, threads=1, chunk_size=2, n_boot=10, batch_prompts=1,
                         neurons=NeuronSettings(layers="0", definitions=("act",), redundancy=False, top_k=0),
                         imatrix_out=str(out))
 
@@ -137,7 +138,7 @@ def test_imatrix_collect_fits_long_prompts_as_eval_does(demo_path, boolq_path, t
     out = tmp_path / "eval.imatrix.gguf"
     config = EvalConfig(task="boolq-passage-short", data_path=str(boolq_path), template=template,
                         labels=("True", "False"), gold_column="label", id_column="idx", limit=2, n_ctx=64,
-                        threads=1, n_boot=10, imatrix_out=str(out))
+                        threads=1, n_boot=10, imatrix_out=str(out), batch_prompts=1)  # as collect_task_imatrix
     summary = evaluate(demo_path, config, tmp_path / "run")
     assert (pd.read_parquet(summary.run_dir / "predictions.parquet")["truncated_tokens"] > 0).all()
 

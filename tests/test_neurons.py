@@ -181,9 +181,16 @@ def test_accumulator_resume_from_npz_is_exact(tmp_path):
 
 
 def test_redundancy_memory_budget_is_enforced():
+    # an explicit request for every neuron over the budget: one line; by default an evenly spaced subset
     with pytest.raises(ProbeError, match=r"GiB .*--no-redundancy"):
-        NeuronAccumulator(list(range(30)), ["act", "down_in"], 8192, memory_budget_bytes=2 << 30)
-    NeuronAccumulator([0], ["act"], 64, memory_budget_bytes=1, allow_large=True)
+        NeuronAccumulator(list(range(30)), ["act", "down_in"], 8192, memory_budget_bytes=2 << 30, redundancy_full=True)
+    shrunk = NeuronAccumulator(list(range(30)), ["act", "down_in"], 8192, memory_budget_bytes=2 << 30, top_k=0)
+    n = len(shrunk.redundancy_neurons)
+    assert 8 * n * n * (60 + 1) <= 2 << 30 < 8 * 8192**2 * 61
+    np.testing.assert_array_equal(shrunk.redundancy_neurons, np.arange(0, 8192, shrunk.redundancy_stride))
+    assert "--redundancy-full" in shrunk.redundancy_plan.note()
+    full = NeuronAccumulator([0], ["act"], 64, memory_budget_bytes=1, allow_large=True)
+    assert full.redundancy_stride == 1 and full.redundancy_plan.note() is None
     NeuronAccumulator(list(range(30)), ["act"], 8192, redundancy=False)
 
 

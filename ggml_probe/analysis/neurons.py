@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ProbeError
-from ..fsutil import atomic_output
+from ..fsutil import atomic_output, human_size
 
 
 # ------------------------------------------------------------------ per-neuron moments
@@ -229,6 +229,117 @@ class CoMoment:
 
 CORR_BIN_EDGES = np.round(np.linspace(0.0, 1.0, 11), 10)
 
+# What the redundancy correlations may take unless asked otherwise (--redundancy-budget): the issue's memory
+# goal for a study (peak ≤ 1.3 × the largest file + 300 MB) leaves the 1B shape about 0.4 GB above the pass
+# (benchmarks/scale-idle.md); every neuron of the demo's three layers needs 75 MiB.
+DEFAULT_REDUNDANCY_BUDGET = 256 << 20
+
+
+def redundancy_bytes(n_neurons: int, n_pairs: int) -> int:
+    """Memory of the redundancy analysis: one float64 co-moment of n_neurons² per layer/definition pair, all
+    held during the pass, plus at the end one pair's condensed |corr| and the clustering's copy of it."""
+    return 8 * int(n_neurons) ** 2 * (int(n_pairs) + 1)
+
+
+@dataclass(frozen=True)
+class RedundancyPlan:
+    """Which neurons of each layer the redundancy correlates: every `stride`-th (0, stride, 2·stride, …), all
+    of them at stride 1; none at stride 0 (not even two fit). need_all: the bytes every neuron would need."""
+
+    n_ff: int
+    n_pairs: int
+    stride: int
+    need_all: int
+    budget: int | None
+
+    @property
+    def neurons(self) -> np.ndarray:
+        return np.arange(0, self.n_ff, self.stride) if self.stride else np.zeros(0, dtype=np.int64)
+
+    @property
+    def shrunk(self) -> bool:
+        return self.stride != 1
+
+    def note(self) -> str | None:
+        """What was shrunk and why, and how to get every neuron; None when nothing was."""
+        if not self.shrunk:
+            return None
+        budget = f"{human_size(self.budget)} " if self.budget is not None else ""
+        why = (f"every neuron at {self.n_pairs} layer/definition pair(s) would need {human_size(self.need_all)}, "
+               f"over the {budget}redundancy budget")
+        how = "--redundancy-full (or a larger --redundancy-budget) correlates every neuron"
+        if not self.stride:
+            return f"redundancy skipped: {why}; {how}"
+        ids = self.neurons
+        shown = ", ".join(str(i) for i in ids[:3]) + (", …" if len(ids) > 3 else "")
+        n = len(ids)
+        return (f"redundancy on a subset: every {_ordinal(self.stride)} neuron of each layer ({n} of {self.n_ff}: "
+                f"neurons {shown}), so pair counts cover {n}·{n - 1}/2 pairs, not {self.n_ff}·{self.n_ff - 1}/2; "
+                f"{why}; {how}")
+
+
+def plan_redundancy(n_ff: int, n_pairs: int, budget: int | None, *, full: bool = False) -> RedundancyPlan:
+    """Every neuron when they fit `budget` bytes (None: no limit); else, unless `full` (an explicit request for
+    every neuron, refused in one line), the densest evenly spaced subset that fits."""
+    need_all = redundancy_bytes(n_ff, n_pairs)
+    if budget is None or need_all <= budget:
+        return RedundancyPlan(n_ff, n_pairs, 1, need_all, budget)
+    if full:
+        raise ProbeError(
+            f"correlation matrices for {n_pairs} layer/definition pairs of {n_ff} neurons need "
+            f"{human_size(need_all)} (budget {human_size(budget)}): give a larger --redundancy-budget, "
+            "choose fewer layers (--layers), drop --redundancy-full to correlate an evenly spaced subset, or skip "
+            "the redundancy (--no-redundancy)")
+    fit = int(np.sqrt(budget / (8 * (n_pairs + 1))))
+    stride = -(-n_ff // fit) if fit >= 2 else 0
+    while stride and redundancy_bytes(len(range(0, n_ff, stride)), n_pairs) > budget:
+        stride += 1
+    if stride and len(range(0, n_ff, stride)) < 2:
+        stride = 0
+    return RedundancyPlan(n_ff, n_pairs, stride, need_all, budget)
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def redundancy_from_comoment(c: np.ndarray, threshold: float = 0.9, cluster_threshold: float = 0.3,
+                             clusters: bool = True, method: str = "average") -> dict[str, Any]:
+    """corr_histogram, pairs_above and the correlation_groups count from a co-moment matrix, through one
+    condensed |corr| vector (pairs i < j, row by row) instead of n² temporaries: the memory of one
+    co-moment (the vector and the clustering's copy of it), not several."""
+    n = c.shape[0]
+    d = np.sqrt(np.diag(c))
+    constant = d == 0
+    values = np.empty(n * (n - 1) // 2)
+    at = 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for i in range(n - 1):
+            row = np.abs(c[i, i + 1:]) / (d[i] * d[i + 1:])
+            np.minimum(row, 1.0, out=row)
+            row[constant[i + 1:]] = np.nan
+            if constant[i]:
+                row[:] = np.nan
+            values[at:at + len(row)] = row
+            at += len(row)
+    known = values[~np.isnan(values)]
+    bins = np.searchsorted(CORR_BIN_EDGES[1:-1], known, side="right")
+    out: dict[str, Any] = {"histogram": np.bincount(bins, minlength=10).astype(np.int64),
+                           "pairs_above": int(np.count_nonzero(known >= threshold)), "n_constant": int(constant.sum())}
+    del known, bins
+    if clusters:
+        if n == 1:
+            out["groups"] = 1
+        else:
+            from scipy.cluster.hierarchy import fcluster, linkage  # scipy: only where clusters are asked for
+
+            np.subtract(1.0, values, out=values)  # the distance 1 − |corr|, in place
+            values[np.isnan(values)] = 1.0
+            np.clip(values, 0.0, 1.0, out=values)
+            tree = linkage(values, method=method)
+            out["groups"] = int(fcluster(tree, t=cluster_threshold, criterion="distance").max())
+    return out
+
 
 def corr_histogram(corr: np.ndarray) -> np.ndarray:
     """Counts of neuron pairs i < j by |corr| in 10 bins [0, 0.1), …, [0.9, 1.0]; NaN pairs skipped."""
@@ -390,8 +501,12 @@ class NeuronAccumulator:
     """Streaming statistics for several layers and neuron definitions; the state of a neuron run.
 
     update(layer, definition, values, layout) is FFNCapture's consumer (layout: anything with
-    row_prompt and row_pos arrays). Memory: 3 vectors per neuron, n_ff² floats per (layer,
+    row_prompt and row_pos arrays). Memory: 3 vectors per neuron, n² floats per (layer,
     definition) with redundancy, and k slots per neuron for the top activations.
+
+    Redundancy: n = every neuron when redundancy_bytes fits memory_budget_bytes (None or allow_large: no
+    limit); otherwise an evenly spaced subset that fits (plan_redundancy; its note says so), or with
+    redundancy_full a one-line refusal.
     """
 
     def __init__(
@@ -403,8 +518,9 @@ class NeuronAccumulator:
         redundancy: bool = True,
         top_k: int = 10,
         top_by: str = "value",
-        memory_budget_bytes: int = 2 << 30,
+        memory_budget_bytes: int | None = DEFAULT_REDUNDANCY_BUDGET,
         allow_large: bool = False,
+        redundancy_full: bool = False,
     ) -> None:
         self.layers = [int(x) for x in layers]
         self.definitions = list(dict.fromkeys(definitions))
@@ -413,16 +529,12 @@ class NeuronAccumulator:
         self.top_k = int(top_k)
         self.top_by = top_by
         keys = [(d, layer) for d in self.definitions for layer in self.layers]
-        if self.redundancy:
-            need = CoMoment.bytes_needed(self.n_ff) * len(keys)
-            if need > memory_budget_bytes and not allow_large:
-                raise ProbeError(
-                    f"correlation matrices for {len(keys)} layer/definition pairs of {self.n_ff} neurons need "
-                    f"{need / 2**30:.1f} GiB (budget {memory_budget_bytes / 2**30:.1f} GiB): choose fewer layers "
-                    "(--layers) or skip the redundancy (--no-redundancy)"
-                )
+        self.redundancy_plan = plan_redundancy(self.n_ff, len(keys), None if allow_large else memory_budget_bytes,
+                                               full=redundancy_full) if self.redundancy else None
+        if self.redundancy_plan is not None and not self.redundancy_plan.stride:  # not even two neurons fit
+            self.redundancy = False
         self.stats = {k: NeuronStats(self.n_ff) for k in keys}
-        self.comoment = {k: CoMoment(self.n_ff) for k in keys} if self.redundancy else {}
+        self.comoment = {k: CoMoment(len(self.redundancy_neurons)) for k in keys} if self.redundancy else {}
         self.top = {k: TopActivations(self.n_ff, self.top_k, top_by) for k in keys} if self.top_k else {}
         self.n_prompts = 0  # 1 + the largest prompt index seen
 
@@ -432,15 +544,27 @@ class NeuronAccumulator:
             raise ProbeError(f"no accumulator for {definition} at layer {layer}")
         self.stats[key].update(values)
         if self.redundancy:
-            self.comoment[key].update(values)
+            stride = self.redundancy_stride
+            self.comoment[key].update(values if stride == 1 else np.asarray(values)[:, ::stride])
         if self.top_k:
             self.top[key].update(values, layout.row_prompt, layout.row_pos)
         if len(layout.row_prompt):
             self.n_prompts = max(self.n_prompts, int(np.max(layout.row_prompt)) + 1)
 
+    @property
+    def redundancy_stride(self) -> int:
+        """Every how-many-th neuron the co-moments hold (1: all)."""
+        return self.redundancy_plan.stride if self.redundancy_plan is not None else 1
+
+    @property
+    def redundancy_neurons(self) -> np.ndarray:
+        """The neuron ids of the correlation matrices' rows and columns."""
+        stride = self.redundancy_stride
+        return np.arange(0, self.n_ff, stride) if stride else np.zeros(0, dtype=np.int64)
+
     def merge(self, other: "NeuronAccumulator") -> None:
-        if (other.layers, other.definitions, other.n_ff, other.redundancy, other.top_k) != (
-                self.layers, self.definitions, self.n_ff, self.redundancy, self.top_k):
+        if (other.layers, other.definitions, other.n_ff, other.redundancy, other.top_k, other.redundancy_stride) != (
+                self.layers, self.definitions, self.n_ff, self.redundancy, self.top_k, self.redundancy_stride):
             raise ProbeError("cannot merge neuron accumulators with different settings")
         for k in self.stats:
             self.stats[k].merge(other.stats[k])
@@ -456,16 +580,20 @@ class NeuronAccumulator:
         return {k: s.dead(tau) for k, s in self.stats.items()}
 
     def correlation(self, definition: str, layer: int) -> np.ndarray:
+        """Pearson correlation of the neurons in redundancy_neurons (all, unless the budget shrank them)."""
         if not self.redundancy:
             raise ProbeError("redundancy was not accumulated in this run")
         return self.comoment[(definition, int(layer))].correlation()
 
     def redundancy_summary(self, definition: str, layer: int, threshold: float = 0.9,
                            cluster_threshold: float = 0.3) -> RedundancySummary:
-        corr = self.correlation(definition, layer)
-        constant = int(np.isnan(np.diag(corr)).sum())
-        return RedundancySummary(corr_histogram(corr), pairs_above(corr, threshold), threshold,
-                                 int(correlation_groups(corr, cluster_threshold).max()), cluster_threshold, constant)
+        if not self.redundancy:
+            raise ProbeError("redundancy was not accumulated in this run")
+        co = self.comoment[(definition, int(layer))]
+        co.flush()
+        r = redundancy_from_comoment(co.c, threshold, cluster_threshold)
+        return RedundancySummary(r["histogram"], r["pairs_above"], threshold, r["groups"], cluster_threshold,
+                                 r["n_constant"])
 
     def summary(self, tau: float = 0.1, threshold: float = 0.9, cluster_threshold: float = 0.3,
                 clusters: bool = True) -> list[dict[str, Any]]:
@@ -478,11 +606,13 @@ class NeuronAccumulator:
                 "maxabs_median": float(np.median(s.maxabs)) if s.count else float("nan"),
             }
             if self.redundancy and s.count > 1:
-                corr = self.correlation(d, layer)
-                row["corr_histogram"] = corr_histogram(corr).tolist()
-                row[f"pairs_ge_{threshold}"] = pairs_above(corr, threshold)
+                co = self.comoment[(d, layer)]
+                co.flush()
+                r = redundancy_from_comoment(co.c, threshold, cluster_threshold, clusters)
+                row["corr_histogram"] = r["histogram"].tolist()
+                row[f"pairs_ge_{threshold}"] = r["pairs_above"]
                 if clusters:
-                    row["groups"] = int(correlation_groups(corr, cluster_threshold).max())
+                    row["groups"] = r["groups"]
                     row["cluster_threshold"] = cluster_threshold
             rows.append(row)
         return rows
@@ -492,6 +622,8 @@ class NeuronAccumulator:
         meta = {"layers": self.layers, "definitions": self.definitions, "n_ff": self.n_ff,
                 "redundancy": self.redundancy, "top_k": self.top_k, "top_by": self.top_by,
                 "n_prompts": self.n_prompts, "format": 1}
+        if self.redundancy_stride != 1:  # only when shrunk, so states written before read the same
+            meta["redundancy_stride"] = self.redundancy_stride
         out: dict[str, np.ndarray] = {"meta": np.asarray(json.dumps(meta))}
         for (d, layer), s in self.stats.items():
             prefix = f"{d}/{layer}/"
@@ -509,6 +641,9 @@ class NeuronAccumulator:
                   top_by=meta["top_by"])
         out.redundancy, out.top_k = meta["redundancy"], meta["top_k"]
         out.n_prompts = meta["n_prompts"]
+        stride = int(meta.get("redundancy_stride", 1))
+        n_pairs = len(out.definitions) * len(out.layers)
+        out.redundancy_plan = RedundancyPlan(out.n_ff, n_pairs, stride, redundancy_bytes(out.n_ff, n_pairs), None)
 
         def part(prefix: str) -> dict[str, np.ndarray]:
             return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -23,7 +23,7 @@ import numpy as np
 from ..engine.ffn import model_ffn
 from ..errors import ProbeError
 from ..layerspec import resolve_layers
-from .ablation import AblationResult, ablation_effect
+from .ablation import AblationResult, ablation_effect, ablation_effects
 from .dla import direct_effect_attribution
 from .exact import last_layer_attribution
 from .ig import integrated_gradients
@@ -100,5 +100,5 @@ def attribute(
 
 
 __all__ = ["Attribution", "LayerAttribution", "METHODS", "CHOICES", "Method", "attribute", "method",
-           "AblationResult", "ablation_effect", "direct_effect_attribution", "last_layer_attribution",
+           "AblationResult", "ablation_effect", "ablation_effects", "direct_effect_attribution", "last_layer_attribution",
            "integrated_gradients"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..engine.model import Engine
-from ..engine.probes import NeuronPatch, answer_logprob, run_checked
+from ..engine.probes import NeuronPatch, ProbeSet, answer_logprob, run_checked
 from .passes import resolve_targets, tokens_of
 
 
@@ -47,15 +47,46 @@ def ablation_effect(
     or by default the model's own unpatched answer (argmax of the last-position logits). One context
     serves both passes: the patch is switched off for the clean pass.
     """
-    patch = NeuronPatch(model_path, layer, neurons, values, definition, positions)
+    return ablation_effects(model_path, prompts, layer, {"": neurons}, values=values, definition=definition,
+                            targets=targets, positions=positions, n_ctx=n_ctx, n_threads=n_threads,
+                            gpu_layers=gpu_layers, kv_type=kv_type)[""]
+
+
+def ablation_effects(
+    model_path: str | os.PathLike,
+    prompts: Sequence[str | np.ndarray],
+    layer: int,
+    neuron_sets: Mapping[str, Sequence[int]],
+    *,
+    values: float | Sequence[float] = 0.0,
+    definition: str = "down_in",
+    targets: Sequence[int] | None = None,
+    positions: str = "all",
+    n_ctx: int = 2048,
+    n_threads: int | None = None,
+    gpu_layers: str | int = "auto",
+    kv_type: int | None = None,
+) -> dict[str, AblationResult]:
+    """ablation_effect for several neuron sets of one layer (e.g. the salient candidates and a random
+    control), by name: one model load and one clean pass serve them all, each set patched in a pass of
+    its own (the other patches switched off)."""
+    patches = {name: NeuronPatch(model_path, layer, ids, values, definition, positions)
+               for name, ids in neuron_sets.items()}
+    probes = ProbeSet(list(patches.values()))
     with Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, gpu_layers=gpu_layers, hidden_states=False,
-                eval_callback=patch.eval_callback, kv_type=kv_type) as engine:
+                eval_callback=probes.eval_callback, kv_type=kv_type) as engine:
         tokens = tokens_of(engine, prompts)
-        patch.enabled = False
-        clean = run_checked(engine, patch, tokens)
-        patch.enabled = True
-        patched = run_checked(engine, patch, tokens)
+        for p in patches.values():
+            p.enabled = False
+        clean = run_checked(engine, probes, tokens)
+        patched = {}
+        for name, patch in patches.items():
+            patch.enabled = True
+            patched[name] = run_checked(engine, probes, tokens)
+            patch.enabled = False
     target_tokens = resolve_targets(clean, targets)
     lp_clean = np.array([answer_logprob(r.logits, tok) for r, tok in zip(clean, target_tokens)])
-    lp_patched = np.array([answer_logprob(r.logits, tok) for r, tok in zip(patched, target_tokens)])
-    return AblationResult(target_tokens, lp_clean, lp_patched, patch.patched)
+    return {name: AblationResult(target_tokens, lp_clean,
+                                 np.array([answer_logprob(r.logits, tok) for r, tok in zip(patched[name], target_tokens)]),
+                                 patches[name].patched)
+            for name in patches}

@@ -35,6 +35,7 @@ from ..tasks import get_task, load_examples, make_task
 from ..tasks.loading import choice_count
 from ..tasks.spec import generic_task_name, positional_gold_values
 from ..tasks.answers import label_answers, single_token_forms
+from . import DEFAULT_BATCH_PROMPTS
 from .expert_stats import neuron_pass_for
 from .rundir import directory_lock, read_json, save_npy, save_npz, write_json
 from .tokens import CHUNKS, example_tokens, pack_tokens
@@ -65,6 +66,10 @@ class NeuronSettings:
     cluster_threshold: float = 0.3
     top_k: int = 10  # top-activating tokens kept per neuron
     allow_large: bool = False
+    # bytes the correlations may take (None: analysis.neurons.DEFAULT_REDUNDANCY_BUDGET); over it an evenly
+    # spaced subset of each layer's neurons is correlated, and the run says so
+    redundancy_budget: int | None = None
+    redundancy_full: bool = False  # every neuron: refused in one line over the budget (None: available memory)
 
 
 @dataclass
@@ -86,9 +91,9 @@ class EvalConfig:
     n_ctx: int = 2048
     threads: int | None = None
     gpu_layers: str | int = "auto"
-    # sequences per llama_decode (1: results independent of batch layout); the CLI's --batch default is 32,
-    # one checkpoint chunk (benchmarks/passes.md)
-    batch_prompts: int = 1
+    # sequences per llama_decode (1: results independent of batch layout); DEFAULT_BATCH_PROMPTS, the CLI's
+    # --batch default too: one checkpoint chunk (benchmarks/passes.md)
+    batch_prompts: int = DEFAULT_BATCH_PROMPTS
     # a batch's common prefix (the task's instruction) decoded once, its KV cells shared (batch_prompts > 1)
     share_prefix: bool = True
     flash_attn: bool = False  # llama.cpp's flash attention (moves the logits on CPU; see engine.model)
@@ -114,7 +119,7 @@ class EvalConfig:
         """
         out = {"task": self.task, "template": self.template, "labels": list(self.labels or []) or None,
                "gold_column": self.gold_column, "limit": self.limit,
-               "neurons": asdict(self.neurons) if self.neurons else None, "seed": self.seed, "on_bad_row": self.on_bad_row,
+               "neurons": _neuron_identity(self.neurons), "seed": self.seed, "on_bad_row": self.on_bad_row,
                "n_ctx": self.n_ctx}
         if self.batch_prompts != 1:
             out["batch_prompts"] = self.batch_prompts
@@ -132,6 +137,18 @@ class EvalConfig:
         if self.imatrix_out:  # only when asked, so runs made before the option still resume
             out["imatrix"] = True  # the sums must cover every example: resuming without it is refused
         return out
+
+
+def _neuron_identity(neurons: NeuronSettings | None) -> dict[str, Any] | None:
+    """The neuron settings as a run's identity: the redundancy budget's fields only when set, so runs made
+    before them still resume."""
+    if neurons is None:
+        return None
+    out = asdict(neurons)
+    for key, default in (("redundancy_budget", None), ("redundancy_full", False)):
+        if out.get(key) == default:
+            out.pop(key)
+    return out
 
 
 @dataclass
@@ -234,12 +251,28 @@ def prepare_run_dir(run_dir: Path, identity: dict[str, Any], resume: bool, force
             raise ProbeError(f"{run_dir} holds a run made by an older ggml-probe (definitions version "
                              f"{old.get('identity', {}).get('definitions_version')}, now {identity.get('definitions_version')}); "
                              "pass --force to redo it")
+        if set(changed) <= set(BATCH_LAYOUT_KEYS):  # e.g. a run made with the API's old default of 1
+            made, asked = (_batch_layout(i) for i in (old.get("identity", {}), identity))
+            raise ProbeError(f"{run_dir} holds a run decoded with {made}, this one asks for {asked} (the batch layout "
+                             "moves the logits): to continue it pass what it was made with, or --force to redo it")
         raise ProbeError(f"{run_dir} holds a run with different settings ({', '.join(changed)}); use another --out or --force")
     if old.get("status") == "complete" and not resume:
         raise ProbeError(f"{run_dir} already holds a finished run; pass --resume to reuse it or --force to redo it")
     if old.get("status") != "complete" and not resume:
         raise ProbeError(f"{run_dir} holds an unfinished run; pass --resume to continue it or --force to start over")
     return old
+
+
+# A run's batch layout in its identity (EvalConfig.identity): absent at one prompt per decode.
+BATCH_LAYOUT_KEYS = ("batch_prompts", "share_prefix")
+
+
+def _batch_layout(identity: dict[str, Any]) -> str:
+    """How to ask for a run identity's batch layout: the CLI option and the EvalConfig/StudyConfig fields."""
+    batch = identity.get("batch_prompts", 1)
+    share = bool(identity.get("share_prefix")) if batch != 1 else True
+    return (f"{batch} prompt(s) per decode (--batch {batch}; batch_prompts={batch}"
+            + ("" if share else ", share_prefix=False") + ")")
 
 
 def evaluate(
@@ -289,7 +322,8 @@ def evaluate(
             ns = config.neurons
             probe_class, finalize_pass = neuron_pass_for(path)  # dense FFN or mixture of experts
             probe = probe_class(path, ns.layers, ns.definitions, redundancy=ns.redundancy, top_k=ns.top_k,
-                                allow_large=ns.allow_large)
+                                allow_large=ns.allow_large, memory_budget_bytes=ns.redundancy_budget,
+                                redundancy_full=ns.redundancy_full)
         if config.imatrix_out:
             if model_id["architecture"] not in SUPPORTED:
                 raise UnsupportedArchitecture(f"{model_id['architecture']}: --imatrix-out supports {', '.join(SUPPORTED)}")

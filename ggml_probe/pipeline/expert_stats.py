@@ -52,7 +52,8 @@ class ExpertNeuronProbe(CaptureProbe):
 
     def __init__(self, model_path: str | os.PathLike, layers: str | Sequence[int] = (0, 14, -1),
                  definitions: Sequence[str] = DEFINITIONS, *, redundancy: bool = True, top_k: int = 10,
-                 memory_budget_bytes: int = 2 << 30, allow_large: bool = False) -> None:
+                 memory_budget_bytes: int | None = None, allow_large: bool = False,
+                 redundancy_full: bool = False) -> None:
         model = model_moe(model_path)
         if model is None:
             raise ProbeError(f"{model_path}: not a mixture-of-experts model")

@@ -16,7 +16,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..analysis.neurons import NeuronAccumulator
+from ..analysis.neurons import DEFAULT_REDUNDANCY_BUDGET, NeuronAccumulator
+from ..analysis.pick import available_memory
 from ..engine.ffn import DEFINITIONS, model_ffn
 from ..engine.model import Engine
 from ..engine.probes import FFNCapture, run_checked
@@ -100,14 +101,17 @@ class NeuronProbe(CaptureProbe):
         *,
         redundancy: bool = True,
         top_k: int = 10,
-        memory_budget_bytes: int = 2 << 30,
+        memory_budget_bytes: int | None = None,
         allow_large: bool = False,
+        redundancy_full: bool = False,
     ) -> None:
         model = model_ffn(model_path)
         chosen = resolve_layers(layers, model.n_layer)
+        if memory_budget_bytes is None:  # every neuron asked for: what this machine has; else the default budget
+            memory_budget_bytes = available_memory()[0] if redundancy_full else DEFAULT_REDUNDANCY_BUDGET
         self.accumulator = NeuronAccumulator(
             chosen, list(definitions), model.n_ff, redundancy=redundancy, top_k=top_k,
-            memory_budget_bytes=memory_budget_bytes, allow_large=allow_large,
+            memory_budget_bytes=memory_budget_bytes, allow_large=allow_large, redundancy_full=redundancy_full,
         )
         self.capture = FFNCapture(model_path, self.accumulator.update, chosen, definitions)
         self.model = model
@@ -117,6 +121,14 @@ class NeuronProbe(CaptureProbe):
         if (loaded.layers, loaded.definitions, loaded.n_ff) != (self.accumulator.layers, self.accumulator.definitions,
                                                                  self.accumulator.n_ff):
             raise ProbeError(f"{path}: saved neuron state is for other layers/definitions/width")
+        if (loaded.redundancy, loaded.redundancy_stride) != (self.accumulator.redundancy, self.accumulator.redundancy_stride):
+            def which(acc) -> str:
+                return "no neuron" if not acc.redundancy else (
+                    "every neuron" if acc.redundancy_stride == 1 else f"one neuron in {acc.redundancy_stride}")
+            raise ProbeError(f"{path}: the saved run correlates {which(loaded)}, this one would correlate "
+                             f"{which(self.accumulator)}: pass the redundancy settings it was made with "
+                             "(--redundancy-full or its --redundancy-budget) to continue it, or --force to redo it")
+        loaded.redundancy_plan = self.accumulator.redundancy_plan  # why its neurons were chosen, for the note
         self.accumulator = loaded
         self.capture.consumer = loaded.update
 
@@ -133,7 +145,7 @@ def collect_neuron_stats(
     redundancy: bool = True,
     top_k: int = 10,
     allow_large: bool = False,
-    memory_budget_bytes: int = 2 << 30,
+    memory_budget_bytes: int | None = None,
     chunk_size: int = 32,
     n_ctx: int = 2048,
     n_threads: int | None = None,

@@ -8,6 +8,7 @@ the ablation check, top-activating tokens; across levels: the comparison with th
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -17,8 +18,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ..analysis.experts import ROUTE_FIELDS, routing_agreement
-from ..analysis.neurons import NeuronAccumulator, activation_drift, top_token_contexts
-from ..attribution import ablation_effect, attribute, method
+from ..analysis.neurons import TopActivations, activation_drift, top_token_contexts
+from ..attribution import ablation_effects, attribute, method
 from ..engine.ffn import model_ffn
 from ..engine.model import Vocab
 from ..errors import ProbeError
@@ -50,6 +51,8 @@ class NeuronAnalysis:
     attribution_device: str = "auto"  # torch device for ig
     ablate_top: int = 5  # causal check: switch off each layer's top-N salient candidates (0: skip)
     redundancy: bool = True  # pairwise correlations: n_ff² per layer, the pass's largest memory (off for big models)
+    redundancy_budget: int | None = None  # NeuronSettings.redundancy_budget: over it, an evenly spaced subset
+    redundancy_full: bool = False  # every neuron, or a one-line refusal over the budget
     n_ctx: int = 2048
     threads: int | None = None
     gpu_layers: str | int = "auto"
@@ -90,7 +93,8 @@ def finalize_neurons(run_dir: Path, acc, engine, settings) -> dict[str, Any]:
             red = acc.redundancy_summary(definition, layer, settings.redundancy_threshold, settings.cluster_threshold)
             entry["redundancy"] = {"histogram": [int(x) for x in red.histogram], "pairs_above": red.pairs_above,
                                    "threshold": red.threshold, "groups": red.n_groups,
-                                   "cluster_threshold": red.cluster_threshold, "constant_neurons": red.n_constant}
+                                   "cluster_threshold": red.cluster_threshold, "constant_neurons": red.n_constant,
+                                   "neurons": len(acc.redundancy_neurons), "stride": acc.redundancy_stride}
         if acc.top_k and stats.count:
             # Until saliency is computed, show the neurons with the largest activations.
             strongest = np.argsort(-stats.maxabs, kind="stable")[:10]
@@ -101,9 +105,13 @@ def finalize_neurons(run_dir: Path, acc, engine, settings) -> dict[str, Any]:
                        f"{key}/min": stats.min, f"{key}/max": stats.max})
     save_npz(run_dir / "neuron_stats.npz", **arrays)
     result = {"settings": asdict(settings), "layers": layers_out, "prompts": len(prompt_tokens)}
+    note = acc.redundancy_plan.note() if acc.redundancy_plan is not None else None
+    if note:  # the budget shrank the redundancy: say what, why, and how to get all of it
+        result["redundancy_note"] = note
     write_json(run_dir / "neurons.json", result)
     return {"layers": [e["layer"] for e in layers_out], "definitions": list(acc.definitions),
-            "dead": {f"{e['definition']}/{e['layer']}": e["dead"] for e in layers_out}}
+            "dead": {f"{e['definition']}/{e['layer']}": e["dead"] for e in layers_out},
+            **({"redundancy_note": note} if note else {})}
 
 
 def compare_neurons(ref_dir: Path, run_dir: Path) -> dict[str, Any]:
@@ -197,11 +205,45 @@ def _target_summary(model_path: Path, prompts: list[str], labels, kind: str, tar
     return {"kind": kind, "tokens": dict(pieces.most_common()), "not_label": not_label, "n": len(targets)}
 
 
+def _salient_inputs(run_dir: Path, tokens: list[np.ndarray], config) -> dict[str, Any]:
+    """What an attribution's result depends on beyond its cache key: the model file, the token arrays and the
+    engine settings of its passes (a run of the same file with other decode settings for its own pass, e.g. a
+    noise-floor run, attributes the same tokens the same way and may take another run's result)."""
+    digest = hashlib.sha256()
+    for t in tokens:
+        digest.update(np.asarray(t, dtype=np.int64).tobytes() + b"|")
+    return {"model_sha256": read_json(run_dir / "manifest.json")["model"]["sha256"], "tokens_sha256": digest.hexdigest(),
+            "n_ctx": config.n_ctx, "threads": config.threads, "gpu_layers": str(config.gpu_layers),
+            "device": config.attribution_device}
+
+
+def _reused_salient(key: dict[str, Any], inputs: dict[str, Any], donors, config) -> dict[str, Any] | None:
+    """A donor run's salient.json with the same inputs and the same key (its ablation check too, unless this
+    one has none: then without it), or None."""
+    def bare(k: dict[str, Any]) -> dict[str, Any]:
+        return {name: v for name, v in k.items() if name != "ablate_top"}
+
+    for donor in donors:
+        path = Path(donor) / "salient.json"
+        cached = read_json(path) if path.exists() else {}
+        if cached.get("inputs") != inputs or bare(cached.get("key") or {}) != bare(key):
+            continue
+        if config.ablate_top and cached["key"].get("ablate_top") != config.ablate_top:
+            continue
+        if not config.ablate_top:
+            for entry in cached["layers"].values():
+                entry.pop("ablation", None)
+        return {**cached, "key": key, "reused_from": str(donor)}
+    return None
+
+
 def _salient(run_dir: Path, model_path: Path, prompts: list[str], layers: list[int], config, progress,
-             targets: list[int] | None = None, choices: list[tuple[str, ...]] | None = None) -> dict[str, Any] | None:
+             targets: list[int] | None = None, choices: list[tuple[str, ...]] | None = None,
+             donors: tuple[Path, ...] = ()) -> dict[str, Any] | None:
     """Salient neurons of this level by config.attribution, cached in RUN_DIR/salient.json. The first
     prompts are attributed (and ablated) as the run decoded them: its token arrays (pipeline.tokens), so a
-    prompt fitted to the context keeps its template here too; `prompts` only name the target tokens."""
+    prompt fitted to the context keeps its template here too; `prompts` only name the target tokens.
+    donors: run directories whose result is taken when it was computed from the same inputs (_reused_salient)."""
     m = method(config.attribution)
     n = min(config.salient_examples, len(prompts))
     kind = _target_kind(config)
@@ -214,14 +256,19 @@ def _salient(run_dir: Path, model_path: Path, prompts: list[str], layers: list[i
         if cached.get("key") == key:
             return cached
     wanted = sorted(layers) if m.all_layers else [max(layers)]
+    tokens = decoded_tokens(run_dir)[:n]
+    inputs = _salient_inputs(run_dir, tokens, config)
+    reused = _reused_salient(key, inputs, donors, config)
+    if reused is not None:  # the same attribution already made (e.g. the reference's, for its noise floor)
+        write_json(cache, reused)
+        return reused
     if progress:
         progress.step(f"salient neurons ({m.name}) on {n} prompts, layers {','.join(map(str, wanted))} · "
                       f"{run_dir.parent.name}/{run_dir.name}")
-    tokens = decoded_tokens(run_dir)[:n]
     attr = attribute(m.name, model_path, tokens, wanted, targets=None if targets is None else targets[:n],
                      n_ctx=config.n_ctx, threads=config.threads, gpu_layers=config.gpu_layers,
                      device=config.attribution_device)
-    result: dict[str, Any] = {"key": key, "method": m.name, "label": m.label, "paper_method": m.paper,
+    result: dict[str, Any] = {"key": key, "inputs": inputs, "method": m.name, "label": m.label, "paper_method": m.paper,
                               "n_prompts": n, "threshold": config.saliency, "target": kind,
                               "targets": [int(t) for t in attr.target_tokens], "layers": {}}
     result["salient_targets"] = _target_summary(model_path, prompts[:n], read_json(run_dir / "manifest.json")["label_tokens"],
@@ -259,12 +306,11 @@ def _ablation_check(result: dict[str, Any], model_path: Path, tokens: list[np.nd
             continue
         others = np.setdiff1d(np.arange(n_ff), top)
         control = sorted(int(i) for i in rng.choice(others, size=len(top), replace=False))
-        deltas = {}
-        for name, ids in (("top", top), ("control", control)):
-            res = ablation_effect(model_path, tokens, int(key), ids, values=0.0, definition="act",
-                                  targets=result["targets"], n_ctx=config.n_ctx, n_threads=config.threads,
-                                  gpu_layers=config.gpu_layers)
-            deltas[name] = res.delta
+        # one model load and one clean pass for both sets
+        effects = ablation_effects(model_path, tokens, int(key), {"top": top, "control": control}, values=0.0,
+                                   definition="act", targets=result["targets"], n_ctx=config.n_ctx,
+                                   n_threads=config.threads, gpu_layers=config.gpu_layers)
+        deltas = {name: res.delta for name, res in effects.items()}
         entry["ablation"] = {
             "neurons": [int(i) for i in top], "control_neurons": control, "value": 0.0,
             "delta_logprob_mean": float(deltas["top"].mean()),
@@ -280,10 +326,13 @@ def _top_tokens(run_dir: Path, model_path: Path, definition: str, layer: int, ne
     states = sorted((run_dir / "neuron_state").glob("*.npz"))
     if not states or not neurons:
         return {}
-    acc = NeuronAccumulator.load(states[-1])
-    top = acc.top.get((definition, layer))
-    if top is None:
+    # only this layer's top activations: the whole state holds every layer's co-moments (n_ff² each)
+    prefix = f"{definition}/{layer}/top."
+    with np.load(states[-1], allow_pickle=False) as state:
+        arrays = {k[len(prefix):]: state[k] for k in state.files if k.startswith(prefix)}
+    if not arrays:
         return {}
+    top = TopActivations.from_arrays(arrays)
     tokens = decoded_tokens(run_dir)
     with Vocab(model_path) as vocab:
         out = {}
@@ -294,10 +343,12 @@ def _top_tokens(run_dir: Path, model_path: Path, definition: str, layer: int, ne
 
 
 def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, progress=None,
-                 targets: list[int] | None = None, choices: list[tuple[str, ...]] | None = None) -> dict[str, Any]:
+                 targets: list[int] | None = None, choices: list[tuple[str, ...]] | None = None,
+                 salient_donors: tuple[Path, ...] = ()) -> dict[str, Any]:
     """One level's neuron figures; targets: a token per prompt for the attribution (neuron_targets; None:
     each prompt's own argmax). salient_targets says which tokens were attributed and how many are no label
-    (choices: a multiple-choice task's choices per prompt, its labels)."""
+    (choices: a multiple-choice task's choices per prompt, its labels). salient_donors: runs of the same file
+    whose attribution is reused when made from the same inputs (_salient)."""
     nj = read_json(run_dir / "neurons.json")
     entries = [e for e in nj["layers"] if e["definition"] == config.neuron]
     level: dict[str, Any] = {
@@ -314,13 +365,16 @@ def neuron_level(run_dir: Path, model_path: Path, prompts: list[str], config, pr
                             if any("redundancy" in e for e in entries) else [],  # a pass without redundancy: none
         "top_tokens": {},
     }
+    if nj.get("redundancy_note"):
+        level["redundancy_note"] = nj["redundancy_note"]
     sal = None
     if nj.get("experts"):  # mixture of experts: per-expert statistics and routing; no attribution method applies
         level["experts"] = nj["experts"]
         level["salient_note"] = nj["experts"]["attribution"]
     elif config.salient_examples > 0 and config.attribution != "none" and level["layers"]:
         try:
-            sal = _salient(run_dir, model_path, prompts, level["layers"], config, progress, targets, choices)
+            sal = _salient(run_dir, model_path, prompts, level["layers"], config, progress, targets, choices,
+                           salient_donors)
         except Exception as exc:  # an architecture or an extra the method lacks: say so, keep the rest
             if not isinstance(exc, ProbeError):
                 raise

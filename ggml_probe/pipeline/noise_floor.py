@@ -104,8 +104,10 @@ def task_floor(reference: str, ref_path: Path, ref_run_dir: Path, eval_config: E
         config = p.eval_config(eval_config)
         if progress:
             progress.step(f"noise floor · {eval_config.task} · {reference} with {p.describe(eval_config)}")
+        # the attribution's passes do not use the pass's batch layout or flash attention: where the targets and
+        # the settings it uses are the reference run's, its salient neurons are taken from there
         result = run_level_files({reference: ref_path}, config, out / _dir_name(name, config), resume=not force,
-                                 force=force, neurons=light, progress=progress)
+                                 force=force, neurons=light, progress=progress, salient_donors=(ref_run_dir,))
         run_dir = result.run_dirs[reference]
         comparison = compare_runs(ref_run_dir, run_dir, n_boot=eval_config.n_boot)
         level_neurons = (result.neurons or {}).get(reference)

@@ -90,9 +90,10 @@ def run_levels(model: str | Path, eval_config: EvalConfig, levels: Sequence[str]
 def run_level_files(files: dict[str | None, Path], eval_config: EvalConfig, root: str | Path, *,
                     reference: str | None = None, resume: bool = False, force: bool = False,
                     neurons: NeuronAnalysis | None = None, imatrix_out: str | Path | None = None,
-                    progress: RunProgress | None = None) -> LevelRuns:
+                    progress: RunProgress | None = None, salient_donors: tuple[Path, ...] = ()) -> LevelRuns:
     """The runs of GGUF files already at hand, by level (ROOT/<LEVEL>); the key None is one model's
-    own run, in ROOT itself. See run_levels."""
+    own run, in ROOT itself. See run_levels. salient_donors: run directories whose salient neurons are
+    reused where made from the same file, tokens and settings (pipeline.neurons.neuron_level)."""
     root = Path(root)
     if neurons is not None:
         # The attribution and the ablation run with the engine settings of the pass they explain.
@@ -101,7 +102,9 @@ def run_level_files(files: dict[str | None, Path], eval_config: EvalConfig, root
         if eval_config.neurons is None:  # the pass captures what the neuron part analyses
             eval_config = replace(eval_config, neurons=NeuronSettings(layers=neurons.layers,
                                                                       definitions=(neurons.neuron,), tau=neurons.tau,
-                                                                      redundancy=neurons.redundancy))
+                                                                      redundancy=neurons.redundancy,
+                                                                      redundancy_budget=neurons.redundancy_budget,
+                                                                      redundancy_full=neurons.redundancy_full))
     summaries: dict[str, RunSummary] = {}
     paths: dict[str, Path] = {}
     for level, path in files.items():
@@ -125,7 +128,8 @@ def run_level_files(files: dict[str | None, Path], eval_config: EvalConfig, root
                                  on_bad_row=eval_config.on_bad_row, seed=eval_config.seed).examples
         prompts = [ex.prompt for ex in examples]
         result.neurons = {level: neuron_level(d, paths[level], prompts, neurons, progress,
-                                              neuron_targets(d, examples, neurons), [ex.choices for ex in examples])
+                                              neuron_targets(d, examples, neurons), [ex.choices for ex in examples],
+                                              salient_donors)
                           for level, d in result.run_dirs.items()}
         if result.reference is not None:
             result.neuron_comparison = compare_neuron_levels(result.run_dirs, result.reference, result.neurons)

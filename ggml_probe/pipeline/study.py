@@ -36,6 +36,7 @@ from ..report.render import render_report
 from ..tasks import OFFLINE_TASK, get_task, load_examples
 from ..tasks.readers import open_table
 from ..weights import compare_weights
+from . import DEFAULT_BATCH_PROMPTS
 from .compare import reference_level
 from .evaluation import EvalConfig, ladder_files, task_spec
 from .kld import KLDSettings, run_kld
@@ -81,7 +82,7 @@ class StudyConfig:
     n_ctx: int = 2048
     threads: int | None = None
     gpu_layers: str | int = "auto"
-    batch_prompts: int = 1  # prompts per llama_decode (EvalConfig.batch_prompts)
+    batch_prompts: int = DEFAULT_BATCH_PROMPTS  # prompts per llama_decode (EvalConfig.batch_prompts)
     n_boot: int = 1000
     kld: bool = True  # llama-perplexity's text KLD of every level against the reference
     kld_text: str | None = None  # a plain-text file; None: the tasks' own text (e.g. BoolQ passages)
@@ -98,6 +99,8 @@ class StudyConfig:
     trace_tokens: int = 128  # tokens traced per level: one chunk keeps the study fast (2 + n_layer + 1 decodes)
     trace_layers: str | None = None  # blocks compared and patched (layerspec); None: every block
     redundancy: bool = True  # the neurons' pairwise correlations (n_ff² floats per layer)
+    redundancy_budget: int | None = None  # bytes they may take (None: the default); over it, a subset, noted
+    redundancy_full: bool = False  # every neuron, or a one-line refusal over the budget
     noise_floor: bool = True  # the reference against itself under batch layout, flash attention, threads
     speed: bool = True  # bench's pp/tg tokens/s and memory per level, small by default to keep the study fast
     speed_prompt: int = 128
@@ -119,7 +122,8 @@ class StudyConfig:
                               salient_examples=self.salient_examples, attribution=self.attribution or "exact",
                               attribution_target=self.attribution_target or "label",
                               attribution_device=self.attribution_device, ablate_top=self.ablate_top,
-                              redundancy=self.redundancy,
+                              redundancy=self.redundancy, redundancy_budget=self.redundancy_budget,
+                              redundancy_full=self.redundancy_full,
                               n_ctx=self.n_ctx, threads=self.threads, gpu_layers=self.gpu_layers)
 
 
@@ -250,6 +254,7 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
             "tool": {"ggml_probe": __version__, "python": platform.python_version(), "platform": platform.platform()},
             "command": command or "", "seconds": time.perf_counter() - t0,
             "definitions": _definitions(config),
+            "notes": _notes(study),
         }
         study["what_changed"] = what_changed(study)
         write_json(out / "study.json", study)
@@ -257,6 +262,12 @@ def run_study(model: str | Path, config: StudyConfig, out_dir: str | Path, *, fo
             progress.step("writing the report")
         render_report(study, out)
         return study
+
+
+def _notes(study: dict[str, Any]) -> list[str]:
+    """What the study shrank to fit and how to get the whole of it (each distinct note once)."""
+    notes = [n.get("redundancy_note") for t in study["tasks"].values() for n in (t.get("neurons") or {}).values()]
+    return list(dict.fromkeys(n for n in notes if n))
 
 
 def _weights_section(files: dict[str, Path], reference: str, out: Path, force: bool,

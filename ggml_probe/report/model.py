@@ -163,6 +163,8 @@ def build_report(study: Mapping[str, Any]) -> Report:
 
 def _what_changed_section(s: _Study, changes: Sequence[Mapping[str, Any]]) -> Section:
     sec = Section("what-changed", "What changed")
+    for note in s.meta.get("notes") or []:  # what the study shrank to fit (the redundancy budget), and why
+        sec.add("warn", f"{note}.")
     if not changes:
         sec.add("note", f"No comparison against a reference level: {NOT_MEASURED}.")
         return sec

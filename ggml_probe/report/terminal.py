@@ -218,6 +218,8 @@ def print_study_summary(console: "Console", study: dict, out_dir) -> None:
             console.print(f"[bold green]pick: {escape(result['pick'])}[/] — {escape(why)}")
         else:
             console.print(f"[bold red]pick: none[/] — {escape(result['reasons'][0])}")
+    for note in s.get("notes") or []:  # what the study shrank to fit, and how to get all of it
+        console.print(f"[yellow]note: {escape(note)}[/]")
     if study.get("what_changed"):
         console.print("[bold]What changed[/]")
         for item in study["what_changed"]:
@@ -359,6 +361,8 @@ def print_neuron_summary(console: "Console", levels: dict, comparison: dict | No
                             "—" if drift is None else f"{drift:.4f}"]
             table.add_row(*row)
     console.print(table)
+    for note in dict.fromkeys(n["redundancy_note"] for n in levels.values() if n.get("redundancy_note")):
+        console.print(f"[yellow]{escape(note)}[/]")
     method = first.get("salient_method")
     if method:
         console.print(f"[dim]salient: {method}[/]")

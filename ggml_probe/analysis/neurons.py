@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.linalg import blas
 
 from ..errors import ProbeError
 from ..fsutil import atomic_output, human_size
@@ -148,7 +149,9 @@ class CoMoment:
     """Streaming co-moment matrix C = Σ (x − mean)(x − mean)ᵀ over tokens, float64, n_ff × n_ff.
 
     Rows are buffered up to `block_rows` and folded in one matrix product per block (the n_ff² work
-    per fold would otherwise dominate for short prompts); reading results folds the buffer first.
+    per fold would otherwise dominate for short prompts); reading results folds the buffer first. A fold
+    updates one triangle in place (BLAS syrk and syr: half the products of a full XᵀX, no n_ff² temporary);
+    reading `c` mirrors it into the other.
     """
 
     def __init__(self, n_ff: int, block_rows: int = 512) -> None:
@@ -156,9 +159,24 @@ class CoMoment:
         self.block_rows = int(block_rows)
         self.count = 0
         self.mean = np.zeros(n_ff)
-        self.c = np.zeros((n_ff, n_ff))
+        self._c = np.zeros((n_ff, n_ff))
+        self._lower_only = False  # True: only _c's lower triangle (row ≥ column) is current
         self._pending: list[np.ndarray] = []
         self._pending_rows = 0
+
+    @property
+    def c(self) -> np.ndarray:
+        """The co-moment matrix, the buffered rows folded in."""
+        self.flush()
+        if self._lower_only:
+            upper = np.triu_indices(self.n_ff, 1)
+            self._c[upper] = self._c.T[upper]
+            self._lower_only = False
+        return self._c
+
+    @c.setter
+    def c(self, value: np.ndarray) -> None:
+        self._c, self._lower_only = value, False
 
     @staticmethod
     def bytes_needed(n_ff: int) -> int:
@@ -175,39 +193,47 @@ class CoMoment:
             self.flush()
 
     def flush(self) -> None:
-        """Fold the buffered rows into the co-moment."""
+        """Fold the buffered rows into the co-moment: C += Σ (x − x̄_b)(x − x̄_b)ᵀ + w·δδᵀ (Chan et al.'s
+        pairwise update), in place on the lower triangle. _c's transpose is a Fortran-ordered view whose
+        upper triangle is _c's lower one, so BLAS writes straight into it."""
         if not self._pending:
             return
         x = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
         self._pending, self._pending_rows = [], 0
+        n_b = x.shape[0]
         batch_mean = x.mean(axis=0)
         centred = x - batch_mean
-        self._merge(x.shape[0], batch_mean, centred.T @ centred)
+        n_a, n = self.count, self.count + n_b
+        delta = batch_mean - self.mean
+        upper_of_transpose = self._c.T
+        blas.dsyrk(1.0, centred.T, beta=1.0, c=upper_of_transpose, trans=0, lower=0, overwrite_c=1)
+        if n_a:
+            blas.dsyr(n_a * n_b / n, delta, lower=0, a=upper_of_transpose, overwrite_a=1)
+        self._lower_only = True
+        self.mean = self.mean + delta * (n_b / n)
+        self.count = n
 
     def merge(self, other: "CoMoment") -> None:
         if other.n_ff != self.n_ff:
             raise ProbeError(f"cannot merge co-moments of {other.n_ff} neurons into {self.n_ff}")
-        self.flush()
-        other.flush()
-        if other.count:
-            self._merge(other.count, other.mean, other.c)
-
-    def _merge(self, n_b: int, mean_b: np.ndarray, c_b: np.ndarray) -> None:
-        n_a = self.count
-        n = n_a + n_b
-        delta = mean_b - self.mean
-        self.c += c_b
-        if n_a:
-            self.c += np.outer(delta, delta) * (n_a * n_b / n)
-        self.mean = self.mean + delta * (n_b / n)
-        self.count = n
+        other_c = other.c
+        c = self.c
+        n_a, n_b = self.count, other.count
+        if n_b:
+            n = n_a + n_b
+            delta = other.mean - self.mean
+            c += other_c
+            if n_a:
+                c += np.outer(delta, delta) * (n_a * n_b / n)
+            self.mean = self.mean + delta * (n_b / n)
+            self.count = n
 
     def correlation(self) -> np.ndarray:
         """Pearson correlation; rows/columns of constant neurons are NaN."""
-        self.flush()
-        d = np.sqrt(np.diag(self.c))
+        c = self.c
+        d = np.sqrt(np.diag(c))
         with np.errstate(invalid="ignore", divide="ignore"):
-            r = self.c / np.outer(d, d)
+            r = c / np.outer(d, d)
         np.clip(r, -1.0, 1.0, out=r)
         constant = d == 0
         r[constant, :] = np.nan

@@ -272,9 +272,13 @@ def main() -> None:
         "load, data loading and the final tables/metrics/plot are not in it). `eval b=32 share` decodes fewer "
         "tokens than it reports (the column 'tokens decoded / prompt tokens'): the instruction once per batch "
         "of 32 instead of 32 times, which is why it can beat llama-bench's pp at the same batch size. "
-        "`neurons` passes mark every token an output (the last layer's FFN must cover every token), so "
-        "llama.cpp also computes the output matrix for every row. The paper stack's tok/s counts real "
-        "(unpadded) tokens.",
+        "`neurons` passes (`eval --neurons` with its defaults: layers 0, 14 and the last, act and down_in, "
+        "redundancy, top tokens, a checkpoint of the statistics per chunk) mark every token an output (the "
+        "last layer's FFN must cover every token), end each graph after the last layer's FFN and decode the "
+        "last tokens apart, so the output matrix runs on one row per prompt (benchmarks/neuron_graph.md: "
+        "llama.cpp's side of the pass alone). The rest of their cost over eval is the host's: the statistics "
+        "(co-moments, top tokens) and the per-chunk checkpoint of the co-moment matrices (n_ff² float64 per "
+        "layer and definition). The paper stack's tok/s counts real (unpadded) tokens and keeps no statistics.",
     ]
     (args.out / "passes.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -230,6 +230,7 @@ class FFNCapture(Probe):
     covers every token. `extra` names further graph tensors (e.g. "ffn_norm-3") handed to
     `on_extra(name, array, layout)`.
     """
+
     shares_prefix = True  # a shared prefix's rows are kept and handed over with every prompt's own
 
     def __init__(

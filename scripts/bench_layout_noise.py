@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,13 +31,10 @@ from ggml_probe.models.store import demo_model_path
 from ggml_probe.pipeline.neuron_stats import NeuronProbe
 
 REPO = Path(__file__).resolve().parents[1]
-BOOLQ = REPO.parent / "shared" / "data" / "boolq_validation.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _paper_stack_common as common  # noqa: E402
+
 LEVELS = ("F16", "Q8_0")
-
-
-def prompts(n: int) -> list[str]:
-    rows = [json.loads(line) for line in BOOLQ.read_text().splitlines()[:n]]
-    return [f"Respond with True or False only.\n{r['question']}\nAnswer:" for r in rows]
 
 
 def layouts(path: Path, texts: list[str], threads: int) -> dict[str, np.ndarray]:
@@ -69,7 +67,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "layout_noise.md")
     args = ap.parse_args()
-    texts = prompts(args.n)
+    texts = common.boolq_prompts(args.n)
     work = Path(tempfile.mkdtemp(prefix="layout-noise-"))
     ladder = {r.quant: r.path for r in quantize_ladder(demo_model_path(), list(LEVELS), out_dir=work,
                                                          allow_requantize=True)}

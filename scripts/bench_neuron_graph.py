@@ -22,17 +22,17 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 from ggml_probe.engine.model import Engine
 from ggml_probe.engine.probes import ProbeSet, run_checked
-from ggml_probe.models.quantize import quantize_ladder
-from ggml_probe.models.store import demo_model_path
 from ggml_probe.pipeline.neuron_stats import NeuronProbe
 
 REPO = Path(__file__).resolve().parents[1]
-BOOLQ = REPO.parent / "shared" / "data" / "boolq_validation.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _paper_stack_common as common  # noqa: E402
 
 
 def main() -> None:
@@ -40,13 +40,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/neuron-graph"))
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "neuron_graph.md")
     args = ap.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    (model,) = [r.path for r in quantize_ladder(demo_model_path(), ["F16"], out_dir=args.work, allow_requantize=True)]
-    rows = [json.loads(line) for line in BOOLQ.read_text().splitlines()[:args.n]]
-    texts = [f"Respond with True or False only.\n{r['question']}\nAnswer:" for r in rows]
+    model = common.demo_f16()
+    texts = common.boolq_prompts(args.n)
     probe = NeuronProbe(model, "0,14,-1", ["act"], redundancy=False, top_k=0)
     probes = ProbeSet([probe])
     names = probe.capture.tensor_names

@@ -16,7 +16,7 @@ converted to GGUF at F32 by `convert` (llama.cpp runs it as llama with ffn_*_exp
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ from ggml_probe.errors import ProbeError, UnsupportedArchitecture  # noqa: E402
 from ggml_probe.formats.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix  # noqa: E402
 from ggml_probe.models.convert import convert_hf_to_gguf  # noqa: E402
 from ggml_probe.models.quantize import quantize_ladder  # noqa: E402
-from ggml_probe.pipeline.evaluation import EvalConfig, evaluate  # noqa: E402
+from ggml_probe.pipeline.evaluation import EvalConfig, NeuronSettings, evaluate  # noqa: E402
 from ggml_probe.pipeline.imatrix import collect_task_imatrix  # noqa: E402
 
 HIDDEN, N_FF, N_LAYER, N_EXPERT, N_USED = 64, 32, 2, 4, 2
@@ -645,6 +645,15 @@ def test_eval_imatrix_out_on_the_experts_resumes(moe, tmp_path, boolq_path):
     tokens = ref.entries["blk.0.attn_q.weight"].counts[0]
     assert summary.manifest["imatrix"]["tokens"] == tokens and ref.entries["blk.0.ffn_up_exps.weight"].counts.sum() \
         == N_USED * tokens
+
+    # beside the per-expert neuron pass (both read ffn_moe_argsort of the same decode): the same matrix
+    both = tmp_path / "both.imatrix.gguf"
+    evaluate(moe.gguf, replace(config, imatrix_out=str(both), neurons=NeuronSettings(
+        layers="-1", definitions=("act",), redundancy=False, top_k=0)), tmp_path / "both")
+    assert (tmp_path / "both" / "neuron_stats.npz").exists()
+    for name, e in read_imatrix(both).entries.items():
+        assert e.counts.tolist() == got.entries[name].counts.tolist(), name
+        np.testing.assert_array_equal(e.sums, got.entries[name].sums, err_msg=name)
 
 
 def test_imatrix_of_other_expert_families_is_refused_in_one_line(tmp_path):

@@ -645,6 +645,10 @@ def test_eval_imatrix_out_on_the_experts_resumes(moe, tmp_path, boolq_path):
     tokens = ref.entries["blk.0.attn_q.weight"].counts[0]
     assert summary.manifest["imatrix"]["tokens"] == tokens and ref.entries["blk.0.ffn_up_exps.weight"].counts.sum() \
         == N_USED * tokens
+    out.unlink()  # a finished run asked again rebuilds the file from its saved per-expert sums
+    evaluate(moe.gguf, config, tmp_path / "run", resume=True)
+    np.testing.assert_array_equal(read_imatrix(out).entries["blk.1.ffn_down_exps.weight"].sums,
+                                  got.entries["blk.1.ffn_down_exps.weight"].sums)
 
     # beside the per-expert neuron pass (both read ffn_moe_argsort of the same decode): the same matrix
     both = tmp_path / "both.imatrix.gguf"

@@ -52,6 +52,15 @@ def test_legacy_dat_is_read(tmp_path):
     assert np.allclose(im.mean_squares()["blk.0.ffn_up.weight"], values / 4)
 
 
+def test_a_matrix_that_counted_nothing_weighs_one_per_channel(tmp_path):
+    """An expert no token was routed to (count 0): llama-quantize's load_imatrix (tools/quantize) hands the
+    quantizer ones for its channels, not 0/1 = zeros; the routed experts get their mean squares."""
+    sums = np.array([[2.0, 4.0, 6.0], [0.0, 0.0, 0.0], [3.0, 3.0, 9.0]])
+    im = Imatrix({"blk.0.ffn_down_exps.weight": ImatrixEntry(sums, np.array([2.0, 0.0, 3.0]))})
+    back = read_imatrix(write_imatrix(tmp_path / "experts.gguf", im))
+    assert back.mean_squares()["blk.0.ffn_down_exps.weight"].tolist() == [1, 2, 3, 1, 1, 1, 1, 1, 3]
+
+
 def test_not_an_imatrix(tmp_path):
     (tmp_path / "x.dat").write_bytes(b"\xff\xff\xff\xff garbage")
     with pytest.raises(ProbeError, match="not an imatrix file"):

@@ -8,13 +8,15 @@ converted to GGUF at F32 by `convert` (llama.cpp runs it as llama with ffn_*_exp
   equal transformers' hooks on the experts' activation function, grouped by the router's top-k,
 - `neurons` (through click) writes per-expert statistics equal to the same statistics computed in NumPy
   from transformers' activations on the tokens the run decoded, and routing counts equal the router's,
-- `study` runs end to end, salient neurons declared unsupported in one line.
+- `study` runs end to end, salient neurons declared unsupported in one line,
+- the importance matrix (collect_imatrix, eval --imatrix-out) equals llama-imatrix's rule read from the graph
+  (MUL_MAT, and MUL_MAT_ID per routed expert), and llama.cpp's quantizer takes each expert's row of it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +24,23 @@ import pytest
 
 from test_convert import llama_logits, randomise, sentencepiece_tokenizer, set_rope
 
+import gguf
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from ggml_probe.analysis.experts import ExpertAccumulator  # noqa: E402
+from ggml_probe.engine.ggml_lib import libggml, tensor_head  # noqa: E402
+from ggml_probe.engine.imatrix_capture import collect_imatrix  # noqa: E402
 from ggml_probe.engine.model import Engine  # noqa: E402
 from ggml_probe.engine.moe_capture import MoECapture, model_moe  # noqa: E402
-from ggml_probe.engine.probes import BatchLayout, run_checked  # noqa: E402
-from ggml_probe.errors import ProbeError  # noqa: E402
+from ggml_probe.engine.probes import BatchLayout, TensorReader, run_checked  # noqa: E402
+from ggml_probe.errors import ProbeError, UnsupportedArchitecture  # noqa: E402
+from ggml_probe.formats.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix  # noqa: E402
 from ggml_probe.models.convert import convert_hf_to_gguf  # noqa: E402
+from ggml_probe.models.quantize import quantize_ladder  # noqa: E402
+from ggml_probe.pipeline.evaluation import EvalConfig, NeuronSettings, evaluate  # noqa: E402
+from ggml_probe.pipeline.imatrix import collect_task_imatrix  # noqa: E402
 
 HIDDEN, N_FF, N_LAYER, N_EXPERT, N_USED = 64, 32, 2, 4, 2
 
@@ -519,3 +529,151 @@ def test_probe_state_resumes_exactly(moe, tmp_path):
                 top_a, top_b = a.top[(d, layer)].for_neuron(j), b.top[(d, layer)].for_neuron(j)
                 assert [r[1:] for r in top_b] == [r[1:] for r in top_a]  # the same (prompt, position)s
                 np.testing.assert_allclose([r[0] for r in top_b], [r[0] for r in top_a], rtol=1e-5)
+
+
+def _mul_mat_rule(moe, prompts) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """llama-imatrix's collect_imatrix (tools/imatrix/imatrix.cpp), independent of graph names: every MUL_MAT
+    and MUL_MAT_ID whose src0 is a blk.* weight. MUL_MAT: src1's rows squared and summed, one count per row.
+    MUL_MAT_ID: for slot idx of token row, ids (src[2], a strided view: read through its strides) names the
+    expert; src1[row, idx % ne1] is squared into that expert's row of sums and counted once for it."""
+    lib, reader = libggml(), TensorReader()
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+
+    def callback(t, ask):
+        head = tensor_head(t)
+        op = lib.ggml_op_desc(t)
+        if op not in (b"MUL_MAT", b"MUL_MAT_ID") or not head.src[0]:
+            return False
+        weight = reader.name(head.src[0])
+        if not weight.startswith("blk."):
+            return False
+        if ask:
+            return True
+        x = reader.read(head.src[1], "ref").astype(np.float64)
+        if op == b"MUL_MAT":
+            s, c = (x * x).sum(axis=0)[None, :], np.array([len(x)])
+        else:
+            n_as, (ne0, ne1, ne2, _) = tensor_head(head.src[0]).ne[2], tensor_head(head.src[1]).ne
+            x = x.reshape(ne2, ne1, ne0)
+            ids = tensor_head(head.src[2])
+            raw = np.empty(lib.ggml_nbytes(head.src[2]), dtype=np.uint8)
+            lib.ggml_backend_tensor_get(head.src[2], raw.ctypes.data, 0, raw.nbytes)
+            s, c = np.zeros((n_as, ne0)), np.zeros(n_as, dtype=np.int64)
+            for idx in range(ids.ne[0]):
+                for row in range(ids.ne[1]):
+                    at = row * ids.nb[1] + idx * ids.nb[0]
+                    ex = int(raw[at: at + 4].view(np.int32)[0])
+                    s[ex] += x[row, idx % ne1] ** 2
+                    c[ex] += 1
+        sums[weight] = sums.get(weight, 0.0) + s
+        counts[weight] = counts.get(weight, 0) + c
+        return True
+
+    with Engine(moe.gguf, n_ctx=128, n_threads=1, hidden_states=False, eval_callback=callback) as engine:
+        for p in prompts:
+            engine.run([p], all_outputs=True)
+    return sums, counts
+
+
+def test_collected_imatrix_equals_the_mul_mat_id_rule(moe, tmp_path):
+    """Mixtral's experts (ffn_*_exps, MUL_MAT_ID) get one row of sums and one count per expert from the rows
+    routed to it, the router (ffn_gate_inp) a plain entry over every token; no dense ffn_gate/up/down is named.
+    Written as llama-imatrix writes it, llama.cpp's quantizer reads each expert's row for that expert."""
+    prompts = [np.asarray(moe.token_ids[:n], dtype=np.int32) for n in (24, 17, 9)]
+    im = collect_imatrix(moe.gguf, prompts, datasets=["ids"], n_ctx=128, n_threads=1)
+    ref_sums, ref_counts = _mul_mat_rule(moe, prompts)
+    per_layer = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+                 "ffn_down_exps"]
+    assert set(im.entries) == set(ref_sums) == {f"blk.{i}.{w}.weight" for i in range(N_LAYER) for w in per_layer}
+    for name, entry in im.entries.items():
+        np.testing.assert_allclose(entry.sums, ref_sums[name], rtol=1e-9, err_msg=name)
+        assert entry.counts.tolist() == ref_counts[name].tolist(), name
+    down = im.entries["blk.1.ffn_down_exps.weight"]
+    assert down.sums.shape == (N_EXPERT, N_FF) and down.counts.sum() == N_USED * 50 and (down.counts > 0).all()
+    assert im.entries["blk.1.ffn_gate_inp.weight"].counts.tolist() == [50]
+
+    # written in llama-imatrix's layout ([n_per_row, n_expert] sums, [1, n_expert] counts), quantized from the file
+    written = write_imatrix(tmp_path / "moe.imatrix.gguf", im)
+    shapes = {t.name: list(t.shape) for t in gguf.GGUFReader(written).tensors}
+    assert shapes["blk.1.ffn_down_exps.weight.in_sum2"] == [N_FF, N_EXPERT]
+    assert shapes["blk.1.ffn_down_exps.weight.counts"] == [1, N_EXPERT]
+    ours = quantize_ladder(moe.gguf, ["Q4_0"], out_dir=tmp_path / "ours", imatrix=written)[0]
+    plain = quantize_ladder(moe.gguf, ["Q4_0"], out_dir=tmp_path / "plain")[0]
+    # one expert's row changed in the down stack's entry: that expert's matrix alone is quantized otherwise
+    changed = Imatrix({n: ImatrixEntry(e.sums.copy(), e.counts) for n, e in read_imatrix(written).entries.items()})
+    changed.entries["blk.1.ffn_down_exps.weight"].sums[2, ::3] *= 1e4
+    moved = quantize_ladder(moe.gguf, ["Q4_0"], out_dir=tmp_path / "moved", imatrix=changed.mean_squares())[0]
+    a, b, c = ({t.name: np.asarray(t.data) for t in gguf.GGUFReader(r.path).tensors} for r in (plain, ours, moved))
+    for layer in range(N_LAYER):
+        for w in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+            name = f"blk.{layer}.{w}.weight"
+            assert b[name].shape[0] == N_EXPERT  # (expert, row, bytes)
+            for e in range(N_EXPERT):  # every expert's matrix was quantized with its importance
+                assert not np.array_equal(a[name][e], b[name][e]), (name, e)
+    assert [np.array_equal(b["blk.1.ffn_down_exps.weight"][e], c["blk.1.ffn_down_exps.weight"][e])
+            for e in range(N_EXPERT)] == [True, True, False, True]
+    assert all(np.array_equal(b[n], c[n]) for n in b if n != "blk.1.ffn_down_exps.weight")
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_eval_imatrix_out_on_the_experts_resumes(moe, tmp_path, boolq_path):
+    """`eval --imatrix-out` on Mixtral, stopped after its first chunk and resumed, writes the matrix
+    `imatrix collect` computes from the same fitted prompts: per expert sums and counts."""
+    out = tmp_path / "run.imatrix.gguf"
+    config = EvalConfig(task="boolq", data_path=str(boolq_path), limit=4, n_ctx=128, threads=1, chunk_size=2,
+                        n_boot=10, batch_prompts=1, imatrix_out=str(out))
+
+    def stop_after_first_chunk(done, total):
+        if done == 2:
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        evaluate(moe.gguf, config, tmp_path / "run", progress=stop_after_first_chunk)
+    assert not out.exists()
+    summary = evaluate(moe.gguf, config, tmp_path / "run", resume=True)
+    assert summary.resumed_examples == 2
+    ref, _ = collect_task_imatrix(moe.gguf, config)
+    got = read_imatrix(out)
+    assert set(got.entries) == set(ref.entries) and "blk.0.ffn_down_exps.weight" in got.entries
+    for name, e in ref.entries.items():
+        assert got.entries[name].counts.tolist() == e.counts.tolist(), name
+        np.testing.assert_array_equal(got.entries[name].sums, e.sums.astype(np.float32), err_msg=name)
+    tokens = ref.entries["blk.0.attn_q.weight"].counts[0]
+    assert summary.manifest["imatrix"]["tokens"] == tokens and ref.entries["blk.0.ffn_up_exps.weight"].counts.sum() \
+        == N_USED * tokens
+    out.unlink()  # a finished run asked again rebuilds the file from its saved per-expert sums
+    evaluate(moe.gguf, config, tmp_path / "run", resume=True)
+    np.testing.assert_array_equal(read_imatrix(out).entries["blk.1.ffn_down_exps.weight"].sums,
+                                  got.entries["blk.1.ffn_down_exps.weight"].sums)
+
+    # beside the per-expert neuron pass (both read ffn_moe_argsort of the same decode): the same matrix
+    both = tmp_path / "both.imatrix.gguf"
+    evaluate(moe.gguf, replace(config, imatrix_out=str(both), neurons=NeuronSettings(
+        layers="-1", definitions=("act",), redundancy=False, top_k=0)), tmp_path / "both")
+    assert (tmp_path / "both" / "neuron_stats.npz").exists()
+    for name, e in read_imatrix(both).entries.items():
+        assert e.counts.tolist() == got.entries[name].counts.tolist(), name
+        np.testing.assert_array_equal(e.sums, got.entries[name].sums, err_msg=name)
+
+
+def test_imatrix_of_other_expert_families_is_refused_in_one_line(tmp_path):
+    """A mixture of experts the imatrix probe cannot follow (a qwen3moe header) is refused before any decoding,
+    naming what is supported."""
+    path = tmp_path / "qwen3moe.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="qwen3moe")
+    writer.add_block_count(1)
+    writer.add_expert_count(4)
+    writer.add_expert_used_count(2)
+    writer.add_tensor("blk.0.ffn_gate_inp.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedArchitecture) as err:
+        collect_imatrix(path, ["a"])
+    assert str(err.value) == ("a mixture of experts of qwen3moe: imatrix collection supports llama, qwen2, qwen3 and "
+                              "mixtures of experts of llama (Mixtral)")

@@ -43,6 +43,7 @@ _DEV_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
 
 # The first field of struct ggml_tensor is `enum ggml_type type`.
 GGML_TYPE_F32 = 0
+GGML_TYPE_I32 = 26
 
 
 def tensor_type(t: int) -> int:

@@ -31,10 +31,7 @@ from ..errors import BadModelFile, ProbeError, UnsupportedArchitecture
 from ..formats.gguf import validate_gguf
 from ..layerspec import resolve_layers
 from .ffn import ACT_FUNCTIONS, DEFINITIONS, MOE_ACT, SUPPORTED_MOE_ARCHITECTURES, check_definitions
-from .ggml_lib import tensor_shape, tensor_type
-from .probes import BatchLayout, Probe
-
-GGML_TYPE_I32 = 26  # ggml.h enum ggml_type
+from .probes import BatchLayout, Probe, TensorReader
 
 
 @dataclass(frozen=True)
@@ -149,11 +146,10 @@ class MoECapture(Probe):
         what, layer = self.wanted[name]
         k = self.model.n_expert_used
         if what == "routing":
-            order = read_i32(self.reader, t)
-            if order.shape != (layout.n_rows, self.model.n_expert):
-                raise ProbeError(f"{name} is {order.shape} for a batch of {layout.n_rows} tokens and "
-                                 f"{self.model.n_expert} experts: run the engine with all_outputs=True")
-            experts = order[:, :k].astype(np.int64)
+            experts = read_routing(self.reader, t, self.model)
+            if len(experts) != layout.n_rows:
+                raise ProbeError(f"{name} holds {len(experts)} tokens for a batch of {layout.n_rows}: "
+                                 "run the engine with all_outputs=True")
             self._experts[layer] = experts
             self.on_routing(layer, experts, layout)
             return
@@ -169,16 +165,9 @@ class MoECapture(Probe):
         self.consumer(layer, what, values, experts, layout)
 
 
-def read_i32(reader, t: int) -> np.ndarray:
-    """An I32 graph tensor as (rows, ne0) int32 (TensorReader.read handles F32 only)."""
-    name = reader.name(t)
-    if tensor_type(t) != GGML_TYPE_I32:
-        raise ProbeError(f"graph tensor {name} is not I32 (ggml type {tensor_type(t)})")
-    if not reader.lib.ggml_is_contiguous(t):
-        raise ProbeError(f"graph tensor {name} is not contiguous; cannot read it")
-    ne0, ne1, ne2, ne3 = tensor_shape(t)
-    out = np.empty((ne1 * ne2 * ne3, ne0), dtype=np.int32)
-    if reader.lib.ggml_nbytes(t) != out.nbytes:
-        raise ProbeError(f"graph tensor {name}: {reader.lib.ggml_nbytes(t)} bytes for {out.size} int32 values")
-    reader.lib.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)
-    return out
+def read_routing(reader: TensorReader, t: int, model: ModelMoE) -> np.ndarray:
+    """ffn_moe_argsort-L as each token's routed experts, best first: (n_tokens, n_expert_used) int64."""
+    order = reader.read_i32(t)
+    if order.shape[1] != model.n_expert:
+        raise ProbeError(f"{reader.name(t)} orders {order.shape[1]} experts; the model has {model.n_expert}")
+    return order[:, : model.n_expert_used].astype(np.int64)

@@ -24,7 +24,7 @@ from scipy.special import logsumexp
 from ..errors import ProbeError
 from ..layerspec import resolve_layers
 from .ffn import ACT_FUNCTIONS, DEFINITIONS, check_definitions, model_ffn
-from .ggml_lib import GGML_TYPE_F32, libggml, tensor_shape, tensor_type
+from .ggml_lib import GGML_TYPE_F32, GGML_TYPE_I32, libggml, tensor_shape, tensor_type
 from .model import STOP_AFTER_KV, STOP_ANYWHERE
 
 
@@ -97,23 +97,34 @@ class TensorReader:
 
     def read(self, t: int, key: str) -> np.ndarray:
         """The tensor as (rows, ne0) float32; the array is reused on the next read of `key`."""
-        name = self.name(t)
-        if tensor_type(t) != GGML_TYPE_F32:
-            raise ProbeError(f"graph tensor {name} is not F32 (ggml type {tensor_type(t)}); cannot read it")
-        if not self.lib.ggml_is_contiguous(t):
-            raise ProbeError(f"graph tensor {name} is not contiguous; cannot read it")
-        ne0, ne1, ne2, ne3 = tensor_shape(t)
-        rows = ne1 * ne2 * ne3
+        ne0, rows = self._checked_shape(t, GGML_TYPE_F32, "F32")
         size = ne0 * rows
         buf = self._buffers.get(key)
         if buf is None or buf.size < size:
             buf = np.empty(max(size, 1), dtype=np.float32)
             self._buffers[key] = buf
+        return self._copy(t, buf[:size].reshape(rows, ne0))
+
+    def read_i32(self, t: int) -> np.ndarray:
+        """An I32 tensor (expert ids, argsort orders) as a new (rows, ne0) int32 array."""
+        ne0, rows = self._checked_shape(t, GGML_TYPE_I32, "I32")
+        return self._copy(t, np.empty((rows, ne0), dtype=np.int32))
+
+    def _checked_shape(self, t: int, ggml_type: int, type_name: str) -> tuple[int, int]:
+        if tensor_type(t) != ggml_type:
+            raise ProbeError(f"graph tensor {self.name(t)} is not {type_name} (ggml type {tensor_type(t)}); "
+                             "cannot read it")
+        if not self.lib.ggml_is_contiguous(t):
+            raise ProbeError(f"graph tensor {self.name(t)} is not contiguous; cannot read it")
+        ne0, ne1, ne2, ne3 = tensor_shape(t)
+        return ne0, ne1 * ne2 * ne3
+
+    def _copy(self, t: int, out: np.ndarray) -> np.ndarray:
         nbytes = self.lib.ggml_nbytes(t)
-        if nbytes != size * 4:
-            raise ProbeError(f"graph tensor {name}: {nbytes} bytes for {size} float32 values")
-        self.lib.ggml_backend_tensor_get(t, buf.ctypes.data, 0, nbytes)
-        return buf[:size].reshape(rows, ne0)
+        if nbytes != out.nbytes:
+            raise ProbeError(f"graph tensor {self.name(t)}: {nbytes} bytes for {out.size} {out.dtype} values")
+        self.lib.ggml_backend_tensor_get(t, out.ctypes.data, 0, nbytes)
+        return out
 
     def write(self, t: int, values: np.ndarray) -> None:
         arr = np.ascontiguousarray(values, dtype=np.float32)

@@ -34,12 +34,17 @@ class Imatrix:
     legacy: bool = False
 
     def mean_squares(self) -> dict[str, np.ndarray]:
-        """What llama-quantize hands the quantizer: per-channel mean of squares, flattened."""
+        """What llama-quantize hands the quantizer (tools/quantize load_imatrix): per-channel mean of
+        squares, flattened, one row per matrix. A matrix that counted nothing (an expert no token was
+        routed to) gets ones, uniform weights, not zeros; a legacy file's sums are kept as they are."""
         out = {}
         for name, e in self.entries.items():
             counts = np.where(e.counts > 0, e.counts, 1.0)[:, None]
             # Legacy files store sums already scaled to (sum/count)*ncall; dividing by ncall matches.
-            out[name] = (e.sums / counts).astype(np.float32).reshape(-1)
+            means = e.sums / counts
+            if not self.legacy:
+                means = np.where(e.counts[:, None] > 0, means, 1.0)
+            out[name] = means.astype(np.float32).reshape(-1)
         return out
 
 

@@ -19,12 +19,11 @@ import numpy as np
 from .. import __version__
 from ..analysis import scoring
 from ..analysis.calibration import accuracy, bootstrap_ci, calibration_summary, plot_reliability, reliability_bins
-from ..engine.ffn import model_ffn
-from ..engine.imatrix_capture import ImatrixProbe, SUPPORTED
+from ..engine.imatrix_capture import imatrix_probe_for
 from ..engine.llama_lib import versions
 from ..engine.model import Engine, Vocab, offload_layers
 from ..engine.probes import ProbeSet, run_checked
-from ..errors import ProbeError, UnsupportedArchitecture
+from ..errors import ProbeError
 from ..formats.imatrix import write_imatrix
 from ..fsutil import atomic_output, sha256_file
 from ..models.ggufinfo import inspect_gguf
@@ -325,9 +324,7 @@ def evaluate(
                                 allow_large=ns.allow_large, memory_budget_bytes=ns.redundancy_budget,
                                 redundancy_full=ns.redundancy_full)
         if config.imatrix_out:
-            if model_id["architecture"] not in SUPPORTED:
-                raise UnsupportedArchitecture(f"{model_id['architecture']}: --imatrix-out supports {', '.join(SUPPORTED)}")
-            imatrix_probe = ImatrixProbe(_block_count(path))
+            imatrix_probe = imatrix_probe_for(path)  # refuses an architecture it cannot follow
         stateful = {NEURON_STATE: probe, IMATRIX_STATE: imatrix_probe}
         stateful = {folder: p for folder, p in stateful.items() if p is not None}
         _restore_probe_state(run_dir, stateful)
@@ -385,17 +382,13 @@ def evaluate(
         return summary
 
 
-def _block_count(path: Path) -> int:
-    return model_ffn(path).n_layer
-
-
 def _write_run_imatrix(run_dir: Path, model_id: dict, data, config: EvalConfig, imatrix_probe) -> dict[str, Any]:
     """Write the run's imatrix to config.imatrix_out (from the probe, or from the last saved state)."""
     if imatrix_probe is None:  # a finished run asked for its imatrix again: rebuild it from the saved sums
         states = sorted((run_dir / IMATRIX_STATE).glob("*.npz"))
         if not states:
             raise ProbeError(f"{run_dir} kept no imatrix sums; rerun with --force")
-        imatrix_probe = ImatrixProbe(_block_count(Path(model_id["path"])))
+        imatrix_probe = imatrix_probe_for(Path(model_id["path"]))
         imatrix_probe.restore(states[-1])
     imatrix_probe.check()
     if not imatrix_probe.sums:
@@ -403,7 +396,7 @@ def _write_run_imatrix(run_dir: Path, model_id: dict, data, config: EvalConfig, 
     im = imatrix_probe.imatrix([data.source], len(data.examples))
     out = write_imatrix(Path(config.imatrix_out), im)
     return {"path": str(out.resolve()), "entries": len(im.entries), "prompts": len(data.examples),
-            "tokens": int(max(imatrix_probe.counts.values()))}
+            "tokens": imatrix_probe.tokens}
 
 
 def _save_probe_state(run_dir: Path, probe, chunk_no: int, folder_name: str = NEURON_STATE) -> None:

@@ -1211,28 +1211,33 @@ def imatrix_collect_cmd(model, task, data_path, template, labels, label_map, gol
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the per-matrix statistics as JSON.")
 def imatrix_show_cmd(path: Path, as_json: bool) -> None:
-    """Per-layer statistics of an imatrix file (GGUF format or legacy .dat)."""
-    import numpy as np  # start-up time (~40 ms and more)
+    """Per-layer statistics of an imatrix file (GGUF format or legacy .dat).
+
+    An expert stack (Mixtral's ffn_*_exps) is one entry with a row per expert: `experts` says how many
+    counted tokens, `tokens` is the sum over its experts (a token routed to k experts counts k times), and
+    the mean and max of x² are over the experts that counted something.
+    """
     from rich.table import Table  # start-up time
 
     from .formats.imatrix import read_imatrix  # start-up time: numpy
 
     im = read_imatrix(path)
-    rows = []
-    for name, ms in im.mean_squares().items():
-        rows.append({"name": name, "channels": int(ms.size), "count": float(im.entries[name].counts.sum()),
-                     "mean": float(np.mean(ms)), "max": float(np.max(ms)),
-                     "max_over_mean": float(np.max(ms) / np.mean(ms)) if np.mean(ms) > 0 else None})
+    rows = im.summary()
     if as_json:
         click.echo(json.dumps({"datasets": im.datasets, "chunk_count": im.chunk_count, "legacy": im.legacy,
                                "entries": rows}, indent=2))
         return
     table = Table(title=f"{path.name} · {len(rows)} matrices · chunks {im.chunk_count} · data: {', '.join(im.datasets) or '—'}")
-    for col in ("matrix", "channels", "tokens", "mean of x²", "max of x²", "max/mean"):
+    for col in ("matrix", "experts", "channels", "tokens", "mean of x²", "max of x²", "max/mean"):
         table.add_column(col, justify="left" if col == "matrix" else "right")
+
+    def number(value: float | None, spec: str) -> str:
+        return "—" if value is None else format(value, spec)
+
     for r in rows:
-        table.add_row(r["name"], str(r["channels"]), f"{r['count']:.0f}", f"{r['mean']:.4g}", f"{r['max']:.4g}",
-                      "—" if r["max_over_mean"] is None else f"{r['max_over_mean']:.1f}")
+        experts = "" if r["matrices"] == 1 else f"{r['matrices_counted']}/{r['matrices']}"
+        table.add_row(r["name"], experts, str(r["channels"]), f"{r['count']:.0f}", number(r["mean"], ".4g"),
+                      number(r["max"], ".4g"), number(r["max_over_mean"], ".1f"))
     _console().print(table)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -174,3 +175,31 @@ def test_imatrix_collect_and_show(runner, demo_ladder, tmp_path, boolq_path):
     res = runner.invoke(cli, ["imatrix", "collect", str(demo_ladder["Q8_0"]), "--task", "boolq", "--data",
                               str(boolq_path), "--limit", "2", "-o", str(out)])
     assert res.exit_code == 2 and "--force" in res.output
+
+
+def test_imatrix_show_counts_experts_apart(runner, tmp_path):
+    """An expert stack (one row per expert, an unrouted expert counting 0) beside a dense matrix: the mean and
+    max of x² are over the experts that counted tokens (the unrouted one's uniform 1s left out)."""
+    from ggml_probe.formats.imatrix import Imatrix, ImatrixEntry, write_imatrix
+
+    rng = np.random.default_rng(0)
+    dense_sums, dense_count = rng.uniform(1, 5, size=(1, 8)) * 6, np.array([6.0])
+    expert_sums = rng.uniform(0.1, 2, size=(4, 8)) * np.array([[5.0], [3.0], [0.0], [7.0]])
+    expert_counts = np.array([5.0, 3.0, 0.0, 7.0])
+    im = Imatrix({"blk.0.ffn_up.weight": ImatrixEntry(dense_sums, dense_count),
+                  "blk.0.ffn_down_exps.weight": ImatrixEntry(expert_sums, expert_counts)}, datasets=["d"], chunk_count=2)
+    path = write_imatrix(tmp_path / "mixed.imatrix.gguf", im)
+    res = runner.invoke(cli, ["imatrix", "show", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(res.stdout)["entries"]}
+    dense, experts = rows["blk.0.ffn_up.weight"], rows["blk.0.ffn_down_exps.weight"]
+    ms = (dense_sums / dense_count).astype(np.float32)  # what llama-quantize hands the quantizer
+    assert (dense["channels"], dense["matrices"], dense["count"]) == (8, 1, 6.0)
+    assert dense["mean"] == pytest.approx(ms.mean(), rel=1e-6) and dense["max"] == pytest.approx(ms.max(), rel=1e-6)
+    routed = (expert_sums[[0, 1, 3]] / expert_counts[[0, 1, 3], None]).astype(np.float32)
+    assert (experts["channels"], experts["matrices"], experts["matrices_counted"]) == (8, 4, 3)
+    assert experts["count"] == 15.0 and experts["counts"] == [5.0, 3.0, 0.0, 7.0]
+    assert experts["mean"] == pytest.approx(routed.mean(), rel=1e-6)
+    assert experts["max_over_mean"] == pytest.approx(routed.max() / routed.mean(), rel=1e-6)
+    table = runner.invoke(cli, ["imatrix", "show", str(path)])
+    assert table.exit_code == 0 and "3/4" in table.output

@@ -48,6 +48,26 @@ class Imatrix:
         return out
 
 
+    def summary(self) -> list[dict]:
+        """Per entry: its width and matrices (experts), tokens counted, and the mean, max and max/mean of
+        the quantizer's per-channel weights (mean_squares) over the matrices that counted something: an
+        expert no token was routed to weighs 1 everywhere and would only dilute them."""
+        rows = []
+        means = self.mean_squares()
+        for name, e in self.entries.items():
+            n_mat, n_per_row = e.sums.shape
+            counted = e.counts > 0
+            ms = means[name].reshape(n_mat, n_per_row)[counted] if counted.any() else np.zeros((0, n_per_row))
+            mean = float(ms.mean()) if ms.size else None
+            peak = float(ms.max()) if ms.size else None
+            rows.append({"name": name, "channels": int(n_per_row), "matrices": int(n_mat),
+                         "matrices_counted": int(counted.sum()), "count": float(e.counts.sum()),
+                         "counts": [float(c) for c in e.counts] if n_mat > 1 else None,
+                         "mean": mean, "max": peak,
+                         "max_over_mean": peak / mean if mean else None})
+        return rows
+
+
 def read_imatrix(path: str | Path) -> Imatrix:
     path = Path(path)
     with open(path, "rb") as f:

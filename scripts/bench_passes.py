@@ -13,7 +13,8 @@ a fresh subprocess, rounds interleaved (the order rotates every round), medians 
   llama-bench ppN   llama.cpp's own prompt-processing speed at N tokens per decode: N = the tokens of a
                     batch of 32 prompts (what eval b=32 decodes at once, before sharing) and of one prompt
   paper stack       transformers fp32, batch 16 (padded, attention mask), forward hooks copying the
-                    act_fn output of layers 0, 14, 29 (the reference study's capture)
+                    act_fn output of layers 0, 14, 29 (the reference study's capture); "+ statistics":
+                    its real rows also fed to ggml-probe's accumulator (act), what the same figures need
 
 Throughput counts every prompt's tokens (what the user asked for), over the pass alone: from the
 first progress report (model loaded, nothing decoded) to the last chunk (finalising not counted).
@@ -34,6 +35,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,8 +74,12 @@ def _pass(args) -> dict:
 
 
 def _paper(args) -> dict:
-    """The paper's capture at batch 16: transformers fp32, hooks on act_fn of layers 0, 14, 29."""
+    """The paper's capture at batch 16: transformers fp32, hooks on act_fn of layers 0, 14, 29. With
+    --stats, each batch's real (unpadded) rows also feed ggml-probe's accumulator (the act definition only:
+    the paper's neuron) inside the timed loop, so the stack produces the statistics the neuron pass does."""
     import torch
+
+    from ggml_probe.analysis.neurons import NeuronAccumulator
 
     model, tokenizer = _paper_model(Path(args.model), args.threads)
     tokenizer.padding_side = "right"
@@ -82,12 +90,19 @@ def _paper(args) -> dict:
     hooks = [common.act_module(model, layer).register_forward_hook(
         lambda m, i, o: kept.append(o.detach().numpy().copy())) for layer in common.PAPER_LAYERS]
     batches = [tokenizer(prompts[i:i + 16], return_tensors="pt", padding=True) for i in range(0, len(prompts), 16)]
+    acc = NeuronAccumulator(list(common.PAPER_LAYERS), ["act"], model.config.intermediate_size) if args.stats else None
     with torch.no_grad():
         model(**batches[0], use_cache=False)  # warm-up, not counted
         kept.clear()
         t0 = time.perf_counter()
-        for b in batches:
+        for first, b in zip(range(0, len(prompts), 16), batches):
             model(**b, use_cache=False)
+            if acc is not None:
+                real = b["attention_mask"].numpy().astype(bool)
+                rows_prompt, rows_pos = np.nonzero(real)
+                layout = SimpleNamespace(row_prompt=rows_prompt + first, row_pos=rows_pos)
+                for layer, out in zip(common.PAPER_LAYERS, kept[-len(common.PAPER_LAYERS):]):
+                    acc.update(layer, "act", out[real].astype(np.float64), layout)
         seconds = time.perf_counter() - t0
     for h in hooks:
         h.remove()
@@ -140,6 +155,7 @@ def _child_main(argv: list[str]) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--share", type=int, default=1)
     ap.add_argument("--neurons", type=int, default=0)
+    ap.add_argument("--stats", type=int, default=0)
     args = ap.parse_args(argv)
     args.share = bool(args.share)
     result = _paper(args) if args.kind == "paper" else _pass(args)
@@ -153,6 +169,7 @@ CONFIGS = {  # name → child arguments
     "neurons b=32 share": ["pass", "--batch", "32", "--share", "1", "--neurons", "1"],
     "neurons b=1": ["pass", "--batch", "1", "--share", "0", "--neurons", "1"],
     "paper stack b=16": ["paper"],
+    "paper stack b=16 + statistics": ["paper", "--stats", "1"],
 }
 
 
@@ -234,7 +251,8 @@ def main() -> None:
              ("neurons b=32 share", "paper stack b=16"), ("neurons b=1", "paper stack b=16"),
              ("neurons b=32 share", "neurons b=1"),
              # the neuron pass is eval's decodes plus the statistics: eval's ratio is its ceiling on this machine
-             ("eval b=32 share", "paper stack b=16"), ("neurons b=32 share", "eval b=32 share")]
+             ("eval b=32 share", "paper stack b=16"), ("neurons b=32 share", "eval b=32 share"),
+             ("neurons b=32 share", "paper stack b=16 + statistics")]
     for a, b in pairs:
         if runs.get(a) and runs.get(b):
             ratios[f"{a} / {b}"] = ratio(a, b)
@@ -292,6 +310,9 @@ def main() -> None:
         "llama.cpp's side of the pass alone). The rest of their cost over eval is the host's: the statistics "
         "(co-moments, top tokens) and the per-chunk checkpoint of the co-moment matrices (n_ff² float64 per "
         "layer and definition). The paper stack's tok/s counts real (unpadded) tokens and keeps no statistics. "
+        "`paper stack b=16 + statistics` feeds the hooks' real rows to the same statistics inside the timed "
+        "loop (act only, no checkpoints): what the paper's stack needs to produce the figures the neuron pass "
+        "produces (both definitions). "
         "`eval b=32 share / paper stack b=16` is the neuron pass's ceiling here: the same decodes without the "
         "statistics. It depends on the CPU: llama.cpp's F16 kernels and torch's fp32 BLAS do not scale alike "
         "across CPUs.",

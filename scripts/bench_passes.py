@@ -13,7 +13,8 @@ a fresh subprocess, rounds interleaved (the order rotates every round), medians 
   llama-bench ppN   llama.cpp's own prompt-processing speed at N tokens per decode: N = the tokens of a
                     batch of 32 prompts (what eval b=32 decodes at once, before sharing) and of one prompt
   paper stack       transformers fp32, batch 16 (padded, attention mask), forward hooks copying the
-                    act_fn output of layers 0, 14, 29 (the reference study's capture)
+                    act_fn output of layers 0, 14, 29 (the reference study's capture); "+ statistics":
+                    its real rows also fed to ggml-probe's accumulator (act), what the same figures need
 
 Throughput counts every prompt's tokens (what the user asked for), over the pass alone: from the
 first progress report (model loaded, nothing decoded) to the last chunk (finalising not counted).
@@ -27,12 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,8 +74,12 @@ def _pass(args) -> dict:
 
 
 def _paper(args) -> dict:
-    """The paper's capture at batch 16: transformers fp32, hooks on act_fn of layers 0, 14, 29."""
+    """The paper's capture at batch 16: transformers fp32, hooks on act_fn of layers 0, 14, 29. With
+    --stats, each batch's real (unpadded) rows also feed ggml-probe's accumulator (the act definition only:
+    the paper's neuron) inside the timed loop, so the stack produces the statistics the neuron pass does."""
     import torch
+
+    from ggml_probe.analysis.neurons import NeuronAccumulator
 
     model, tokenizer = _paper_model(Path(args.model), args.threads)
     tokenizer.padding_side = "right"
@@ -81,12 +90,19 @@ def _paper(args) -> dict:
     hooks = [common.act_module(model, layer).register_forward_hook(
         lambda m, i, o: kept.append(o.detach().numpy().copy())) for layer in common.PAPER_LAYERS]
     batches = [tokenizer(prompts[i:i + 16], return_tensors="pt", padding=True) for i in range(0, len(prompts), 16)]
+    acc = NeuronAccumulator(list(common.PAPER_LAYERS), ["act"], model.config.intermediate_size) if args.stats else None
     with torch.no_grad():
         model(**batches[0], use_cache=False)  # warm-up, not counted
         kept.clear()
         t0 = time.perf_counter()
-        for b in batches:
+        for first, b in zip(range(0, len(prompts), 16), batches):
             model(**b, use_cache=False)
+            if acc is not None:
+                real = b["attention_mask"].numpy().astype(bool)
+                rows_prompt, rows_pos = np.nonzero(real)
+                layout = SimpleNamespace(row_prompt=rows_prompt + first, row_pos=rows_pos)
+                for layer, out in zip(common.PAPER_LAYERS, kept[-len(common.PAPER_LAYERS):]):
+                    acc.update(layer, "act", out[real].astype(np.float64), layout)
         seconds = time.perf_counter() - t0
     for h in hooks:
         h.remove()
@@ -139,6 +155,7 @@ def _child_main(argv: list[str]) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--share", type=int, default=1)
     ap.add_argument("--neurons", type=int, default=0)
+    ap.add_argument("--stats", type=int, default=0)
     args = ap.parse_args(argv)
     args.share = bool(args.share)
     result = _paper(args) if args.kind == "paper" else _pass(args)
@@ -152,6 +169,7 @@ CONFIGS = {  # name → child arguments
     "neurons b=32 share": ["pass", "--batch", "32", "--share", "1", "--neurons", "1"],
     "neurons b=1": ["pass", "--batch", "1", "--share", "0", "--neurons", "1"],
     "paper stack b=16": ["paper"],
+    "paper stack b=16 + statistics": ["paper", "--stats", "1"],
 }
 
 
@@ -163,6 +181,16 @@ def _run_child(name: str, model: Path, n: int, threads: int) -> dict:
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU unknown"
 
 
 def _load() -> float:
@@ -221,7 +249,10 @@ def main() -> None:
     pairs = [("eval b=32 share", "pp batch of 32"), ("eval b=32", "pp batch of 32"), ("eval b=1", "pp one prompt"),
              ("eval b=32 share", "eval b=1"), ("eval b=32", "eval b=1"),
              ("neurons b=32 share", "paper stack b=16"), ("neurons b=1", "paper stack b=16"),
-             ("neurons b=32 share", "neurons b=1")]
+             ("neurons b=32 share", "neurons b=1"),
+             # the neuron pass is eval's decodes plus the statistics: eval's ratio is its ceiling on this machine
+             ("eval b=32 share", "paper stack b=16"), ("neurons b=32 share", "eval b=32 share"),
+             ("neurons b=32 share", "paper stack b=16 + statistics")]
     for a, b in pairs:
         if runs.get(a) and runs.get(b):
             ratios[f"{a} / {b}"] = ratio(a, b)
@@ -237,7 +268,7 @@ def main() -> None:
     lines = [
         "# Faster passes: eval and the neuron pass against llama-bench and the paper's stack",
         "",
-        f"Command: `{command}` · {m['platform']}, {m['cpu_count']} cores · {m['date']}",
+        f"Command: `{command}` · {m['platform']}, {m['cpu_count']} cores ({_cpu_name()}) · {m['date']}",
         "",
         f"Demo model as F16 ({model.name}), the first {args.n} BoolQ validation questions in the paper's template "
         f"(mean {prompt_tokens} tokens), {args.threads} thread(s) everywhere, flash attention off. Each measurement "
@@ -278,7 +309,13 @@ def main() -> None:
         "last tokens apart, so the output matrix runs on one row per prompt (benchmarks/neuron_graph.md: "
         "llama.cpp's side of the pass alone). The rest of their cost over eval is the host's: the statistics "
         "(co-moments, top tokens) and the per-chunk checkpoint of the co-moment matrices (n_ff² float64 per "
-        "layer and definition). The paper stack's tok/s counts real (unpadded) tokens and keeps no statistics.",
+        "layer and definition). The paper stack's tok/s counts real (unpadded) tokens and keeps no statistics. "
+        "`paper stack b=16 + statistics` feeds the hooks' real rows to the same statistics inside the timed "
+        "loop (act only, no checkpoints): what the paper's stack needs to produce the figures the neuron pass "
+        "produces (both definitions). "
+        "`eval b=32 share / paper stack b=16` is the neuron pass's ceiling here: the same decodes without the "
+        "statistics. It depends on the CPU: llama.cpp's F16 kernels and torch's fp32 BLAS do not scale alike "
+        "across CPUs.",
     ]
     (args.out / "passes.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -142,23 +142,27 @@ def test_bad_rows_are_reported_with_row_numbers(demo_path, tmp_path):
 def test_neurons_ride_along_and_resume_exactly(demo_ladder, tmp_path):
     from ggml_probe.pipeline.evaluation import NeuronSettings
 
-    config = EvalConfig(task="yesno-mini", limit=9, chunk_size=3, n_boot=50,
+    config = EvalConfig(task="yesno-mini", limit=12, chunk_size=3, n_boot=50,
                         neurons=NeuronSettings(layers="0,-1", definitions=("act", "down_in")))
     whole = evaluate(demo_ladder["Q8_0"], config, tmp_path / "whole")
+    # the last two states are kept, each written over the one before them (save_npz's reuse)
+    assert [f.name for f in sorted((whole.run_dir / "neuron_state").iterdir()) if f.name != ".lock"] == [
+        "00002.npz", "00003.npz"]
     calls = []
 
     def stop(done, total):
         calls.append(done)
-        if done >= 6:
+        if done >= 9:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         evaluate(demo_ladder["Q8_0"], config, tmp_path / "cut", progress=stop)
     # a crash between a chunk and its neuron state: the chunk without state is recomputed
     states = sorted((tmp_path / "cut" / "neuron_state").glob("*.npz"))
+    assert [f.name for f in states] == ["00001.npz", "00002.npz"]  # the third written over the first's file
     states[-1].unlink()
     resumed = evaluate(demo_ladder["Q8_0"], config, tmp_path / "cut", resume=True)
-    assert resumed.resumed_examples == 3
+    assert resumed.resumed_examples == 6
     a = json.loads((whole.run_dir / "neurons.json").read_text())
     b = json.loads((tmp_path / "cut" / "neurons.json").read_text())
     for ea, eb in zip(a["layers"], b["layers"]):
@@ -169,7 +173,7 @@ def test_neurons_ride_along_and_resume_exactly(demo_ladder, tmp_path):
     for k in sa.files:
         np.testing.assert_allclose(sa[k], sb[k], rtol=1e-12, atol=1e-12)
     # the output-level results of a neuron run equal a plain run's: probes do not change the logits
-    plain = evaluate(demo_ladder["Q8_0"], EvalConfig(task="yesno-mini", limit=9, chunk_size=3, n_boot=50),
+    plain = evaluate(demo_ladder["Q8_0"], EvalConfig(task="yesno-mini", limit=12, chunk_size=3, n_boot=50),
                      tmp_path / "plain")  # the same chunks: the same prompts packed per decode
     assert np.array_equal(np.load(plain.run_dir / "logits.npy"), np.load(whole.run_dir / "logits.npy"))
     assert np.array_equal(np.load(plain.run_dir / "hidden.npy"), np.load(whole.run_dir / "hidden.npy"))

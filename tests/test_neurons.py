@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ggml_probe.analysis import neurons as neurons_module
 from ggml_probe.analysis.neurons import (
     CoMoment,
     NeuronAccumulator,
@@ -71,6 +72,12 @@ def test_streaming_equals_batch_with_large_offsets():
     r = c.correlation()
     np.testing.assert_allclose(r, np.corrcoef(x, rowvar=False), atol=1e-9)
     assert r[3, 5] == pytest.approx(1.0, abs=1e-9) and r[2, 7] == pytest.approx(-1.0, abs=1e-9)
+    # float32 block products (the neuron pass's default): each block is centred in float64 first, so the
+    # offsets cost nothing and only float32's rounding of the products remains
+    c32 = CoMoment(16, block_rows=400, product_dtype=np.float32)
+    for chunk in np.array_split(x, [1, 7, 300, 301, 650]):
+        c32.update(chunk)
+    np.testing.assert_allclose(c32.correlation(), np.corrcoef(x, rowvar=False), atol=1e-6)
 
     # merging two halves accumulated separately gives the same as one stream
     a, b = NeuronStats(16), NeuronStats(16)
@@ -116,7 +123,10 @@ def test_histogram_bins_threshold_and_groups_known():
     assert labels[5] not in (labels[0], labels[3])
 
 
-def test_top_activations_streaming_equals_sort_with_ties():
+@pytest.mark.parametrize("sparse_share", [1, 8, 10**9])
+def test_top_activations_streaming_equals_sort_with_ties(monkeypatch, sparse_share):
+    # 1: every batch merged entry by entry; 10**9: every batch through the per-neuron selection; 8: as shipped
+    monkeypatch.setattr(neurons_module, "_SPARSE_SHARE", sparse_share)
     rng = np.random.default_rng(3)
     x = np.round(rng.normal(size=(120, 6)), 1)  # rounding makes many exact ties
     row_prompt = np.repeat(np.arange(12), 10)
@@ -138,6 +148,18 @@ def test_top_activations_streaming_equals_sort_with_ties():
     best = sorted(range(120), key=lambda i: (-abs(x[i, j]), row_prompt[i], row_pos[i]))[:2]
     assert [v for v, _, _ in by_abs.for_neuron(j)] == [x[i, j] for i in best]  # the signed values are kept
 
+    # wider and longer: 300 prompts of 8 tokens in batches of 40 prompts, 64 neurons, k=10, many ties
+    x = np.round(rng.normal(size=(2400, 64)), 1)
+    row_prompt, row_pos = np.repeat(np.arange(300), 8), np.tile(np.arange(8), 300)
+    wide = TopActivations(64, k=10)
+    for rows in np.array_split(np.arange(2400), 7):
+        wide.update(x[rows], row_prompt[rows], row_pos[rows])
+    ranks = np.lexsort((np.broadcast_to(row_pos[:, None], x.shape), np.broadcast_to(row_prompt[:, None], x.shape), -x),
+                       axis=0)[:10]
+    np.testing.assert_array_equal(wide.value, np.take_along_axis(x, ranks, 0))
+    np.testing.assert_array_equal(wide.prompt, row_prompt[ranks])
+    np.testing.assert_array_equal(wide.pos, row_pos[ranks])
+
 
 def test_top_token_contexts_resolves_text():
     top = TopActivations(2, k=1)
@@ -152,7 +174,16 @@ class _Layout:
         self.row_prompt, self.row_pos = np.asarray(prompts), np.asarray(positions)
 
 
-def test_accumulator_resume_from_npz_is_exact(tmp_path):
+def _assert_comoments_close(a, b, tol, err_msg=""):
+    """Co-moment matrices equal to `tol` on the correlation's scale (each entry over sqrt(c_ii·c_jj)): a
+    block's float32 products carry an error of float32's rounding of Σ|x_i·x_j|, not of the sum itself."""
+    scale = np.sqrt(np.outer(np.diag(a), np.diag(a)))
+    np.testing.assert_allclose(np.tril(a) / scale, np.tril(b) / scale, rtol=0, atol=tol, err_msg=err_msg)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_accumulator_resume_from_npz_is_exact(tmp_path, dtype, tol):
+    # float64 block products: the same sums to rounding; float32 (the default): to float32's rounding of a block
     rng = np.random.default_rng(4)
     batches = [(rng.normal(size=(n, 8)) * 3, _Layout([i] * n, range(n))) for i, n in enumerate([5, 9, 4, 7])]
 
@@ -161,9 +192,9 @@ def test_accumulator_resume_from_npz_is_exact(tmp_path):
             for layer in (0, 2):
                 acc.update(layer, "act", values + layer, layout)
 
-    full = NeuronAccumulator([0, 2], ["act"], 8, top_k=3)
+    full = NeuronAccumulator([0, 2], ["act"], 8, top_k=3, comoment_dtype=dtype)
     feed(full, batches)
-    first = NeuronAccumulator([0, 2], ["act"], 8, top_k=3)
+    first = NeuronAccumulator([0, 2], ["act"], 8, top_k=3, comoment_dtype=dtype)
     feed(first, batches[:2])
     path = first.save(tmp_path / "state.npz")
     resumed = NeuronAccumulator.load(path)
@@ -171,11 +202,14 @@ def test_accumulator_resume_from_npz_is_exact(tmp_path):
     a, b = full.state(), resumed.state()
     assert a.keys() == b.keys()
     for k in a:
-        if "/comoment." in k:  # saving folds the co-moment's row buffer: same sums, other grouping
+        if k.endswith("/comoment.c"):  # saving folds the co-moment's row buffer: same sums, other grouping
+            _assert_comoments_close(a[k], b[k], tol, err_msg=k)
+        elif "/comoment." in k:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-12, atol=1e-12, err_msg=k)
         else:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert json.loads(str(b["meta"]))["n_prompts"] == 4
+    assert resumed.comoment_dtype == dtype  # a resumed run keeps its products' precision
     with pytest.raises(ProbeError, match="not a neuron-state file"):
         NeuronAccumulator.load(tmp_path / "missing.npz")
 
@@ -418,7 +452,8 @@ def test_demo_capture_statistics_imatrix_and_unchanged_logits(demo_path, boolq_p
         np.testing.assert_array_equal(s.maxabs, np.abs(x).max(0))
         np.testing.assert_array_equal(s.dead(0.1), np.flatnonzero(np.abs(x).max(0) < 0.1))
         np.testing.assert_allclose(s.sumsq, (x**2).sum(0), rtol=1e-12)
-        np.testing.assert_allclose(acc.correlation(definition, layer), np.corrcoef(x, rowvar=False), atol=1e-8)
+        # float32 block products (CoMoment's product_dtype): 6e-7 at most seen here
+        np.testing.assert_allclose(acc.correlation(definition, layer), np.corrcoef(x, rowvar=False), atol=2e-6)
         if definition == "down_in":
             assert imatrix_counts[layer] == n_tokens
             rel = np.abs(s.sumsq - imatrix[layer]) / np.maximum(s.sumsq, 1e-30)
@@ -453,7 +488,9 @@ def test_neuron_probe_resumed_run_equals_one_run(tiny, tmp_path):
     a, b = whole.finish().state(), resumed.finish().state()
     assert a.keys() == b.keys()
     for k in a:
-        if "/comoment." in k:  # saving folds the co-moment's row buffer: same sums, other grouping
+        if k.endswith("/comoment.c"):  # saving folds the row buffer: same sums, other blocks (float32 products)
+            _assert_comoments_close(a[k], b[k], 1e-5, err_msg=k)
+        elif "/comoment." in k:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-12, atol=1e-12, err_msg=k)
         else:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)

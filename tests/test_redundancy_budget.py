@@ -78,7 +78,7 @@ def test_default_redundancy_shrinks_to_the_budget_and_says_so(model, tmp_path):
         x = values[layer]
         assert x.shape[0] == acc.stats[("act", layer)].count
         expected = np.corrcoef(x[:, ids], rowvar=False)
-        np.testing.assert_allclose(acc.correlation("act", layer), expected, atol=1e-8)
+        np.testing.assert_allclose(acc.correlation("act", layer), expected, atol=2e-6)  # float32 block products
         assert recorded[layer]["neurons"] == len(ids) and recorded[layer]["stride"] == STRIDE
         assert recorded[layer]["histogram"] == corr_histogram(expected).tolist()
         assert sum(recorded[layer]["histogram"]) == len(ids) * (len(ids) - 1) // 2

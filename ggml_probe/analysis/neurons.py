@@ -150,13 +150,22 @@ class CoMoment:
 
     Rows are buffered up to `block_rows` and folded in one matrix product per block (the n_ff² work
     per fold would otherwise dominate for short prompts); reading results folds the buffer first. A fold
-    updates one triangle in place (BLAS syrk and syr: half the products of a full XᵀX, no n_ff² temporary);
-    reading `c` mirrors it into the other.
+    updates one triangle (BLAS syrk and syr: half the products of a full XᵀX); reading `c` mirrors it into
+    the other, and a saved state keeps the one triangle as it is.
+
+    `product_dtype`: the precision of each block's products. The block is centred in float64 and the
+    sums are float64 either way; float32 products (the neuron pass's default: twice BLAS's throughput on
+    the pass's largest host cost) put a relative error of order 1e-6 on a block's sums, far below what a
+    batch layout moves activations by (benchmarks/layout_noise.md), while float64 keeps the streaming
+    update exact to 1e-10 at any offset.
     """
 
-    def __init__(self, n_ff: int, block_rows: int = 512) -> None:
+    def __init__(self, n_ff: int, block_rows: int = 512, product_dtype: type = np.float64) -> None:
         self.n_ff = int(n_ff)
         self.block_rows = int(block_rows)
+        if np.dtype(product_dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ValueError("co-moment products are float32 or float64")
+        self.product_dtype = np.dtype(product_dtype)
         self.count = 0
         self.mean = np.zeros(n_ff)
         self._c = np.zeros((n_ff, n_ff))
@@ -206,7 +215,11 @@ class CoMoment:
         n_a, n = self.count, self.count + n_b
         delta = batch_mean - self.mean
         upper_of_transpose = self._c.T
-        blas.dsyrk(1.0, centred.T, beta=1.0, c=upper_of_transpose, trans=0, lower=0, overwrite_c=1)
+        if self.product_dtype == np.float32:  # the block's products in float32, added to the float64 sums
+            block = blas.ssyrk(1.0, centred.astype(np.float32).T, trans=0, lower=0)  # upper set, lower zero
+            np.add(upper_of_transpose, block, out=upper_of_transpose)
+        else:
+            blas.dsyrk(1.0, centred.T, beta=1.0, c=upper_of_transpose, trans=0, lower=0, overwrite_c=1)
         if n_a:
             blas.dsyr(n_a * n_b / n, delta, lower=0, a=upper_of_transpose, overwrite_a=1)
         self._lower_only = True
@@ -241,15 +254,18 @@ class CoMoment:
         return r
 
     def arrays(self) -> dict[str, np.ndarray]:
+        """The state as it stands: a per-chunk checkpoint does not mirror the triangle (`c_lower_only`)."""
         self.flush()
-        return {"count": np.asarray(self.count), "mean": self.mean, "c": self.c}
+        return {"count": np.asarray(self.count), "mean": self.mean, "c": self._c,
+                "c_lower_only": np.asarray(self._lower_only)}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "CoMoment":
-        out = cls(len(arrays["mean"]))
+    def from_arrays(cls, arrays: dict[str, np.ndarray], product_dtype: type = np.float64) -> "CoMoment":
+        out = cls(len(arrays["mean"]), product_dtype=product_dtype)
         out.count = int(arrays["count"])
         out.mean = np.array(arrays["mean"])
         out.c = np.array(arrays["c"])
+        out._lower_only = bool(arrays.get("c_lower_only", False))  # states saved before it hold whole matrices
         return out
 
 
@@ -403,6 +419,11 @@ def correlation_groups(corr: np.ndarray, threshold: float = 0.3, method: str = "
 # ------------------------------------------------------------------ top activations
 
 
+# TopActivations.update merges the values reaching the kept k-th best one by one when they are at most one
+# in this many of the batch's values (else it selects each neuron's best rows first)
+_SPARSE_SHARE = 8
+
+
 class TopActivations:
     """The k highest activations of every neuron, with where they occurred (prompt, position).
 
@@ -425,15 +446,22 @@ class TopActivations:
         if x.shape[0] == 0 or self.k == 0:
             return
         score = np.abs(x) if self.by == "abs" else x
-        # only neurons whose best value in this batch reaches their current k-th best can change
-        cols = np.flatnonzero(score.max(axis=0) >= self.score[-1])
-        if cols.size == 0:
+        row_prompt = np.asarray(row_prompt, dtype=np.int64)
+        row_pos = np.asarray(row_pos, dtype=np.int64)
+        # Only values reaching their neuron's current k-th best can enter. Once the slots are filled these
+        # are few (about k per neuron per batch as long as a batch is not much longer than what came
+        # before), and merging them alone is far cheaper than selecting from every row.
+        reaching = score >= self.score[-1]
+        n_reaching = int(np.count_nonzero(reaching))
+        if n_reaching == 0:
             return
+        if n_reaching * _SPARSE_SHARE <= reaching.size:
+            self._merge_entries(*np.nonzero(reaching), score, x, row_prompt, row_pos)
+            return
+        cols = np.flatnonzero(reaching.any(axis=0))
         if cols.size < self.n_ff:
             score, x = score[:, cols], x[:, cols]
         n, m = score.shape
-        row_prompt = np.asarray(row_prompt, dtype=np.int64)
-        row_pos = np.asarray(row_pos, dtype=np.int64)
         # Fast path: rows arrive in (prompt, position) order after everything kept so far, so a stable
         # sort on the score alone breaks ties by that order; otherwise sort on all three keys.
         in_order = (row_prompt[0] > self.prompt.max()
@@ -449,6 +477,23 @@ class TopActivations:
         else:
             rp, ps = np.broadcast_to(row_prompt[:, None], (n, m)), np.broadcast_to(row_pos[:, None], (n, m))
         self._merge(score, x, rp, ps, cols if cols.size < self.n_ff else None, in_order)
+
+    def _merge_entries(self, rows: np.ndarray, cols: np.ndarray, score, value, row_prompt, row_pos) -> None:
+        """Merge single entries (rows[i], cols[i]) of a batch into the kept ones: one sort of the touched
+        neurons' kept slots and new entries by (neuron, score descending, prompt, position)."""
+        touched, col_of = np.unique(cols, return_inverse=True)
+        k, t = self.k, touched.size
+        s = np.concatenate([self.score[:, touched].ravel(), score[rows, cols]])
+        v = np.concatenate([self.value[:, touched].ravel(), value[rows, cols]])
+        p = np.concatenate([self.prompt[:, touched].ravel(), row_prompt[rows]])
+        q = np.concatenate([self.pos[:, touched].ravel(), row_pos[rows]])
+        neuron = np.concatenate([np.tile(np.arange(t), k), col_of])
+        p_key = np.where(p < 0, np.iinfo(np.int64).max, p)  # empty slots last among equal −inf scores
+        order = np.lexsort((q, p_key, -s, neuron))
+        starts = np.concatenate([[0], np.cumsum(k + np.bincount(col_of, minlength=t))[:-1]])
+        best = order[(starts[None, :] + np.arange(k)[:, None])]  # (k, t): each touched neuron's best k
+        self.score[:, touched], self.value[:, touched] = s[best], v[best]
+        self.prompt[:, touched], self.pos[:, touched] = p[best], q[best]
 
     def merge(self, other: "TopActivations") -> None:
         if (other.n_ff, other.by, other.k) != (self.n_ff, self.by, self.k):
@@ -532,7 +577,8 @@ class NeuronAccumulator:
 
     Redundancy: n = every neuron when redundancy_bytes fits memory_budget_bytes (None or allow_large: no
     limit); otherwise an evenly spaced subset that fits (plan_redundancy; its note says so), or with
-    redundancy_full a one-line refusal.
+    redundancy_full a one-line refusal. The correlations' block products are float32 unless
+    `comoment_dtype` says otherwise (CoMoment's product_dtype; a saved state continues in its own).
     """
 
     def __init__(
@@ -547,6 +593,7 @@ class NeuronAccumulator:
         memory_budget_bytes: int | None = DEFAULT_REDUNDANCY_BUDGET,
         allow_large: bool = False,
         redundancy_full: bool = False,
+        comoment_dtype: type = np.float32,
     ) -> None:
         self.layers = [int(x) for x in layers]
         self.definitions = list(dict.fromkeys(definitions))
@@ -560,7 +607,9 @@ class NeuronAccumulator:
         if self.redundancy_plan is not None and not self.redundancy_plan.stride:  # not even two neurons fit
             self.redundancy = False
         self.stats = {k: NeuronStats(self.n_ff) for k in keys}
-        self.comoment = {k: CoMoment(len(self.redundancy_neurons)) for k in keys} if self.redundancy else {}
+        self.comoment_dtype = np.dtype(comoment_dtype)
+        self.comoment = ({k: CoMoment(len(self.redundancy_neurons), product_dtype=self.comoment_dtype) for k in keys}
+                         if self.redundancy else {})
         self.top = {k: TopActivations(self.n_ff, self.top_k, top_by) for k in keys} if self.top_k else {}
         self.n_prompts = 0  # 1 + the largest prompt index seen
 
@@ -650,6 +699,8 @@ class NeuronAccumulator:
                 "n_prompts": self.n_prompts, "format": 1}
         if self.redundancy_stride != 1:  # only when shrunk, so states written before read the same
             meta["redundancy_stride"] = self.redundancy_stride
+        if self.redundancy:
+            meta["comoment_dtype"] = self.comoment_dtype.name
         out: dict[str, np.ndarray] = {"meta": np.asarray(json.dumps(meta))}
         for (d, layer), s in self.stats.items():
             prefix = f"{d}/{layer}/"
@@ -667,6 +718,7 @@ class NeuronAccumulator:
                   top_by=meta["top_by"])
         out.redundancy, out.top_k = meta["redundancy"], meta["top_k"]
         out.n_prompts = meta["n_prompts"]
+        out.comoment_dtype = np.dtype(meta.get("comoment_dtype", "float64"))  # states before it: float64
         stride = int(meta.get("redundancy_stride", 1))
         n_pairs = len(out.definitions) * len(out.layers)
         out.redundancy_plan = RedundancyPlan(out.n_ff, n_pairs, stride, redundancy_bytes(out.n_ff, n_pairs), None)
@@ -679,7 +731,7 @@ class NeuronAccumulator:
                 key, prefix = (d, layer), f"{d}/{layer}/"
                 out.stats[key] = NeuronStats.from_arrays(part(prefix + "stats."))
                 if out.redundancy:
-                    out.comoment[key] = CoMoment.from_arrays(part(prefix + "comoment."))
+                    out.comoment[key] = CoMoment.from_arrays(part(prefix + "comoment."), out.comoment_dtype)
                 if out.top_k:
                     out.top[key] = TopActivations.from_arrays(part(prefix + "top."))
         return out

@@ -401,12 +401,13 @@ def _write_run_imatrix(run_dir: Path, model_id: dict, data, config: EvalConfig, 
 
 def _save_probe_state(run_dir: Path, probe, chunk_no: int, folder_name: str = NEURON_STATE) -> None:
     """The accumulator after chunk N; the one before it is kept, so a crash between a chunk and its
-    state costs one chunk of recomputation, not the run."""
+    state costs one chunk of recomputation, not the run. The new state is written over an older one
+    (a neuron state is n_ff² floats per layer and definition: fresh pages for it cost more than the writing)."""
     folder = run_dir / folder_name
-    save_npz(folder / f"{chunk_no:05d}.npz", **probe.state())
-    for old in folder.glob("*.npz"):
-        if old.stem.isdigit() and int(old.stem) < chunk_no - 1:
-            old.unlink()
+    older = sorted(f for f in folder.glob("*.npz") if f.stem.isdigit() and int(f.stem) < chunk_no - 1)
+    save_npz(folder / f"{chunk_no:05d}.npz", reuse=older.pop(0) if older else None, **probe.state())
+    for old in older:
+        old.unlink()
 
 
 def _restore_probe_state(run_dir: Path, probes: dict[str, Any]) -> None:

@@ -49,10 +49,19 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def save_npz(path: Path, **arrays: np.ndarray) -> None:
+def save_npz(path: Path, reuse: Path | None = None, **arrays: np.ndarray) -> None:
+    """Write arrays to an .npz file atomically. `reuse`: a file no longer wanted (an old checkpoint) whose
+    storage the new file overwrites: fresh pages cost more than the writing (on the project's 2-core
+    machine a demo neuron state, 113 MB, took 260–330 ms as a new file and 51–56 ms over an old one)."""
     with atomic_output(path) as tmp:
-        with open(tmp, "wb") as f:
+        recycled = False
+        if reuse is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(reuse, tmp)  # it leaves its name at once: never a half-written file under it
+                recycled = True
+        with open(tmp, "r+b" if recycled else "wb") as f:
             np.savez(f, **arrays)
+            f.truncate()
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

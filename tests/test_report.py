@@ -195,7 +195,7 @@ def test_paired_deltas_and_what_changed_recomputed_from_predictions(real_study):
         assert "overlap" not in item["text"]
     for item in items:
         assert _shown(item["text"], _section(page, "what-changed")) and item["text"] in md
-    # the paired ACE change is in the results table too, and the page warns about ACE's percentile interval
+    # the paired ACE change is in the results table too, and the page warns about ACE's small-sample bias
     ace = deltas["label_set"]["ace_paper"]
     assert f"{ace['value']:+.3f}".replace("-", "−") in _section(page, "tables")
     assert "biased upward" in _section(page, "what-changed") and "biased upward" in md
@@ -437,6 +437,33 @@ def test_what_changed_judges_by_the_paired_interval():
     assert len(what_changed(study, max_items=3)) == 3
     kinds = [i["metric"] for i in what_changed(study, max_items=5)]
     assert len(set(kinds)) == 5  # one of each kind before a kind repeats
+
+
+def test_the_bias_note_names_the_interval_the_study_recorded():
+    """BCa when the runs' summaries record it (calibration_summary's "interval"), percentile for an old study.json;
+    the reference's lopsided ACE interval is quoted as the example."""
+    from ggml_probe.analysis.calibration import BOOTSTRAP_INTERVAL_DEFINITION, calibration_summary
+    from ggml_probe.report.model import BCA_BIAS, PERCENTILE_BIAS, build_report
+
+    def texts(study):
+        report = build_report(study)
+        what = next(sec for sec in report.sections if sec.id == "what-changed")
+        return " ".join(str(payload) for kind, payload in what.blocks if kind == "p"), str(report.sections)
+
+    study = _hand_made_study()
+    ref_metrics = study["tasks"]["t"]["runs"]["F16"]["metrics"]["label_set"]
+    ref_metrics["ace_paper"] = _delta(0.20, 0.05, 0.22)  # lopsided: middle 0.135, a quarter of the width 0.0425
+    old_note, _ = texts(study)
+    assert PERCENTILE_BIAS in old_note and BCA_BIAS not in old_note
+    assert "F16's ACE on t is 0.200 with interval [0.050, 0.220]" in old_note
+    recorded = calibration_summary(np.array([[0.9, 0.1], [0.3, 0.7]]), np.array([0, 1]), n_boot=10)["interval"]
+    assert recorded == BOOTSTRAP_INTERVAL_DEFINITION and "BCa" in recorded
+    ref_metrics["interval"] = recorded
+    new_note, everything = texts(study)
+    assert BCA_BIAS in new_note and PERCENTILE_BIAS not in new_note and "biased upward" in new_note
+    assert recorded in everything  # the definitions list carries the recorded definition
+    ref_metrics["ace_paper"] = _delta(0.20, 0.12, 0.30)  # centred within a quarter of the width: no example
+    assert "F16's ACE" not in texts(study)[0]
 
 
 def test_what_changed_without_paired_deltas_claims_nothing():

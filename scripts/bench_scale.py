@@ -106,8 +106,9 @@ def _child(args) -> None:
     from ggml_probe.pipeline.evaluation import EvalConfig, NeuronSettings, evaluate
 
     done_at: list[float] = []
-    # the neuron pass at the paper's layers with every statistic but redundancy: its n_ff² co-moments
-    # need 3 GiB at n_ff 8192, over the accumulator's default budget, and the pass refuses (scale.md)
+    # the neuron pass at the paper's layers with every statistic but redundancy: every neuron's n_ff²
+    # co-moments need 3 GiB at n_ff 8192, so the default budget would correlate a subset, which is not the
+    # pass being timed (its memory: benchmarks/redundancy-budget.md)
     config = EvalConfig(task=TASK, limit=args.limit, threads=args.threads, gpu_layers=0, chunk_size=1,
                         neurons=NeuronSettings(redundancy=False) if args.child == "neurons" else None)
     out = Path(tempfile.mkdtemp(prefix="bench-scale-child-")) / "run"
@@ -260,7 +261,7 @@ def main() -> None:
                          "last layer only; at the paper's three layers, --study-args=, the default redundancy budget "
                          "correlates an evenly spaced subset of the 1B's neurons)")
     ap.add_argument("--name", default="scale", help="benchmarks/NAME.json and .md")
-    ap.add_argument("--render", action="store_true", help="only rewrite scale.md from scale.json")
+    ap.add_argument("--render", action="store_true", help="only rewrite NAME.md from NAME.json (--name)")
     ap.add_argument("--merge", default="", help="with --render: NAMEs of separate runs whose memory/kld parts to take")
     ap.add_argument("--note", action="append", default=[],
                     help="with --render: a reading of the figures, or one measured by hand (repeatable)")
@@ -271,7 +272,7 @@ def main() -> None:
         _child(args)
         return
     if args.render:  # the fits and the page again, from the recorded figures
-        result = json.loads((REPO / "benchmarks" / "scale.json").read_text())
+        result = json.loads((REPO / "benchmarks" / f"{args.name}.json").read_text())
         for part in args.merge.split(","):  # parts measured by separate runs (--name)
             if part:
                 other = json.loads((REPO / "benchmarks" / f"{part}.json").read_text())
@@ -285,8 +286,8 @@ def main() -> None:
             result["notes"] = args.note
         if result.get("speed"):
             _derive(result)
-        (REPO / "benchmarks" / "scale.json").write_text(json.dumps(result, indent=2, default=str))
-        (REPO / "benchmarks" / "scale.md").write_text(_markdown(result))
+        (REPO / "benchmarks" / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=str))
+        (REPO / "benchmarks" / f"{args.name}.md").write_text(_markdown(result))
         return
     skip = {s for s in args.skip.split(",") if s}
     store = args.models_dir or models_dir()

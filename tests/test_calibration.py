@@ -2,17 +2,21 @@
 
 Independent references: plain-Python loops over lists (ACE as the reference study's code defines it,
 ECE bin by bin), scikit-learn (brier_score_loss, log_loss), torchmetrics (binary/multiclass
-calibration error; slow only because importing torch takes seconds), and the normal approximation
-for a proportion's confidence interval.
+calibration error; slow only because importing torch takes seconds), the normal approximation
+for a proportion's confidence interval, scipy.stats.bootstrap(method="BCa") on its own resamples, and
+the BCa interval written out from its definition (tests/bca_reference.py) on ours.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
+import scipy.stats
 
+from bca_reference import bca_written_out, leave_one_out
 from ggml_probe.analysis import calibration as cal
 
 
@@ -277,7 +281,7 @@ def test_bootstrap_accuracy_interval_matches_normal_approximation():
     acc = cal.accuracy(correct)
     low, high = cal.bootstrap_ci(cal.accuracy, correct)
     assert low < acc < high
-    # Wald interval half-width 1.96 * sqrt(p (1-p) / n); the percentile bootstrap is within ~10%
+    # Wald interval half-width 1.96 * sqrt(p (1-p) / n); the BCa bootstrap is within ~10% at n = 3000
     wald = 2 * 1.96 * math.sqrt(acc * (1 - acc) / correct.size)
     assert high - low == pytest.approx(wald, rel=0.12)
 
@@ -317,13 +321,167 @@ def test_bootstrap_vectorised_path_equals_per_resample_loop(metric):
     assert fast == pytest.approx(slow, abs=1e-12)
 
 
-def test_bootstrap_percentiles_of_explicit_resamples():
-    # The definition spelled out: resample rows of the Generator's integers, take percentiles.
+@pytest.mark.parametrize("metric", ["mean", "ace"])
+def test_bootstrap_ci_is_the_bca_interval_of_explicit_resamples(metric):
+    # The definition spelled out: resample rows of the Generator's integers, leave each example out,
+    # and take the replicates' percentiles at the BCa levels (bca_reference, lists and NormalDist).
     rng = np.random.default_rng(8)
-    values = rng.normal(size=250)
+    if metric == "mean":  # skewed, so the acceleration is not 0
+        fn, loop, args = np.mean, lambda xs: sum(xs) / len(xs), (rng.exponential(size=250),)
+    else:
+        conf = rng.uniform(0.5, 1.0, 250)
+        fn, loop, args = cal.ace_paper, ace_reference_loop, (conf, rng.uniform(size=250) < conf - 0.1)
     idx = np.random.default_rng(17).integers(0, 250, size=(400, 250))
-    expected = np.percentile(values[idx].mean(axis=1), [5, 95])
-    assert cal.bootstrap_ci(np.mean, values, n_boot=400, alpha=0.1, seed=17) == pytest.approx(tuple(expected))
+    replicates = [loop(*[list(a[row]) for a in args]) for row in idx]
+    jackknife = leave_one_out(loop, [list(a) for a in args])
+    expected = bca_written_out(replicates, loop(*[list(a) for a in args]), jackknife, alpha=0.1)
+    assert cal.bootstrap_ci(fn, *args, n_boot=400, alpha=0.1, seed=17) == pytest.approx(expected, abs=1e-12)
+    # and it is not the percentile interval of the same replicates
+    assert np.max(np.abs(np.subtract(expected, np.percentile(replicates, [5, 95])))) > 1e-3
+
+
+@pytest.mark.parametrize("metric", ["ace", "ece", "mean"])
+def test_jackknife_closed_forms_equal_leaving_each_example_out(metric):
+    # ties in confidence (rounded), fewer examples than bins, one more, and a few hundred
+    loop = {"ace": ace_reference_loop, "ece": ece_reference_loop, "mean": lambda xs: sum(xs) / len(xs)}[metric]
+    fn = {"ace": cal.ace_paper, "ece": cal.ece, "mean": cal.mean_confidence}[metric]
+    for n in (2, 7, 11, 16, 301):
+        rng = np.random.default_rng(n)
+        conf = np.round(rng.uniform(0.5, 1.0, n), 1)
+        args = (conf,) if metric == "mean" else (conf, rng.uniform(size=n) < conf)
+        got = cal._LEFT_OUT[fn](*args)
+        assert got == pytest.approx(leave_one_out(loop, [list(a) for a in args]), abs=1e-12), n
+
+
+# scipy draws its own resamples, so its bounds and ours differ by Monte-Carlo error. Measured over repeated
+# seeds at 20000 resamples, each side's bounds vary by at most 0.06 standard errors of the statistic (the
+# standard deviation of the resampled values), so their difference by about 0.085; 0.25 is three of those.
+# The percentile interval is further than that from BCa in each case below, so the check tells them apart.
+SCIPY_RESAMPLES = 20_000
+MONTE_CARLO_TOLERANCE = 0.25  # in standard errors
+
+
+def _scipy_bca(statistic, arrays):
+    result = scipy.stats.bootstrap(arrays, statistic, paired=True, vectorized=False, method="BCa",
+                                   n_resamples=SCIPY_RESAMPLES, rng=np.random.default_rng(1))
+    interval = (result.confidence_interval.low, result.confidence_interval.high)
+    percentile = tuple(np.percentile(result.bootstrap_distribution, [2.5, 97.5]))
+    return interval, percentile, result.standard_error
+
+
+def _calibration_sample(seed, n):
+    rng = np.random.default_rng(seed)
+    conf = rng.uniform(0.5, 1.0, n)
+    return conf, rng.uniform(size=n) < conf - 0.1  # overconfident by 0.1
+
+
+@pytest.mark.parametrize("case", ["skewed mean", "ace", pytest.param("ece", marks=pytest.mark.slow)])
+def test_bootstrap_ci_agrees_with_scipy_bca(case):
+    fn, loop, args = {
+        "skewed mean": (np.mean, lambda x: float(np.mean(x)), (np.random.default_rng(101).exponential(size=40),)),
+        "ace": (cal.ace_paper, ace_reference_loop, _calibration_sample(7, 150)),
+        "ece": (cal.ece, ece_reference_loop, _calibration_sample(7, 150)),
+    }[case]
+    expected, percentile, se = _scipy_bca(loop, args)
+    got = cal.bootstrap_ci(fn, *args, n_boot=SCIPY_RESAMPLES)
+    assert got == pytest.approx(expected, abs=MONTE_CARLO_TOLERANCE * se)
+    assert np.max(np.abs(np.subtract(percentile, expected))) > MONTE_CARLO_TOLERANCE * se
+
+
+@pytest.mark.parametrize("metric", ["ace", "accuracy"])
+def test_paired_bootstrap_delta_agrees_with_scipy_bca_of_the_difference(metric):
+    # One statistic of the four paired arrays: the level's metric minus the reference's, with the example
+    # indices resampled (and the jackknife taken) jointly. Accuracy changes come in steps of 1/30, so many
+    # resamples tie with the value: this checks that ties count half, as scipy counts them.
+    ref_conf, ref_correct, conf, correct = _two_levels(np.random.default_rng(2), 30, flips=6)
+    if metric == "ace":
+        fn, ref_args, args = cal.ace_paper, (ref_conf, ref_correct), (conf, correct)
+
+        def statistic(rc, rk, c, k):
+            return ace_reference_loop(c, k) - ace_reference_loop(rc, rk)
+    else:
+        fn, ref_args, args = cal.accuracy, (ref_correct,), (correct,)
+
+        def statistic(rk, k):
+            return float(np.mean(k.astype(float) - rk))  # exact steps of 1/30: ties are exact here
+    expected, percentile, se = _scipy_bca(statistic, ref_args + args)
+    value, low, high = cal.paired_bootstrap_delta(fn, ref_args, args, n_boot=SCIPY_RESAMPLES)
+    assert value == pytest.approx(statistic(*ref_args, *args), abs=1e-12)
+    assert (low, high) == pytest.approx(expected, abs=MONTE_CARLO_TOLERANCE * se)
+    if metric == "ace":
+        assert np.max(np.abs(np.subtract(percentile, expected))) > MONTE_CARLO_TOLERANCE * se
+
+
+def _readme_like_levels():
+    """30 examples; the level is less calibrated than the reference by about 0.1 ACE, as Q4_0 against F16 in
+    the README's study ("+0.137 [−0.087, +0.131]"): a change the percentile interval leaves out."""
+    rng = np.random.default_rng(24)
+    conf = rng.uniform(0.5, 1.0, 30)
+    correct = rng.uniform(size=30) < conf
+    ref_conf = np.clip(conf + rng.normal(scale=0.1, size=30), 0.5, 1.0)
+    ref_correct = correct.copy()
+    flip = rng.choice(30, size=6, replace=False)
+    ref_correct[flip] = ~ref_correct[flip]
+    return (ref_conf, ref_correct), (conf, correct)
+
+
+def test_bca_like_the_percentile_interval_leaves_out_a_change_its_resamples_lie_below():
+    # The README's symptom: the ACE change lies above the percentile interval of its resampled changes.
+    # BCa does not bring it back in: its levels move by z0 = Φ⁻¹(share of resamples below the value) >
+    # 1.96, so its lower bound is at least the value's own rank; the interval lies beyond the value
+    # (towards the bias-corrected change), on the same resamples and in scipy's computation alike.
+    ref, level = _readme_like_levels()
+    value, low, high = cal.paired_bootstrap_delta(cal.ace_paper, ref, level, n_boot=1000)
+    deltas = np.array([ace_reference_loop(*[a[row] for a in level]) - ace_reference_loop(*[a[row] for a in ref])
+                       for row in np.random.default_rng(0).integers(0, 30, size=(1000, 30))])
+    pct_low, pct_high = np.percentile(deltas, [2.5, 97.5])
+    assert 0.05 < value and pct_low < 0 < pct_high < value  # the README's shape: +0.137 [−0.087, +0.131]
+    assert np.mean(deltas < value) > 0.975
+    assert value <= low < high  # BCa: beyond the value, not around it
+    assert low >= pct_high
+    (scipy_low, scipy_high), _, _ = _scipy_bca(
+        lambda rc, rk, c, k: ace_reference_loop(c, k) - ace_reference_loop(rc, rk), ref + level)
+    assert value <= scipy_low < scipy_high
+
+
+def test_bca_and_percentile_intervals_leave_out_the_value_in_the_same_cases():
+    # The rank argument above, over many small paired samples on the same resamples: the two intervals
+    # contain the value in exactly the same cases.
+    contains = []
+    for seed in range(120):
+        ref, level = _readme_like_levels() if seed == 0 else (lambda r: (r[:2], r[2:]))(
+            _two_levels(np.random.default_rng(seed), 30, flips=6))
+        value, low, high = cal.paired_bootstrap_delta(cal.ace_paper, ref, level, n_boot=500, seed=seed)
+        idx = np.random.default_rng(seed).integers(0, 30, size=(500, 30))
+        deltas = cal._ace_paper_rows(level[0][idx], level[1][idx].astype(float), 10) - cal._ace_paper_rows(
+            ref[0][idx], ref[1][idx].astype(float), 10)
+        pct_low, pct_high = np.percentile(deltas, [2.5, 97.5])
+        contains.append((pct_low <= value <= pct_high, low <= value <= high))
+    assert all(pct == bca for pct, bca in contains)
+    assert any(not pct for pct, _ in contains) and any(pct for pct, _ in contains)
+
+
+def test_bootstrap_degenerate_cases_fall_back_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # every resample equals the value, and the jackknife does not vary
+        assert cal.bootstrap_ci(np.mean, np.full(20, 0.7), n_boot=200) == pytest.approx((0.7, 0.7))
+        assert cal.paired_bootstrap_delta(cal.accuracy, (np.ones(12),), (np.ones(12),), n_boot=200) == (0.0, 0.0, 0.0)
+        # one example: no jackknife
+        assert cal.bootstrap_ci(cal.accuracy, np.array([1]), n_boot=50) == (1.0, 1.0)
+        # every resample below the value (a resample of 20 distinct values almost surely repeats one):
+        # z0 is infinite, so the interval is the percentile one
+        distinct = lambda x: float(len(set(x.tolist())))  # noqa: E731
+        values = np.arange(20.0)
+        replicates = [distinct(values[row]) for row in np.random.default_rng(3).integers(0, 20, size=(300, 20))]
+        assert max(replicates) < 20
+        assert cal.bootstrap_ci(distinct, values, n_boot=300, seed=3) == pytest.approx(
+            tuple(np.percentile(replicates, [2.5, 97.5])))
+        # past the pole of the level map (1 - a (z0 + z) <= 0, here for the lower level): that level is 0
+        replicates = np.arange(100_000) / 100_000
+        jackknife = np.r_[np.zeros(999), 1.0]  # one outlier: a close to -1/6
+        low, high = cal._bca_interval(replicates, 1.5e-5, jackknife, 0.05)
+        assert low == 0.0 and 0.0 <= high < 1e-4
 
 
 def _two_levels(rng, n, flips=None):
@@ -338,15 +496,17 @@ def _two_levels(rng, n, flips=None):
 
 
 def _paired_loop(metric, ref_args, args, n_boot, seed, alpha=0.05):
-    """The paired bootstrap written out with the list references: one index draw, both levels on it."""
+    """The paired bootstrap written out with the list references: one index draw, both levels on it; the BCa
+    interval of the differences, with the jackknife of the difference."""
     rng = np.random.default_rng(seed)
     n = len(ref_args[0])
     deltas = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, size=n)
         deltas.append(metric(*[[a[i] for i in idx] for a in args]) - metric(*[[a[i] for i in idx] for a in ref_args]))
-    low, high = np.percentile(deltas, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return metric(*args) - metric(*ref_args), low, high
+    value = metric(*args) - metric(*ref_args)
+    jackknife = [a - b for a, b in zip(leave_one_out(metric, args), leave_one_out(metric, ref_args))]
+    return (value, *bca_written_out(deltas, value, jackknife, alpha))
 
 
 @pytest.mark.parametrize("name", ["ace", "ece", "accuracy", "confidence"])

@@ -301,6 +301,32 @@ def test_salient_neurons_attribute_the_decoded_tokens_at_a_small_ctx(demo_path, 
     assert not np.allclose(left_cut.layers[29].attributions, ref.layers[29].attributions)
 
 
+@pytest.mark.slow
+def test_neuron_resume_with_another_top_k_is_refused(demo_path, tmp_path):
+    """The top-activating tokens kept per neuron are part of a neuron run: an interrupted run resumed with
+    another top_k is refused in one line naming the setting, loses nothing, and resumes with the same one."""
+    from ggml_probe.pipeline.evaluation import NeuronSettings
+
+    def config(top_k):
+        return EvalConfig(task="yesno-mini", limit=6, chunk_size=3, n_boot=20,
+                          neurons=NeuronSettings(layers="0,-1", top_k=top_k))
+
+    def stop(done, total):
+        if done >= 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(demo_path, config(3), out, progress=stop)
+    states = sorted((out / "neuron_state").glob("*.npz"))
+    saved = [p.read_bytes() for p in states]
+    with pytest.raises(ProbeError, match=r"neurons\.top_k 3, now 5\)") as refused:
+        evaluate(demo_path, config(5), out, resume=True)
+    assert "\n" not in str(refused.value) and "--force" in str(refused.value)
+    assert [p.read_bytes() for p in sorted((out / "neuron_state").glob("*.npz"))] == saved
+    assert evaluate(demo_path, config(3), out, resume=True).resumed_examples == 3
+
+
 def test_resume_with_another_batch_layout_is_refused(demo_path, boolq_path, tmp_path):
     """A packed batch changes the logits (test_engine: batch-layout noise), so --batch is part of what a
     resumed run must match: refused with one line, never mixed. The same --batch resumes."""

@@ -499,6 +499,11 @@ def test_neuron_probe_resumed_run_equals_one_run(tiny, tmp_path):
     other = NeuronProbe(tiny["gguf"], layers=[1])
     with pytest.raises(ProbeError, match="other layers"):
         other.restore(tmp_path / "part.npz")
+    # the saved state keeps 3 top tokens per neuron: a probe keeping 5 cannot continue it
+    more = NeuronProbe(tiny["gguf"], layers=[0, -1], top_k=5)
+    with pytest.raises(ProbeError, match=r"top_k 3 \(this run: 5\).*NeuronSettings\.top_k.*--force"):
+        more.restore(tmp_path / "part.npz")
+    assert more.accumulator.top_k == 5 and more.accumulator.n_prompts == 0  # nothing taken from the refused state
 
 
 # ------------------------------------------------------------------ salient neurons, last layer

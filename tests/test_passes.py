@@ -302,3 +302,43 @@ def test_only_ffn_tensors_of_the_last_layer_let_a_capture_end_graphs_past_its_at
     assert not FFNCapture(tiny, lambda *a: None, layers=[0]).reaches_last_layer
     assert not FFNCapture(tiny, lambda *a: None, layers=[0], extra=[f"attn_norm-{last}"]).reaches_last_layer
     assert FFNCapture(tiny, lambda *a: None, layers=[0], extra=[f"ffn_norm-{last}"]).reaches_last_layer
+
+
+@pytest.mark.slow
+def test_a_stop_allowed_by_one_run_is_not_carried_into_a_run_without_on_batch(tiny):
+    """A library caller's Engine.run(logits=False, on_batch=probe.on_batch) lets the probe end each graph after
+    its tensor; a later run on the same engine without on_batch decodes whole graphs again: later tensors are
+    offered, and the logits are a fresh engine's."""
+    from ggml_probe.engine.ffn import model_ffn
+    from ggml_probe.engine.model import Engine
+    from ggml_probe.engine.probes import Probe
+
+    n_layer = model_ffn(tiny).n_layer
+    offered: list[str] = []
+
+    class FirstLayerUp(Probe):  # reads nothing; may end a graph after layer 0's FFN up-projection
+        def wants(self, name):
+            offered.append(name)
+            return name == "ffn_up-0"
+
+        def handle(self, t, name):
+            pass
+
+        def stop_names(self):
+            return ["ffn_up-0"]
+
+    probe = FirstLayerUp()
+    kwargs = dict(n_ctx=512, n_threads=1, kv_type=0, hidden_states=True)
+    with Engine(tiny, eval_callback=probe.eval_callback, **kwargs) as engine:
+        tokens = [engine.tokenize(INSTRUCTION + QUESTIONS[0])]
+        engine.run(tokens, logits=False, on_batch=probe.on_batch)  # directly, not through run_checked
+        probe.check()
+        assert "ffn_up-0" in offered and not any(n.endswith(f"-{n_layer - 1}") or n == "result_output" for n in offered)
+        offered.clear()
+        after = engine.run(tokens)
+        probe.check()
+    assert f"ffn_up-{n_layer - 1}" in offered and "result_output" in offered
+    with Engine(tiny, **kwargs) as fresh:
+        expected = fresh.run(tokens)
+    np.testing.assert_array_equal(after[0].logits, expected[0].logits)
+    np.testing.assert_array_equal(after[0].hidden, expected[0].hidden)

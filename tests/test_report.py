@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bca_reference import bca_written_out
 from ggml_probe.pipeline.study import StudyConfig, run_study
 from ggml_probe.report.values import slug
 
@@ -142,15 +143,19 @@ METRICS = {"accuracy": lambda x: x["corr"].mean(), "mean_confidence": lambda x: 
 
 
 def _loop_paired(ref: dict, lvl: dict, metric, n_boot: int, seed: int) -> tuple[float, float, float]:
-    """The paired bootstrap written out: one index draw per resample, the metric of both levels on it."""
+    """The paired bootstrap written out: one index draw per resample, the metric of both levels on it; the BCa
+    interval of the differences (tests/bca_reference.py), with the jackknife of the difference."""
     rng = np.random.default_rng(seed)
     n = len(ref["conf"])
     deltas = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, size=n)
         deltas.append(metric({k: v[idx] for k, v in lvl.items()}) - metric({k: v[idx] for k, v in ref.items()}))
-    lo, hi = np.percentile(deltas, [2.5, 97.5])
-    return metric(lvl) - metric(ref), float(lo), float(hi)
+    jackknife = [metric({k: np.delete(v, i) for k, v in lvl.items()}) - metric({k: np.delete(v, i) for k, v in ref.items()})
+                 for i in range(n)]
+    value = metric(lvl) - metric(ref)
+    lo, hi = bca_written_out(deltas, value, jackknife)
+    return value, float(lo), float(hi)
 
 
 @pytest.mark.slow
@@ -195,7 +200,7 @@ def test_paired_deltas_and_what_changed_recomputed_from_predictions(real_study):
         assert "overlap" not in item["text"]
     for item in items:
         assert _shown(item["text"], _section(page, "what-changed")) and item["text"] in md
-    # the paired ACE change is in the results table too, and the page warns about ACE's percentile interval
+    # the paired ACE change is in the results table too, and the page warns about ACE's small-sample bias
     ace = deltas["label_set"]["ace_paper"]
     assert f"{ace['value']:+.3f}".replace("-", "−") in _section(page, "tables")
     assert "biased upward" in _section(page, "what-changed") and "biased upward" in md
@@ -437,6 +442,33 @@ def test_what_changed_judges_by_the_paired_interval():
     assert len(what_changed(study, max_items=3)) == 3
     kinds = [i["metric"] for i in what_changed(study, max_items=5)]
     assert len(set(kinds)) == 5  # one of each kind before a kind repeats
+
+
+def test_the_bias_note_names_the_interval_the_study_recorded():
+    """BCa when the runs' summaries record it (calibration_summary's "interval"), percentile for an old study.json;
+    the reference's lopsided ACE interval is quoted as the example."""
+    from ggml_probe.analysis.calibration import BOOTSTRAP_INTERVAL_DEFINITION, calibration_summary
+    from ggml_probe.report.model import BCA_BIAS, PERCENTILE_BIAS, build_report
+
+    def texts(study):
+        report = build_report(study)
+        what = next(sec for sec in report.sections if sec.id == "what-changed")
+        return " ".join(str(payload) for kind, payload in what.blocks if kind == "p"), str(report.sections)
+
+    study = _hand_made_study()
+    ref_metrics = study["tasks"]["t"]["runs"]["F16"]["metrics"]["label_set"]
+    ref_metrics["ace_paper"] = _delta(0.20, 0.05, 0.22)  # lopsided: middle 0.135, a quarter of the width 0.0425
+    old_note, _ = texts(study)
+    assert PERCENTILE_BIAS in old_note and BCA_BIAS not in old_note
+    assert "F16's ACE on t is 0.200 with interval [0.050, 0.220]" in old_note
+    recorded = calibration_summary(np.array([[0.9, 0.1], [0.3, 0.7]]), np.array([0, 1]), n_boot=10)["interval"]
+    assert recorded == BOOTSTRAP_INTERVAL_DEFINITION and "BCa" in recorded
+    ref_metrics["interval"] = recorded
+    new_note, everything = texts(study)
+    assert BCA_BIAS in new_note and PERCENTILE_BIAS not in new_note and "biased upward" in new_note
+    assert recorded in everything  # the definitions list carries the recorded definition
+    ref_metrics["ace_paper"] = _delta(0.20, 0.12, 0.30)  # centred within a quarter of the width: no example
+    assert "F16's ACE" not in texts(study)[0]
 
 
 def test_what_changed_without_paired_deltas_claims_nothing():

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from scipy.special import ndtr, ndtri
 
 from ..fsutil import atomic_output
 
@@ -425,6 +426,60 @@ _BATCHED: dict[Callable, Callable] = {
 }
 
 
+def _mean_left_out(values: np.ndarray) -> np.ndarray:
+    """Mean of `values` without entry i, for each i."""
+    values = _f64(values)
+    return (values.sum() - values) / (values.size - 1)
+
+
+def _ace_paper_left_out(conf: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> np.ndarray:
+    """ACE (paper) without example i, for each i, from one sort: O(n log n) instead of n sorts of n - 1.
+
+    Leaving one example out of the stably sorted list leaves the others sorted in the same order, and the
+    n - 1 examples' bins have fixed boundaries; so each bin's sums are differences of the full list's prefix
+    sums, read one place further on past the left-out position.
+    """
+    conf, correct = _f64(conf), _f64(correct)
+    n = conf.size
+    order = np.argsort(conf, kind="stable")
+    sizes = equal_count_bin_sizes(n - 1, n_bins)
+    edges = np.concatenate(([0], np.cumsum(sizes)))  # boundaries in the list of n - 1
+    past = edges[None, :] > np.arange(n)[:, None]  # row p leaves out sorted position p; these edges lie past it
+
+    def bin_sums(values: np.ndarray) -> np.ndarray:
+        in_order = values[order]
+        prefix = np.concatenate(([0.0], np.cumsum(in_order)))
+        at_edges = np.where(past, prefix[edges + 1][None, :] - in_order[:, None], prefix[edges][None, :])
+        return np.diff(at_edges, axis=1)
+
+    gaps = bin_sums(correct) - bin_sums(conf)
+    filled = sizes > 0
+    per_sorted = np.abs(gaps[:, filled] / sizes[filled]).sum(axis=1) / n_bins
+    out = np.empty(n)
+    out[order] = per_sorted
+    return out
+
+
+def _ece_left_out(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> np.ndarray:
+    """ECE without example i, for each i: only the left-out example's own bin changes."""
+    conf, correct = _f64(conf), _f64(correct)
+    bin_index = _ece_bin_index(conf, n_bins)
+    gap = np.bincount(bin_index, weights=correct - conf, minlength=n_bins)  # sum correct - sum conf per bin
+    total = np.abs(gap).sum()
+    own = gap[bin_index]
+    return (total - np.abs(own) + np.abs(own - (correct - conf))) / (conf.size - 1)
+
+
+# Closed forms of the jackknife (the metric without each example in turn) of the metrics in _BATCHED.
+_LEFT_OUT: dict[Callable, Callable] = {
+    accuracy: _mean_left_out,
+    mean_confidence: _mean_left_out,
+    np.mean: _mean_left_out,
+    ace_paper: _ace_paper_left_out,
+    ece: _ece_left_out,
+}
+
+
 def _check_bootstrap(n_boot: int, alpha: float) -> None:
     if n_boot < 1 or not 0 < alpha < 1:
         raise ValueError("need n_boot >= 1 and 0 < alpha < 1")
@@ -443,12 +498,83 @@ def _resamples(n: int, n_boot: int, seed: int):
         yield start, stop, rng.integers(0, n, size=(stop - start, n))
 
 
+def _leave_one_out(n: int):
+    """(start, stop, idx) chunks of the n jackknife samples: row i holds every example index but i, in order."""
+    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // max(1, n - 1))
+    cols = np.arange(n - 1)[None, :]
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        left_out = np.arange(start, stop)[:, None]
+        yield start, stop, cols + (cols >= left_out)
+
+
 def _resampled_metric(metric_fn: Callable[..., float], vectorised: Callable[..., np.ndarray] | None,
                       data: list[np.ndarray], idx: np.ndarray) -> np.ndarray:
     """The metric on each resample (row of idx), vectorised when a batched form is known."""
     if vectorised is not None:
         return vectorised(*(a[idx] for a in data))
     return np.array([metric_fn(*(a[row] for a in data)) for row in idx], dtype=np.float64)
+
+
+def _jackknife(metric_fn: Callable[..., float], vectorised: Callable[..., np.ndarray] | None,
+               data: list[np.ndarray], left_out: Callable[..., np.ndarray] | None) -> np.ndarray:
+    """The metric with each example left out in turn (n values; empty for n = 1, which has no jackknife).
+
+    `left_out` is a closed form (`_LEFT_OUT`); without one the metric runs on the n leave-one-out samples,
+    batched when `vectorised` is given.
+    """
+    n = data[0].shape[0]
+    if n < 2:
+        return np.empty(0, dtype=np.float64)
+    if left_out is not None:
+        return left_out(*data)
+    out = np.empty(n, dtype=np.float64)
+    for start, stop, idx in _leave_one_out(n):
+        out[start:stop] = _resampled_metric(metric_fn, vectorised, data, idx)
+    return out
+
+
+# Differences within this many ulps of the values compared count as rounding (a resample equal to the data
+# summed in another order), not as a difference.
+_ROUNDING_ULPS = 64
+
+
+def _bca_interval(replicates: np.ndarray, estimate: float, jackknife: np.ndarray, alpha: float,
+                  scale: float = 0.0) -> tuple[float, float]:
+    """The BCa interval (Efron 1987) from bootstrap replicates, the point estimate and its jackknife values.
+
+    z0 = Φ⁻¹(share of replicates below the estimate, ties counting half); acceleration a = Σd³ / (6 (Σd²)^1.5)
+    with d = mean(jackknife) − jackknife_i; the bounds are the replicates' percentiles (linear interpolation)
+    at levels Φ(z0 + (z0 + z)/(1 − a (z0 + z))) for z = Φ⁻¹(alpha/2) and Φ⁻¹(1 − alpha/2). This is
+    `scipy.stats.bootstrap(method="BCa")`'s computation, on our resamples. Degenerate cases: a = 0 when the
+    jackknife values do not vary (or n = 1); level 0 or 1 past the pole of the level map (1 − a (z0 + z) ≤ 0,
+    where the map tends to the near end); the plain percentile interval when every replicate lies on one
+    side of the estimate (z0 infinite: no bias correction is defined). A replicate within rounding of the
+    estimate (64 ulps of the largest of them and `scale`, the size of the values a difference was taken of)
+    counts as a tie: a resampled accuracy change of 31/60 − 29/60 is the same change as 30/60 − 28/60.
+
+    The interval contains the estimate exactly when |z0| <= Φ⁻¹(1 − alpha/2), as the percentile interval
+    does: past that, the lower level Φ(z0 + w/(1 − a w)) with w = z0 + Φ⁻¹(alpha/2) >= 0 is at least Φ(z0),
+    the estimate's own rank (and symmetrically for the upper one).
+    """
+    eps = np.finfo(np.float64).eps
+    tol = _ROUNDING_ULPS * eps * np.maximum(max(abs(estimate), abs(scale)), np.abs(replicates))
+    below = np.count_nonzero(replicates < estimate - tol)
+    ties = np.count_nonzero(np.abs(replicates - estimate) <= tol)
+    share = (below + ties / 2) / replicates.size
+    if share <= 0.0 or share >= 1.0:
+        return tuple(float(v) for v in np.percentile(replicates, [100 * alpha / 2, 100 * (1 - alpha / 2)]))
+    z0 = float(ndtri(share))
+    accel = 0.0
+    if jackknife.size:
+        d = jackknife.mean() - jackknife
+        if np.max(np.abs(d)) > _ROUNDING_ULPS * eps * max(abs(scale), float(np.max(np.abs(jackknife)))):
+            accel = float(np.sum(d**3) / (6.0 * np.sum(d**2) ** 1.5))
+    w = z0 + ndtri(np.array([alpha / 2, 1 - alpha / 2]))
+    denom = 1.0 - accel * w
+    inside = denom > 0
+    levels = np.where(inside, ndtr(z0 + w / np.where(inside, denom, 1.0)), (w > 0).astype(np.float64))
+    return tuple(float(v) for v in np.percentile(replicates, 100 * levels))
 
 
 def _arrays(arrays, what: str) -> list[np.ndarray]:
@@ -461,6 +587,15 @@ def _arrays(arrays, what: str) -> list[np.ndarray]:
     return data
 
 
+BOOTSTRAP_INTERVAL_DEFINITION = (
+    "95% bootstrap interval, bias-corrected and accelerated (BCa, Efron 1987): the resampled values' percentiles "
+    "at levels shifted by the share of resamples below the value (bias) and by the jackknife skewness "
+    "(acceleration). Like the percentile interval it leaves the value out when fewer than 2.5% of the resamples "
+    "fall on one side of it (the bias then exceeds the spread), and it then lies beyond the value, towards the "
+    "bias-corrected one"
+)
+
+
 def bootstrap_ci(
     metric_fn: Callable[..., float],
     *arrays,
@@ -469,30 +604,38 @@ def bootstrap_ci(
     seed: int = 0,
     batched_fn: Callable[..., np.ndarray] | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval (alpha/2, 1 - alpha/2) of `metric_fn(*arrays)`.
+    """BCa bootstrap interval (Efron 1987) of `metric_fn(*arrays)` at coverage 1 - alpha.
 
     Each resample draws N example indices with replacement from `np.random.default_rng(seed)` and
-    applies them to every array's first axis together (examples stay paired). The metric is
-    evaluated without a Python loop when a vectorised form is known: `batched_fn`, given arrays with
-    a leading resample axis, must return one value per resample; `accuracy`, `mean_confidence`,
-    `np.mean`, `ace_paper` and `ece` (default bin counts) have built-in vectorised forms. Any other
-    metric is called once per resample.
+    applies them to every array's first axis together (examples stay paired). The interval is the
+    bias-corrected and accelerated one (`_bca_interval`): the resampled values' percentiles at levels
+    moved from (alpha/2, 1 - alpha/2) by the share of resamples below the point value and by the
+    acceleration from the jackknife (the metric with each example left out). The metric is evaluated
+    without a Python loop when a vectorised form is known: `batched_fn`, given arrays with a leading
+    resample axis, must return one value per resample (and is used on the leave-one-out samples
+    too); `accuracy`, `mean_confidence`, `np.mean`, `ace_paper` and `ece` (default bin counts) have
+    built-in vectorised forms and closed forms of their jackknife. Any other metric is called once
+    per resample and once per left-out example.
 
-    ACE and ECE are biased upward on small samples (a resample repeats examples, and |accuracy -
-    confidence| per bin only grows with the noise), so their percentile interval can sit almost
-    wholly above the point value (F16 ACE 0.179 with interval [0.172, 0.410] on 30 BoolQ questions of
-    the demo model). Compare two levels with `paired_bootstrap_delta`, never by overlap of these.
+    Why BCa: ACE and ECE are biased upward on small samples (a resample repeats examples, and |accuracy
+    - confidence| per bin only grows with the noise), so the plain percentile interval can sit almost
+    wholly above the point value (F16 ACE 0.179 with percentile interval [0.172, 0.410] on 30 BoolQ
+    questions of the demo model), and can even exclude it. BCa moves the levels by the bias the
+    resamples show; it falls back to the percentile interval only when every resample lies on one side
+    of the value. It does not make the interval contain the value: it excludes it exactly when the
+    percentile interval does (fewer than alpha/2 of the resamples on one side), and then lies further
+    beyond it, towards the bias-corrected value. Compare two levels with `paired_bootstrap_delta`,
+    never by overlap of these.
     """
     data = _arrays(arrays, "bootstrap_ci")
     _check_bootstrap(n_boot, alpha)
     vectorised = batched_fn if batched_fn is not None else _BATCHED.get(metric_fn)
-    if vectorised is not None:
-        metric_fn(*data)  # once on the data as given: its input checks raise here, not mid-bootstrap
+    left_out = None if batched_fn is not None else _LEFT_OUT.get(metric_fn)
+    estimate = float(metric_fn(*data))  # first, on the data as given: its input checks raise here, not mid-bootstrap
     stats = np.empty(n_boot, dtype=np.float64)
     for start, stop, idx in _resamples(data[0].shape[0], n_boot, seed):
         stats[start:stop] = _resampled_metric(metric_fn, vectorised, data, idx)
-    low, high = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(low), float(high)
+    return _bca_interval(stats, estimate, _jackknife(metric_fn, vectorised, data, left_out), alpha)
 
 
 def paired_bootstrap_delta(
@@ -505,38 +648,46 @@ def paired_bootstrap_delta(
     seed: int = 0,
     batched_fn: Callable[..., np.ndarray] | None = None,
 ) -> tuple[float, float | None, float | None]:
-    """metric(level) - metric(reference) over the same examples, with its paired percentile bootstrap interval.
+    """metric(level) - metric(reference) over the same examples, with its paired BCa bootstrap interval.
 
     `reference` and `level` are the metric's arguments (tuples of arrays) for the two models, one entry
     per example, the same examples in the same order. Each resample draws N example indices once
     (`np.random.default_rng(seed)`, the same draws as `bootstrap_ci`) and evaluates the metric on both
-    models' arrays at those indices; the interval is the (alpha/2, 1 - alpha/2) percentiles of the
-    differences. Because both levels see the same resample, the example-to-example variation they share
-    cancels (which two separate intervals, compared for overlap, cannot do), and the upward small-sample
-    bias of ACE/ECE, which both levels share, largely cancels too (on 30 examples, in simulation: +0.047
-    for one level's resampled ACE, +0.001 on average for the difference). Returns (value, ci_low,
-    ci_high); with n_boot=0 the bounds are None.
+    models' arrays at those indices; the interval is the BCa interval (`_bca_interval`) of those
+    differences, its acceleration from the jackknife of the difference (each example left out of both
+    levels at once). Because both levels see the same resample, the example-to-example variation they
+    share cancels (which two separate intervals, compared for overlap, cannot do), and most of the
+    upward small-sample bias of ACE/ECE, which both levels share, cancels too (on 30 examples, in
+    simulation: +0.047 for one level's resampled ACE, +0.001 on average for the difference). The bias
+    left in one study can still exceed the spread (plain percentiles gave a Q4_0-vs-F16 ACE change of
+    +0.137 on 30 BoolQ questions the interval [−0.087, +0.131]); BCa then places the interval beyond the
+    change, not around it (see `_bca_interval`). Returns (value, ci_low, ci_high); with n_boot=0 the
+    bounds are None.
     """
     ref, cur = _arrays(reference, "paired_bootstrap_delta"), _arrays(level, "paired_bootstrap_delta")
     if len(ref) != len(cur) or ref[0].shape[0] != cur[0].shape[0]:
         raise ValueError(f"reference and level must hold the same arguments over the same examples "
                          f"({len(ref)} arrays of {ref[0].shape[0]} vs {len(cur)} of {cur[0].shape[0]})")
-    value = float(metric_fn(*cur)) - float(metric_fn(*ref))  # also runs the metric's input checks
+    level_value, ref_value = float(metric_fn(*cur)), float(metric_fn(*ref))  # also runs the metric's input checks
+    value = level_value - ref_value
     if n_boot == 0:
         return value, None, None
     _check_bootstrap(n_boot, alpha)
     vectorised = batched_fn if batched_fn is not None else _BATCHED.get(metric_fn)
+    left_out = None if batched_fn is not None else _LEFT_OUT.get(metric_fn)
     deltas = np.empty(n_boot, dtype=np.float64)
     for start, stop, idx in _resamples(ref[0].shape[0], n_boot, seed):
         deltas[start:stop] = (_resampled_metric(metric_fn, vectorised, cur, idx)
                               - _resampled_metric(metric_fn, vectorised, ref, idx))
-    low, high = np.percentile(deltas, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return value, float(low), float(high)
+    jackknife = _jackknife(metric_fn, vectorised, cur, left_out) - _jackknife(metric_fn, vectorised, ref, left_out)
+    low, high = _bca_interval(deltas, value, jackknife, alpha, scale=max(abs(level_value), abs(ref_value)))
+    return value, low, high
 
 
 PAIRED_DELTA_DEFINITION = (
-    "Δ metric = metric(level) − metric(reference) on the same examples; 95% paired percentile bootstrap: each "
-    "resample draws the example indices once and evaluates both levels on it (significant: the interval excludes 0)"
+    "Δ metric = metric(level) − metric(reference) on the same examples; 95% paired BCa bootstrap (bias-corrected "
+    "and accelerated, Efron 1987): each resample draws the example indices once and evaluates both levels on it, "
+    "the acceleration comes from the jackknife of the difference (significant: the interval excludes 0)"
 )
 
 
@@ -596,16 +747,16 @@ def calibration_summary(
     correct=None,
     alpha: float = 0.05,
 ) -> dict:
-    """All calibration metrics of one run, each with a bootstrap interval.
+    """All calibration metrics of one run, each with a BCa bootstrap interval (`bootstrap_ci`).
 
     prob_matrix (n, k) and gold_index (n,) feed Brier and NLL. The prediction defaults to the
     argmax of each row and its confidence to that row's probability; pass `pred_index` /
     `confidence` when they come from elsewhere (paper mode: argmax over the full vocabulary), and
     `correct` when correctness is not `pred_index == gold_index` (paper mode: substring match).
 
-    Returns {"n", "n_boot", "alpha", "seed", "definitions", and for each of accuracy,
-    mean_confidence, ace_paper, ece, brier, nll: {"value", "ci_low", "ci_high"}}. All intervals use
-    the same resamples (same seed). With n_boot=0 the intervals are None.
+    Returns {"n", "n_boot", "alpha", "seed", "interval" (BOOTSTRAP_INTERVAL_DEFINITION), "definitions",
+    and for each of accuracy, mean_confidence, ace_paper, ece, brier, nll: {"value", "ci_low",
+    "ci_high"}}. All intervals use the same resamples (same seed). With n_boot=0 the intervals are None.
     """
     probs, gold = _check_probs_and_gold(prob_matrix, gold_index)
     n = probs.shape[0]
@@ -639,6 +790,7 @@ def calibration_summary(
         "n_boot": int(n_boot),
         "alpha": float(alpha),
         "seed": int(seed),
+        "interval": BOOTSTRAP_INTERVAL_DEFINITION,
         "definitions": {name: DEFINITIONS[name] for name in plan},
     }
     for name, (fn, arrays) in plan.items():

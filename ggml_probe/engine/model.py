@@ -239,6 +239,10 @@ class Engine(_VocabMethods):
             cparams.type_k = kv_type
             cparams.type_v = kv_type
         self._user_callback = eval_callback
+        # The probe the callback belongs to ends a graph early only in a decode whose on_batch allowed it; a
+        # decode without on_batch settles it first (_llama_decode), so a stop allowed before is not carried over.
+        self._settle_probe: Callable[[], None] | None = getattr(getattr(eval_callback, "__self__", None), "settle", None)
+        self._told = False  # on_batch was called for the decode to come
         self._user_wants: set[int] = set()  # tensors the user's callback asked for in this graph
         self._hidden_rows: np.ndarray | None = None
         if eval_callback is not None or hidden_states:
@@ -280,6 +284,24 @@ class Engine(_VocabMethods):
         if user is not None and t in self._user_wants:
             return bool(user(t, False))
         return True
+
+    def _llama_decode(self, batch) -> None:
+        """llama_decode of a filled batch; the probe is settled first when this decode had no on_batch."""
+        if not self._told and self._settle_probe is not None:
+            self._settle_probe()
+        self._told = False
+        clear_log()
+        rc = self._lib.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise ProbeError(f"llama_decode failed (code {rc}): {last_error('no message')}")
+
+    def _tell(self, on_batch: Callable[..., None] | None, group: list[int], token_arrays: Sequence[np.ndarray],
+              **where) -> None:
+        """on_batch(group, arrays, …) before a decode, with only the keywords that differ from a plain decode
+        (start 0, not shared, may not stop), so a callback that takes none still serves plain decodes."""
+        if on_batch is not None:
+            on_batch(group, token_arrays, **{k: v for k, v in where.items() if v})
+            self._told = True
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -401,10 +423,7 @@ class Engine(_VocabMethods):
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = 1 if (every_row or i == n - 1) else 0
             batch.n_tokens = n
-            clear_log()
-            rc = lib.llama_decode(self._ctx, batch)
-            if rc != 0:
-                raise ProbeError(f"llama_decode failed (code {rc}): {last_error('no message')}")
+            self._llama_decode(batch)
             rows = n if every_row else 1
             return np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(rows, self.n_vocab)).copy()
         finally:
@@ -456,10 +475,7 @@ class Engine(_VocabMethods):
             for i in range(n):
                 batch.seq_id[i][0] = seq
             batch.n_tokens = n
-            clear_log()
-            rc = lib.llama_decode(self._ctx, batch)
-            if rc != 0:
-                raise ProbeError(f"llama_decode failed (code {rc}): {last_error('no message')}")
+            self._llama_decode(batch)
             lib.llama_synchronize(self._ctx)
             n_out = int(flags.sum())
             if not read or n_out == 0:
@@ -601,7 +617,7 @@ class Engine(_VocabMethods):
         rests = [np.asarray(t[n_shared:], dtype=np.int32) for t in token_arrays]
         # The prefix's outputs are never read; its KV is, at every layer the rests reach.
         may_stop = STOP_ANYWHERE if not logits else STOP_AFTER_KV if all_outputs else None
-        _tell(on_batch, group, [head], shared=True, may_stop=may_stop)
+        self._tell(on_batch, group, [head], shared=True, may_stop=may_stop)
         # every prefix row is an output when all rows must be (the last layer's FFN covers them); else
         # none is needed, but one keeps llama.cpp on its usual path
         lib.llama_memory_clear(self._mem, True)
@@ -615,19 +631,19 @@ class Engine(_VocabMethods):
         """Decode array s into sequence s from position `start`, after what the cache holds; (logits,
         hidden) at each array's last row, or (None, None) each without `logits`."""
         if not logits:
-            _tell(on_batch, group, token_arrays, start=start, may_stop=STOP_ANYWHERE)
+            self._tell(on_batch, group, token_arrays, start=start, may_stop=STOP_ANYWHERE)
             self._decode_batch(token_arrays, start, lambda pos, n: all_outputs or pos == n - 1)
             return [(None, None)] * len(token_arrays)
         heads = [t[:-1] for t in token_arrays]
         if all_outputs and probe_ends_graphs and self.split_pays(sum(len(h) for h in heads)):
-            _tell(on_batch, group, heads, start=start, may_stop=STOP_AFTER_KV)
+            self._tell(on_batch, group, heads, start=start, may_stop=STOP_AFTER_KV)
             self._decode_batch(heads, start, lambda pos, n: True)
             lasts = [t[-1:] for t in token_arrays]
             starts = [start + len(h) for h in heads]
-            _tell(on_batch, group, lasts, starts=starts)
+            self._tell(on_batch, group, lasts, starts=starts)
             self._decode_batch(lasts, starts, lambda pos, n: True)
             return self._group_outputs(lasts, True)
-        _tell(on_batch, group, token_arrays, start=start)
+        self._tell(on_batch, group, token_arrays, start=start)
         self._decode_batch(token_arrays, start, lambda pos, n: all_outputs or pos == n - 1)
         return self._group_outputs(token_arrays, all_outputs)
 
@@ -695,10 +711,7 @@ class Engine(_VocabMethods):
                 row += n
             batch.n_tokens = total
             self._hidden_rows = None
-            clear_log()
-            rc = lib.llama_decode(self._ctx, batch)
-            if rc != 0:
-                raise ProbeError(f"llama_decode failed (code {rc}): {last_error('no message')}")
+            self._llama_decode(batch)
         finally:
             lib.llama_batch_free(batch)
 
@@ -736,14 +749,6 @@ SPLIT_DECODE_ROWS = 32
 # may end only past the last layer's attention. None: the outputs are read; the graph runs whole.
 STOP_ANYWHERE = "anywhere"
 STOP_AFTER_KV = "after_kv"
-
-
-def _tell(on_batch: Callable[..., None] | None, group: list[int], token_arrays: Sequence[np.ndarray],
-          **where) -> None:
-    """on_batch(group, arrays, …) before a decode, with only the keywords that differ from a plain decode
-    (start 0, not shared, may not stop), so a callback that takes none still serves plain decodes."""
-    if on_batch is not None:
-        on_batch(group, token_arrays, **{k: v for k, v in where.items() if v})
 
 
 def common_prefix_length(token_arrays: Sequence[np.ndarray]) -> int:

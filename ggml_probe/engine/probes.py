@@ -187,7 +187,8 @@ class Probe:
         return bool(self._stop) and not self._pending
 
     def settle(self) -> None:
-        """After a run (run_checked calls it): no graph ends early until an on_batch allows it again."""
+        """No graph ends early until an on_batch allows it again: after a run (run_checked calls it), and
+        before any decode without on_batch (the Engine whose eval_callback this probe serves calls it)."""
         self._stop, self._pending = frozenset(), set()
 
     def on_batch(self, indices: list[int], token_arrays: list[np.ndarray], start: int = 0,
@@ -493,6 +494,10 @@ class SwitchedProbe:
 
     def eval_callback(self, t: int, ask: bool) -> bool:
         return self.current.eval_callback(t, ask)
+
+    def settle(self) -> None:
+        if hasattr(self.current, "settle"):
+            self.current.settle()
 
 
 def run_checked(engine, probe, tokens: Sequence[np.ndarray], all_outputs: bool | None = None,

@@ -254,7 +254,13 @@ def prepare_run_dir(run_dir: Path, identity: dict[str, Any], resume: bool, force
             made, asked = (_batch_layout(i) for i in (old.get("identity", {}), identity))
             raise ProbeError(f"{run_dir} holds a run decoded with {made}, this one asks for {asked} (the batch layout "
                              "moves the logits): to continue it pass what it was made with, or --force to redo it")
-        raise ProbeError(f"{run_dir} holds a run with different settings ({', '.join(changed)}); use another --out or --force")
+        old_neurons, new_neurons = (i.get("neurons") for i in (old.get("identity", {}), identity))
+        details = [] if not (old_neurons and new_neurons) else [  # which neuron setting, not just "neurons"
+            f"neurons.{k} {old_neurons.get(k)}, now {new_neurons.get(k)}"
+            for k in sorted(set(old_neurons) | set(new_neurons)) if old_neurons.get(k) != new_neurons.get(k)]
+        named = [k for k in changed if k != "neurons" or not details] + details
+        raise ProbeError(f"{run_dir} holds a run with different settings ({', '.join(named)}); pass the settings it was "
+                         "made with to continue it, use another --out, or --force to redo it")
     if old.get("status") == "complete" and not resume:
         raise ProbeError(f"{run_dir} already holds a finished run; pass --resume to reuse it or --force to redo it")
     if old.get("status") != "complete" and not resume:

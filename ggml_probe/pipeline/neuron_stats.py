@@ -128,6 +128,12 @@ class NeuronProbe(CaptureProbe):
             raise ProbeError(f"{path}: the saved run correlates {which(loaded)}, this one would correlate "
                              f"{which(self.accumulator)}: pass the redundancy settings it was made with "
                              "(--redundancy-full or its --redundancy-budget) to continue it, or --force to redo it")
+        # the top-activating tokens kept per neuron: a resumed run must keep as many, ranked the same way
+        differ = [f"{name} {getattr(loaded, name)} (this run: {getattr(self.accumulator, name)})"
+                  for name in ("top_k", "top_by") if getattr(loaded, name) != getattr(self.accumulator, name)]
+        if differ:
+            raise ProbeError(f"{path}: saved neuron state has other settings: {'; '.join(differ)}; pass the "
+                             "settings it was made with (NeuronSettings.top_k) to continue it, or --force to redo it")
         loaded.redundancy_plan = self.accumulator.redundancy_plan  # why its neurons were chosen, for the note
         self.accumulator = loaded
         self.capture.consumer = loaded.update

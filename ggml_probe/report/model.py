@@ -23,9 +23,15 @@ NOT_MEASURED = "not measured in this study"
 
 JACCARD_DEFINITION = ("dead/salient Jaccard: |A ∩ B| / |A ∪ B| of the neuron-id sets of a level and the reference "
                       "(1 when both are empty)")
-PERCENTILE_BIAS = ("A level's own percentile interval of ACE or ECE is biased upward on small samples (a resample "
-                   "repeats examples, and the noise that adds to each bin's accuracy − confidence raises its absolute "
-                   "value on average), so it can sit almost wholly above the value")
+# Resampled ACE and ECE are biased upward on small samples; how a level's own interval shows that depends on the
+# interval the study recorded: BCa (calibration_summary's "interval") or, in a study.json from before, percentile.
+SMALL_SAMPLE_BIAS = ("ACE and ECE are biased upward on small samples (a resample repeats examples, and the noise "
+                     "that adds to each bin's accuracy − confidence raises its absolute value on average)")
+PERCENTILE_BIAS = (f"{SMALL_SAMPLE_BIAS}, so a level's own percentile interval of them can sit almost wholly above "
+                   "the value")
+BCA_BIAS = (f"{SMALL_SAMPLE_BIAS}; a level's own interval is the bias-corrected (BCa) bootstrap one, which moves the "
+            "resampled values' percentiles against that bias, so it can sit lopsided around the value, or beyond it "
+            "when the bias exceeds the spread")
 
 # Metrics of a run's label_set / paper dicts, in table order: (key, label, format)
 RUN_METRICS = (("accuracy", "accuracy", ".3f"), ("mean_confidence", "mean confidence", ".3f"),
@@ -176,17 +182,30 @@ def _what_changed_section(s: _Study, changes: Sequence[Mapping[str, Any]]) -> Se
     return sec
 
 
+def _reference_summary(s: _Study, task: str) -> Mapping[str, Any]:
+    """The reference level's calibration summary on `task` in the study's scoring ({} when not measured)."""
+    t = s.tasks.get(task) or {}
+    return (((t.get("runs") or {}).get(s.reference) or {}).get("metrics") or {}).get(s.scoring) or {}
+
+
+def _interval_bias(s: _Study) -> str:
+    """What the small-sample bias does to a level's own interval, for the interval this study recorded."""
+    recorded = any(_reference_summary(s, task).get("interval") for task in s.tasks)
+    return BCA_BIAS if recorded else PERCENTILE_BIAS
+
+
 def _bias_note(s: _Study) -> str:
-    """The upward bias of ACE's percentile interval, with this study's own example when it shows it."""
+    """The small-sample bias of ACE and what it does to a level's interval, with this study's own example when
+    the reference's ACE interval is lopsided (its middle more than a quarter of its width from the value)."""
     example = ""
-    for task, t in s.tasks.items():
-        m = ((((t.get("runs") or {}).get(s.reference) or {}).get("metrics") or {}).get(s.scoring) or {}).get("ace_paper") or {}
+    for task in s.tasks:
+        m = _reference_summary(s, task).get("ace_paper") or {}
         v, lo, hi = num(m.get("value")), num(m.get("ci_low")), num(m.get("ci_high"))
-        if None not in (v, lo, hi) and (lo + hi) / 2 > v:
+        if None not in (v, lo, hi) and abs((lo + hi) / 2 - v) > (hi - lo) / 4:
             example = f" (here {s.reference}'s ACE on {task} is {v:.3f} with interval [{lo:.3f}, {hi:.3f}])"
             break
-    return (f"{PERCENTILE_BIAS}{example}. Changes are therefore judged by the paired interval of the difference, in "
-            "which the bias both levels share largely cancels, never by whether two levels' intervals overlap.")
+    return (f"{_interval_bias(s)}{example}. Changes are therefore judged by the paired interval of the difference, "
+            "in which the bias both levels share largely cancels, never by whether two levels' intervals overlap.")
 
 
 # =============================================================================================
@@ -789,7 +808,9 @@ def _definitions(s: _Study) -> dict[str, str]:
             if paired:
                 defs.setdefault("paired_delta", str(paired))
     if any((((t.get("runs") or {}).get(s.reference) or {}).get("metrics")) for t in s.tasks.values()):
-        defs.setdefault("percentile_interval", PERCENTILE_BIAS + ".")
+        recorded = [str(_reference_summary(s, task).get("interval") or "") for task in s.tasks]
+        defs.setdefault("bootstrap_interval", next((r for r in recorded if r), "95% percentile bootstrap interval"))
+        defs.setdefault("interval_bias", _interval_bias(s) + ".")
     return defs
 
 

@@ -166,7 +166,8 @@ def metric_bars_png(metrics_by_level: Mapping[str, Mapping[str, Any]],
             v = m.get("value")
             vals.append(v if _finite(v) else 0.0)
             lo, hi = m.get("ci_low"), m.get("ci_high")
-            # A percentile interval need not contain a biased statistic's value (ACE, ECE): clip at 0.
+            # A bootstrap interval need not contain a biased statistic's value (ACE, ECE: percentile or BCa,
+            # either leaves it out when the bias exceeds the spread): clip the error bar at 0.
             errs[0].append(max(0.0, v - lo) if _finite(lo) and _finite(v) else 0.0)
             errs[1].append(max(0.0, hi - v) if _finite(hi) and _finite(v) else 0.0)
         ax.bar(range(len(levels)), vals, color=[colors[lvl] for lvl in levels], yerr=errs, capsize=4,

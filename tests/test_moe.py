@@ -18,6 +18,7 @@ converted to GGUF at F32 by `convert` (llama.cpp runs it as llama with ffn_*_exp
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -61,9 +62,35 @@ class TinyMoE:
 
 
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory) -> TinyMoE:
+def build_moe(tmp_path_factory) -> Callable[[str], TinyMoE]:
+    """Each family's tiny model built once per module: "mixtral" or "qwen3moe"."""
     pytest.importorskip("sentencepiece")
-    root = tmp_path_factory.mktemp("moe")
+    built: dict[str, TinyMoE] = {}
+    builders = {"mixtral": _tiny_mixtral, "qwen3moe": _tiny_qwen3moe}
+
+    def build(family: str) -> TinyMoE:
+        if family not in built:
+            built[family] = builders[family](tmp_path_factory.mktemp(family))
+        return built[family]
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def moe(request, build_moe) -> TinyMoE:
+    """The tiny Mixtral, or the family a test names with parametrize("moe", [...], indirect=True)."""
+    return build_moe(getattr(request, "param", "mixtral"))
+
+
+@pytest.fixture(scope="module")
+def qwen3moe(build_moe) -> TinyMoE:
+    return build_moe("qwen3moe")
+
+
+BOTH_FAMILIES = pytest.mark.parametrize("moe", ["mixtral", "qwen3moe"], indirect=True)
+
+
+def _tiny_mixtral(root: Path) -> TinyMoE:
     folder = root / "tiny-mixtral"
     tokenizer = sentencepiece_tokenizer(folder)
     config = transformers.MixtralConfig(
@@ -289,6 +316,7 @@ def test_routing_agreement_equals_numpy():
     assert routing_agreement(arrays(ref_keys, ref_sets), arrays(keys, sets), [99]) == {"share": None, "tokens": 0}
 
 
+@BOTH_FAMILIES
 @pytest.mark.slow
 def test_neurons_command_per_expert_statistics(moe, tmp_path, boolq_path):
     """`ggml-probe neurons` on the MoE file: routing counts equal transformers' router on the tokens the run
@@ -362,12 +390,13 @@ def test_neurons_command_per_expert_statistics(moe, tmp_path, boolq_path):
         assert compared[f"act/{layer}"]["drift"]["tokens"] == "each level's own routed tokens"
         assert compared[f"act/{layer}"]["drift"]["max"] < 1e-6
     assert nj["experts"]["drift"].startswith("over each level's own routed tokens")
-    print(f"mixtral: per-expert act means ‖run − transformers‖ / ‖mean‖ ≤ {worst:.2e} (F16 KV cache); "
+    print(f"{model_moe(moe.gguf).arch}: per-expert act means ‖run − transformers‖ / ‖mean‖ ≤ {worst:.2e} (F16 KV cache); "
           f"{n_dead} of {N_LAYER * N_EXPERT * N_FF} neurons dead at tau {tau:.4g}, the same set")
     assert 0 < n_dead < N_LAYER * N_EXPERT * N_FF  # the threshold splits the neurons
     assert "experts" in json.dumps(json.loads(res.output))  # --json carries the section too
 
 
+@BOTH_FAMILIES
 @pytest.mark.slow
 def test_study_runs_end_to_end_without_salient_neurons(moe, tmp_path, boolq_path):
     """`ggml-probe study` on the MoE file: a level built from it, eval, per-expert neurons, the text KLD and the
@@ -402,7 +431,7 @@ def test_study_runs_end_to_end_without_salient_neurons(moe, tmp_path, boolq_path
         got = compared["routing_agreement"][str(layer)]
         assert got["tokens"] == len(same) == neurons["tokens"] and got["share"] == pytest.approx(np.mean(same), abs=1e-12)
         assert compared["drift"][str(layer)]["tokens"] == "each level's own routed tokens"
-        print(f"mixtral study: Q8_0 vs F16 layer {layer}: routing agreement {got['share']:.4f} over {got['tokens']} tokens")
+        print(f"{model_moe(moe.gguf).arch} study: Q8_0 vs F16 layer {layer}: routing agreement {got['share']:.4f} over {got['tokens']} tokens")
     assert "routing agreement" in (out / "report.md").read_text()
 
 
@@ -482,12 +511,15 @@ def test_dense_and_expert_captures_check_definitions_alike(moe, demo_path):
             assert "\n" not in str(err.value)
 
 
+@BOTH_FAMILIES
 def test_trace_reads_the_moe_ffn_output(moe):
     """The divergence trace's ffn_out of an MoE block is the experts' weighted sum (ffn_moe_out): the block's
-    residual stream is the previous one plus its attention and FFN outputs."""
+    residual stream is its FFN input plus that output, and on Mixtral (llama's graph names attn_out; qwen3moe's
+    does not) the previous block's stream plus its attention and FFN outputs."""
     from ggml_probe.engine.trace import TensorCapture
 
-    names = ["l_out-0", "attn_out-1", "ffn_out-1", "l_out-1"]
+    llama = model_moe(moe.gguf).arch == "llama"
+    names = ["ffn_inp-1", "ffn_out-1", "l_out-1"] + (["l_out-0", "attn_out-1"] if llama else [])
     capture = TensorCapture(names)
     with Engine(moe.gguf, n_ctx=128, n_threads=2, kv_type=0, hidden_states=False,
                 eval_callback=capture.eval_callback) as engine:
@@ -495,9 +527,12 @@ def test_trace_reads_the_moe_ffn_output(moe):
     assert capture.missing() == []
     t = {n: capture.tensors[n].astype(np.float64) for n in names}
     assert np.abs(t["ffn_out-1"]).max() > 0.1
-    np.testing.assert_allclose(t["l_out-0"] + t["attn_out-1"] + t["ffn_out-1"], t["l_out-1"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(t["ffn_inp-1"] + t["ffn_out-1"], t["l_out-1"], rtol=0, atol=1e-5)
+    if llama:
+        np.testing.assert_allclose(t["l_out-0"] + t["attn_out-1"] + t["ffn_out-1"], t["l_out-1"], rtol=0, atol=1e-5)
 
 
+@BOTH_FAMILIES
 def test_probe_state_resumes_exactly(moe, tmp_path):
     """A run resumed from the saved state after its first prompts (as evaluate does chunk by chunk) ends with
     the statistics and routing counts of one uninterrupted pass."""
@@ -626,8 +661,9 @@ class _Interrupted(Exception):
     pass
 
 
+@BOTH_FAMILIES
 def test_eval_imatrix_out_on_the_experts_resumes(moe, tmp_path, boolq_path):
-    """`eval --imatrix-out` on Mixtral, stopped after its first chunk and resumed, writes the matrix
+    """`eval --imatrix-out` on Mixtral and Qwen3-MoE, stopped after its first chunk and resumed, writes the matrix
     `imatrix collect` computes from the same fitted prompts: per expert sums and counts."""
     out = tmp_path / "run.imatrix.gguf"
     config = EvalConfig(task="boolq", data_path=str(boolq_path), limit=4, n_ctx=128, threads=1, chunk_size=2,
@@ -692,10 +728,7 @@ def test_imatrix_of_other_expert_families_is_refused_in_one_line(tmp_path):
 QWEN3MOE_DENSE_FF = 96
 
 
-@pytest.fixture(scope="module")
-def qwen3moe(tmp_path_factory) -> TinyMoE:
-    pytest.importorskip("sentencepiece")
-    root = tmp_path_factory.mktemp("qwen3moe")
+def _tiny_qwen3moe(root: Path) -> TinyMoE:
     folder = root / "tiny-qwen3moe"
     tokenizer = sentencepiece_tokenizer(folder)
     config = transformers.Qwen3MoeConfig(

@@ -18,6 +18,7 @@ converted to GGUF at F32 by `convert` (llama.cpp runs it as llama with ffn_*_exp
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -767,6 +768,15 @@ def test_qwen3moe_converts_with_llama_cpps_keys(qwen3moe, tmp_path):
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(f16).tensors}
     assert {types[f"blk.{i}.ffn_gate_inp.weight"] for i in range(N_LAYER)} == {gguf.GGMLQuantizationType.F32}
     assert types["blk.0.ffn_up_exps.weight"] == types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
+
+    # the hub's Qwen3-30B-A3B config.json spells the expert count num_experts (transformers 5 writes num_local_experts)
+    hub = tmp_path / "hub-config"
+    shutil.copytree(qwen3moe.hf, hub)
+    config = json.loads((hub / "config.json").read_text())
+    config["num_experts"] = config.pop("num_local_experts")
+    (hub / "config.json").write_text(json.dumps(config))
+    again = convert_hf_to_gguf(hub, tmp_path / "hub-f32.gguf", outtype="f32")
+    assert gguf.GGUFReader(again).fields["qwen3moe.expert_count"].contents() == N_EXPERT
 
 
 def test_qwen3moe_logits_equal_transformers(qwen3moe):

@@ -228,7 +228,8 @@ def _read_hparams(config: dict[str, Any], hf_dir: Path) -> _HParams:
     if rope_type == "llama3" and _ARCH_BY_HF_NAME[hf_arch] != "llama":
         raise ProbeError(f"rope scaling 'llama3' is not supported for {hf_arch}")
     rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
-    # Mixtral's config names the experts num_local_experts; Qwen3-MoE's num_experts (transformers 5 writes both spellings)
+    # Mixtral's config counts the experts in num_local_experts, the hub's Qwen3-MoE in num_experts
+    # (transformers 5 writes num_local_experts for both)
     n_expert = int(config.get("num_local_experts") or config.get("num_experts") or 0)
     if arch == "qwen3moe":
         _check_qwen3moe(config, hf_dir)
@@ -503,7 +504,8 @@ def _plan_tensors(checkpoint: _SafetensorsCheckpoint, hp: _HParams, outtype: str
     return sorted(plan, key=_file_order)
 
 
-_EXPERT_TENSOR = re.compile(r"(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<kind>w[123]|gate_proj|up_proj|down_proj)\.weight")
+_EXPERT_TENSOR = re.compile(
+    r"(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<kind>w[123]|gate_proj|up_proj|down_proj)\.weight")
 
 
 def _stacked_experts(merged: str, by_expert: dict[int, str], checkpoint: _SafetensorsCheckpoint, hp: _HParams,

@@ -459,7 +459,7 @@ def neurons_cmd(**options):
     last layer, exact and without torch; `ig` adds every analysed layer (torch) and flags layers whose
     50-step integral does not converge (its completeness error is reported per layer).
 
-    On a mixture-of-experts model (Mixtral) every expert's neurons are counted over the tokens routed to
+    On a mixture-of-experts model (Mixtral, Qwen3-MoE) every expert's neurons are counted over the tokens routed to
     it, with how often each expert was routed per layer; no salient neurons (one line says why).
 
     \b
@@ -1213,7 +1213,7 @@ def imatrix_collect_cmd(model, task, data_path, template, labels, label_map, gol
 def imatrix_show_cmd(path: Path, as_json: bool) -> None:
     """Per-layer statistics of an imatrix file (GGUF format or legacy .dat).
 
-    An expert stack (Mixtral's ffn_*_exps) is one entry with a row per expert: `experts` says how many
+    An expert stack (ffn_*_exps of Mixtral or Qwen3-MoE) is one entry with a row per expert: `experts` says how many
     counted tokens, `tokens` is the sum over its experts (a token routed to k experts counts k times), and
     the mean and max of x² are over the experts that counted something.
     """

@@ -1,4 +1,4 @@
-"""Mixture of experts (Mixtral), proven on a tiny random-weight model built with transformers.
+"""Mixture of experts (Mixtral, Qwen3-MoE), proven on tiny random-weight models built with transformers.
 
 2 layers, hidden 64, 4 experts of FFN width 32, 2 used per token; saved in the hub's per-expert layout,
 converted to GGUF at F32 by `convert` (llama.cpp runs it as llama with ffn_*_exps tensors), then
@@ -6,6 +6,8 @@ converted to GGUF at F32 by `convert` (llama.cpp runs it as llama with ffn_*_exp
 - llama.cpp's logits equal transformers' (the conversion is right),
 - the captured routing equals transformers' router choices, and each routed expert's `act` / `down_in`
   equal transformers' hooks on the experts' activation function, grouped by the router's top-k,
+- the same for Qwen3-MoE (llama.cpp's qwen3moe: qwen3's q/k norms, softmax router, renormalised top-k, the
+  expert width from moe_intermediate_size), and its importance matrix follows the same MUL_MAT_ID rule,
 - `neurons` (through click) writes per-expert statistics equal to the same statistics computed in NumPy
   from transformers' activations on the tokens the run decoded, and routing counts equal the router's,
 - `study` runs end to end, salient neurons declared unsupported in one line,
@@ -16,6 +18,8 @@ converted to GGUF at F32 by `convert` (llama.cpp runs it as llama with ffn_*_exp
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -50,17 +54,44 @@ class TinyMoE:
     hf: Path
     gguf: Path
     token_ids: list[int]
+    model_class: str = "MixtralForCausalLM"
 
     def load(self):
         # the eager experts loop: one act_fn call per routed expert, which the hooks below read
-        return transformers.MixtralForCausalLM.from_pretrained(self.hf, dtype=torch.float32,
-                                                               experts_implementation="eager").eval()
+        return getattr(transformers, self.model_class).from_pretrained(self.hf, dtype=torch.float32,
+                                                                       experts_implementation="eager").eval()
 
 
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory) -> TinyMoE:
+def build_moe(tmp_path_factory) -> Callable[[str], TinyMoE]:
+    """Each family's tiny model built once per module: "mixtral" or "qwen3moe"."""
     pytest.importorskip("sentencepiece")
-    root = tmp_path_factory.mktemp("moe")
+    built: dict[str, TinyMoE] = {}
+    builders = {"mixtral": _tiny_mixtral, "qwen3moe": _tiny_qwen3moe}
+
+    def build(family: str) -> TinyMoE:
+        if family not in built:
+            built[family] = builders[family](tmp_path_factory.mktemp(family))
+        return built[family]
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def moe(request, build_moe) -> TinyMoE:
+    """The tiny Mixtral, or the family a test names with parametrize("moe", [...], indirect=True)."""
+    return build_moe(getattr(request, "param", "mixtral"))
+
+
+@pytest.fixture(scope="module")
+def qwen3moe(build_moe) -> TinyMoE:
+    return build_moe("qwen3moe")
+
+
+BOTH_FAMILIES = pytest.mark.parametrize("moe", ["mixtral", "qwen3moe"], indirect=True)
+
+
+def _tiny_mixtral(root: Path) -> TinyMoE:
     folder = root / "tiny-mixtral"
     tokenizer = sentencepiece_tokenizer(folder)
     config = transformers.MixtralConfig(
@@ -185,7 +216,7 @@ def _check_capture_against_transformers(moe, routing, ref, last_tokens_apart: bo
             worst = max(worst, rel)
             assert rel <= 1e-4, (definition, layer, rel)
             assert float(np.abs(ours - theirs).max() / np.abs(theirs).max()) <= 1e-4
-    print(f"mixtral (last token apart: {last_tokens_apart}): captured per-expert act/down_in ‖llama.cpp − transformers‖ "
+    print(f"{model_moe(moe.gguf).arch} (last token apart: {last_tokens_apart}): captured per-expert act/down_in ‖llama.cpp − transformers‖ "
           f"/ ‖x‖ ≤ {worst:.2e}")
 
 
@@ -286,6 +317,7 @@ def test_routing_agreement_equals_numpy():
     assert routing_agreement(arrays(ref_keys, ref_sets), arrays(keys, sets), [99]) == {"share": None, "tokens": 0}
 
 
+@BOTH_FAMILIES
 @pytest.mark.slow
 def test_neurons_command_per_expert_statistics(moe, tmp_path, boolq_path):
     """`ggml-probe neurons` on the MoE file: routing counts equal transformers' router on the tokens the run
@@ -359,12 +391,13 @@ def test_neurons_command_per_expert_statistics(moe, tmp_path, boolq_path):
         assert compared[f"act/{layer}"]["drift"]["tokens"] == "each level's own routed tokens"
         assert compared[f"act/{layer}"]["drift"]["max"] < 1e-6
     assert nj["experts"]["drift"].startswith("over each level's own routed tokens")
-    print(f"mixtral: per-expert act means ‖run − transformers‖ / ‖mean‖ ≤ {worst:.2e} (F16 KV cache); "
+    print(f"{model_moe(moe.gguf).arch}: per-expert act means ‖run − transformers‖ / ‖mean‖ ≤ {worst:.2e} (F16 KV cache); "
           f"{n_dead} of {N_LAYER * N_EXPERT * N_FF} neurons dead at tau {tau:.4g}, the same set")
     assert 0 < n_dead < N_LAYER * N_EXPERT * N_FF  # the threshold splits the neurons
     assert "experts" in json.dumps(json.loads(res.output))  # --json carries the section too
 
 
+@BOTH_FAMILIES
 @pytest.mark.slow
 def test_study_runs_end_to_end_without_salient_neurons(moe, tmp_path, boolq_path):
     """`ggml-probe study` on the MoE file: a level built from it, eval, per-expert neurons, the text KLD and the
@@ -399,7 +432,7 @@ def test_study_runs_end_to_end_without_salient_neurons(moe, tmp_path, boolq_path
         got = compared["routing_agreement"][str(layer)]
         assert got["tokens"] == len(same) == neurons["tokens"] and got["share"] == pytest.approx(np.mean(same), abs=1e-12)
         assert compared["drift"][str(layer)]["tokens"] == "each level's own routed tokens"
-        print(f"mixtral study: Q8_0 vs F16 layer {layer}: routing agreement {got['share']:.4f} over {got['tokens']} tokens")
+        print(f"{model_moe(moe.gguf).arch} study: Q8_0 vs F16 layer {layer}: routing agreement {got['share']:.4f} over {got['tokens']} tokens")
     assert "routing agreement" in (out / "report.md").read_text()
 
 
@@ -421,15 +454,15 @@ def test_eval_neurons_json_carries_the_experts(moe, tmp_path, boolq_path):
 
 
 def test_other_mixture_of_experts_families_are_refused_in_one_line(tmp_path, boolq_path):
-    """An MoE family the capture does not know (here a qwen3moe header) stops `neurons` with one line naming
-    what is supported, before any decoding."""
+    """An MoE family the capture does not know (here a qwen2moe header: shared experts) stops `neurons` with one
+    line naming what is supported, before any decoding."""
     import gguf
     from click.testing import CliRunner
 
     from ggml_probe.cli import cli
 
-    path = tmp_path / "qwen3moe.gguf"
-    writer = gguf.GGUFWriter(str(path), arch="qwen3moe")
+    path = tmp_path / "qwen2moe.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="qwen2moe")
     writer.add_block_count(1)
     writer.add_expert_count(4)
     writer.add_expert_used_count(2)
@@ -441,23 +474,26 @@ def test_other_mixture_of_experts_families_are_refused_in_one_line(tmp_path, boo
     args = ["neurons", str(path), "--task", "boolq", "--data", str(boolq_path), "--limit", "1", "-q", "-o", str(tmp_path / "r")]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 2, res.output
-    assert "qwen3moe: the per-expert neuron capture supports mixture-of-experts models of llama (Mixtral)" in res.output
+    assert ("qwen2moe: the per-expert neuron capture supports mixture-of-experts models of llama (Mixtral), "
+            "qwen3moe (Qwen3-MoE)") in res.output
     assert len(res.output.strip().splitlines()) == 1
 
 
 def test_dense_analyses_name_the_supported_moe_architectures():
-    """A dense-only analysis refusing an MoE model tells Mixtral (llama) it gets per-expert statistics, and
-    tells other MoE families (qwen3moe) which architectures do."""
+    """A dense-only analysis refusing an MoE model tells Mixtral (llama) and Qwen3-MoE it gets per-expert
+    statistics, and tells other MoE families (qwen2moe) which architectures do."""
     from ggml_probe.engine.ffn import SUPPORTED_MOE_ARCHITECTURES, ffn_names
     from ggml_probe.errors import UnsupportedArchitecture
 
-    assert SUPPORTED_MOE_ARCHITECTURES == ("llama",)
+    assert SUPPORTED_MOE_ARCHITECTURES == ("llama", "qwen3moe")
     with pytest.raises(UnsupportedArchitecture, match=r"^llama: .*llama's experts get per-expert neuron statistics"):
         ffn_names("llama", ["blk.0.ffn_gate_exps.weight"])
-    with pytest.raises(UnsupportedArchitecture) as err:
+    with pytest.raises(UnsupportedArchitecture, match=r"^qwen3moe: .*qwen3moe's experts get per-expert neuron"):
         ffn_names("qwen3moe", ["blk.0.ffn_gate_inp.weight", "blk.0.ffn_up_exps.weight"])
-    assert "per-expert neuron statistics support only llama (Mixtral)" in str(err.value)
-    assert "qwen3moe's experts get" not in str(err.value)
+    with pytest.raises(UnsupportedArchitecture) as err:
+        ffn_names("qwen2moe", ["blk.0.ffn_gate_inp.weight", "blk.0.ffn_up_exps.weight"])
+    assert "per-expert neuron statistics support only llama (Mixtral), qwen3moe (Qwen3-MoE)" in str(err.value)
+    assert "qwen2moe's experts get" not in str(err.value)
 
 
 def test_dense_and_expert_captures_check_definitions_alike(moe, demo_path):
@@ -476,12 +512,15 @@ def test_dense_and_expert_captures_check_definitions_alike(moe, demo_path):
             assert "\n" not in str(err.value)
 
 
+@BOTH_FAMILIES
 def test_trace_reads_the_moe_ffn_output(moe):
     """The divergence trace's ffn_out of an MoE block is the experts' weighted sum (ffn_moe_out): the block's
-    residual stream is the previous one plus its attention and FFN outputs."""
+    residual stream is its FFN input plus that output, and on Mixtral (llama's graph names attn_out; qwen3moe's
+    does not) the previous block's stream plus its attention and FFN outputs."""
     from ggml_probe.engine.trace import TensorCapture
 
-    names = ["l_out-0", "attn_out-1", "ffn_out-1", "l_out-1"]
+    llama = model_moe(moe.gguf).arch == "llama"
+    names = ["ffn_inp-1", "ffn_out-1", "l_out-1"] + (["l_out-0", "attn_out-1"] if llama else [])
     capture = TensorCapture(names)
     with Engine(moe.gguf, n_ctx=128, n_threads=2, kv_type=0, hidden_states=False,
                 eval_callback=capture.eval_callback) as engine:
@@ -489,9 +528,12 @@ def test_trace_reads_the_moe_ffn_output(moe):
     assert capture.missing() == []
     t = {n: capture.tensors[n].astype(np.float64) for n in names}
     assert np.abs(t["ffn_out-1"]).max() > 0.1
-    np.testing.assert_allclose(t["l_out-0"] + t["attn_out-1"] + t["ffn_out-1"], t["l_out-1"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(t["ffn_inp-1"] + t["ffn_out-1"], t["l_out-1"], rtol=0, atol=1e-5)
+    if llama:
+        np.testing.assert_allclose(t["l_out-0"] + t["attn_out-1"] + t["ffn_out-1"], t["l_out-1"], rtol=0, atol=1e-5)
 
 
+@BOTH_FAMILIES
 def test_probe_state_resumes_exactly(moe, tmp_path):
     """A run resumed from the saved state after its first prompts (as evaluate does chunk by chunk) ends with
     the statistics and routing counts of one uninterrupted pass."""
@@ -620,8 +662,9 @@ class _Interrupted(Exception):
     pass
 
 
+@BOTH_FAMILIES
 def test_eval_imatrix_out_on_the_experts_resumes(moe, tmp_path, boolq_path):
-    """`eval --imatrix-out` on Mixtral, stopped after its first chunk and resumed, writes the matrix
+    """`eval --imatrix-out` on Mixtral and Qwen3-MoE, stopped after its first chunk and resumed, writes the matrix
     `imatrix collect` computes from the same fitted prompts: per expert sums and counts."""
     out = tmp_path / "run.imatrix.gguf"
     config = EvalConfig(task="boolq", data_path=str(boolq_path), limit=4, n_ctx=128, threads=1, chunk_size=2,
@@ -661,10 +704,10 @@ def test_eval_imatrix_out_on_the_experts_resumes(moe, tmp_path, boolq_path):
 
 
 def test_imatrix_of_other_expert_families_is_refused_in_one_line(tmp_path):
-    """A mixture of experts the imatrix probe cannot follow (a qwen3moe header) is refused before any decoding,
-    naming what is supported."""
-    path = tmp_path / "qwen3moe.gguf"
-    writer = gguf.GGUFWriter(str(path), arch="qwen3moe")
+    """A mixture of experts the imatrix probe cannot follow (a qwen2moe header: shared experts) is refused before
+    any decoding, naming what is supported."""
+    path = tmp_path / "qwen2moe.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="qwen2moe")
     writer.add_block_count(1)
     writer.add_expert_count(4)
     writer.add_expert_used_count(2)
@@ -675,5 +718,130 @@ def test_imatrix_of_other_expert_families_is_refused_in_one_line(tmp_path):
     writer.close()
     with pytest.raises(UnsupportedArchitecture) as err:
         collect_imatrix(path, ["a"])
-    assert str(err.value) == ("a mixture of experts of qwen3moe: imatrix collection supports llama, qwen2, qwen3 and "
-                              "mixtures of experts of llama (Mixtral)")
+    assert str(err.value) == ("a mixture of experts of qwen2moe: imatrix collection supports llama, qwen2, qwen3 and "
+                              "mixtures of experts of llama (Mixtral), qwen3moe (Qwen3-MoE)")
+
+
+# --------------------------------------------------------------------------- Qwen3-MoE
+
+# The dense width (intermediate_size, unused by a Qwen3-MoE whose every layer is sparse) differs from the experts'
+# (moe_intermediate_size = N_FF): llama.cpp must take the expert width from expert_feed_forward_length.
+QWEN3MOE_DENSE_FF = 96
+
+
+def _tiny_qwen3moe(root: Path) -> TinyMoE:
+    folder = root / "tiny-qwen3moe"
+    tokenizer = sentencepiece_tokenizer(folder)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=QWEN3MOE_DENSE_FF, moe_intermediate_size=N_FF,
+        num_hidden_layers=N_LAYER, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=256, rms_norm_eps=1e-6, num_experts=N_EXPERT, num_experts_per_tok=N_USED,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2)
+    set_rope(config, {"rope_theta": 10000.0, "rope_type": "default"})
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    randomise(model, seed=11)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    gguf_path = convert_hf_to_gguf(folder, root / "tiny-qwen3moe-f32.gguf", outtype="f32")
+    ids = [int(i) for i in np.random.default_rng(2).integers(3, len(tokenizer), size=24)]
+    return TinyMoE(folder, gguf_path, ids, "Qwen3MoeForCausalLM")
+
+
+def test_qwen3moe_converts_with_llama_cpps_keys(qwen3moe, tmp_path):
+    """The file carries what llama.cpp's qwen3moe loader reads (expert count, used count, expert width apart from
+    the dense width, per-head q/k norms); at f16 the router stays F32 as for Mixtral."""
+    m = model_moe(qwen3moe.gguf)
+    assert (m.arch, m.n_layer, m.n_expert, m.n_expert_used, m.n_ff) == ("qwen3moe", N_LAYER, N_EXPERT, N_USED, N_FF)
+    reader = gguf.GGUFReader(qwen3moe.gguf)
+    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("qwen3moe.")}
+    assert fields["qwen3moe.expert_feed_forward_length"] == N_FF
+    assert fields["qwen3moe.feed_forward_length"] == QWEN3MOE_DENSE_FF
+    assert (fields["qwen3moe.expert_count"], fields["qwen3moe.expert_used_count"]) == (N_EXPERT, N_USED)
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    assert shapes["blk.0.attn_q_norm.weight"] == shapes["blk.0.attn_k_norm.weight"] == (16,)
+    assert shapes["blk.1.ffn_gate_exps.weight"] == (HIDDEN, N_FF, N_EXPERT)  # ggml order: ne0 first
+    assert shapes["blk.1.ffn_down_exps.weight"] == (N_FF, HIDDEN, N_EXPERT)
+
+    f16 = convert_hf_to_gguf(qwen3moe.hf, tmp_path / "tiny-qwen3moe-f16.gguf", outtype="f16")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(f16).tensors}
+    assert {types[f"blk.{i}.ffn_gate_inp.weight"] for i in range(N_LAYER)} == {gguf.GGMLQuantizationType.F32}
+    assert types["blk.0.ffn_up_exps.weight"] == types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
+
+    # the hub's Qwen3-30B-A3B config.json spells the expert count num_experts (transformers 5 writes num_local_experts)
+    hub = tmp_path / "hub-config"
+    shutil.copytree(qwen3moe.hf, hub)
+    config = json.loads((hub / "config.json").read_text())
+    config["num_experts"] = config.pop("num_local_experts")
+    (hub / "config.json").write_text(json.dumps(config))
+    again = convert_hf_to_gguf(hub, tmp_path / "hub-f32.gguf", outtype="f32")
+    assert gguf.GGUFReader(again).fields["qwen3moe.expert_count"].contents() == N_EXPERT
+
+
+def test_qwen3moe_logits_equal_transformers(qwen3moe):
+    with torch.no_grad():
+        ref = qwen3moe.load()(torch.tensor([qwen3moe.token_ids])).logits[0].numpy()
+    ours = llama_logits(qwen3moe.gguf, qwen3moe.token_ids)
+    assert ref.std() > 1.0 and np.abs(ref[1:] - ref[:-1]).max() > 1.0  # the comparison means something
+    diff = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    print(f"qwen3moe: f32 max |llama.cpp − transformers| logits / max |logit| = {diff:.3g}")
+    assert diff < 2e-5
+
+
+def test_qwen3moe_captured_experts_equal_transformers_hooks(qwen3moe):
+    """Routing (softmax then top-k: llama.cpp's argsort of the probabilities, transformers' topk) and each routed
+    expert's act / down_in, decoded whole and with the last token apart. The top-k renormalisation
+    (norm_topk_prob) weighs the experts' outputs after down_in: the logits test covers it."""
+    routing, ref = transformers_experts(qwen3moe.load(), qwen3moe.token_ids)
+    for last_tokens_apart in (False, True):
+        _check_capture_against_transformers(qwen3moe, routing, ref, last_tokens_apart)
+
+
+def test_qwen3moe_imatrix_equals_the_mul_mat_id_rule(qwen3moe):
+    """The imatrix probe's MoE feeds hold for qwen3moe's graph: every blk.* MUL_MAT / MUL_MAT_ID input, per expert."""
+    prompts = [np.asarray(qwen3moe.token_ids[:n], dtype=np.int32) for n in (24, 11)]
+    im = collect_imatrix(qwen3moe.gguf, prompts, datasets=["ids"], n_ctx=128, n_threads=1)
+    ref_sums, ref_counts = _mul_mat_rule(qwen3moe, prompts)
+    per_layer = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+                 "ffn_down_exps"]
+    assert set(im.entries) == set(ref_sums) == {f"blk.{i}.{w}.weight" for i in range(N_LAYER) for w in per_layer}
+    for name, entry in im.entries.items():
+        np.testing.assert_allclose(entry.sums, ref_sums[name], rtol=1e-9, err_msg=name)
+        assert entry.counts.tolist() == ref_counts[name].tolist(), name
+    down = im.entries["blk.1.ffn_down_exps.weight"]
+    assert down.sums.shape == (N_EXPERT, N_FF) and down.counts.sum() == N_USED * 35
+
+
+def test_qwen3moe_eval_neurons_json_carries_the_experts(qwen3moe, tmp_path, boolq_path):
+    """`eval --neurons --json` through the CLI on qwen3moe: every layer's routing counts the run's tokens."""
+    from click.testing import CliRunner
+
+    from ggml_probe.cli import cli
+
+    args = ["eval", str(qwen3moe.gguf), "--neurons", "--task", "boolq", "--data", str(boolq_path), "--limit", "2",
+            "--layers", "all", "--threads", "2", "-o", str(tmp_path / "run"), "--json"]
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    level = next(iter(json.loads(res.output)["neurons"].values()))
+    for layer in range(N_LAYER):
+        routing = level["experts"]["layers"][str(layer)]
+        assert sum(routing["routed"]) == N_USED * routing["tokens"] and routing["tokens"] == level["tokens"] > 0
+    assert "salient" not in level and level["salient_note"].startswith("mixture of experts")
+
+
+def test_qwen3moe_settings_llama_cpp_cannot_run_are_refused(tmp_path):
+    """norm_topk_prob false and dense layers among the experts change what llama.cpp's qwen3moe graph computes:
+    refused in one line before any tensor is read."""
+    base = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "intermediate_size": 96, "moe_intermediate_size": 32, "num_experts": 4,
+            "num_experts_per_tok": 2, "norm_topk_prob": True}
+    for i, (change, message) in enumerate((({"norm_topk_prob": False}, "norm_topk_prob false is not supported"),
+                                           ({"mlp_only_layers": [1]}, "dense layers among the experts"),
+                                           ({"decoder_sparse_step": 2}, "dense layers among the experts"))):
+        folder = tmp_path / f"config{i}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**base, **change}))
+        with pytest.raises(ProbeError, match=message) as err:
+            convert_hf_to_gguf(folder, tmp_path / "x.gguf", outtype="f32")
+        assert "\n" not in str(err.value)

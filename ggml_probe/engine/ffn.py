@@ -57,11 +57,14 @@ _RESIDUAL = {"gemma": "sa_out", "gemma2": "sa_out", "gemma3": "sa_out"}
 # Gate and up in one matmul, [gate | up] (src/models/phi3.cpp: build_ffn(ffn_up, …, LLM_FFN_SWIGLU, LLM_FFN_SEQ)).
 _FUSED_GATE_UP = {"phi3": "silu_gate_half"}
 SUPPORTED_ARCHITECTURES = tuple(sorted(set(_GATED) | _UNGATED_GELU | set(_FUSED_GATE_UP)))
-# Mixture-of-experts architectures whose experts llama.cpp builds as gate/up/down with LLM_FFN_SILU and no
-# shared expert (src/models/llama.cpp: Mixtral converts to llama with expert tensors). arch → act function.
-# The one list of what engine.moe_capture supports.
-MOE_ACT = {"llama": "silu"}
+# Mixture-of-experts architectures whose experts llama.cpp builds as gate/up/down with LLM_FFN_SILU, softmax
+# routing and no shared expert (src/models/llama.cpp: Mixtral converts to llama with expert tensors;
+# src/models/qwen3moe.cpp: the same build_moe_ffn call). arch → act function.
+# The one list of what engine.moe_capture and the imatrix probe support.
+MOE_ACT = {"llama": "silu", "qwen3moe": "silu"}
 SUPPORTED_MOE_ARCHITECTURES = tuple(sorted(MOE_ACT))
+_MOE_MODELS = {"llama": "Mixtral", "qwen3moe": "Qwen3-MoE"}
+SUPPORTED_MOE_TEXT = ", ".join(f"{a} ({_MOE_MODELS[a]})" for a in SUPPORTED_MOE_ARCHITECTURES)
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def ffn_names(arch: str, tensor_names: Iterable[str] = ()) -> FFNNames:
     if any(".ffn_gate_exps." in n or ".ffn_gate_inp." in n or "_exps." in n for n in names):
         moe = (f"{arch}'s experts get per-expert neuron statistics only (neurons, eval --neurons, study)"
                if arch in MOE_ACT else
-               f"per-expert neuron statistics support only {', '.join(SUPPORTED_MOE_ARCHITECTURES)} (Mixtral)")
+               f"per-expert neuron statistics support only {SUPPORTED_MOE_TEXT}")
         raise UnsupportedArchitecture(
             f"{arch}: a mixture-of-experts FFN (ffn_*_exps): {moe}; this analysis needs a dense FFN "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"

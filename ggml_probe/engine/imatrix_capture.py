@@ -4,7 +4,7 @@ matmul's input, accumulated inside llama.cpp through the eval callback (llama-im
 Which graph tensor feeds which weight (llama-family graphs, llama.cpp's cb names):
     attn_norm-N  → blk.N.attn_q / attn_k / attn_v      kqv_out-N    → blk.N.attn_output
     ffn_norm-N   → blk.N.ffn_gate / ffn_up             ffn_swiglu-N → blk.N.ffn_down
-A Mixtral block (build_moe_ffn) multiplies its experts with MUL_MAT_ID: ffn_norm-N feeds the router
+A Mixtral or Qwen3-MoE block (build_moe_ffn) multiplies its experts with MUL_MAT_ID: ffn_norm-N feeds the router
 blk.N.ffn_gate_inp (a plain matmul over every token) and, row by row, the gate and up stacks
 (ffn_gate_exps / ffn_up_exps) of the experts each token is routed to (ffn_moe_argsort-N); a row of
 ffn_moe_swiglu-N (one per token and routed slot) feeds the down stack (ffn_down_exps) of its slot's
@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import ProbeError, UnsupportedArchitecture
 from ..formats.gguf import validate_gguf
 from ..formats.imatrix import Imatrix, ImatrixEntry
-from .ffn import model_ffn
+from .ffn import SUPPORTED_MOE_ARCHITECTURES, SUPPORTED_MOE_TEXT, model_ffn
 from .model import Engine
 from .moe_capture import ModelMoE, model_moe, read_routing
 from .probes import Probe, run_checked
@@ -42,8 +42,8 @@ MOE_FEEDS = {
     "ffn_moe_swiglu": ("ffn_down_exps",),
 }
 SUPPORTED = ("llama", "qwen2", "qwen3")
-SUPPORTED_MOE = ("llama",)  # Mixtral: experts without shared experts, gate and up stacks apart
-SUPPORTED_TEXT = f"{', '.join(SUPPORTED)} and mixtures of experts of {', '.join(SUPPORTED_MOE)} (Mixtral)"
+SUPPORTED_MOE = SUPPORTED_MOE_ARCHITECTURES  # experts without shared experts, gate and up stacks apart
+SUPPORTED_TEXT = f"{', '.join(SUPPORTED)} and mixtures of experts of {SUPPORTED_MOE_TEXT}"
 
 
 class ImatrixProbe(Probe):

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import BadModelFile, ProbeError, UnsupportedArchitecture
 from ..formats.gguf import validate_gguf
 from ..layerspec import resolve_layers
-from .ffn import ACT_FUNCTIONS, DEFINITIONS, MOE_ACT, SUPPORTED_MOE_ARCHITECTURES, check_definitions
+from .ffn import ACT_FUNCTIONS, DEFINITIONS, MOE_ACT, SUPPORTED_MOE_TEXT, check_definitions
 from .probes import BatchLayout, Probe, TensorReader
 
 
@@ -71,7 +71,7 @@ def _model_moe_cached(path: str, mtime: float) -> ModelMoE | None:
         return None
     if arch not in MOE_ACT:
         raise UnsupportedArchitecture(f"{arch}: the per-expert neuron capture supports mixture-of-experts models of "
-                                      f"{', '.join(SUPPORTED_MOE_ARCHITECTURES)} (Mixtral)")
+                                      f"{SUPPORTED_MOE_TEXT}")
     names = {t.name for t in summary.tensors}
     if any("_shexp." in n for n in names):
         raise UnsupportedArchitecture(f"{arch}: shared experts are not supported by the per-expert neuron capture")

@@ -1,6 +1,6 @@
 """Hugging Face checkpoint folder → GGUF file that llama.cpp loads.
 
-Supports the llama family (Llama 2/3, SmolLM, TinyLlama, Mistral, Mixtral), Qwen2, Qwen3, Gemma, Gemma 2,
+Supports the llama family (Llama 2/3, SmolLM, TinyLlama, Mistral, Mixtral), Qwen2, Qwen3, Qwen3-MoE, Gemma, Gemma 2,
 Gemma 3 (text), Phi-2 and Phi-3. Everything architecture-specific that gguf-py already knows (tensor
 names, metadata keys, token types, special-token discovery) comes from gguf-py; this module adds
 only what a checkpoint folder does not say directly:
@@ -11,8 +11,9 @@ only what a checkpoint folder does not say directly:
 - llama.cpp's LLAMA architecture rotates adjacent pairs of q/k dimensions, while Hugging Face
   llama checkpoints rotate the two halves of each head ("rotate_half"), so q/k rows are
   reordered per head. Qwen2/3 run with NEOX rope in llama.cpp, which is rotate-half: no reorder.
-- Mixtral's experts are stored one matrix per expert (`experts.E.w1/w2/w3`); llama.cpp reads each
-  layer's experts as one 3-D tensor (`ffn_gate_exps` / `ffn_down_exps` / `ffn_up_exps`), so they are stacked.
+- Mixtral's and Qwen3-MoE's experts are stored one matrix per expert (`experts.E.w1/w2/w3`,
+  `experts.E.gate_proj/up_proj/down_proj`); llama.cpp reads each layer's experts as one 3-D tensor
+  (`ffn_gate_exps` / `ffn_down_exps` / `ffn_up_exps`), so they are stacked.
 - the llama.cpp pre-tokenizer name is chosen from the structure of tokenizer.json's
   pre_tokenizer (llama.cpp refuses names it does not know, and a wrong one tokenizes wrongly).
 
@@ -46,6 +47,7 @@ _ARCH_BY_HF_NAME = {
     "MixtralForCausalLM": "llama",  # llama.cpp runs Mixtral as llama with expert tensors (ffn_*_exps)
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",  # qwen2 without q/k/v biases, with per-head q/k RMSNorms
+    "Qwen3MoeForCausalLM": "qwen3moe",  # qwen3's attention; every layer a softmax-routed MoE, no shared expert
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
@@ -55,7 +57,7 @@ _ARCH_BY_HF_NAME = {
 # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by w, so the converter stores 1 + w (as llama.cpp's own does).
 _NORM_PLUS_ONE = {"gemma", "gemma2", "gemma3"}
 # The FFN activation each llama.cpp graph applies (HF config key hidden_act, or Gemma's hidden_activation).
-_ACTIVATION = {"llama": ("silu",), "qwen2": ("silu",), "qwen3": ("silu",),
+_ACTIVATION = {"llama": ("silu",), "qwen2": ("silu",), "qwen3": ("silu",), "qwen3moe": ("silu",),
                "gemma": ("gelu_pytorch_tanh", "gelu"), "gemma2": ("gelu_pytorch_tanh",),
                "gemma3": ("gelu_pytorch_tanh",), "phi3": ("silu",), "phi2": ("gelu_new",)}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCH_BY_HF_NAME)
@@ -168,8 +170,9 @@ class _HParams:
     final_softcap: float | None = None
     query_pre_attn_scalar: float | None = None
     rope_dim: int = 0  # rotated dimensions per head (Phi-3's partial rotary); 0: head_dim
-    n_expert: int = 0  # mixture of experts (Mixtral): experts per layer, and how many each token uses
+    n_expert: int = 0  # mixture of experts (Mixtral, Qwen3-MoE): experts per layer, and how many each token uses
     n_expert_used: int = 0
+    n_ff_expert: int = 0  # Qwen3-MoE: one expert's FFN width (moe_intermediate_size); 0: n_ff
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -225,6 +228,11 @@ def _read_hparams(config: dict[str, Any], hf_dir: Path) -> _HParams:
     if rope_type == "llama3" and _ARCH_BY_HF_NAME[hf_arch] != "llama":
         raise ProbeError(f"rope scaling 'llama3' is not supported for {hf_arch}")
     rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    # Mixtral's config counts the experts in num_local_experts, the hub's Qwen3-MoE in num_experts
+    # (transformers 5 writes num_local_experts for both)
+    n_expert = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    if arch == "qwen3moe":
+        _check_qwen3moe(config, hf_dir)
 
     return _HParams(
         arch=_ARCH_BY_HF_NAME[hf_arch],
@@ -248,9 +256,24 @@ def _read_hparams(config: dict[str, Any], hf_dir: Path) -> _HParams:
         final_softcap=config.get("final_logit_softcapping"),
         query_pre_attn_scalar=config.get("query_pre_attn_scalar"),
         rope_dim=int(head_dim * float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor") or 1.0))),
-        n_expert=int(config.get("num_local_experts") or 0),
-        n_expert_used=int(config.get("num_experts_per_tok") or 0) if config.get("num_local_experts") else 0,
+        n_expert=n_expert,
+        n_expert_used=int(config.get("num_experts_per_tok") or 0) if n_expert else 0,
+        n_ff_expert=int(need("moe_intermediate_size")) if arch == "qwen3moe" else 0,
     )
+
+
+def _check_qwen3moe(config: dict[str, Any], hf_dir: Path) -> None:
+    """What llama.cpp's qwen3moe graph (src/models/qwen3moe.cpp) fixes: every layer an MoE block, and the top-k
+    weights renormalised to sum to 1 (build_moe_ffn's norm_w is true there, whatever the file says)."""
+    where = hf_dir / "config.json"
+    if not (config.get("num_local_experts") or config.get("num_experts")) or not config.get("num_experts_per_tok"):
+        raise ProbeError(f"{where}: num_experts or num_experts_per_tok is missing (a Qwen3MoeForCausalLM needs both)")
+    if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step") or 1) != 1:
+        raise ProbeError(f"{where}: dense layers among the experts (mlp_only_layers / decoder_sparse_step) are not "
+                         "supported: llama.cpp's qwen3moe graph makes every layer a mixture of experts")
+    if config.get("norm_topk_prob") is False:
+        raise ProbeError(f"{where}: norm_topk_prob false is not supported: llama.cpp's qwen3moe graph always "
+                         "renormalises the top-k routing weights")
 
 
 def _add_metadata(writer: gguf.GGUFWriter, hp: _HParams, model_name: str, outtype: str) -> None:
@@ -289,6 +312,8 @@ def _add_metadata(writer: gguf.GGUFWriter, hp: _HParams, model_name: str, outtyp
     if hp.n_expert:
         writer.add_expert_count(hp.n_expert)
         writer.add_expert_used_count(hp.n_expert_used)
+    if hp.n_ff_expert:
+        writer.add_expert_feed_forward_length(hp.n_ff_expert)
 
 
 def _add_gemma_metadata(writer: gguf.GGUFWriter, hp: _HParams) -> None:
@@ -429,7 +454,7 @@ def _plan_tensors(checkpoint: _SafetensorsCheckpoint, hp: _HParams, outtype: str
 
     plan: list[_PlannedTensor] = []
     seen: dict[str, str] = {}
-    experts: dict[str, dict[int, str]] = {}  # Mixtral: "….experts.w1.weight" → expert id → its tensor
+    experts: dict[str, dict[int, str]] = {}  # "….experts.w1.weight" (gate_proj, …) → expert id → its tensor
     for hf_name, stored in checkpoint.tensors.items():
         if hf_name.endswith(_SKIPPED_SUFFIXES):
             continue
@@ -479,18 +504,19 @@ def _plan_tensors(checkpoint: _SafetensorsCheckpoint, hp: _HParams, outtype: str
     return sorted(plan, key=_file_order)
 
 
-_EXPERT_TENSOR = re.compile(r"(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<kind>w[123])\.weight")
+_EXPERT_TENSOR = re.compile(
+    r"(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<kind>w[123]|gate_proj|up_proj|down_proj)\.weight")
 
 
 def _stacked_experts(merged: str, by_expert: dict[int, str], checkpoint: _SafetensorsCheckpoint, hp: _HParams,
                      name_map, qtype) -> _PlannedTensor:
-    """One layer's experts of one kind (w1 gate, w2 down, w3 up) as the 3-D tensor llama.cpp reads."""
+    """One layer's experts of one kind (w1/gate_proj, w2/down_proj, w3/up_proj) as the 3-D tensor llama.cpp reads."""
     gguf_name = name_map.get_name(merged, try_suffixes=(".weight",))
     if gguf_name is None:
         raise ProbeError(f"expert tensors {merged} have no {hp.arch} GGUF counterpart")
     if sorted(by_expert) != list(range(hp.n_expert)):
         raise ProbeError(f"{merged}: the checkpoint holds experts {sorted(by_expert)}, config.json says "
-                         f"num_local_experts = {hp.n_expert}")
+                         f"{hp.n_expert} experts")
     names = tuple(by_expert[e] for e in range(hp.n_expert))
     shapes = {checkpoint.tensors[n].shape for n in names}
     if len(shapes) != 1:

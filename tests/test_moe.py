@@ -169,14 +169,19 @@ def test_router_stays_f32_at_f16(moe, tmp_path):
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
 
 
-def test_converted_logits_equal_transformers(moe):
+def _logits_difference(built, family: str) -> float:
+    """max |llama.cpp − transformers| over the F32 file's logits, relative to the largest logit."""
     with torch.no_grad():
-        ref = moe.load()(torch.tensor([moe.token_ids])).logits[0].numpy()
-    ours = llama_logits(moe.gguf, moe.token_ids)
+        ref = built.load()(torch.tensor([built.token_ids])).logits[0].numpy()
+    ours = llama_logits(built.gguf, built.token_ids)
     assert ref.std() > 1.0 and np.abs(ref[1:] - ref[:-1]).max() > 1.0  # the comparison means something
     diff = float(np.abs(ours - ref).max() / np.abs(ref).max())
-    print(f"mixtral: f32 max |llama.cpp − transformers| logits / max |logit| = {diff:.3g}")
-    assert diff < 2e-4
+    print(f"{family}: f32 max |llama.cpp − transformers| logits / max |logit| = {diff:.3g}")
+    return diff
+
+
+def test_converted_logits_equal_transformers(moe):
+    assert _logits_difference(moe, "mixtral") < 2e-4
 
 
 def test_captured_experts_equal_transformers_hooks(moe):
@@ -780,13 +785,7 @@ def test_qwen3moe_converts_with_llama_cpps_keys(qwen3moe, tmp_path):
 
 
 def test_qwen3moe_logits_equal_transformers(qwen3moe):
-    with torch.no_grad():
-        ref = qwen3moe.load()(torch.tensor([qwen3moe.token_ids])).logits[0].numpy()
-    ours = llama_logits(qwen3moe.gguf, qwen3moe.token_ids)
-    assert ref.std() > 1.0 and np.abs(ref[1:] - ref[:-1]).max() > 1.0  # the comparison means something
-    diff = float(np.abs(ours - ref).max() / np.abs(ref).max())
-    print(f"qwen3moe: f32 max |llama.cpp − transformers| logits / max |logit| = {diff:.3g}")
-    assert diff < 2e-5
+    assert _logits_difference(qwen3moe, "qwen3moe") < 2e-5
 
 
 def test_qwen3moe_captured_experts_equal_transformers_hooks(qwen3moe):

@@ -142,7 +142,7 @@ def test_bad_rows_are_reported_with_row_numbers(demo_path, tmp_path):
 def test_neurons_ride_along_and_resume_exactly(demo_ladder, tmp_path):
     from ggml_probe.pipeline.evaluation import NeuronSettings
 
-    config = EvalConfig(task="yesno-mini", limit=12, chunk_size=3, n_boot=50,
+    config = EvalConfig(task="yesno-mini", limit=12, chunk_size=3, n_boot=50, state_every_s=0,
                         neurons=NeuronSettings(layers="0,-1", definitions=("act", "down_in")))
     whole = evaluate(demo_ladder["Q8_0"], config, tmp_path / "whole")
     # the last two states are kept, each written over the one before them (save_npz's reuse)
@@ -302,13 +302,40 @@ def test_salient_neurons_attribute_the_decoded_tokens_at_a_small_ctx(demo_path, 
 
 
 @pytest.mark.slow
+def test_probe_states_wait_state_every_s_and_a_resume_recomputes_the_chunks_after_the_last(demo_path, tmp_path):
+    from ggml_probe.pipeline.evaluation import NeuronSettings
+
+    config = EvalConfig(task="yesno-mini", limit=9, chunk_size=3, n_boot=20, state_every_s=3600,
+                        neurons=NeuronSettings(layers="0", definitions=("act",)))
+    whole = evaluate(demo_path, config, tmp_path / "whole")
+    # no interval passed: one state, after the last chunk
+    assert sorted(f.name for f in (whole.run_dir / "neuron_state").glob("*.npz")) == ["00002.npz"]
+
+    def stop(done, total):
+        if done >= 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(demo_path, config, tmp_path / "cut", progress=stop)
+    assert len(list((tmp_path / "cut" / "chunks").glob("*.npz"))) == 2
+    assert not list((tmp_path / "cut" / "neuron_state").glob("*.npz"))
+    # two chunks finished but no state covers them: they are decoded again, and no token counts twice
+    resumed = evaluate(demo_path, config, tmp_path / "cut", resume=True)
+    assert resumed.resumed_examples == 0
+    sa, sb = np.load(whole.run_dir / "neuron_stats.npz"), np.load(tmp_path / "cut" / "neuron_stats.npz")
+    assert sa.files == sb.files
+    for k in sa.files:
+        np.testing.assert_allclose(sa[k], sb[k], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
 def test_neuron_resume_with_another_top_k_is_refused(demo_path, tmp_path):
     """The top-activating tokens kept per neuron are part of a neuron run: an interrupted run resumed with
     another top_k is refused in one line naming the setting, loses nothing, and resumes with the same one."""
     from ggml_probe.pipeline.evaluation import NeuronSettings
 
     def config(top_k):
-        return EvalConfig(task="yesno-mini", limit=6, chunk_size=3, n_boot=20,
+        return EvalConfig(task="yesno-mini", limit=6, chunk_size=3, n_boot=20, state_every_s=0,
                           neurons=NeuronSettings(layers="0,-1", top_k=top_k))
 
     def stop(done, total):

@@ -82,6 +82,7 @@ def test_eval_writes_the_same_imatrix_in_its_own_pass_and_resumes(demo_ladder, b
     # neurons ride along on layer 0 only: without the imatrix the last layer would be cut to the answer rows
     # one prompt per decode, as llama-imatrix's reference here decodes them: the sums are compared exactly
     config = EvalConfig(task="boolq", data_path=str(boolq_path), limit=5, threads=1, chunk_size=2, n_boot=10, batch_prompts=1,
+                        state_every_s=0,
                         neurons=NeuronSettings(layers="0", definitions=("act",), redundancy=False, top_k=0),
                         imatrix_out=str(out))
 

@@ -673,7 +673,7 @@ def test_eval_imatrix_out_on_the_experts_resumes(moe, tmp_path, boolq_path):
     `imatrix collect` computes from the same fitted prompts: per expert sums and counts."""
     out = tmp_path / "run.imatrix.gguf"
     config = EvalConfig(task="boolq", data_path=str(boolq_path), limit=4, n_ctx=128, threads=1, chunk_size=2,
-                        n_boot=10, batch_prompts=1, imatrix_out=str(out))
+                        n_boot=10, batch_prompts=1, imatrix_out=str(out), state_every_s=0)
 
     def stop_after_first_chunk(done, total):
         if done == 2:

@@ -78,6 +78,16 @@ def test_streaming_equals_batch_with_large_offsets():
     for chunk in np.array_split(x, [1, 7, 300, 301, 650]):
         c32.update(chunk)
     np.testing.assert_allclose(c32.correlation(), np.corrcoef(x, rowvar=False), atol=1e-6)
+    # 50 blocks: their float32 products summed over several blocks before joining the float64 sums, a
+    # state read mid-stream (a checkpoint) folding what was summed so far
+    many = CoMoment(16, block_rows=20, product_dtype=np.float32)
+    for i, chunk in enumerate(np.array_split(x, 37)):
+        many.update(chunk)
+        if i == 20:
+            mid = CoMoment.from_arrays(many.arrays(), product_dtype=np.float32)
+            np.testing.assert_allclose(mid.correlation(), np.corrcoef(x[:mid.count], rowvar=False), atol=1e-6)
+    assert many.count == len(x)
+    np.testing.assert_allclose(many.correlation(), np.corrcoef(x, rowvar=False), atol=1e-6)
 
     # merging two halves accumulated separately gives the same as one stream
     a, b = NeuronStats(16), NeuronStats(16)
@@ -161,17 +171,58 @@ def test_top_activations_streaming_equals_sort_with_ties(monkeypatch, sparse_sha
     np.testing.assert_array_equal(wide.pos, row_pos[ranks])
 
 
+class _Layout:
+    def __init__(self, prompts, positions, shared_by=None):
+        self.row_prompt, self.row_pos, self.shared_by = np.asarray(prompts), np.asarray(positions), shared_by
+
+
+@pytest.mark.parametrize("sparse_share", [1, 10**9])
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
+def test_shared_prefix_rows_count_for_every_prompt_sharing_them(monkeypatch, sparse_share, dtype, tol):
+    # Groups of prompts sharing a prefix: its rows come once (layout.shared_by), then each prompt's rest.
+    # Every statistic must be what NumPy gives on every prompt's whole rows, the prefix copied into each.
+    monkeypatch.setattr(neurons_module, "_SPARSE_SHARE", sparse_share)
+    rng = np.random.default_rng(11)
+    n_ff, k = 16, 4
+    acc = NeuronAccumulator([3], ["act"], n_ff, top_k=k, comoment_dtype=dtype)
+    whole_rows, whole_prompt, whole_pos = [], [], []
+    prompt = 0
+    for group_size, n_prefix in ((6, 5), (3, 7), (1, 0)):
+        prefix = np.round(rng.normal(size=(n_prefix, n_ff)) + 0.5, 1)  # rounded: ties between prefix and rests
+        members = list(range(prompt, prompt + group_size))
+        if n_prefix:
+            acc.update(3, "act", prefix, _Layout([members[0]] * n_prefix, range(n_prefix), shared_by=members))
+        for p in members:
+            rest = np.round(rng.normal(size=(int(rng.integers(1, 6)), n_ff)), 1)
+            acc.update(3, "act", rest, _Layout([p] * len(rest), range(n_prefix, n_prefix + len(rest))))
+            whole_rows.append(np.concatenate([prefix, rest]))
+            whole_prompt += [p] * (n_prefix + len(rest))
+            whole_pos += list(range(n_prefix + len(rest)))
+        prompt += group_size
+    x, row_prompt, row_pos = np.concatenate(whole_rows), np.asarray(whole_prompt), np.asarray(whole_pos)
+    key = ("act", 3)
+    stats = acc.stats[key]
+    assert acc.n_prompts == prompt and stats.count == len(x)
+    np.testing.assert_array_equal(stats.n_pos, (x > 0).sum(axis=0))
+    np.testing.assert_array_equal(stats.maxabs, np.abs(x).max(axis=0))
+    np.testing.assert_allclose(stats.mean, x.mean(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.variance, x.var(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.sumsq, (x * x).sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(acc.correlation("act", 3), np.corrcoef(x, rowvar=False), rtol=0, atol=tol)
+    ranks = np.lexsort((np.broadcast_to(row_pos[:, None], x.shape), np.broadcast_to(row_prompt[:, None], x.shape), -x),
+                       axis=0)[:k]
+    top = acc.top[key]
+    np.testing.assert_array_equal(top.value, np.take_along_axis(x, ranks, 0))
+    np.testing.assert_array_equal(top.prompt, row_prompt[ranks])
+    np.testing.assert_array_equal(top.pos, row_pos[ranks])
+
+
 def test_top_token_contexts_resolves_text():
     top = TopActivations(2, k=1)
     top.update(np.array([[0.0, 1.0], [5.0, 0.5], [1.0, 0.1]]), np.array([0, 0, 1]), np.array([0, 1, 0]))
     prompts = [[10, 11], [12]]
     rows = top_token_contexts(top, 0, prompts, lambda t: f"<{t}>", window=3)
     assert rows == [{"value": 5.0, "prompt": 0, "position": 1, "token": "<11>", "context": "<10>"}]
-
-
-class _Layout:
-    def __init__(self, prompts, positions):
-        self.row_prompt, self.row_pos = np.asarray(prompts), np.asarray(positions)
 
 
 def _assert_comoments_close(a, b, tol, err_msg=""):

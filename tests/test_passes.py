@@ -342,3 +342,52 @@ def test_a_stop_allowed_by_one_run_is_not_carried_into_a_run_without_on_batch(ti
         expected = fresh.run(tokens)
     np.testing.assert_array_equal(after[0].logits, expected[0].logits)
     np.testing.assert_array_equal(after[0].hidden, expected[0].hidden)
+
+
+@pytest.mark.slow
+def test_the_capture_consumes_between_decodes_and_past_its_cap_inside_them(tiny, monkeypatch):
+    """FFNCapture copies tensors out in the callback and hands them to its consumer before the next decode
+    (or when the run settles); past _DEFERRED_BYTES it hands them over at once. Both give the consumer the
+    same rows, in the same order, and the statistics are the same."""
+    from ggml_probe.engine import probes as probes_module
+    from ggml_probe.engine.model import Engine
+    from ggml_probe.engine.probes import FFNCapture, ProbeSet, run_checked
+    from ggml_probe.pipeline.neuron_stats import NeuronProbe
+
+    def run(cap_bytes):
+        monkeypatch.setattr(probes_module, "_DEFERRED_BYTES", cap_bytes)
+        seen, inside = [], []
+        decoding = [False]
+
+        def keep(layer, definition, values, layout):
+            seen.append((layer, definition, layout.row_prompt.tolist(), layout.row_pos.tolist(), values.copy()))
+            inside.append(decoding[0])
+
+        stats = NeuronProbe(tiny, "all", redundancy=True, top_k=3)
+        probes = ProbeSet([FFNCapture(tiny, keep, layers="all"), stats])
+        with Engine(tiny, n_ctx=512, n_threads=1, n_seq_max=4, kv_type=0, eval_callback=probes.eval_callback) as engine:
+            decode = engine._llama_decode
+
+            def marked(batch):
+                decoding[0] = True
+                try:
+                    decode(batch)
+                finally:
+                    decoding[0] = False
+
+            engine._llama_decode = marked
+            tokens = [engine.tokenize(INSTRUCTION + q) for q in QUESTIONS]
+            run_checked(engine, probes, tokens, share_prefix=True)
+        return seen, inside, stats.finish()
+
+    deferred, deferred_inside, a = run(64 << 20)
+    at_once, at_once_inside, b = run(0)
+    assert deferred and not any(deferred_inside)  # every consumer call between decodes
+    assert all(at_once_inside)  # past the cap: inside the callback, as the tensor came
+    assert [s[:4] for s in deferred] == [s[:4] for s in at_once]
+    for x, y in zip(deferred, at_once):
+        np.testing.assert_array_equal(x[4], y[4])
+    for key in a.stats:
+        np.testing.assert_array_equal(a.stats[key].mean, b.stats[key].mean)
+        np.testing.assert_array_equal(a.correlation(*key), b.correlation(*key))
+        np.testing.assert_array_equal(a.top[key].value, b.top[key].value)

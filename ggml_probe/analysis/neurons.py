@@ -45,21 +45,23 @@ class NeuronStats:
         self.n_pos = np.zeros(n_ff, dtype=np.int64)
         self.sumsq = np.zeros(n_ff)
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, weight: int = 1) -> None:
+        """Add a batch of rows; `weight`: how many tokens each row stands for (a shared prefix's rows
+        stand for every prompt that shares it)."""
         x = _as_batch(x, self.n_ff)
         n = x.shape[0]
         if n == 0:
             return
         batch = NeuronStats(self.n_ff)
-        batch.count = n
+        batch.count = n * weight
         batch.mean = x.mean(axis=0)
         centred = x - batch.mean
-        batch.m2 = np.einsum("ij,ij->j", centred, centred)
+        batch.m2 = weight * np.einsum("ij,ij->j", centred, centred)
         batch.min = x.min(axis=0)
         batch.max = x.max(axis=0)
         batch.maxabs = np.maximum(batch.max, -batch.min)  # max |x| without another pass
-        batch.n_pos = (x > 0).sum(axis=0).astype(np.int64)
-        batch.sumsq = np.einsum("ij,ij->j", x, x)
+        batch.n_pos = weight * (x > 0).sum(axis=0).astype(np.int64)
+        batch.sumsq = weight * np.einsum("ij,ij->j", x, x)
         self.merge(batch)
 
     def merge(self, other: "NeuronStats") -> None:
@@ -145,6 +147,10 @@ def activation_drift(ref_mean: np.ndarray, ref_var: np.ndarray, level_mean: np.n
 # ------------------------------------------------------------------ correlation (redundancy)
 
 
+# CoMoment: float32 block products summed in float32 over at most this many blocks before joining the float64 sums
+_FOLD_BLOCKS = 8
+
+
 class CoMoment:
     """Streaming co-moment matrix C = Σ (x − mean)(x − mean)ᵀ over tokens, float64, n_ff × n_ff.
 
@@ -157,7 +163,9 @@ class CoMoment:
     sums are float64 either way; float32 products (the neuron pass's default: twice BLAS's throughput on
     the pass's largest host cost) put a relative error of order 1e-6 on a block's sums, far below what a
     batch layout moves activations by (benchmarks/layout_noise.md), while float64 keeps the streaming
-    update exact to 1e-10 at any offset.
+    update exact to 1e-10 at any offset. Float32 products of up to `_FOLD_BLOCKS` blocks are summed in
+    place by syrk before they join the float64 sums: adding n_ff² float32s to float64 after every block
+    cost as much as the block's products.
     """
 
     def __init__(self, n_ff: int, block_rows: int = 512, product_dtype: type = np.float64) -> None:
@@ -170,13 +178,22 @@ class CoMoment:
         self.mean = np.zeros(n_ff)
         self._c = np.zeros((n_ff, n_ff))
         self._lower_only = False  # True: only _c's lower triangle (row ≥ column) is current
-        self._pending: list[np.ndarray] = []
+        # rows not folded yet, in buffers kept across blocks (fresh ones of this size cost page faults each time)
+        self._rows = np.empty((0, self.n_ff))
+        self._row_weights = np.empty(0)  # how many tokens each row stands for
+        self._rows32 = np.empty((0, self.n_ff), dtype=np.float32)
         self._pending_rows = 0
+        self._pending_count = 0  # the tokens they stand for
+        self._c32: np.ndarray | None = None  # float32 products of blocks not yet in _c (Fortran order, upper)
+        self._c32_blocks = 0
 
     @property
     def c(self) -> np.ndarray:
         """The co-moment matrix, the buffered rows folded in."""
         self.flush()
+        self._fold_c32()
+        # read at the end of a run: the buffers' memory goes to the correlation matrix
+        self._c32, self._rows, self._rows32 = None, np.empty((0, self.n_ff)), np.empty((0, self.n_ff), np.float32)
         if self._lower_only:
             upper = np.triu_indices(self.n_ff, 1)
             self._c[upper] = self._c.T[upper]
@@ -192,12 +209,20 @@ class CoMoment:
         """Memory of one accumulator plus the correlation matrix built from it."""
         return 2 * 8 * int(n_ff) ** 2
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, weight: int = 1) -> None:
+        """Add rows; `weight`: how many tokens each stands for (as NeuronStats.update)."""
         x = _as_batch(x, self.n_ff)
-        if x.shape[0] == 0:
+        n = x.shape[0]
+        if n == 0:
             return
-        self._pending.append(np.array(x, dtype=np.float64))  # a copy: callers reuse their buffers
-        self._pending_rows += x.shape[0]
+        start, end = self._pending_rows, self._pending_rows + n
+        if end > len(self._rows):  # grown to a block and the batch that completes it
+            grown = np.empty((max(end, self.block_rows), self.n_ff))
+            grown[:start] = self._rows[:start]
+            self._rows, self._row_weights = grown, np.concatenate([self._row_weights[:start], np.empty(len(grown) - start)])
+        self._rows[start:end] = x  # a copy: callers reuse their buffers
+        self._row_weights[start:end] = weight
+        self._pending_rows, self._pending_count = end, self._pending_count + n * int(weight)
         if self._pending_rows >= self.block_rows:
             self.flush()
 
@@ -205,19 +230,32 @@ class CoMoment:
         """Fold the buffered rows into the co-moment: C += Σ (x − x̄_b)(x − x̄_b)ᵀ + w·δδᵀ (Chan et al.'s
         pairwise update), in place on the lower triangle. _c's transpose is a Fortran-ordered view whose
         upper triangle is _c's lower one, so BLAS writes straight into it."""
-        if not self._pending:
+        if not self._pending_rows:
             return
-        x = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._pending, self._pending_rows = [], 0
-        n_b = x.shape[0]
-        batch_mean = x.mean(axis=0)
-        centred = x - batch_mean
+        rows, n_b = self._pending_rows, self._pending_count
+        self._pending_rows = self._pending_count = 0
+        centred, w = self._rows[:rows], self._row_weights[:rows]
+        if n_b == rows:  # every row one token
+            batch_mean = centred.mean(axis=0)
+            centred -= batch_mean
+        else:  # rows standing for w tokens each: a weighted mean, and each centred row scaled by √w
+            batch_mean = (w @ centred) / n_b
+            centred -= batch_mean
+            centred *= np.sqrt(w)[:, None]
         n_a, n = self.count, self.count + n_b
         delta = batch_mean - self.mean
         upper_of_transpose = self._c.T
-        if self.product_dtype == np.float32:  # the block's products in float32, added to the float64 sums
-            block = blas.ssyrk(1.0, centred.astype(np.float32).T, trans=0, lower=0)  # upper set, lower zero
-            np.add(upper_of_transpose, block, out=upper_of_transpose)
+        if self.product_dtype == np.float32:  # the block's products in float32, summed there for a few blocks
+            if self._c32 is None:
+                self._c32 = np.zeros((self.n_ff, self.n_ff), dtype=np.float32, order="F")
+            if len(self._rows32) < rows:
+                self._rows32 = np.empty((len(self._rows), self.n_ff), dtype=np.float32)
+            block = self._rows32[:rows]
+            np.copyto(block, centred, casting="same_kind")
+            blas.ssyrk(1.0, block.T, beta=1.0, c=self._c32, trans=0, lower=0, overwrite_c=1)
+            self._c32_blocks += 1
+            if self._c32_blocks >= _FOLD_BLOCKS:
+                self._fold_c32()
         else:
             blas.dsyrk(1.0, centred.T, beta=1.0, c=upper_of_transpose, trans=0, lower=0, overwrite_c=1)
         if n_a:
@@ -225,6 +263,14 @@ class CoMoment:
         self._lower_only = True
         self.mean = self.mean + delta * (n_b / n)
         self.count = n
+
+    def _fold_c32(self) -> None:
+        """Add the float32 products summed so far to the float64 sums."""
+        if self._c32_blocks:
+            upper_of_transpose = self._c.T
+            np.add(upper_of_transpose, self._c32, out=upper_of_transpose)
+            self._c32.fill(0.0)
+            self._c32_blocks = 0
 
     def merge(self, other: "CoMoment") -> None:
         if other.n_ff != self.n_ff:
@@ -256,6 +302,7 @@ class CoMoment:
     def arrays(self) -> dict[str, np.ndarray]:
         """The state as it stands: a per-chunk checkpoint does not mirror the triangle (`c_lower_only`)."""
         self.flush()
+        self._fold_c32()
         return {"count": np.asarray(self.count), "mean": self.mean, "c": self._c,
                 "c_lower_only": np.asarray(self._lower_only)}
 
@@ -441,13 +488,21 @@ class TopActivations:
         self.prompt = np.full((k, n_ff), -1, dtype=np.int64)
         self.pos = np.full((k, n_ff), -1, dtype=np.int64)
 
-    def update(self, x: np.ndarray, row_prompt: np.ndarray, row_pos: np.ndarray) -> None:
+    def update(self, x: np.ndarray, row_prompt: np.ndarray, row_pos: np.ndarray,
+               shared_by: Sequence[int] | None = None) -> None:
+        """Add rows at (row_prompt, row_pos). `shared_by`: the rows are a shared prefix's, standing at
+        their positions in each of these prompts (row_prompt is then ignored)."""
         x = _as_batch(x, self.n_ff)
         if x.shape[0] == 0 or self.k == 0:
             return
         score = np.abs(x) if self.by == "abs" else x
-        row_prompt = np.asarray(row_prompt, dtype=np.int64)
         row_pos = np.asarray(row_pos, dtype=np.int64)
+        if shared_by is not None:
+            x, row_prompt, row_pos = self._shared_rows(x, score, row_pos, shared_by)
+            if x.shape[0] == 0:
+                return
+            score = np.abs(x) if self.by == "abs" else x
+        row_prompt = np.asarray(row_prompt, dtype=np.int64)
         # Only values reaching their neuron's current k-th best can enter. Once the slots are filled these
         # are few (about k per neuron per batch as long as a batch is not much longer than what came
         # before), and merging them alone is far cheaper than selecting from every row.
@@ -455,17 +510,17 @@ class TopActivations:
         n_reaching = int(np.count_nonzero(reaching))
         if n_reaching == 0:
             return
+        # Fast path: rows arrive in (prompt, position) order after everything kept so far, so a stable
+        # sort on the score alone breaks ties by that order; otherwise sort on all three keys.
+        in_order = (self._after_kept(int(row_prompt[0]), int(row_pos[0]))
+                    and bool(np.all((np.diff(row_prompt) > 0) | ((np.diff(row_prompt) == 0) & (np.diff(row_pos) > 0)))))
         if n_reaching * _SPARSE_SHARE <= reaching.size:
-            self._merge_entries(*np.nonzero(reaching), score, x, row_prompt, row_pos)
+            self._merge_entries(*np.nonzero(reaching), score, x, row_prompt, row_pos, in_order)
             return
         cols = np.flatnonzero(reaching.any(axis=0))
         if cols.size < self.n_ff:
             score, x = score[:, cols], x[:, cols]
         n, m = score.shape
-        # Fast path: rows arrive in (prompt, position) order after everything kept so far, so a stable
-        # sort on the score alone breaks ties by that order; otherwise sort on all three keys.
-        in_order = (row_prompt[0] > self.prompt.max()
-                    and bool(np.all((np.diff(row_prompt) > 0) | ((np.diff(row_prompt) == 0) & (np.diff(row_pos) > 0)))))
         if n > self.k:  # pre-select the batch's best k per neuron (same order as the final merge)
             if in_order:
                 order = _best_rows(score, self.k)
@@ -478,9 +533,26 @@ class TopActivations:
             rp, ps = np.broadcast_to(row_prompt[:, None], (n, m)), np.broadcast_to(row_pos[:, None], (n, m))
         self._merge(score, x, rp, ps, cols if cols.size < self.n_ff else None, in_order)
 
-    def _merge_entries(self, rows: np.ndarray, cols: np.ndarray, score, value, row_prompt, row_pos) -> None:
+    def _shared_rows(self, x: np.ndarray, score: np.ndarray, row_pos: np.ndarray, shared_by: Sequence[int]):
+        """A shared prefix's rows as the prompts' own copies would enter, copied only where that can matter:
+        rows reaching some neuron's current k-th best (it only rises), for the first k prompts (a copy in a
+        later prompt ranks after k equal ones in earlier prompts)."""
+        rows = np.flatnonzero((score >= self.score[-1]).any(axis=1))
+        prompts = np.sort(np.asarray(shared_by, dtype=np.int64))[: self.k]
+        return (np.tile(x[rows], (len(prompts), 1)), np.repeat(prompts, len(rows)),
+                np.tile(row_pos[rows], len(prompts)))
+
+    def _after_kept(self, prompt: int, pos: int) -> bool:
+        """Whether (prompt, pos) comes after every kept entry's (prompt, position)."""
+        last = int(self.prompt.max())
+        return prompt > last or (prompt == last and pos > int(self.pos[self.prompt == last].max()))
+
+    def _merge_entries(self, rows: np.ndarray, cols: np.ndarray, score, value, row_prompt, row_pos,
+                       after: bool = False) -> None:
         """Merge single entries (rows[i], cols[i]) of a batch into the kept ones: one sort of the touched
-        neurons' kept slots and new entries by (neuron, score descending, prompt, position)."""
+        neurons' kept slots and new entries by (neuron, score descending, prompt, position). `after`: the
+        entries come in (prompt, position) order after every kept one, so a stable sort on (neuron, score)
+        keeps that order among ties (kept slots first, in their ranked order)."""
         touched, col_of = np.unique(cols, return_inverse=True)
         k, t = self.k, touched.size
         s = np.concatenate([self.score[:, touched].ravel(), score[rows, cols]])
@@ -488,8 +560,11 @@ class TopActivations:
         p = np.concatenate([self.prompt[:, touched].ravel(), row_prompt[rows]])
         q = np.concatenate([self.pos[:, touched].ravel(), row_pos[rows]])
         neuron = np.concatenate([np.tile(np.arange(t), k), col_of])
-        p_key = np.where(p < 0, np.iinfo(np.int64).max, p)  # empty slots last among equal −inf scores
-        order = np.lexsort((q, p_key, -s, neuron))
+        if after:
+            order = np.lexsort((-s, neuron))
+        else:
+            p_key = np.where(p < 0, np.iinfo(np.int64).max, p)  # empty slots last among equal −inf scores
+            order = np.lexsort((q, p_key, -s, neuron))
         starts = np.concatenate([[0], np.cumsum(k + np.bincount(col_of, minlength=t))[:-1]])
         best = order[(starts[None, :] + np.arange(k)[:, None])]  # (k, t): each touched neuron's best k
         self.score[:, touched], self.value[:, touched] = s[best], v[best]
@@ -614,17 +689,22 @@ class NeuronAccumulator:
         self.n_prompts = 0  # 1 + the largest prompt index seen
 
     def update(self, layer: int, definition: str, values: np.ndarray, layout) -> None:
+        """FFNCapture's consumer. A layout whose `shared_by` names prompts holds a shared prefix's rows once:
+        they count for every one of those prompts, as if each prompt's copy had come."""
         key = (definition, int(layer))
         if key not in self.stats:
             raise ProbeError(f"no accumulator for {definition} at layer {layer}")
-        self.stats[key].update(values)
+        shared_by = getattr(layout, "shared_by", None)
+        weight = 1 if shared_by is None else len(shared_by)
+        self.stats[key].update(values, weight)
         if self.redundancy:
             stride = self.redundancy_stride
-            self.comoment[key].update(values if stride == 1 else np.asarray(values)[:, ::stride])
+            self.comoment[key].update(values if stride == 1 else np.asarray(values)[:, ::stride], weight)
         if self.top_k:
-            self.top[key].update(values, layout.row_prompt, layout.row_pos)
-        if len(layout.row_prompt):
-            self.n_prompts = max(self.n_prompts, int(np.max(layout.row_prompt)) + 1)
+            self.top[key].update(values, layout.row_prompt, layout.row_pos, shared_by=shared_by)
+        prompts = layout.row_prompt if shared_by is None else shared_by
+        if len(prompts):
+            self.n_prompts = max(self.n_prompts, int(np.max(prompts)) + 1)
 
     @property
     def redundancy_stride(self) -> int:

@@ -15,6 +15,7 @@ Typical use:
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -104,6 +105,11 @@ class TensorReader:
             buf = np.empty(max(size, 1), dtype=np.float32)
             self._buffers[key] = buf
         return self._copy(t, buf[:size].reshape(rows, ne0))
+
+    def read_new(self, t: int) -> np.ndarray:
+        """The tensor as a new (rows, ne0) float32 array, to keep."""
+        ne0, rows = self._checked_shape(t, GGML_TYPE_F32, "F32")
+        return self._copy(t, np.empty((rows, ne0), dtype=np.float32))
 
     def read_i32(self, t: int) -> np.ndarray:
         """An I32 tensor (expert ids, argsort orders) as a new (rows, ne0) int32 array."""
@@ -230,6 +236,9 @@ class Probe:
             raise exc
 
 
+# FFNCapture holds back at most this many bytes of tensor copies for its consumer before running it in the callback
+_DEFERRED_BYTES = 64 << 20
+
 # Called as consumer(layer, definition, values (n_rows, n_ff) float64, layout). `values` may be a
 # reused buffer: copy what you keep.
 Consumer = Callable[[int, str, np.ndarray, BatchLayout], None]
@@ -241,6 +250,16 @@ class FFNCapture(Probe):
     Runs with all_outputs=True when it reads the last layer (`needs_all_outputs`): that layer's FFN then
     covers every token. `extra` names further graph tensors (e.g. "ffn_norm-3") handed to
     `on_extra(name, array, layout)`.
+
+    After a shared prefix (Engine.run's share_prefix) the consumer gets every prompt's rows, the prefix's
+    copied into each, as one decode of the whole prompts gives them; with `shared_rows` it gets the
+    prefix's rows once instead, as they come, with a layout whose `shared_by` names the prompts they stand
+    for, then the rests' rows (a consumer that can weigh rows is spared the copies).
+
+    The callback only copies each tensor out; the consumer runs between decodes (at the next on_batch,
+    and when the run settles or is checked), in the order the tensors came. Host work inside a graph
+    callback slowed llama.cpp's own compute by more than the work itself took (benchmarks/passes.md).
+    Copies held back stay under `_DEFERRED_BYTES`; past it the consumer runs at once.
     """
 
     shares_prefix = True  # a shared prefix's rows are kept and handed over with every prompt's own
@@ -253,8 +272,12 @@ class FFNCapture(Probe):
         definitions: Sequence[str] = DEFINITIONS,
         extra: Sequence[str] = (),
         on_extra: Callable[[str, np.ndarray, BatchLayout], None] | None = None,
+        shared_rows: bool = False,
     ) -> None:
         super().__init__()
+        if shared_rows and extra:
+            raise ProbeError("FFNCapture: extra tensors are handed over per prompt; they cannot take shared_rows")
+        self.shared_rows = shared_rows
         self.model = model_ffn(model_path)
         self.layers = resolve_layers(layers, self.model.n_layer)
         self.definitions = check_definitions(definitions)
@@ -269,6 +292,8 @@ class FFNCapture(Probe):
                 self.wanted.setdefault(f"{src}-{layer}", []).append((layer, d))
         self.extra = set(extra)
         self._prefix_rows: dict[str, np.ndarray] = {}  # a shared prefix's rows, per tensor, until the rests come
+        self._deferred: deque[tuple[str, np.ndarray, BatchLayout]] = deque()  # tensors copied out, not yet consumed
+        self._deferred_bytes = 0
 
     @property
     def tensor_names(self) -> list[str]:
@@ -292,16 +317,47 @@ class FFNCapture(Probe):
 
     def handle(self, t: int, name: str) -> None:
         layout = self.require_layout()
-        raw = self.reader.read(t, name)
+        raw = self.reader.read_new(t)
         if raw.shape[0] != layout.n_rows:
             raise ProbeError(
                 f"{name} holds {raw.shape[0]} rows for a batch of {layout.n_rows} tokens: "
                 "run the engine with all_outputs=True so the last layer covers every token"
             )
-        if layout.shared_by is not None:  # a shared prefix: counted with every prompt once the rests arrive
+        self._deferred.append((name, raw, layout))
+        self._deferred_bytes += raw.nbytes
+        if self._deferred_bytes > _DEFERRED_BYTES:
+            self.drain()
+
+    def on_batch(self, indices: list[int], token_arrays: list[np.ndarray], **where) -> None:
+        self.drain()  # the last decode's tensors, before the next decode begins
+        super().on_batch(indices, token_arrays, **where)
+
+    def settle(self) -> None:
+        super().settle()
+        try:
+            self.drain()
+        except BaseException as exc:  # settle runs in run_checked's finally: check() raises it
+            if self.error is None:
+                self.error = exc
+
+    def check(self) -> None:
+        if self.error is None:  # a callback's error comes first (what was copied out after it is moot)
+            self.drain()
+        super().check()
+
+    def drain(self) -> None:
+        """Hand every tensor copied out so far to the consumer, in the order they came."""
+        while self._deferred:
+            name, raw, layout = self._deferred.popleft()
+            self._deferred_bytes -= raw.nbytes
+            self._consume(name, raw, layout)
+
+    def _consume(self, name: str, raw: np.ndarray, layout: BatchLayout) -> None:
+        # with shared_rows the prefix's rows (layout.shared_by) and the rests' go on as they come
+        if layout.shared_by is not None and not self.shared_rows:  # kept for every prompt until the rests arrive
             self._prefix_rows[name] = raw.copy()
             return
-        if layout.prefix:
+        if layout.prefix and not self.shared_rows:
             prefix_rows = self._prefix_rows.pop(name, None)
             if prefix_rows is None:
                 raise ProbeError(f"{name}: the rests of a group arrived without their shared prefix")

@@ -97,6 +97,10 @@ class EvalConfig:
     share_prefix: bool = True
     flash_attn: bool = False  # llama.cpp's flash attention (moves the logits on CPU; see engine.model)
     chunk_size: int = 32  # examples per checkpoint
+    # probe states (neuron statistics, imatrix sums: up to hundreds of MB) are saved after a chunk only when
+    # this many seconds have passed since the last one, and after the last chunk; a resumed run recomputes
+    # the chunks after the last state (0: after every chunk)
+    state_every_s: float = 30.0
     save_logits: bool = True
     n_boot: int = 1000
     neurons: NeuronSettings | None = None
@@ -365,13 +369,17 @@ def evaluate(
             if progress:
                 progress(len(done), n_total)
             chunk_no = _next_chunk_number(run_dir)
+            last_state = time.perf_counter()
             for start in range(0, len(todo), config.chunk_size):
                 positions = todo[start : start + config.chunk_size]
                 arrays = _run_chunk(engine, data.spec, [data.examples[i] for i in positions], data.labels, config,
                                     all_probes, positions[0], all_outputs)
                 save_npz(run_dir / CHUNKS / f"{chunk_no:05d}.npz", positions=np.asarray(positions, dtype=np.int64), **arrays)
-                for folder, p in stateful.items():
-                    _save_probe_state(run_dir, p, chunk_no, folder)
+                if stateful and (start + config.chunk_size >= len(todo)
+                                 or time.perf_counter() - last_state >= config.state_every_s):
+                    for folder, p in stateful.items():
+                        _save_probe_state(run_dir, p, chunk_no, folder)
+                    last_state = time.perf_counter()
                 chunk_no += 1
                 if progress:
                     progress(resumed + start + len(positions), n_total)
@@ -406,11 +414,12 @@ def _write_run_imatrix(run_dir: Path, model_id: dict, data, config: EvalConfig, 
 
 
 def _save_probe_state(run_dir: Path, probe, chunk_no: int, folder_name: str = NEURON_STATE) -> None:
-    """The accumulator after chunk N; the one before it is kept, so a crash between a chunk and its
-    state costs one chunk of recomputation, not the run. The new state is written over an older one
-    (a neuron state is n_ff² floats per layer and definition: fresh pages for it cost more than the writing)."""
+    """The accumulator after chunk N; the state saved before it is kept, so a crash while writing costs
+    the chunks since that one, not the run. The new state is written over an older one (a neuron state is
+    n_ff² floats per layer and definition: fresh pages for it cost more than the writing)."""
     folder = run_dir / folder_name
-    older = sorted(f for f in folder.glob("*.npz") if f.stem.isdigit() and int(f.stem) < chunk_no - 1)
+    older = sorted((f for f in folder.glob("*.npz") if f.stem.isdigit() and int(f.stem) < chunk_no),
+                   key=lambda f: int(f.stem))[:-1]
     save_npz(folder / f"{chunk_no:05d}.npz", reuse=older.pop(0) if older else None, **probe.state())
     for old in older:
         old.unlink()

@@ -78,9 +78,11 @@ class CaptureProbe:
         return self.accumulator
 
     def state(self) -> dict[str, np.ndarray]:
+        self.check()  # what the capture still holds back goes in first
         return self.accumulator.state()
 
     def save(self, path: str | os.PathLike) -> Path:
+        self.check()
         return self.accumulator.save(path)
 
 
@@ -91,7 +93,7 @@ class NeuronProbe(CaptureProbe):
     probe.restore(path) continues a run exactly where the saved state left off.
     """
 
-    shares_prefix = True  # FFNCapture counts a shared prefix's rows with every prompt
+    shares_prefix = True  # a shared prefix's rows are counted once for every prompt sharing it
 
     def __init__(
         self,
@@ -113,7 +115,7 @@ class NeuronProbe(CaptureProbe):
             chosen, list(definitions), model.n_ff, redundancy=redundancy, top_k=top_k,
             memory_budget_bytes=memory_budget_bytes, allow_large=allow_large, redundancy_full=redundancy_full,
         )
-        self.capture = FFNCapture(model_path, self.accumulator.update, chosen, definitions)
+        self.capture = FFNCapture(model_path, self.accumulator.update, chosen, definitions, shared_rows=True)
         self.model = model
 
     def restore(self, path: str | os.PathLike) -> None:

@@ -34,6 +34,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from ggml_probe.analysis.experts import ExpertAccumulator  # noqa: E402
+from ggml_probe.engine import probes as probes_module  # noqa: E402
 from ggml_probe.engine.ggml_lib import libggml, tensor_head  # noqa: E402
 from ggml_probe.engine.imatrix_capture import collect_imatrix  # noqa: E402
 from ggml_probe.engine.model import Engine  # noqa: E402
@@ -184,23 +185,47 @@ def test_converted_logits_equal_transformers(moe):
     assert _logits_difference(moe, "mixtral") < 2e-4
 
 
-def test_captured_experts_equal_transformers_hooks(moe):
+def test_captured_experts_equal_transformers_hooks(moe, monkeypatch):
     """Every layer, every token, every routed expert, both definitions; the routing itself in order. Decoded
     whole, and with the last token apart (Engine.run: the rows before it end their graph after the last
-    layer's FFN), which hands the rows over in two pieces."""
+    layer's FFN), which hands the rows over in two pieces. The consumers run between decodes, or inside them
+    once the copies held back pass the capture's cap (_DEFERRED_BYTES; 0 here): the same values either way."""
     routing, ref = transformers_experts(moe.load(), moe.token_ids)
     for last_tokens_apart in (False, True):
-        _check_capture_against_transformers(moe, routing, ref, last_tokens_apart)
+        assert not any(_check_capture_against_transformers(moe, routing, ref, last_tokens_apart))
+    monkeypatch.setattr(probes_module, "_DEFERRED_BYTES", 0)
+    assert all(_check_capture_against_transformers(moe, routing, ref, True))
 
 
-def _check_capture_against_transformers(moe, routing, ref, last_tokens_apart: bool) -> None:
+def _check_capture_against_transformers(moe, routing, ref, last_tokens_apart: bool) -> list[bool]:
+    """Checks the capture; returns, per consumer call, whether it came inside a decode."""
     parts: dict = {}
     route_parts: dict = {}
-    capture = MoECapture(moe.gguf, lambda layer, d, v, e, _lay: parts.setdefault((d, layer), []).append((v.copy(), e.copy())),
-                         lambda layer, e, _lay: route_parts.setdefault(layer, []).append(e.copy()), layers="all")
+    inside: list[bool] = []
+    decoding = [False]
+
+    def keep(layer, d, v, e, _lay):
+        inside.append(decoding[0])
+        parts.setdefault((d, layer), []).append((v.copy(), e.copy()))
+
+    def keep_routing(layer, e, _lay):
+        inside.append(decoding[0])
+        route_parts.setdefault(layer, []).append(e.copy())
+
+    capture = MoECapture(moe.gguf, keep, keep_routing, layers="all")
     with Engine(moe.gguf, n_ctx=128, n_threads=2, kv_type=0, hidden_states=False,
                 eval_callback=capture.eval_callback) as engine:
         engine.last_tokens_apart = last_tokens_apart
+        decode = engine._llama_decode
+
+        def marked(batch):
+            decoding[0] = True
+            try:
+                decode(batch)
+            finally:
+                decoding[0] = False
+
+        engine._llama_decode = marked
         run_checked(engine, capture, [np.asarray(moe.token_ids, dtype=np.int32)])
     assert all(len(p) == (2 if last_tokens_apart else 1) for p in route_parts.values())
     got = {key: (np.concatenate([v for v, _ in p]), np.concatenate([e for _, e in p])) for key, p in parts.items()}
@@ -223,6 +248,8 @@ def _check_capture_against_transformers(moe, routing, ref, last_tokens_apart: bo
             assert float(np.abs(ours - theirs).max() / np.abs(theirs).max()) <= 1e-4
     print(f"{model_moe(moe.gguf).arch} (last token apart: {last_tokens_apart}): captured per-expert act/down_in ‖llama.cpp − transformers‖ "
           f"/ ‖x‖ ≤ {worst:.2e}")
+    assert inside
+    return inside
 
 
 def test_expert_accumulator_counts_routed_tokens_and_round_trips(tmp_path):

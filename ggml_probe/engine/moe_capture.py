@@ -31,7 +31,7 @@ from ..errors import BadModelFile, ProbeError, UnsupportedArchitecture
 from ..formats.gguf import validate_gguf
 from ..layerspec import resolve_layers
 from .ffn import ACT_FUNCTIONS, DEFINITIONS, MOE_ACT, SUPPORTED_MOE_TEXT, check_definitions
-from .probes import BatchLayout, Probe, TensorReader
+from .probes import BatchLayout, DeferredCapture, TensorReader
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,12 @@ ExpertConsumer = Callable[[int, str, np.ndarray, np.ndarray, BatchLayout], None]
 RoutingConsumer = Callable[[int, np.ndarray, BatchLayout], None]
 
 
-class MoECapture(Probe):
+class MoECapture(DeferredCapture):
     """Hands each chosen layer's routed experts and their neurons to a consumer, batch by batch.
 
     Runs with all_outputs=True when it reads the last layer: that layer's FFN then covers every token. A
-    shared prefix is not handled (shares_prefix False): run_checked decodes each prompt whole.
+    shared prefix is not handled (shares_prefix False): run_checked decodes each prompt whole. The
+    consumers run between decodes (DeferredCapture), a layer's routing before its neurons.
     """
 
     def __init__(self, model_path: str | os.PathLike, consumer: ExpertConsumer, on_routing: RoutingConsumer,
@@ -141,26 +142,31 @@ class MoECapture(Probe):
     def wants(self, name: str) -> bool:
         return name in self.wanted
 
-    def handle(self, t: int, name: str) -> None:
-        layout = self.require_layout()
-        what, layer = self.wanted[name]
+    def _copy_out(self, t: int, name: str, layout: BatchLayout) -> np.ndarray:
+        what, _ = self.wanted[name]
         k = self.model.n_expert_used
         if what == "routing":
             experts = read_routing(self.reader, t, self.model)
             if len(experts) != layout.n_rows:
                 raise ProbeError(f"{name} holds {len(experts)} tokens for a batch of {layout.n_rows}: "
                                  "run the engine with all_outputs=True")
-            self._experts[layer] = experts
-            self.on_routing(layer, experts, layout)
+            return experts
+        raw = self.reader.read_new(t)
+        if raw.shape != (layout.n_rows * k, self.model.n_ff):
+            raise ProbeError(f"{name} holds {raw.shape} for {layout.n_rows} tokens × {k} experts × "
+                             f"{self.model.n_ff} neurons")
+        return raw
+
+    def _consume(self, name: str, copied: np.ndarray, layout: BatchLayout) -> None:
+        what, layer = self.wanted[name]
+        if what == "routing":
+            self._experts[layer] = copied
+            self.on_routing(layer, copied, layout)
             return
         experts = self._experts.get(layer)
         if experts is None or len(experts) != layout.n_rows:
             raise ProbeError(f"{name} arrived before this batch's ffn_moe_argsort-{layer}")
-        raw = self.reader.read(t, name)
-        if raw.shape != (layout.n_rows * k, self.model.n_ff):
-            raise ProbeError(f"{name} holds {raw.shape} for {layout.n_rows} tokens × {k} experts × "
-                             f"{self.model.n_ff} neurons")
-        values = raw.reshape(layout.n_rows, k, self.model.n_ff)
+        values = copied.reshape(layout.n_rows, self.model.n_expert_used, self.model.n_ff)
         values = ACT_FUNCTIONS[self.model.act_fn](values) if what == "act" else values.astype(np.float64)
         self.consumer(layer, what, values, experts, layout)
 

@@ -236,7 +236,7 @@ class Probe:
             raise exc
 
 
-# FFNCapture holds back at most this many bytes of tensor copies for its consumer before running it in the callback
+# A deferring capture holds back at most this many bytes of tensor copies before consuming them in the callback
 _DEFERRED_BYTES = 64 << 20
 
 # Called as consumer(layer, definition, values (n_rows, n_ff) float64, layout). `values` may be a
@@ -244,7 +244,61 @@ _DEFERRED_BYTES = 64 << 20
 Consumer = Callable[[int, str, np.ndarray, BatchLayout], None]
 
 
-class FFNCapture(Probe):
+class DeferredCapture(Probe):
+    """A capture whose callback only copies each tensor out (`_copy_out(t, name, layout)`, checked against
+    the batch); `_consume(name, copied, layout)` runs between decodes (at the next on_batch, and when the
+    run settles or is checked), in the order the tensors came.
+
+    Work done inside the callback holds up the graph it interrupts: on the demo, moving the co-moment folds
+    alone out of it made a 128-prompt pass 0.6–1.0 s faster in three pairs of runs, the folds taking as long
+    as before. Copies held back stay under `_DEFERRED_BYTES`; past it they are consumed at once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._deferred: deque[tuple[str, np.ndarray, BatchLayout]] = deque()  # tensors copied out, not yet consumed
+        self._deferred_bytes = 0
+
+    def _copy_out(self, t: int, name: str, layout: BatchLayout) -> np.ndarray:
+        raise NotImplementedError
+
+    def _consume(self, name: str, copied: np.ndarray, layout: BatchLayout) -> None:
+        raise NotImplementedError
+
+    def handle(self, t: int, name: str) -> None:
+        layout = self.require_layout()
+        copied = self._copy_out(t, name, layout)
+        self._deferred.append((name, copied, layout))
+        self._deferred_bytes += copied.nbytes
+        if self._deferred_bytes > _DEFERRED_BYTES:
+            self.drain()
+
+    def on_batch(self, indices: list[int], token_arrays: list[np.ndarray], **where) -> None:
+        self.drain()  # the last decode's tensors, before the next decode begins
+        super().on_batch(indices, token_arrays, **where)
+
+    def settle(self) -> None:
+        super().settle()
+        try:
+            self.drain()
+        except BaseException as exc:  # settle runs in run_checked's finally: check() raises it
+            if self.error is None:
+                self.error = exc
+
+    def check(self) -> None:
+        if self.error is None:  # a callback's error comes first (what was copied out after it is moot)
+            self.drain()
+        super().check()
+
+    def drain(self) -> None:
+        """Consume every tensor copied out so far, in the order they came."""
+        while self._deferred:
+            name, copied, layout = self._deferred.popleft()
+            self._deferred_bytes -= copied.nbytes
+            self._consume(name, copied, layout)
+
+
+class FFNCapture(DeferredCapture):
     """Hands each chosen layer's FFN neurons (engine.ffn's definitions) to a consumer, batch by batch.
 
     Runs with all_outputs=True when it reads the last layer (`needs_all_outputs`): that layer's FFN then
@@ -256,11 +310,7 @@ class FFNCapture(Probe):
     prefix's rows once instead, as they come, with a layout whose `shared_by` names the prompts they stand
     for, then the rests' rows (a consumer that can weigh rows is spared the copies).
 
-    The callback only copies each tensor out; the consumer runs between decodes (at the next on_batch,
-    and when the run settles or is checked), in the order the tensors came: work done inside the callback
-    holds up the graph it interrupts (on the demo, moving the co-moment folds alone out of it made a
-    128-prompt pass 0.6–1.0 s faster in three pairs of runs, the folds taking as long as before). Copies held
-    back stay under `_DEFERRED_BYTES`; past it the consumer runs at once.
+    The consumer runs between decodes (DeferredCapture).
     """
 
     shares_prefix = True  # a shared prefix's rows go with every prompt's own (or once, with shared_rows)
@@ -293,8 +343,6 @@ class FFNCapture(Probe):
                 self.wanted.setdefault(f"{src}-{layer}", []).append((layer, d))
         self.extra = set(extra)
         self._prefix_rows: dict[str, np.ndarray] = {}  # a shared prefix's rows, per tensor, until the rests come
-        self._deferred: deque[tuple[str, np.ndarray, BatchLayout]] = deque()  # tensors copied out, not yet consumed
-        self._deferred_bytes = 0
 
     @property
     def tensor_names(self) -> list[str]:
@@ -316,47 +364,19 @@ class FFNCapture(Probe):
     def wants(self, name: str) -> bool:
         return name in self.wanted or name in self.extra
 
-    def handle(self, t: int, name: str) -> None:
-        layout = self.require_layout()
+    def _copy_out(self, t: int, name: str, layout: BatchLayout) -> np.ndarray:
         raw = self.reader.read_new(t)
         if raw.shape[0] != layout.n_rows:
             raise ProbeError(
                 f"{name} holds {raw.shape[0]} rows for a batch of {layout.n_rows} tokens: "
                 "run the engine with all_outputs=True so the last layer covers every token"
             )
-        self._deferred.append((name, raw, layout))
-        self._deferred_bytes += raw.nbytes
-        if self._deferred_bytes > _DEFERRED_BYTES:
-            self.drain()
-
-    def on_batch(self, indices: list[int], token_arrays: list[np.ndarray], **where) -> None:
-        self.drain()  # the last decode's tensors, before the next decode begins
-        super().on_batch(indices, token_arrays, **where)
-
-    def settle(self) -> None:
-        super().settle()
-        try:
-            self.drain()
-        except BaseException as exc:  # settle runs in run_checked's finally: check() raises it
-            if self.error is None:
-                self.error = exc
-
-    def check(self) -> None:
-        if self.error is None:  # a callback's error comes first (what was copied out after it is moot)
-            self.drain()
-        super().check()
-
-    def drain(self) -> None:
-        """Hand every tensor copied out so far to the consumer, in the order they came."""
-        while self._deferred:
-            name, raw, layout = self._deferred.popleft()
-            self._deferred_bytes -= raw.nbytes
-            self._consume(name, raw, layout)
+        return raw
 
     def _consume(self, name: str, raw: np.ndarray, layout: BatchLayout) -> None:
         # with shared_rows the prefix's rows (layout.shared_by) and the rests' go on as they come
         if layout.shared_by is not None and not self.shared_rows:  # kept for every prompt until the rests arrive
-            self._prefix_rows[name] = raw.copy()
+            self._prefix_rows[name] = raw  # a copy of its own (read_new)
             return
         if layout.prefix and not self.shared_rows:
             prefix_rows = self._prefix_rows.pop(name, None)

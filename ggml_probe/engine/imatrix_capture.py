@@ -25,7 +25,7 @@ from ..formats.imatrix import Imatrix, ImatrixEntry
 from .ffn import SUPPORTED_MOE_ARCHITECTURES, SUPPORTED_MOE_TEXT, model_ffn
 from .model import Engine
 from .moe_capture import ModelMoE, model_moe, read_routing
-from .probes import BatchLayout, DeferredCapture, run_checked
+from .probes import Probe, run_checked
 
 FEEDS = {
     "attn_norm": ("attn_q", "attn_k", "attn_v"),
@@ -46,9 +46,8 @@ SUPPORTED_MOE = SUPPORTED_MOE_ARCHITECTURES  # experts without shared experts, g
 SUPPORTED_TEXT = f"{', '.join(SUPPORTED)} and mixtures of experts of {SUPPORTED_MOE_TEXT}"
 
 
-class ImatrixProbe(DeferredCapture):
-    """Accumulates Σx² per input channel for every layer's matmul inputs (per expert for expert stacks), between
-    decodes (DeferredCapture)."""
+class ImatrixProbe(Probe):
+    """Accumulates Σx² per input channel for every layer's matmul inputs (per expert for expert stacks)."""
 
     needs_all_outputs = True  # the last layer's FFN then sees every token, as the other layers do
 
@@ -67,16 +66,10 @@ class ImatrixProbe(DeferredCapture):
     def wants(self, name: str) -> bool:
         return name in self.wanted
 
-    def _copy_out(self, t: int, name: str, layout: BatchLayout) -> np.ndarray:
-        src, _ = self.wanted[name]
-        if src == "ffn_moe_argsort":
-            return read_routing(self.reader, t, self.moe)
-        return self.reader.read_new(t)
-
-    def _consume(self, name: str, copied: np.ndarray, layout: BatchLayout) -> None:
+    def handle(self, t: int, name: str) -> None:
         src, layer = self.wanted[name]
         if src == "ffn_moe_argsort":
-            experts = copied
+            experts = read_routing(self.reader, t, self.moe)
             x = self._ffn_in.pop(layer, None)
             if x is None or len(x) != len(experts):
                 raise ProbeError(f"{name} routes {len(experts)} tokens; ffn_norm-{layer} of this batch held "
@@ -84,7 +77,7 @@ class ImatrixProbe(DeferredCapture):
             self._experts[layer] = experts
             self._add_routed(("ffn_norm_routed", layer), x, experts)
             return
-        x = copied.astype(np.float64)
+        x = self.reader.read(t, name).astype(np.float64)
         if src == "ffn_moe_swiglu":
             experts = self._experts.pop(layer, None)
             if experts is None or x.shape[0] != experts.size:
@@ -114,7 +107,6 @@ class ImatrixProbe(DeferredCapture):
 
     def state(self) -> dict[str, np.ndarray]:
         """The sums so far as arrays (saved with a run's chunk state, so --resume continues them)."""
-        self.check()  # what is still held back goes in first
         out = {}
         for (src, layer), sums in self.sums.items():
             dense = src in FEEDS  # a dense input keeps the layout of files saved before expert stacks
@@ -145,7 +137,6 @@ class ImatrixProbe(DeferredCapture):
         return [f"blk.{layer}.{w}.weight" for layer in range(self.n_layer) for ws in self.feeds.values() for w in ws]
 
     def imatrix(self, datasets: Sequence[str], chunk_count: int) -> Imatrix:
-        self.check()
         entries = {}
         for (src, layer), sums in sorted(self.sums.items(), key=lambda kv: (kv[0][1], list(self.feeds).index(kv[0][0]))):
             for weight in self.feeds[src]:

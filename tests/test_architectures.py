@@ -275,10 +275,15 @@ def test_captured_neurons_equal_transformers_hooks(families, family):
             worst_el = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
             worst = max(worst, rel)
             assert rel <= 1e-4, (definition, layer, rel)
-            # element-wise: a GELU table entry can round the other way where the f32 gates differ in their
-            # last bits (one fp16 ulp, ~5e-4 of that value), so down_in of GELU models gets 3e-4
-            assert worst_el <= (3e-4 if definition == "down_in" and family in GELU_FAMILIES else 1e-4), \
-                (definition, layer, worst_el)
+            # element-wise: llama.cpp's table GELU (down_in of GELU models; Phi-2's act is the same tensor) can
+            # look up the neighbouring fp16 entry where the f32 input differs from transformers' in its last bits
+            # (which CPU kernels decide): one fp16 ulp, at most 2^-10 of the value, so of the largest one; such
+            # flips stay rare, everything else within 1e-4
+            table_gelu = family in GELU_FAMILIES and (definition == "down_in" or family == "phi2")
+            off = np.abs(ours - theirs) > 1e-4 * np.abs(theirs).max()
+            print(f"{family} {definition} {layer}: worst {worst_el:.2e}, {int(off.sum())} of {off.size} past 1e-4")
+            assert worst_el <= (2.0 ** -10 + 1e-4 if table_gelu else 1e-4), (definition, layer, worst_el)
+            assert off.mean() <= (0.01 if table_gelu else 0.0), (definition, layer, int(off.sum()))
     print(f"{family}: captured act/down_in ‖llama.cpp − transformers‖ / ‖x‖ ≤ {worst:.2e}")
     if family != "phi2":  # without a gate, act and down_in are the same tensor
         assert np.abs(got[("act", 1)] - got[("down_in", 1)]).max() > 0.1  # two different things

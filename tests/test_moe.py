@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from test_convert import llama_logits, randomise, sentencepiece_tokenizer, set_rope
+from test_passes import track_decoding
 
 import gguf
 
@@ -202,7 +203,6 @@ def _check_capture_against_transformers(moe, routing, ref, last_tokens_apart: bo
     parts: dict = {}
     route_parts: dict = {}
     inside: list[bool] = []
-    decoding = [False]
 
     def keep(layer, d, v, e, _lay):
         inside.append(decoding[0])
@@ -216,16 +216,7 @@ def _check_capture_against_transformers(moe, routing, ref, last_tokens_apart: bo
     with Engine(moe.gguf, n_ctx=128, n_threads=2, kv_type=0, hidden_states=False,
                 eval_callback=capture.eval_callback) as engine:
         engine.last_tokens_apart = last_tokens_apart
-        decode = engine._llama_decode
-
-        def marked(batch):
-            decoding[0] = True
-            try:
-                decode(batch)
-            finally:
-                decoding[0] = False
-
-        engine._llama_decode = marked
+        decoding = track_decoding(engine)
         run_checked(engine, capture, [np.asarray(moe.token_ids, dtype=np.int32)])
     assert all(len(p) == (2 if last_tokens_apart else 1) for p in route_parts.values())
     got = {key: (np.concatenate([v for v, _ in p]), np.concatenate([e for _, e in p])) for key, p in parts.items()}

@@ -344,6 +344,22 @@ def test_a_stop_allowed_by_one_run_is_not_carried_into_a_run_without_on_batch(ti
     np.testing.assert_array_equal(after[0].hidden, expected[0].hidden)
 
 
+def track_decoding(engine) -> list[bool]:
+    """Wraps the engine's llama_decode: the returned flag ([0]) is True while a decode runs."""
+    decoding = [False]
+    decode = engine._llama_decode
+
+    def marked(batch):
+        decoding[0] = True
+        try:
+            decode(batch)
+        finally:
+            decoding[0] = False
+
+    engine._llama_decode = marked
+    return decoding
+
+
 @pytest.mark.slow
 def test_the_capture_consumes_between_decodes_and_past_its_cap_inside_them(tiny, monkeypatch):
     """FFNCapture copies tensors out in the callback and hands them to its consumer before the next decode
@@ -357,7 +373,6 @@ def test_the_capture_consumes_between_decodes_and_past_its_cap_inside_them(tiny,
     def run(cap_bytes):
         monkeypatch.setattr(probes_module, "_DEFERRED_BYTES", cap_bytes)
         seen, inside = [], []
-        decoding = [False]
 
         def keep(layer, definition, values, layout):
             seen.append((layer, definition, layout.row_prompt.tolist(), layout.row_pos.tolist(), values.copy()))
@@ -366,16 +381,7 @@ def test_the_capture_consumes_between_decodes_and_past_its_cap_inside_them(tiny,
         stats = NeuronProbe(tiny, "all", redundancy=True, top_k=3)
         probes = ProbeSet([FFNCapture(tiny, keep, layers="all"), stats])
         with Engine(tiny, n_ctx=512, n_threads=1, n_seq_max=4, kv_type=0, eval_callback=probes.eval_callback) as engine:
-            decode = engine._llama_decode
-
-            def marked(batch):
-                decoding[0] = True
-                try:
-                    decode(batch)
-                finally:
-                    decoding[0] = False
-
-            engine._llama_decode = marked
+            decoding = track_decoding(engine)
             tokens = [engine.tokenize(INSTRUCTION + q) for q in QUESTIONS]
             run_checked(engine, probes, tokens, share_prefix=True)
         return seen, inside, stats.finish()
